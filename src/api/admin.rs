@@ -1,0 +1,209 @@
+//! `/admin`: accounts, sessions, flows and recent events. Never shows a secret: accounts show
+//! whether a password is set, sessions show cookie names, flows hold references only (and any
+//! literal credential a hand-written flow carries is masked).
+
+use axum::Json;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::AppState;
+use super::error::ApiError;
+use super::openai::{parse_json, read_body};
+use crate::flow::Flow;
+use crate::store::accounts::{AccountUpdate, NewAccount};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/admin/accounts", get(list_accounts).post(add_account))
+        .route(
+            "/admin/accounts/{id}",
+            get(show_account)
+                .patch(update_account)
+                .delete(remove_account),
+        )
+        .route("/admin/sessions", get(list_sessions))
+        .route("/admin/flows", get(list_flows).post(import_flow))
+        .route("/admin/flows/{id}", get(show_flow).delete(delete_flow))
+        .route("/admin/events", get(recent_events))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccountBody {
+    url: Option<String>,
+    name: Option<String>,
+    email: Option<String>,
+    password: Option<String>,
+    proxy: Option<String>,
+    /// The content of a cookie file (extension JSON, Netscape, storageState).
+    cookies: Option<String>,
+    enabled: Option<bool>,
+}
+
+async fn list_accounts(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let accounts = state.gateway.store().accounts().await?;
+    Ok(Json(json!({ "object": "list", "data": accounts })).into_response())
+}
+
+async fn show_account(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(Json(state.gateway.store().account(&id).await?).into_response())
+}
+
+async fn add_account(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let body: AccountBody =
+        parse_json(&read_body(body, &headers, state.config.max_body_bytes).await?)?;
+    let url = body
+        .url
+        .ok_or_else(|| ApiError::bad_request("`url` is required.").param("url"))?;
+    let store = state.gateway.store();
+    let account = store
+        .add_account(NewAccount {
+            url,
+            service: body.name,
+            email: body.email,
+            password: body.password,
+            proxy: body.proxy,
+        })
+        .await?;
+    if let Some(cookies) = body.cookies
+        && let Err(e) = store.import_session(&account, &cookies).await
+    {
+        // Keep the store as it was: no account without the session it was added with.
+        store.remove_account(&account.id).await?;
+        return Err(e.into());
+    }
+    state.gateway.invalidate();
+    Ok((StatusCode::CREATED, Json(account)).into_response())
+}
+
+async fn update_account(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let body: AccountBody =
+        parse_json(&read_body(body, &headers, state.config.max_body_bytes).await?)?;
+    let store = state.gateway.store();
+    let account = store.account(&id).await?;
+    if let Some(cookies) = &body.cookies {
+        store.import_session(&account, cookies).await?;
+    }
+    let account = store
+        .update_account(
+            &account.id,
+            AccountUpdate {
+                url: body.url,
+                service: body.name,
+                email: body.email,
+                password: body.password,
+                proxy: body.proxy,
+                enabled: body.enabled,
+            },
+        )
+        .await?;
+    state.gateway.invalidate();
+    Ok(Json(account).into_response())
+}
+
+async fn remove_account(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let account = state.gateway.store().remove_account(&id).await?;
+    state.gateway.invalidate();
+    Ok(Json(json!({ "id": account.id, "deleted": true })).into_response())
+}
+
+async fn list_sessions(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let sessions = state.gateway.store().sessions().await?;
+    Ok(Json(json!({ "object": "list", "data": sessions })).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct FlowQuery {
+    #[serde(default)]
+    all: bool,
+    service: Option<String>,
+}
+
+async fn list_flows(
+    State(state): State<AppState>,
+    Query(query): Query<FlowQuery>,
+) -> Result<Response, ApiError> {
+    let flows: Vec<_> = state
+        .gateway
+        .store()
+        .flows(query.all)
+        .await?
+        .into_iter()
+        .map(|mut stored| {
+            stored.flow = stored.flow.redacted();
+            stored
+        })
+        .collect();
+    Ok(Json(json!({ "object": "list", "data": flows })).into_response())
+}
+
+async fn show_flow(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let mut stored = state.gateway.store().flow(&id).await?;
+    stored.flow = stored.flow.redacted();
+    Ok(Json(stored).into_response())
+}
+
+async fn import_flow(
+    State(state): State<AppState>,
+    Query(query): Query<FlowQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let bytes = read_body(body, &headers, state.config.max_body_bytes).await?;
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| ApiError::bad_request("The flow is not UTF-8 text."))?;
+    let mut flow = Flow::from_json(text).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if let Some(service) = query.service {
+        flow.service = service;
+    }
+    let flow = state.gateway.store().save_flow(flow).await?;
+    state.gateway.invalidate();
+    Ok((StatusCode::CREATED, Json(flow.redacted())).into_response())
+}
+
+async fn delete_flow(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let stored = state.gateway.store().delete_flow(&id).await?;
+    state.gateway.invalidate();
+    Ok(Json(json!({ "id": stored.flow.id, "deleted": true })).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct EventsQuery {
+    limit: Option<i64>,
+}
+
+async fn recent_events(
+    State(state): State<AppState>,
+    Query(query): Query<EventsQuery>,
+) -> Result<Response, ApiError> {
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    let events = state.gateway.store().recent_events(limit).await?;
+    Ok(Json(json!({ "object": "list", "data": events })).into_response())
+}

@@ -1,0 +1,110 @@
+//! API keys on `/v1` (any live key) and `/admin` (admin keys). With no key created, requests
+//! are accepted: `serve` only allows that on a loopback address.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::AppState;
+use super::error::ApiError;
+use crate::store::Store;
+use crate::store::keys::{ApiKey, hash_key};
+
+/// Key lookups cached briefly: a revoked key stops working within this time.
+const CACHE_TTL: Duration = Duration::from_secs(5);
+
+#[derive(Clone)]
+pub struct KeyCheck {
+    store: Store,
+    by_hash: moka::future::Cache<String, Option<Arc<ApiKey>>>,
+    live_count: moka::future::Cache<(), i64>,
+}
+
+impl KeyCheck {
+    pub fn new(store: Store) -> Self {
+        Self {
+            store,
+            by_hash: moka::future::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(CACHE_TTL)
+                .build(),
+            live_count: moka::future::Cache::builder()
+                .time_to_live(CACHE_TTL)
+                .build(),
+        }
+    }
+
+    async fn any_key_exists(&self) -> Result<bool, ApiError> {
+        let store = self.store.clone();
+        let count = self
+            .live_count
+            .try_get_with((), async move { store.live_key_count().await })
+            .await
+            .map_err(|e| ApiError::internal(format!("cannot check API keys: {e}")))?;
+        Ok(count > 0)
+    }
+
+    async fn lookup(&self, key: &str) -> Result<Option<Arc<ApiKey>>, ApiError> {
+        let hash = hash_key(key);
+        let store = self.store.clone();
+        self.by_hash
+            .try_get_with(hash.clone(), async move {
+                store.key_by_hash(&hash).await.map(|k| k.map(Arc::new))
+            })
+            .await
+            .map_err(|e| ApiError::internal(format!("cannot check API keys: {e}")))
+    }
+
+    pub fn invalidate(&self) {
+        self.by_hash.invalidate_all();
+        self.live_count.invalidate_all();
+    }
+}
+
+pub async fn require_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    // Read what is needed up front: `Request` is not `Sync`, so no reference to it may be
+    // held across an await.
+    let path = request.uri().path().to_owned();
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(|k| k.trim().to_owned())
+        .filter(|k| !k.is_empty());
+    match check(&state, &path, presented.as_deref()).await {
+        Ok(()) => next.run(request).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn check(state: &AppState, path: &str, presented: Option<&str>) -> Result<(), ApiError> {
+    let admin = path.starts_with("/admin");
+    if !(admin || path.starts_with("/v1")) {
+        return Ok(());
+    }
+    if !state.keys.any_key_exists().await? {
+        return Ok(());
+    }
+    let Some(presented) = presented else {
+        return Err(ApiError::unauthorized(
+            "You didn't provide an API key. Send it as `Authorization: Bearer <key>`.",
+        ));
+    };
+    let Some(key) = state.keys.lookup(presented).await? else {
+        return Err(ApiError::unauthorized("Incorrect API key provided."));
+    };
+    if admin && !key.admin {
+        return Err(ApiError::forbidden(
+            "This key has no admin scope; create one with `computetower keys create --admin`.",
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,199 @@
+//! The one place errors become HTTP: status and OpenAI's error body
+//! `{"error":{"message","type","param","code"}}`.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use crate::gateway::GatewayError;
+use crate::replay::client::FailureKind;
+use crate::store::StoreError;
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub kind: &'static str,
+    pub code: Option<&'static str>,
+    pub param: Option<String>,
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            kind,
+            code: None,
+            param: None,
+            retry_after: None,
+        }
+    }
+
+    pub fn code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    pub fn param(mut self, param: impl Into<String>) -> Self {
+        self.param = Some(param.into());
+        self
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", message)
+            .code("invalid_api_key")
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "permission_error", message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message).code("not_found")
+    }
+
+    pub fn too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!("The request body is larger than the limit of {limit} bytes."),
+        )
+        .code("request_too_large")
+    }
+
+    pub fn method_not_allowed() -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            "This method is not allowed on this path.",
+        )
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
+    }
+
+    pub fn body(&self) -> Value {
+        json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        })
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, axum::Json(self.body())).into_response();
+        if let Some(value) = self
+            .retry_after
+            .and_then(|secs| HeaderValue::from_str(&secs.to_string()).ok())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        response
+    }
+}
+
+impl From<GatewayError> for ApiError {
+    fn from(e: GatewayError) -> Self {
+        let message = e.to_string();
+        match e {
+            GatewayError::UnknownModel { .. } => ApiError::not_found(message)
+                .code("model_not_found")
+                .param("model"),
+            GatewayError::NoFlow(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                message,
+            )
+            .code("no_flow"),
+            GatewayError::NoUsableAccount { .. } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                message,
+            )
+            .code("no_usable_account"),
+            GatewayError::NeedsBrowser { .. } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                message,
+            )
+            .code("needs_browser"),
+            GatewayError::RateLimited { retry_after, .. } => {
+                let mut error =
+                    Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
+                        .code("rate_limit_exceeded");
+                error.retry_after = Some(retry_after.unwrap_or(30));
+                error
+            }
+            GatewayError::Upstream { ref source, .. } => {
+                let code = match source.kind() {
+                    FailureKind::AntiBot => "upstream_challenge",
+                    FailureKind::FormatDrift => "upstream_format_changed",
+                    FailureKind::Network => "upstream_unreachable",
+                    FailureKind::Flow => "flow_invalid",
+                    _ => "upstream_error",
+                };
+                Self::new(StatusCode::BAD_GATEWAY, "upstream_error", message).code(code)
+            }
+            GatewayError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(what) => ApiError::not_found(format!("{what} not found")),
+            StoreError::Invalid(message) => ApiError::bad_request(message),
+            other => {
+                tracing::error!(error = %other, "store failure");
+                ApiError::internal("The server could not read or write its store.")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_has_the_openai_shape() {
+        let e = ApiError::bad_request("nope").param("messages");
+        let body = e.body();
+        assert_eq!(body["error"]["message"], "nope");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(body["error"]["param"], "messages");
+        assert!(body["error"]["code"].is_null());
+    }
+
+    #[test]
+    fn rate_limits_carry_retry_after() {
+        let e: ApiError = GatewayError::RateLimited {
+            service: "s".into(),
+            message: "m".into(),
+            retry_after: Some(7),
+        }
+        .into();
+        let response = e.into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "7");
+    }
+}

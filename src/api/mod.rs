@@ -1,0 +1,71 @@
+//! The HTTP surface: the OpenAI API under `/v1`, administration under `/admin`, `/health`.
+//!
+//! Every cross-cutting behaviour is in [`router`]'s one layer stack: panics become a 500 in
+//! the OpenAI error shape, credentials are marked sensitive before tracing sees them, API keys
+//! are checked, and unknown paths get a JSON 404.
+
+pub mod admin;
+pub mod auth;
+pub mod error;
+pub mod openai;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::header;
+use axum::middleware;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::sensitive_headers::SetSensitiveHeadersLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::config::Config;
+use crate::gateway::Gateway;
+use error::ApiError;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub gateway: Arc<Gateway>,
+    pub keys: auth::KeyCheck,
+}
+
+pub fn router(state: AppState) -> Router {
+    let layers = ServiceBuilder::new()
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::internal("The server failed while handling this request.").into_response()
+        }))
+        .layer(SetSensitiveHeadersLayer::new([
+            header::AUTHORIZATION,
+            header::COOKIE,
+            header::SET_COOKIE,
+        ]))
+        .layer(TraceLayer::new_for_http())
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_key,
+        ));
+    Router::new()
+        .route("/health", get(health))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .merge(admin::routes())
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(layers)
+        .with_state(state)
+}
+
+async fn health() -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn not_found() -> Response {
+    ApiError::not_found("Unknown path.").into_response()
+}
+
+async fn method_not_allowed() -> Response {
+    ApiError::method_not_allowed().into_response()
+}

@@ -1,0 +1,239 @@
+//! `computetower demo`: the whole job on the built-in demo site, in one process — start the
+//! site, log in, store the session sealed, install the flow, serve the OpenAI API, and answer
+//! one streamed request, checking it against the site's own reply.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use eventsource_stream::Eventsource;
+use futures_util::StreamExt;
+
+use super::CliResult;
+use crate::config::Config;
+use crate::demo::{DemoConfig, Shape};
+use crate::flow::Flow;
+use crate::session::{Cookie, SessionData};
+use crate::store::accounts::NewAccount;
+
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Which internal API shape the demo site speaks.
+    #[arg(long, default_value = "openai")]
+    shape: Shape,
+    /// The message to send.
+    #[arg(long, default_value = "Explain in one line what ComputeTower does.")]
+    prompt: String,
+    /// Delay between the demo site's tokens, in milliseconds.
+    #[arg(long, default_value_t = 30)]
+    token_delay_ms: u64,
+    /// Keep serving after the answer, until Ctrl-C.
+    #[arg(long)]
+    serve: bool,
+    /// Where to serve the OpenAI API (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    bind: SocketAddr,
+}
+
+const EMAIL: &str = "demo@example.com";
+
+/// The hand-written flow of each shape, built in so the demo runs from any directory.
+fn flow_text(shape: Shape) -> &'static str {
+    match shape {
+        Shape::Openai => include_str!("../../flows/demo-openai.json"),
+        Shape::Patch => include_str!("../../flows/demo-patch.json"),
+        Shape::Cumulative => include_str!("../../flows/demo-cumulative.json"),
+        Shape::Ndjson => include_str!("../../flows/demo-ndjson.json"),
+        Shape::Numbered => include_str!("../../flows/demo-numbered.json"),
+        Shape::Json => include_str!("../../flows/demo-json.json"),
+        Shape::Frames => include_str!("../../flows/demo-frames.json"),
+    }
+}
+
+fn step(text: &str) {
+    eprintln!("==> {text}");
+}
+
+pub async fn run(args: DemoArgs, mut config: Config) -> CliResult {
+    // The demo keeps its own data dir, fresh each run, beside (not inside) real data.
+    config.data_dir = config.data_dir.join("demo");
+    if config.data_dir.exists() {
+        std::fs::remove_dir_all(&config.data_dir)?;
+    }
+
+    step(&format!(
+        "starting the demo chat site (shape `{}`)",
+        args.shape
+    ));
+    let site_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let site = format!("http://{}/", site_listener.local_addr()?);
+    let demo_config = DemoConfig {
+        shape: args.shape,
+        token_delay: Duration::from_millis(args.token_delay_ms),
+        ..Default::default()
+    };
+    let password = demo_config.password.clone();
+    tokio::spawn(crate::demo::serve(site_listener, demo_config));
+    eprintln!("    {site}");
+
+    step(&format!("logging in as {EMAIL} (the site's JSON login)"));
+    let login = crate::demo::json_login(&site, EMAIL, &password).await?;
+    let host = url::Url::parse(&site)?
+        .host_str()
+        .unwrap_or("127.0.0.1")
+        .to_owned();
+    let session = SessionData {
+        cookies: login
+            .cookies
+            .into_iter()
+            .map(|(name, value)| Cookie {
+                name,
+                value,
+                domain: host.clone(),
+                path: "/".into(),
+                expires: None,
+                secure: false,
+                http_only: true,
+                host_only: true,
+            })
+            .collect(),
+        local_storage: login.local_storage.into_iter().collect(),
+        ..Default::default()
+    };
+
+    step(&format!(
+        "storing the account and its session, sealed, in {}",
+        config.data_dir.display()
+    ));
+    let store = crate::server::open_store(&config).await?;
+    let service = format!("demo-{}", args.shape);
+    let account = store
+        .add_account(NewAccount {
+            url: site.clone(),
+            service: Some(service.clone()),
+            email: Some(EMAIL.into()),
+            password: Some(password),
+            proxy: None,
+        })
+        .await?;
+    store
+        .save_session(&account.id, &session, "login", None)
+        .await?;
+    let flow = store
+        .save_flow(Flow::from_json(flow_text(args.shape))?)
+        .await?;
+    eprintln!(
+        "    flow {}: {} {} → {:?}",
+        flow.id, flow.request.method, flow.request.url, flow.response.transport
+    );
+
+    step("serving the OpenAI API");
+    let listener = tokio::net::TcpListener::bind(args.bind).await?;
+    let addr = listener.local_addr()?;
+    let (events, _writer) = crate::store::events::EventWriter::start(store.clone());
+    let app = crate::api::router(crate::server::app_state(config, store, events));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    eprintln!("    http://{addr}/v1  (model `{service}`)");
+
+    step(&format!("asking: {}", args.prompt));
+    let answer = ask(addr, &service, &args.prompt).await?;
+    let expected = crate::demo::reply_for(args.shape, &args.prompt);
+    if answer.content != expected.content
+        || answer.reasoning != expected.reasoning.clone().unwrap_or_default()
+    {
+        return Err("the answer differs from the demo site's own reply".into());
+    }
+    eprintln!(
+        "==> done: first token after {} ms, whole reply in {} ms; it matches the site's reply exactly",
+        answer.first_token.as_millis(),
+        answer.total.as_millis()
+    );
+
+    if args.serve {
+        eprintln!(
+            "\nStill serving. Try:\n  curl -N http://{addr}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"model\":\"{service}\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}'\n\
+             or with the openai SDK: OpenAI(base_url=\"http://{addr}/v1\", api_key=\"unused\")\nCtrl-C to stop."
+        );
+        tokio::signal::ctrl_c().await?;
+    }
+    Ok(())
+}
+
+struct Answer {
+    content: String,
+    reasoning: String,
+    first_token: Duration,
+    total: Duration,
+}
+
+/// Streams one chat completion, printing tokens as they arrive.
+async fn ask(
+    addr: SocketAddr,
+    model: &str,
+    prompt: &str,
+) -> Result<Answer, Box<dyn std::error::Error + Send + Sync>> {
+    let started = Instant::now();
+    let response = reqwest::Client::new()
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .json(&serde_json::json!({
+            "model": model,
+            "stream": true,
+            "messages": [{"role": "user", "content": prompt}],
+        }))
+        .send()
+        .await?;
+    if !response.status().is_success() {
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        return Err(format!("the API answered {status}: {body}").into());
+    }
+    let mut events = response.bytes_stream().eventsource();
+    let mut answer = Answer {
+        content: String::new(),
+        reasoning: String::new(),
+        first_token: Duration::ZERO,
+        total: Duration::ZERO,
+    };
+    let mut out = std::io::stdout().lock();
+    let mut thinking = false;
+    while let Some(event) = events.next().await {
+        let event = event?;
+        if event.data == "[DONE]" {
+            break;
+        }
+        let chunk: serde_json::Value = serde_json::from_str(&event.data)?;
+        if let Some(error) = chunk.get("error") {
+            return Err(format!("stream failed: {error}").into());
+        }
+        let delta = &chunk["choices"][0]["delta"];
+        for (field, is_reasoning) in [("reasoning_content", true), ("content", false)] {
+            let Some(text) = delta
+                .get(field)
+                .and_then(|v| v.as_str())
+                .filter(|t| !t.is_empty())
+            else {
+                continue;
+            };
+            if answer.first_token.is_zero() {
+                answer.first_token = started.elapsed();
+            }
+            if is_reasoning && !thinking {
+                write!(out, "[thinking] ")?;
+                thinking = true;
+            } else if !is_reasoning && thinking {
+                write!(out, "\n[answer] ")?;
+                thinking = false;
+            }
+            write!(out, "{text}")?;
+            out.flush()?;
+            if is_reasoning {
+                answer.reasoning.push_str(text);
+            } else {
+                answer.content.push_str(text);
+            }
+        }
+    }
+    writeln!(out)?;
+    answer.total = started.elapsed();
+    Ok(answer)
+}

@@ -1,0 +1,184 @@
+//! The command line (clap). Each command opens what it needs, does one thing, and reports
+//! failures as one clear line on stderr with a non-zero exit code.
+
+mod accounts;
+mod demo;
+mod flows;
+mod keys;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::demo::Shape;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "computetower",
+    version,
+    about = "Serve the OpenAI API from web chat sites it has learned"
+)]
+pub struct Cli {
+    /// Config file (default: ./computetower.toml when present, or $COMPUTETOWER_CONFIG).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Data directory (overrides the config and $COMPUTETOWER_DATA).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the OpenAI API (and /admin).
+    Serve {
+        /// Address to listen on (default 127.0.0.1:8000; port 0 picks a free port).
+        #[arg(long)]
+        bind: Option<std::net::SocketAddr>,
+    },
+    /// Run the whole job on the built-in demo site: start it, log in, set up the flow, serve,
+    /// and answer a request.
+    Demo(demo::DemoArgs),
+    /// Run the built-in demo chat site.
+    DemoSite {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        bind: std::net::SocketAddr,
+        #[arg(long, default_value = "openai")]
+        shape: Shape,
+        /// Delay between streamed tokens, in milliseconds.
+        #[arg(long, default_value_t = 20)]
+        token_delay_ms: u64,
+        /// Sessions expire after this many seconds.
+        #[arg(long)]
+        session_ttl_secs: Option<u64>,
+        /// Chat calls allowed per account per minute.
+        #[arg(long)]
+        rate_limit: Option<u32>,
+    },
+    /// Manage accounts (a site URL plus credentials or cookies).
+    #[command(subcommand)]
+    Account(accounts::AccountCommand),
+    /// Manage chat flows.
+    #[command(subcommand)]
+    Flows(flows::FlowsCommand),
+    /// Manage API keys.
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> ExitCode {
+    let mut config = match Config::load(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(e) => return fail(&e),
+    };
+    if let Some(data) = cli.data {
+        config.data_dir = data;
+    }
+    init_tracing(
+        &config,
+        matches!(
+            cli.command,
+            Command::Serve { .. } | Command::DemoSite { .. }
+        ),
+    );
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&e),
+    };
+    let result = runtime.block_on(dispatch(cli.command, config));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&*e),
+    }
+}
+
+type CliResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+async fn dispatch(command: Command, mut config: Config) -> CliResult {
+    crate::server::install_tls_provider();
+    match command {
+        Command::Serve { bind } => {
+            if let Some(bind) = bind {
+                config.bind = bind;
+            }
+            crate::server::serve(config).await?;
+        }
+        Command::Demo(args) => demo::run(args, config).await?,
+        Command::DemoSite {
+            bind,
+            shape,
+            token_delay_ms,
+            session_ttl_secs,
+            rate_limit,
+        } => {
+            let listener = tokio::net::TcpListener::bind(bind).await?;
+            println!(
+                "demo site ({shape}) listening on http://{}",
+                listener.local_addr()?
+            );
+            let config = crate::demo::DemoConfig {
+                shape,
+                token_delay: std::time::Duration::from_millis(token_delay_ms),
+                session_ttl: session_ttl_secs.map(std::time::Duration::from_secs),
+                rate_limit,
+                ..Default::default()
+            };
+            crate::demo::serve(listener, config).await?;
+        }
+        Command::Account(cmd) => accounts::run(cmd, &config).await?,
+        Command::Flows(cmd) => flows::run(cmd, &config).await?,
+        Command::Keys(cmd) => keys::run(cmd, &config).await?,
+    }
+    Ok(())
+}
+
+fn init_tracing(config: &Config, server: bool) {
+    use tracing_subscriber::EnvFilter;
+    // Commands that print results keep stderr for warnings; servers log at the config's level.
+    let default = if server { config.log.as_str() } else { "warn" };
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(default))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn fail(error: &(dyn std::error::Error + 'static)) -> ExitCode {
+    eprintln!("error: {error}");
+    ExitCode::FAILURE
+}
+
+/// Prints rows as aligned columns.
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut out = String::new();
+        for (cell, w) in cells.iter().zip(&widths) {
+            out.push_str(&format!("{cell:<w$}  "));
+        }
+        println!("{}", out.trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+fn print_json(value: &impl serde::Serialize) -> CliResult {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}

@@ -1,0 +1,648 @@
+//! The chat endpoint: request parsing and the reply's wire format, per shape.
+
+use std::convert::Infallible;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+use super::site::{Shared, api_error, authorize};
+use super::state::random_token;
+use super::{Reply, Shape, reply_for_turn, tokens};
+
+/// What the site reads out of a chat request, whatever the shape.
+struct ChatRequest {
+    prompt: String,
+    conversation_id: String,
+    model: String,
+    stream: bool,
+}
+
+pub(crate) async fn handle(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Bytes,
+) -> Response {
+    let (sid, session) = match authorize(&state, &headers) {
+        Ok(found) => found,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let shape = state.config.shape;
+    let request = match parse(shape, query.as_deref(), &body) {
+        Ok(request) => request,
+        Err(message) => return api_error(StatusCode::BAD_REQUEST, "bad_request", &message),
+    };
+    if !state.owns_conversation(&sid, &request.conversation_id) {
+        return api_error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "Conversation not found.",
+        );
+    }
+    if let Err(seconds) = state.take_rate(&session.email) {
+        let mut response = api_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            &format!("You are sending messages too fast. Try again in {seconds} seconds."),
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        return response;
+    }
+    let turn = state.next_turn(&request.conversation_id);
+    let reply = reply_for_turn(shape, &request.prompt, turn);
+    respond(shape, state.config.token_delay, &request, &reply).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parsing
+
+fn parse(shape: Shape, query: Option<&str>, body: &[u8]) -> Result<ChatRequest, String> {
+    if shape == Shape::Json {
+        return parse_form(body);
+    }
+    let json: Value =
+        serde_json::from_slice(body).map_err(|e| format!("The body is not valid JSON: {e}"))?;
+    match shape {
+        Shape::Openai => parse_openai(&json),
+        Shape::Patch => parse_patch(&json),
+        Shape::Cumulative => parse_cumulative(&json, query),
+        Shape::Ndjson => parse_ndjson(&json),
+        Shape::Numbered => parse_numbered(&json),
+        Shape::Frames => parse_frames(&json),
+        Shape::Json => parse_form(body),
+    }
+}
+
+fn string_at(json: &Value, pointer: &str) -> Result<String, String> {
+    json.pointer(pointer)
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| format!("`{pointer}` must be a string."))
+}
+
+fn nonempty_at(json: &Value, pointer: &str) -> Result<String, String> {
+    let value = string_at(json, pointer)?;
+    if value.trim().is_empty() {
+        return Err(format!("`{pointer}` must not be empty."));
+    }
+    Ok(value)
+}
+
+fn request(prompt: String, conversation_id: String) -> ChatRequest {
+    ChatRequest {
+        prompt,
+        conversation_id,
+        model: "demo".to_owned(),
+        stream: true,
+    }
+}
+
+/// The text of an OpenAI message `content`: a string or a list of `{type:"text", text}` parts.
+fn message_text(content: &Value) -> Option<String> {
+    match content {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(parts) => Some(
+            parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect::<Vec<_>>()
+                .join(""),
+        ),
+        _ => None,
+    }
+}
+
+fn parse_openai(json: &Value) -> Result<ChatRequest, String> {
+    let messages = json
+        .get("messages")
+        .and_then(Value::as_array)
+        .filter(|m| !m.is_empty())
+        .ok_or("`messages` must be a non-empty list.")?;
+    let prompt = messages
+        .iter()
+        .rev()
+        .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+        .and_then(|m| m.get("content"))
+        .and_then(message_text)
+        .ok_or("`messages` has no user message with text content.")?;
+    let conversation_id = nonempty_at(json, "/conversation_id")?;
+    let mut req = request(prompt, conversation_id);
+    if let Some(model) = json.get("model").and_then(Value::as_str) {
+        req.model = model.to_owned();
+    }
+    req.stream = json.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    Ok(req)
+}
+
+fn parse_patch(json: &Value) -> Result<ChatRequest, String> {
+    if json.get("action").and_then(Value::as_str) != Some("next") {
+        return Err("`action` must be \"next\".".into());
+    }
+    let conversation_id = nonempty_at(json, "/conversation_id")?;
+    let message = json
+        .get("messages")
+        .and_then(Value::as_array)
+        .and_then(|m| m.last())
+        .ok_or("`messages` must be a non-empty list.")?;
+    if message.pointer("/author/role").and_then(Value::as_str) != Some("user") {
+        return Err("the last message's `author.role` must be \"user\".".into());
+    }
+    nonempty_at(message, "/id")?;
+    let parts = message
+        .pointer("/content/parts")
+        .and_then(Value::as_array)
+        .ok_or("`content.parts` must be a list.")?;
+    let prompt: Option<Vec<&str>> = parts.iter().map(Value::as_str).collect();
+    let prompt = prompt.ok_or("`content.parts` must hold strings.")?.join("");
+    Ok(request(prompt, conversation_id))
+}
+
+fn parse_cumulative(json: &Value, query: Option<&str>) -> Result<ChatRequest, String> {
+    let chat_id = query
+        .into_iter()
+        .flat_map(|q| url::form_urlencoded::parse(q.as_bytes()))
+        .find(|(k, _)| k == "chat_id")
+        .map(|(_, v)| v.into_owned())
+        .filter(|v| !v.is_empty())
+        .ok_or("The `chat_id` query parameter is missing.")?;
+    if let Some(body_id) = json.get("chat_id").and_then(Value::as_str)
+        && body_id != chat_id
+    {
+        return Err("`chat_id` in the body differs from the query.".into());
+    }
+    let prompt = json
+        .get("messages")
+        .and_then(Value::as_array)
+        .and_then(|m| {
+            m.iter()
+                .rev()
+                .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+        })
+        .and_then(|m| m.get("content"))
+        .and_then(message_text)
+        .ok_or("`messages` has no user message with text content.")?;
+    let mut req = request(prompt, chat_id);
+    req.stream = json.get("stream").and_then(Value::as_bool).unwrap_or(true);
+    Ok(req)
+}
+
+fn parse_ndjson(json: &Value) -> Result<ChatRequest, String> {
+    let blocks = json
+        .pointer("/message/blocks")
+        .and_then(Value::as_array)
+        .filter(|b| !b.is_empty())
+        .ok_or("`message.blocks` must be a non-empty list.")?;
+    let prompt: Option<Vec<&str>> = blocks
+        .iter()
+        .map(|b| b.pointer("/text/content").and_then(Value::as_str))
+        .collect();
+    let prompt = prompt
+        .ok_or("every block needs `text.content`.")?
+        .join("\n");
+    let conversation_id = nonempty_at(json, "/conversation/id")?;
+    nonempty_at(json, "/client_msg_id")?;
+    Ok(request(prompt, conversation_id))
+}
+
+fn parse_numbered(json: &Value) -> Result<ChatRequest, String> {
+    let input = json
+        .pointer("/0/json")
+        .ok_or("Expected a tRPC batch body {\"0\":{\"json\":{…}}}.")?;
+    let conversation_id = nonempty_at(input, "/conversationId")?;
+    let parts = input
+        .get("content")
+        .and_then(Value::as_array)
+        .filter(|c| !c.is_empty())
+        .ok_or("`content` must be a non-empty list.")?;
+    let prompt = parts
+        .iter()
+        .filter(|p| p.get("type").and_then(Value::as_str) == Some("text"))
+        .filter_map(|p| p.get("text").and_then(Value::as_str))
+        .collect::<Vec<_>>()
+        .join("");
+    if !input.get("ts").is_some_and(Value::is_number) {
+        return Err("`ts` must be a number.".into());
+    }
+    Ok(request(prompt, conversation_id))
+}
+
+fn parse_form(body: &[u8]) -> Result<ChatRequest, String> {
+    let mut prompt = None;
+    let mut conversation = None;
+    let mut nonce = None;
+    for (k, v) in url::form_urlencoded::parse(body) {
+        match k.as_ref() {
+            "prompt" => prompt = Some(v.into_owned()),
+            "conversation" => conversation = Some(v.into_owned()),
+            "nonce" => nonce = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    let prompt = prompt.ok_or("The `prompt` field is missing.")?;
+    let conversation = conversation
+        .filter(|c| !c.is_empty())
+        .ok_or("The `conversation` field is missing.")?;
+    nonce
+        .filter(|n| !n.is_empty())
+        .ok_or("The `nonce` field is missing.")?;
+    Ok(request(prompt, conversation))
+}
+
+fn parse_frames(json: &Value) -> Result<ChatRequest, String> {
+    let conversation_id = nonempty_at(json, "/conversationId")?;
+    let prompt = string_at(json, "/prompt")?;
+    nonempty_at(json, "/requestId")?;
+    Ok(request(prompt, conversation_id))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Responding
+
+/// One piece of the response body, sent after the token delay when `delayed`.
+struct Piece {
+    delayed: bool,
+    bytes: Bytes,
+}
+
+impl Piece {
+    fn now(bytes: impl Into<Bytes>) -> Self {
+        Piece {
+            delayed: false,
+            bytes: bytes.into(),
+        }
+    }
+
+    fn later(bytes: impl Into<Bytes>) -> Self {
+        Piece {
+            delayed: true,
+            bytes: bytes.into(),
+        }
+    }
+}
+
+fn streamed(content_type: &'static str, pieces: Vec<Piece>, delay: Duration) -> Response {
+    let stream = futures_util::stream::iter(pieces).then(move |piece| async move {
+        if piece.delayed && !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        Ok::<Bytes, Infallible>(piece.bytes)
+    });
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::HeaderName::from_static("x-accel-buffering"), "no"),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+fn sse(event: Option<&str>, data: &str) -> String {
+    match event {
+        Some(name) => format!("event: {name}\ndata: {data}\n\n"),
+        None => format!("data: {data}\n\n"),
+    }
+}
+
+fn unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// Reasoning tokens then answer tokens, each tagged `true` when it is reasoning.
+fn all_tokens(reply: &Reply) -> Vec<(bool, String)> {
+    let thinking = reply.reasoning.as_deref().map(tokens).unwrap_or_default();
+    thinking
+        .into_iter()
+        .map(|t| (true, t))
+        .chain(tokens(&reply.content).into_iter().map(|t| (false, t)))
+        .collect()
+}
+
+async fn respond(shape: Shape, delay: Duration, req: &ChatRequest, reply: &Reply) -> Response {
+    match shape {
+        Shape::Openai if !req.stream => {
+            let n = all_tokens(reply).len();
+            wait_total(delay, n).await;
+            axum::Json(openai_completion(req, reply)).into_response()
+        }
+        Shape::Openai => streamed(
+            "text/event-stream; charset=utf-8",
+            openai_stream(req, reply),
+            delay,
+        ),
+        Shape::Patch => streamed(
+            "text/event-stream; charset=utf-8",
+            patch_stream(req, reply),
+            delay,
+        ),
+        Shape::Cumulative => streamed(
+            "text/event-stream; charset=utf-8",
+            cumulative_stream(req, reply),
+            delay,
+        ),
+        Shape::Ndjson => streamed("application/x-ndjson", ndjson_stream(req, reply), delay),
+        Shape::Numbered => streamed(
+            "text/plain; charset=utf-8",
+            numbered_stream(req, reply),
+            delay,
+        ),
+        Shape::Json => {
+            let n = all_tokens(reply).len();
+            wait_total(delay, n).await;
+            axum::Json(json!({
+                "data": {
+                    "answer": { "text": reply.content, "format": "markdown" },
+                    "conversation": req.conversation_id,
+                    "message_id": uuid::Uuid::new_v4().to_string(),
+                }
+            }))
+            .into_response()
+        }
+        Shape::Frames => streamed("application/connect+json", frames_stream(req, reply), delay),
+    }
+}
+
+async fn wait_total(delay: Duration, tokens: usize) {
+    let total = delay.saturating_mul(u32::try_from(tokens).unwrap_or(u32::MAX));
+    if !total.is_zero() {
+        tokio::time::sleep(total).await;
+    }
+}
+
+fn usage(reply: &Reply) -> Value {
+    let completion = all_tokens(reply).len();
+    json!({ "prompt_tokens": 12, "completion_tokens": completion, "total_tokens": completion + 12 })
+}
+
+fn openai_completion(req: &ChatRequest, reply: &Reply) -> Value {
+    let mut message = json!({ "role": "assistant", "content": reply.content });
+    if let (Some(reasoning), Some(obj)) = (&reply.reasoning, message.as_object_mut()) {
+        obj.insert("reasoning_content".into(), json!(reasoning));
+    }
+    json!({
+        "id": format!("chatcmpl-{}", random_token(12)),
+        "object": "chat.completion",
+        "created": unix_secs(),
+        "model": req.model,
+        "conversation_id": req.conversation_id,
+        "choices": [{ "index": 0, "message": message, "finish_reason": "stop" }],
+        "usage": usage(reply),
+    })
+}
+
+fn openai_stream(req: &ChatRequest, reply: &Reply) -> Vec<Piece> {
+    let id = format!("chatcmpl-{}", random_token(12));
+    let created = unix_secs();
+    let chunk = |delta: Value, finish: Value| {
+        json!({
+            "id": id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": req.model,
+            "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }],
+        })
+    };
+    let mut out = vec![Piece::now(sse(
+        None,
+        &chunk(json!({ "role": "assistant" }), Value::Null).to_string(),
+    ))];
+    for (thinking, token) in all_tokens(reply) {
+        let delta = if thinking {
+            json!({ "reasoning_content": token })
+        } else {
+            json!({ "content": token })
+        };
+        out.push(Piece::later(sse(
+            None,
+            &chunk(delta, Value::Null).to_string(),
+        )));
+    }
+    let mut last = chunk(json!({}), json!("stop"));
+    if let Some(obj) = last.as_object_mut() {
+        obj.insert("usage".into(), usage(reply));
+    }
+    out.push(Piece::now(sse(None, &last.to_string())));
+    out.push(Piece::now(sse(None, "[DONE]")));
+    out
+}
+
+fn title_for(prompt: &str) -> String {
+    let words: Vec<&str> = prompt.split_whitespace().take(4).collect();
+    if words.is_empty() {
+        "New chat".to_owned()
+    } else {
+        words.join(" ")
+    }
+}
+
+fn patch_stream(req: &ChatRequest, reply: &Reply) -> Vec<Piece> {
+    const PART: &str = "/message/content/parts/0";
+    let cid = &req.conversation_id;
+    let message_id = uuid::Uuid::new_v4().to_string();
+    let mut out = vec![
+        Piece::now(sse(Some("delta_encoding"), "\"v1\"")),
+        Piece::now(sse(
+            None,
+            &json!({
+                "type": "input_message",
+                "input_message": {
+                    "id": uuid::Uuid::new_v4().to_string(),
+                    "author": { "role": "user" },
+                    "content": { "content_type": "text", "parts": [req.prompt] },
+                    "status": "finished_successfully",
+                },
+                "conversation_id": cid,
+            })
+            .to_string(),
+        )),
+        Piece::now(sse(
+            Some("delta"),
+            &json!({
+                "p": "",
+                "o": "add",
+                "v": {
+                    "message": {
+                        "id": message_id,
+                        "author": { "role": "assistant", "name": null },
+                        "create_time": unix_secs(),
+                        "content": { "content_type": "text", "parts": [""] },
+                        "status": "in_progress",
+                        "end_turn": null,
+                        "metadata": { "model_slug": req.model },
+                    },
+                    "conversation_id": cid,
+                    "error": null,
+                },
+                "c": 0,
+            })
+            .to_string(),
+        )),
+    ];
+    let toks = tokens(&reply.content);
+    let last_index = toks.len().saturating_sub(1);
+    for (i, token) in toks.into_iter().enumerate() {
+        let event = if i == 0 {
+            json!({ "p": PART, "o": "append", "v": token })
+        } else if i == last_index {
+            json!({
+                "p": "",
+                "o": "patch",
+                "v": [
+                    { "p": PART, "o": "append", "v": token },
+                    { "p": "/message/status", "o": "replace", "v": "finished_successfully" },
+                    { "p": "/message/end_turn", "o": "replace", "v": true },
+                ],
+            })
+        } else {
+            json!({ "v": token })
+        };
+        out.push(Piece::later(sse(Some("delta"), &event.to_string())));
+        if i == 4 {
+            out.push(Piece::now(sse(
+                None,
+                &json!({
+                    "type": "title_generation",
+                    "title": title_for(&req.prompt),
+                    "conversation_id": cid,
+                })
+                .to_string(),
+            )));
+        }
+    }
+    out.push(Piece::now(sse(
+        None,
+        &json!({ "type": "message_stream_complete", "conversation_id": cid }).to_string(),
+    )));
+    out.push(Piece::now(sse(None, "[DONE]")));
+    out
+}
+
+fn cumulative_stream(req: &ChatRequest, reply: &Reply) -> Vec<Piece> {
+    let response_id = uuid::Uuid::new_v4().to_string();
+    let event = |content: &str, phase: &str, status: &str| {
+        json!({
+            "choices": [{
+                "delta": {
+                    "role": "assistant",
+                    "content": content,
+                    "phase": phase,
+                    "status": status,
+                }
+            }],
+            "response_id": response_id,
+        })
+        .to_string()
+    };
+    let mut out = vec![Piece::now(sse(
+        None,
+        &json!({
+            "response.created": {
+                "chat_id": req.conversation_id,
+                "parent_id": null,
+                "response_id": response_id,
+            }
+        })
+        .to_string(),
+    ))];
+    let mut so_far = String::new();
+    let mut phase_thinking = None;
+    for (thinking, token) in all_tokens(reply) {
+        if phase_thinking != Some(thinking) {
+            so_far.clear();
+            phase_thinking = Some(thinking);
+        }
+        so_far.push_str(&token);
+        let phase = if thinking { "think" } else { "answer" };
+        out.push(Piece::later(sse(None, &event(&so_far, phase, "typing"))));
+    }
+    out.push(Piece::now(sse(
+        None,
+        &event(&reply.content, "answer", "finished"),
+    )));
+    out
+}
+
+fn ndjson_stream(req: &ChatRequest, reply: &Reply) -> Vec<Piece> {
+    let message_id = uuid::Uuid::new_v4().to_string();
+    let line = |v: Value| format!("{v}\n");
+    let mut out = vec![Piece::now(line(json!({
+        "type": "meta",
+        "conversation_id": req.conversation_id,
+        "message_id": message_id,
+    })))];
+    for (i, token) in tokens(&reply.content).into_iter().enumerate() {
+        if i > 0 && i % 10 == 0 {
+            out.push(Piece::now(line(json!({ "type": "ping" }))));
+        }
+        out.push(Piece::later(line(json!({
+            "type": "token",
+            "data": { "delta": { "text": token } },
+        }))));
+    }
+    out.push(Piece::now(line(
+        json!({ "type": "done", "message_id": message_id }),
+    )));
+    out
+}
+
+fn numbered_stream(req: &ChatRequest, reply: &Reply) -> Vec<Piece> {
+    let message_id = uuid::Uuid::new_v4().to_string();
+    let mut out = vec![Piece::now(format!(
+        "1:{}\n",
+        json!({ "json": { "messageId": message_id, "conversationId": req.conversation_id } })
+    ))];
+    for (thinking, token) in all_tokens(reply) {
+        let kind = if thinking { "reasoning" } else { "text" };
+        out.push(Piece::later(format!(
+            "0:{}\n",
+            json!({ "json": { "kind": kind, "delta": token } })
+        )));
+    }
+    out.push(Piece::now(format!(
+        "2:{}\n",
+        json!({ "json": { "usage": usage(reply) } })
+    )));
+    out.push(Piece::now("8:null\n"));
+    out
+}
+
+/// A Connect envelope: flag byte, big-endian u32 length, payload.
+pub(crate) fn frame(flag: u8, payload: &Value) -> Vec<u8> {
+    let body = payload.to_string().into_bytes();
+    let len = u32::try_from(body.len()).unwrap_or(u32::MAX);
+    let mut out = Vec::with_capacity(body.len() + 5);
+    out.push(flag);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+fn frames_stream(req: &ChatRequest, reply: &Reply) -> Vec<Piece> {
+    let message_id = uuid::Uuid::new_v4().to_string();
+    let mut out = vec![Piece::now(frame(
+        0,
+        &json!({ "result": { "meta": {
+            "conversationId": req.conversation_id,
+            "messageId": message_id,
+        } } }),
+    ))];
+    for (thinking, token) in all_tokens(reply) {
+        out.push(Piece::later(frame(
+            0,
+            &json!({ "result": { "response": { "token": token, "isThinking": thinking } } }),
+        )));
+    }
+    out.push(Piece::now(frame(2, &json!({}))));
+    out
+}

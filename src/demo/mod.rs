@@ -1,0 +1,336 @@
+//! The built-in demo chat site: a small but real web chat site that `computetower demo` and the
+//! tests learn and replay.
+//!
+//! It behaves on the wire like real chat sites do, in one of several [`Shape`]s (OpenAI-like
+//! SSE deltas, ChatGPT-like JSON patches, Qwen-like cumulative SSE, NDJSON, tRPC-like numbered
+//! lines, a plain JSON answer, Connect-like length-prefixed frames). Whatever the shape:
+//! - `GET /login` is an HTML login form; `POST /login` sets the HttpOnly [`SESSION_COOKIE`] and
+//!   a page whose script stores the bearer token in `localStorage[`[`TOKEN_KEY`]`]`, then goes
+//!   to `/chat`. `POST /api/login` does the same for scripts, answering `{"token": …}`.
+//! - `GET /chat` is the chat page, with the per-session CSRF token in
+//!   `<meta name="csrf-token" content="…">`; its script creates a conversation (the preflight),
+//!   then calls the shape's chat endpoint with `authorization: Bearer …` and `x-csrf-token`,
+//!   and renders the streamed reply (reasoning in a `<details>`).
+//! - The API answers 401 (no, expired or revoked session; bad bearer), 403 (bad CSRF token),
+//!   404 (unknown conversation), 429 with `Retry-After` (rate limit) and 400 (bad body) with
+//!   `{"error":{"message","code"}}`.
+//! - `/__demo/expire-sessions` and `/__demo/revoke?email=…` let tests break sessions.
+//!
+//! The reply is deterministic ([`reply_for`]), so tests compare decoded text with it exactly.
+
+mod chat;
+mod site;
+mod state;
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Name of the HttpOnly session cookie.
+pub const SESSION_COOKIE: &str = "demo_sid";
+/// Name of a second, non-HttpOnly cookie the site sets (not checked; real sites set several).
+pub const DEVICE_COOKIE: &str = "demo_device";
+/// `localStorage` key under which the login page stores the bearer token.
+pub const TOKEN_KEY: &str = "demo_token";
+/// Header carrying the CSRF token from the chat page's `<meta name="csrf-token">`.
+pub const CSRF_HEADER: &str = "x-csrf-token";
+
+/// The wire format the site's chat endpoint speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Shape {
+    /// `POST /api/openai/v1/chat/completions`, SSE chunks with `delta.content` /
+    /// `delta.reasoning_content`, `data: [DONE]`.
+    Openai,
+    /// `POST /backend-api/conversation`, ChatGPT-like SSE of JSON-patch deltas.
+    Patch,
+    /// `POST /api/v2/chat/completions?chat_id=…`, Qwen-like SSE with cumulative text per phase.
+    Cumulative,
+    /// `POST /api/stream`, `application/x-ndjson` token lines.
+    Ndjson,
+    /// `POST /api/trpc/chat.send`, `TAG:JSON` lines ending with `8:null`.
+    Numbered,
+    /// `POST /api/ask`, form-encoded request, one JSON answer.
+    Json,
+    /// `POST /api/connect/chat.v1.ChatService/Stream`, Connect-like length-prefixed frames.
+    Frames,
+}
+
+impl Shape {
+    pub const ALL: [Shape; 7] = [
+        Shape::Openai,
+        Shape::Patch,
+        Shape::Cumulative,
+        Shape::Ndjson,
+        Shape::Numbered,
+        Shape::Json,
+        Shape::Frames,
+    ];
+
+    /// The kebab-case name (`openai`, `patch`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Shape::Openai => "openai",
+            Shape::Patch => "patch",
+            Shape::Cumulative => "cumulative",
+            Shape::Ndjson => "ndjson",
+            Shape::Numbered => "numbered",
+            Shape::Json => "json",
+            Shape::Frames => "frames",
+        }
+    }
+
+    /// Whether replies in this shape carry a reasoning ("thinking") phase.
+    pub fn has_reasoning(self) -> bool {
+        matches!(
+            self,
+            Shape::Openai | Shape::Cumulative | Shape::Numbered | Shape::Frames
+        )
+    }
+
+    /// Path of the chat endpoint (without query string).
+    pub fn chat_path(self) -> &'static str {
+        match self {
+            Shape::Openai => "/api/openai/v1/chat/completions",
+            Shape::Patch => "/backend-api/conversation",
+            Shape::Cumulative => "/api/v2/chat/completions",
+            Shape::Ndjson => "/api/stream",
+            Shape::Numbered => "/api/trpc/chat.send",
+            Shape::Json => "/api/ask",
+            Shape::Frames => "/api/connect/chat.v1.ChatService/Stream",
+        }
+    }
+
+    /// Path of the "create conversation" preflight; it answers `{"data":{"id":…}}`.
+    pub fn create_conversation_path(self) -> &'static str {
+        match self {
+            Shape::Cumulative => "/api/v2/chats/new",
+            _ => "/api/conversations",
+        }
+    }
+}
+
+impl fmt::Display for Shape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Shape {
+    type Err = DemoError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let wanted = s.trim().to_ascii_lowercase();
+        Shape::ALL
+            .into_iter()
+            .find(|shape| shape.as_str() == wanted)
+            .ok_or_else(|| {
+                let known: Vec<&str> = Shape::ALL.iter().map(|s| s.as_str()).collect();
+                DemoError::UnknownShape(format!("`{s}` (known: {})", known.join(", ")))
+            })
+    }
+}
+
+/// How the demo site behaves.
+#[derive(Debug, Clone)]
+pub struct DemoConfig {
+    pub shape: Shape,
+    /// Delay between streamed tokens (for `json`, the total delay is this times the tokens).
+    pub token_delay: Duration,
+    /// Sessions expire this long after login (`None` = never); the API then answers 401.
+    pub session_ttl: Option<Duration>,
+    /// At most this many chat calls per account per minute; more get 429 with `Retry-After`.
+    pub rate_limit: Option<u32>,
+    /// Any email logs in with this password.
+    pub password: String,
+}
+
+impl Default for DemoConfig {
+    fn default() -> Self {
+        Self {
+            shape: Shape::Openai,
+            token_delay: Duration::from_millis(20),
+            session_ttl: None,
+            rate_limit: None,
+            password: "demo-password".to_owned(),
+        }
+    }
+}
+
+/// The reply the site gives to a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// The thinking text, for shapes that stream one.
+    pub reasoning: Option<String>,
+    /// The answer, markdown.
+    pub content: String,
+}
+
+/// The exact reply the site gives to `last_message` in the first turn of a conversation.
+pub fn reply_for(shape: Shape, last_message: &str) -> Reply {
+    reply_for_turn(shape, last_message, 1)
+}
+
+/// The exact reply the site gives to `last_message` in turn `turn` (1-based) of a
+/// conversation: the turn number appears in replies after the first.
+pub fn reply_for_turn(shape: Shape, last_message: &str, turn: u32) -> Reply {
+    let chars = last_message.chars().count();
+    let words = last_message.split_whitespace().count();
+    let mut content = format!(
+        "You said: {last_message}\n\nHere is what I noticed:\n\n\
+         - It is **{chars} characters** long.\n\
+         - It has **{words} words**.\n\
+         - This reply travels in the `{shape}` wire format.\n"
+    );
+    if turn > 1 {
+        content.push_str(&format!("- This is turn **{turn}** of our conversation.\n"));
+    }
+    content.push_str("\nThanks for trying the **ComputeTower demo**.");
+    let reasoning = shape.has_reasoning().then(|| {
+        let mut text = format!(
+            "The user sent {chars} characters in {words} words. \
+             I will echo the message, describe it in a short list, and name the wire format."
+        );
+        if turn > 1 {
+            text.push_str(&format!(" We are at turn {turn}."));
+        }
+        text
+    });
+    Reply { reasoning, content }
+}
+
+/// Splits `text` into the small pieces the site streams: runs of word characters or of
+/// whitespace, at most 6 characters each. Their concatenation is `text`.
+pub(crate) fn tokens(text: &str) -> Vec<String> {
+    const MAX: usize = 6;
+    let mut out: Vec<String> = Vec::new();
+    let mut current = String::new();
+    let mut current_len = 0;
+    let mut current_ws: Option<bool> = None;
+    for c in text.chars() {
+        let ws = c.is_whitespace();
+        if current_ws.is_some_and(|k| k != ws) || current_len >= MAX {
+            out.push(std::mem::take(&mut current));
+            current_len = 0;
+        }
+        current.push(c);
+        current_len += 1;
+        current_ws = Some(ws);
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+/// Builds the site.
+pub fn router(config: DemoConfig) -> axum::Router {
+    let state = Arc::new(state::AppState::new(config));
+    site::routes(state)
+}
+
+/// Serves the site on `listener` until the task is dropped or the listener fails.
+pub async fn serve(listener: tokio::net::TcpListener, config: DemoConfig) -> std::io::Result<()> {
+    axum::serve(listener, router(config)).await
+}
+
+/// What a login leaves in the browser: cookies and `localStorage` entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DemoLogin {
+    /// `(name, value)` of every cookie the site set (the HttpOnly session cookie included).
+    pub cookies: Vec<(String, String)>,
+    /// `(key, value)` the login page stores in `localStorage` (the bearer token).
+    pub local_storage: Vec<(String, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("unknown demo shape {0}")]
+    UnknownShape(String),
+    #[error("bad demo site URL `{0}`")]
+    BadUrl(String),
+    #[error("demo login request failed: {0}")]
+    Http(String),
+    #[error("demo login refused ({status}): {message}")]
+    Refused { status: u16, message: String },
+    #[error("unexpected demo login response: {0}")]
+    BadResponse(String),
+}
+
+/// The HTTP client used by [`json_login`] (and the tests).
+///
+/// Note for the real crate: reqwest is built with `rustls-no-provider` there, so a rustls
+/// crypto provider must be installed before this is called (reqwest panics otherwise).
+pub(crate) fn http_client() -> Result<reqwest::Client, DemoError> {
+    crate::server::install_tls_provider();
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| DemoError::Http(e.to_string()))
+}
+
+/// Logs in through `POST /api/login` the way a script would, and returns what the browser
+/// login would leave: the cookies the site set and the bearer token under [`TOKEN_KEY`].
+pub async fn json_login(
+    base_url: &str,
+    email: &str,
+    password: &str,
+) -> Result<DemoLogin, DemoError> {
+    let base = url::Url::parse(base_url).map_err(|_| DemoError::BadUrl(base_url.to_owned()))?;
+    let url = base
+        .join("/api/login")
+        .map_err(|_| DemoError::BadUrl(base_url.to_owned()))?;
+    let response = http_client()?
+        .post(url)
+        .json(&serde_json::json!({ "email": email, "password": password }))
+        .send()
+        .await
+        .map_err(|e| DemoError::Http(e.to_string()))?;
+    let status = response.status();
+    let cookies: Vec<(String, String)> = response
+        .headers()
+        .get_all(reqwest::header::SET_COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .filter_map(parse_set_cookie)
+        .collect();
+    let body: serde_json::Value = response
+        .json()
+        .await
+        .map_err(|e| DemoError::BadResponse(e.to_string()))?;
+    if !status.is_success() {
+        let message = body
+            .pointer("/error/message")
+            .and_then(|m| m.as_str())
+            .unwrap_or("login failed")
+            .to_owned();
+        return Err(DemoError::Refused {
+            status: status.as_u16(),
+            message,
+        });
+    }
+    let token = body
+        .get("token")
+        .and_then(|t| t.as_str())
+        .ok_or_else(|| DemoError::BadResponse("no `token` in the login answer".into()))?;
+    if !cookies.iter().any(|(name, _)| name == SESSION_COOKIE) {
+        return Err(DemoError::BadResponse(format!(
+            "the login answer set no `{SESSION_COOKIE}` cookie"
+        )));
+    }
+    Ok(DemoLogin {
+        cookies,
+        local_storage: vec![(TOKEN_KEY.to_owned(), token.to_owned())],
+    })
+}
+
+/// `name=value; Path=/; …` → `(name, value)`.
+fn parse_set_cookie(header: &str) -> Option<(String, String)> {
+    let pair = header.split(';').next()?;
+    let (name, value) = pair.split_once('=')?;
+    let name = name.trim();
+    (!name.is_empty()).then(|| (name.to_owned(), value.trim().to_owned()))
+}

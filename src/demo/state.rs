@@ -1,0 +1,177 @@
+//! The site's memory: sessions, conversations, rate-limit windows.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::DemoConfig;
+
+pub(crate) struct AppState {
+    pub config: DemoConfig,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Session id (cookie value) → session.
+    sessions: HashMap<String, Session>,
+    /// Conversation id → conversation.
+    conversations: HashMap<String, Conversation>,
+    /// Email → times of recent chat calls.
+    calls: HashMap<String, VecDeque<Instant>>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Session {
+    pub email: String,
+    pub token: String,
+    pub csrf: String,
+    created: Instant,
+    expired: bool,
+}
+
+struct Conversation {
+    session_id: String,
+    turns: u32,
+}
+
+/// Why a session is not usable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SessionProblem {
+    Missing,
+    Expired,
+}
+
+const WINDOW: Duration = Duration::from_secs(60);
+
+impl AppState {
+    pub fn new(config: DemoConfig) -> Self {
+        Self {
+            config,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Opens a session for `email`: returns the session id (cookie value) and the session.
+    pub fn login(&self, email: &str) -> (String, Session) {
+        let sid = random_token(24);
+        let session = Session {
+            email: email.to_owned(),
+            token: format!("dt_{}", random_token(24)),
+            csrf: random_token(16),
+            created: Instant::now(),
+            expired: false,
+        };
+        self.lock().sessions.insert(sid.clone(), session.clone());
+        (sid, session)
+    }
+
+    /// The live session with id `sid`.
+    pub fn session(&self, sid: &str) -> Result<Session, SessionProblem> {
+        let inner = self.lock();
+        let session = inner.sessions.get(sid).ok_or(SessionProblem::Missing)?;
+        let too_old = self
+            .config
+            .session_ttl
+            .is_some_and(|ttl| session.created.elapsed() >= ttl);
+        if session.expired || too_old {
+            return Err(SessionProblem::Expired);
+        }
+        Ok(session.clone())
+    }
+
+    pub fn logout(&self, sid: &str) {
+        self.lock().sessions.remove(sid);
+    }
+
+    /// Marks every session expired; returns how many there were.
+    pub fn expire_all(&self) -> usize {
+        let mut inner = self.lock();
+        for session in inner.sessions.values_mut() {
+            session.expired = true;
+        }
+        inner.sessions.len()
+    }
+
+    /// Drops every session of `email`; returns how many.
+    pub fn revoke(&self, email: &str) -> usize {
+        let mut inner = self.lock();
+        let before = inner.sessions.len();
+        inner
+            .sessions
+            .retain(|_, s| !s.email.eq_ignore_ascii_case(email));
+        before - inner.sessions.len()
+    }
+
+    /// Creates a conversation owned by session `sid`; returns its id.
+    pub fn create_conversation(&self, sid: &str) -> String {
+        let id = uuid::Uuid::new_v4().to_string();
+        self.lock().conversations.insert(
+            id.clone(),
+            Conversation {
+                session_id: sid.to_owned(),
+                turns: 0,
+            },
+        );
+        id
+    }
+
+    /// Whether conversation `id` exists and belongs to session `sid`.
+    pub fn owns_conversation(&self, sid: &str, id: &str) -> bool {
+        self.lock()
+            .conversations
+            .get(id)
+            .is_some_and(|c| c.session_id == sid)
+    }
+
+    /// Counts a new turn in conversation `id`; returns its number (1-based).
+    pub fn next_turn(&self, id: &str) -> u32 {
+        let mut inner = self.lock();
+        match inner.conversations.get_mut(id) {
+            Some(c) => {
+                c.turns = c.turns.saturating_add(1);
+                c.turns
+            }
+            None => 1,
+        }
+    }
+
+    /// Records a chat call of `email` if the rate limit allows it; otherwise returns the
+    /// seconds to wait.
+    pub fn take_rate(&self, email: &str) -> Result<(), u64> {
+        let Some(limit) = self.config.rate_limit else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let calls = inner.calls.entry(email.to_ascii_lowercase()).or_default();
+        while calls
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= WINDOW)
+        {
+            calls.pop_front();
+        }
+        if calls.len() >= limit as usize {
+            let wait = calls
+                .front()
+                .map(|t| WINDOW.saturating_sub(now.duration_since(*t)))
+                .unwrap_or(WINDOW);
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            return Err(secs.max(1));
+        }
+        calls.push_back(now);
+        Ok(())
+    }
+}
+
+/// `len` random bytes, hex-encoded.
+pub(crate) fn random_token(len: usize) -> String {
+    let bytes: Vec<u8> = (0..len).map(|_| rand::random::<u8>()).collect();
+    hex::encode(bytes)
+}

@@ -1,0 +1,1242 @@
+//! Tests against the demo site on a real socket.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use super::*;
+use crate::flow::{Accrual, BodyKind, Extract, Flow, ReasoningRule, Transport};
+
+const PASSWORD: &str = "demo-password";
+const PROMPT: &str = "Hello demo, what is `2 + 2`? ünïcödé ✓";
+
+fn config(shape: Shape) -> DemoConfig {
+    DemoConfig {
+        shape,
+        token_delay: Duration::ZERO,
+        ..DemoConfig::default()
+    }
+}
+
+async fn spawn(config: DemoConfig) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve(listener, config));
+    format!("http://{addr}")
+}
+
+fn client() -> reqwest::Client {
+    http_client().unwrap()
+}
+
+/// What the browser holds after logging in and opening `/chat`.
+#[derive(Clone)]
+struct Browser {
+    base: String,
+    cookie: String,
+    token: String,
+    csrf: String,
+}
+
+impl Browser {
+    async fn login(base: &str, email: &str) -> Browser {
+        let login = json_login(base, email, PASSWORD).await.unwrap();
+        let cookie = login
+            .cookies
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let token = login
+            .local_storage
+            .iter()
+            .find(|(k, _)| k == TOKEN_KEY)
+            .map(|(_, v)| v.clone())
+            .unwrap();
+        let page = client()
+            .get(format!("{base}/chat"))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(page.status(), StatusCode::OK);
+        let html = page.text().await.unwrap();
+        let csrf = meta_csrf(&html).unwrap();
+        Browser {
+            base: base.to_owned(),
+            cookie,
+            token,
+            csrf,
+        }
+    }
+
+    fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        client()
+            .post(format!("{}{path}", self.base))
+            .header("cookie", &self.cookie)
+            .header("authorization", format!("Bearer {}", self.token))
+            .header(CSRF_HEADER, &self.csrf)
+    }
+
+    async fn create_conversation(&self, shape: Shape) -> String {
+        let response = self
+            .post(shape.create_conversation_path())
+            .json(&json!({ "title": "New chat", "timestamp": now_ms() }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body: Value = response.json().await.unwrap();
+        body.pointer("/data/id")
+            .and_then(Value::as_str)
+            .unwrap()
+            .to_owned()
+    }
+
+    /// The chat call, built the way `chat.js` builds it.
+    fn chat(&self, shape: Shape, conversation: &str, prompt: &str) -> reqwest::RequestBuilder {
+        let id = uuid::Uuid::new_v4().to_string();
+        let ts = now_ms();
+        let path = shape.chat_path();
+        match shape {
+            Shape::Openai => self.post(path).json(&json!({
+                "model": "demo",
+                "messages": [
+                    { "role": "system", "content": "Be brief." },
+                    { "role": "user", "content": prompt },
+                ],
+                "stream": true,
+                "conversation_id": conversation,
+                "client_request_id": id,
+                "timestamp": ts,
+            })),
+            Shape::Patch => self.post(path).json(&json!({
+                "action": "next",
+                "conversation_id": conversation,
+                "parent_message_id": uuid::Uuid::new_v4().to_string(),
+                "messages": [{
+                    "id": id,
+                    "author": { "role": "user" },
+                    "content": { "content_type": "text", "parts": [prompt] },
+                }],
+                "model": "demo",
+                "timezone_offset_min": -60,
+                "client_ts": ts,
+            })),
+            Shape::Cumulative => {
+                self.post(&format!("{path}?chat_id={conversation}"))
+                    .json(&json!({
+                        "stream": true,
+                        "chat_id": conversation,
+                        "messages": [{ "role": "user", "content": prompt, "fid": id }],
+                        "timestamp": ts,
+                    }))
+            }
+            Shape::Ndjson => self.post(path).json(&json!({
+                "message": { "blocks": [{ "type": "text", "text": { "content": prompt } }] },
+                "conversation": { "id": conversation },
+                "client_msg_id": id,
+                "sent_at": ts,
+            })),
+            Shape::Numbered => self.post(path).json(&json!({
+                "0": { "json": {
+                    "conversationId": conversation,
+                    "content": [{ "type": "text", "text": prompt }],
+                    "messageId": id,
+                    "ts": ts,
+                } }
+            })),
+            Shape::Json => {
+                let form = url::form_urlencoded::Serializer::new(String::new())
+                    .append_pair("prompt", prompt)
+                    .append_pair("conversation", conversation)
+                    .append_pair("nonce", &id)
+                    .append_pair("ts", &ts.to_string())
+                    .finish();
+                self.post(path)
+                    .header("content-type", "application/x-www-form-urlencoded")
+                    .body(form)
+            }
+            Shape::Frames => self.post(path).json(&json!({
+                "conversationId": conversation,
+                "prompt": prompt,
+                "requestId": id,
+                "sentAtMs": ts,
+            })),
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn meta_csrf(html: &str) -> Option<String> {
+    let start = html.find(r#"<meta name="csrf-token" content=""#)?;
+    let rest = &html[start + r#"<meta name="csrf-token" content=""#.len()..];
+    Some(rest[..rest.find('"')?].to_owned())
+}
+
+fn form_body(pairs: &[(&str, &str)]) -> String {
+    url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish()
+}
+
+fn set_cookies(response: &reqwest::Response) -> Vec<String> {
+    response
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decoding the documented formats strictly, as the site's JS does.
+
+fn sse_events(body: &str) -> Vec<(Option<String>, String)> {
+    body.split("\n\n")
+        .filter(|b| !b.trim().is_empty())
+        .map(|block| {
+            let mut name = None;
+            let mut data = Vec::new();
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event: ") {
+                    name = Some(v.to_owned());
+                } else if let Some(v) = line.strip_prefix("data: ") {
+                    data.push(v);
+                } else {
+                    panic!("unexpected SSE line {line:?}");
+                }
+            }
+            (name, data.join("\n"))
+        })
+        .collect()
+}
+
+fn frames(bytes: &[u8]) -> Vec<(u8, Value)> {
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        assert!(rest.len() >= 5, "truncated frame header");
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        let payload: Value = serde_json::from_slice(&rest[5..5 + len]).unwrap();
+        out.push((rest[0], payload));
+        rest = &rest[5 + len..];
+    }
+    out
+}
+
+fn str_at<'a>(v: &'a Value, p: &str) -> &'a str {
+    v.pointer(p)
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("no string at {p} in {v}"))
+}
+
+/// Decodes a chat response in `shape`'s documented format into (reasoning, content).
+fn decode(shape: Shape, content_type: &str, bytes: &[u8]) -> (Option<String>, String) {
+    let mut reasoning = String::new();
+    let mut content = String::new();
+    let text = String::from_utf8_lossy(bytes);
+    match shape {
+        Shape::Openai => {
+            assert!(content_type.starts_with("text/event-stream"));
+            let events = sse_events(&text);
+            assert_eq!(events.last().unwrap().1, "[DONE]");
+            let mut finished = false;
+            for (_, data) in &events[..events.len() - 1] {
+                let v: Value = serde_json::from_str(data).unwrap();
+                assert_eq!(v["object"], "chat.completion.chunk");
+                let delta = &v["choices"][0]["delta"];
+                if let Some(r) = delta["reasoning_content"].as_str() {
+                    assert!(content.is_empty(), "reasoning after content");
+                    reasoning.push_str(r);
+                }
+                if let Some(c) = delta["content"].as_str() {
+                    content.push_str(c);
+                }
+                finished |= v["choices"][0]["finish_reason"] == "stop";
+            }
+            assert!(finished);
+        }
+        Shape::Patch => {
+            assert!(content_type.starts_with("text/event-stream"));
+            let events = sse_events(&text);
+            assert_eq!(events[0], (Some("delta_encoding".into()), "\"v1\"".into()));
+            assert_eq!(events.last().unwrap().1, "[DONE]");
+            let mut root = Value::Null;
+            let (mut last_p, mut last_o) = (String::new(), String::new());
+            let mut batched = false;
+            let mut continuations = 0;
+            let mut metadata = Vec::new();
+            for (name, data) in &events[1..events.len() - 1] {
+                let v: Value = serde_json::from_str(data).unwrap();
+                if name.as_deref() != Some("delta") {
+                    metadata.push(v["type"].as_str().unwrap().to_owned());
+                    continue;
+                }
+                if v.get("p").is_none() {
+                    continuations += 1;
+                }
+                batched |= v["o"] == "patch";
+                apply_patch(&mut root, &v, &mut last_p, &mut last_o);
+            }
+            assert!(batched && continuations > 0);
+            assert!(metadata.contains(&"title_generation".to_owned()));
+            assert_eq!(metadata.last().unwrap(), "message_stream_complete");
+            assert_eq!(root["message"]["status"], "finished_successfully");
+            content = str_at(&root, "/message/content/parts/0").to_owned();
+        }
+        Shape::Cumulative => {
+            assert!(content_type.starts_with("text/event-stream"));
+            let events = sse_events(&text);
+            assert!(!text.contains("[DONE]"));
+            let mut phase = "think";
+            for (_, data) in &events[1..] {
+                let v: Value = serde_json::from_str(data).unwrap();
+                let delta = &v["choices"][0]["delta"];
+                let now = str_at(delta, "/content");
+                let this_phase = str_at(delta, "/phase");
+                if this_phase != phase {
+                    assert_eq!((phase, this_phase), ("think", "answer"));
+                    phase = "answer";
+                }
+                let target = if phase == "think" {
+                    &mut reasoning
+                } else {
+                    &mut content
+                };
+                assert!(now.starts_with(target.as_str()), "not cumulative");
+                *target = now.to_owned();
+            }
+            let last: Value = serde_json::from_str(&events.last().unwrap().1).unwrap();
+            assert_eq!(last["choices"][0]["delta"]["status"], "finished");
+        }
+        Shape::Ndjson => {
+            assert_eq!(content_type, "application/x-ndjson");
+            let lines: Vec<Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            assert_eq!(lines[0]["type"], "meta");
+            assert_eq!(lines.last().unwrap()["type"], "done");
+            assert!(lines.iter().any(|l| l["type"] == "ping"));
+            for line in &lines {
+                if line["type"] == "token" {
+                    content.push_str(str_at(line, "/data/delta/text"));
+                }
+            }
+        }
+        Shape::Numbered => {
+            assert!(content_type.starts_with("text/plain"));
+            let lines: Vec<&str> = text.lines().collect();
+            assert_eq!(*lines.last().unwrap(), "8:null");
+            for line in &lines {
+                let (tag, json) = line.split_once(':').unwrap();
+                let v: Value = serde_json::from_str(json).unwrap();
+                if tag == "0" {
+                    match str_at(&v, "/json/kind") {
+                        "reasoning" => reasoning.push_str(str_at(&v, "/json/delta")),
+                        "text" => content.push_str(str_at(&v, "/json/delta")),
+                        other => panic!("kind {other}"),
+                    }
+                }
+            }
+        }
+        Shape::Json => {
+            assert!(content_type.starts_with("application/json"));
+            let v: Value = serde_json::from_slice(bytes).unwrap();
+            content = str_at(&v, "/data/answer/text").to_owned();
+        }
+        Shape::Frames => {
+            assert_eq!(content_type, "application/connect+json");
+            let frames = frames(bytes);
+            assert_eq!(frames.last().unwrap(), &(2, json!({})));
+            for (flag, v) in &frames[..frames.len() - 1] {
+                assert_eq!(*flag, 0);
+                if let Some(r) = v.pointer("/result/response") {
+                    let token = str_at(r, "/token");
+                    if r["isThinking"] == true {
+                        reasoning.push_str(token);
+                    } else {
+                        content.push_str(token);
+                    }
+                }
+            }
+        }
+    }
+    ((!reasoning.is_empty()).then_some(reasoning), content)
+}
+
+/// Applies one patch event (ChatGPT `delta` encoding v1).
+fn apply_patch(root: &mut Value, op: &Value, last_p: &mut String, last_o: &mut String) {
+    let p = op
+        .get("p")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .unwrap_or_else(|| last_p.clone());
+    let o = op
+        .get("o")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .unwrap_or_else(|| last_o.clone());
+    if o == "patch" {
+        for sub in op["v"].as_array().unwrap() {
+            apply_patch(root, sub, last_p, last_o);
+        }
+        return;
+    }
+    *last_p = p.clone();
+    *last_o = o.clone();
+    if p.is_empty() {
+        *root = op["v"].clone();
+        return;
+    }
+    let target = root.pointer_mut(&p).unwrap();
+    match o.as_str() {
+        "append" => {
+            let joined = format!("{}{}", target.as_str().unwrap(), op["v"].as_str().unwrap());
+            *target = Value::String(joined);
+        }
+        "replace" | "add" => *target = op["v"].clone(),
+        other => panic!("op {other}"),
+    }
+}
+
+async fn chat_once(shape: Shape, browser: &Browser, prompt: &str) -> (Option<String>, String) {
+    let conversation = browser.create_conversation(shape).await;
+    let response = browser
+        .chat(shape, &conversation, prompt)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "{shape}");
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let bytes = response.bytes().await.unwrap();
+    decode(shape, &content_type, &bytes)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pure functions
+
+#[test]
+fn shapes_round_trip_their_names() {
+    for shape in Shape::ALL {
+        assert_eq!(shape.to_string().parse::<Shape>().unwrap(), shape);
+    }
+    assert_eq!("NDJSON".parse::<Shape>().unwrap(), Shape::Ndjson);
+    let err = "xml".parse::<Shape>().unwrap_err().to_string();
+    assert!(err.contains("cumulative"), "{err}");
+    assert!(Shape::ALL.iter().filter(|s| s.has_reasoning()).count() >= 3);
+}
+
+#[test]
+fn replies_are_deterministic_and_carry_the_message() {
+    for shape in Shape::ALL {
+        let reply = reply_for(shape, PROMPT);
+        assert_eq!(reply, reply_for(shape, PROMPT));
+        assert!(reply.content.contains(PROMPT));
+        assert!(reply.content.contains("**") && reply.content.contains("\n- "));
+        assert!(reply.content.contains(&format!("`{shape}`")));
+        assert_eq!(reply.reasoning.is_some(), shape.has_reasoning());
+        assert_eq!(reply, reply_for_turn(shape, PROMPT, 1));
+        assert!(
+            reply_for_turn(shape, PROMPT, 2)
+                .content
+                .contains("turn **2**")
+        );
+    }
+}
+
+#[test]
+fn tokens_rebuild_the_text_in_small_pieces() {
+    let text = reply_for(Shape::Patch, "a veryveryverylongword ünï\n\n- x").content;
+    let toks = tokens(&text);
+    assert_eq!(toks.concat(), text);
+    assert!(toks.len() > 20);
+    assert!(toks.iter().all(|t| !t.is_empty() && t.chars().count() <= 6));
+    assert!(tokens("").is_empty());
+}
+
+fn flow_files() -> Vec<(Shape, &'static str)> {
+    vec![
+        (Shape::Openai, include_str!("../../flows/demo-openai.json")),
+        (Shape::Patch, include_str!("../../flows/demo-patch.json")),
+        (
+            Shape::Cumulative,
+            include_str!("../../flows/demo-cumulative.json"),
+        ),
+        (Shape::Ndjson, include_str!("../../flows/demo-ndjson.json")),
+        (
+            Shape::Numbered,
+            include_str!("../../flows/demo-numbered.json"),
+        ),
+        (Shape::Json, include_str!("../../flows/demo-json.json")),
+        (Shape::Frames, include_str!("../../flows/demo-frames.json")),
+    ]
+}
+
+#[test]
+fn every_flow_file_parses_and_names_its_shape() {
+    let files = flow_files();
+    assert_eq!(files.len(), Shape::ALL.len());
+    for (shape, text) in files {
+        let flow = Flow::from_json(text).unwrap_or_else(|e| panic!("{shape}: {e}"));
+        assert_eq!(flow.service, format!("demo-{shape}"));
+        assert_eq!(flow.request.url.split('?').next(), Some(shape.chat_path()));
+        assert_eq!(flow.response.reasoning.is_some(), shape.has_reasoning());
+        assert_eq!(flow.preflight.len(), 2, "{shape}");
+        assert_eq!(flow.preflight[1].http.url, shape.create_conversation_path());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Login
+
+#[tokio::test]
+async fn form_login_sets_an_http_only_cookie_and_stores_the_token() {
+    let base = spawn(config(Shape::Openai)).await;
+    let landing = client().get(&base).send().await.unwrap();
+    assert!(landing.text().await.unwrap().contains(r#"href="/login""#));
+    let form = client()
+        .get(format!("{base}/login"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        r#"name="email""#,
+        r#"type="password""#,
+        r#"autocomplete="current-password""#,
+        r#"type="submit""#,
+        r#"<label for="email">"#,
+    ] {
+        assert!(form.contains(needle), "{needle}");
+    }
+    let response = client()
+        .post(format!("{base}/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form_body(&[
+            ("email", "ann@example.com"),
+            ("password", PASSWORD),
+        ]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let cookies = set_cookies(&response);
+    let session = cookies
+        .iter()
+        .find(|c| c.starts_with(&format!("{SESSION_COOKIE}=")))
+        .unwrap();
+    assert!(session.contains("HttpOnly") && session.contains("Path=/"));
+    assert!(session.contains("SameSite=Lax"));
+    let page = response.text().await.unwrap();
+    assert!(page.contains(&format!("localStorage.setItem(\"{TOKEN_KEY}\", \"dt_")));
+    assert!(page.contains(r#"location.replace("/chat")"#));
+
+    // The cookie opens the chat page.
+    let sid = session.split(';').next().unwrap();
+    let chat = client()
+        .get(format!("{base}/chat"))
+        .header("cookie", sid)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(chat.status(), StatusCode::OK);
+    let html = chat.text().await.unwrap();
+    assert!(meta_csrf(&html).is_some_and(|t| t.len() >= 16));
+    for needle in [
+        "<textarea",
+        r#"id="send""#,
+        r#"id="messages""#,
+        "/static/chat.js",
+    ] {
+        assert!(html.contains(needle), "{needle}");
+    }
+    let js = client()
+        .get(format!("{base}/static/chat.js"))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        js.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .contains("javascript")
+    );
+    assert!(js.text().await.unwrap().contains("getReader"));
+}
+
+#[tokio::test]
+async fn wrong_password_shows_the_message_and_sets_no_cookie() {
+    let base = spawn(config(Shape::Openai)).await;
+    let response = client()
+        .post(format!("{base}/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form_body(&[
+            ("email", "ann@example.com"),
+            ("password", "nope"),
+        ]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert!(set_cookies(&response).is_empty());
+    let page = response.text().await.unwrap();
+    assert!(page.contains("Incorrect email or password."));
+    assert!(page.contains(r#"value="ann@example.com""#));
+
+    let err = json_login(&base, "ann@example.com", "nope")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, DemoError::Refused { status: 401, .. }),
+        "{err}"
+    );
+    let raw = client()
+        .post(format!("{base}/api/login"))
+        .json(&json!({ "email": "ann@example.com", "password": "nope" }))
+        .send()
+        .await
+        .unwrap();
+    assert!(set_cookies(&raw).is_empty());
+    let body: Value = raw.json().await.unwrap();
+    assert_eq!(body["error"]["message"], "Incorrect email or password.");
+}
+
+#[tokio::test]
+async fn json_login_returns_cookies_and_local_storage() {
+    let base = spawn(config(Shape::Openai)).await;
+    let login = json_login(&base, "bob@example.com", PASSWORD)
+        .await
+        .unwrap();
+    let names: Vec<&str> = login.cookies.iter().map(|(k, _)| k.as_str()).collect();
+    assert!(names.contains(&SESSION_COOKIE) && names.contains(&DEVICE_COOKIE));
+    assert_eq!(login.local_storage.len(), 1);
+    assert_eq!(login.local_storage[0].0, TOKEN_KEY);
+    assert!(login.local_storage[0].1.starts_with("dt_"));
+}
+
+#[tokio::test]
+async fn chat_page_without_a_session_redirects_to_login() {
+    let base = spawn(config(Shape::Openai)).await;
+    for cookie in ["", "demo_sid=unknown"] {
+        let response = client()
+            .get(format!("{base}/chat"))
+            .header("cookie", cookie)
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_redirection());
+        assert_eq!(response.headers()["location"], "/login");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// API checks
+
+async fn error_of(response: reqwest::Response) -> (StatusCode, String) {
+    let status = response.status();
+    let body: Value = response.json().await.unwrap();
+    assert!(body.pointer("/error/message").is_some_and(Value::is_string));
+    (status, body["error"]["code"].as_str().unwrap().to_owned())
+}
+
+#[tokio::test]
+async fn the_api_answers_401_403_404_and_400_like_real_sites() {
+    let shape = Shape::Ndjson;
+    let base = spawn(config(shape)).await;
+    let browser = Browser::login(&base, "carol@example.com").await;
+    let conversation = browser.create_conversation(shape).await;
+    let chat = || browser.chat(shape, &conversation, "hi");
+
+    // No cookie at all.
+    let no_cookie = client()
+        .post(format!("{base}{}", shape.chat_path()))
+        .header("authorization", format!("Bearer {}", browser.token))
+        .header(CSRF_HEADER, &browser.csrf)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        error_of(no_cookie).await,
+        (StatusCode::UNAUTHORIZED, "unauthenticated".into())
+    );
+    // Wrong bearer token.
+    let bad_bearer = Browser {
+        token: "nope".into(),
+        ..browser.clone()
+    };
+    let response = bad_bearer
+        .chat(shape, &conversation, "hi")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    // Wrong CSRF token.
+    let bad_csrf = Browser {
+        csrf: "nope".into(),
+        ..browser.clone()
+    };
+    let response = bad_csrf
+        .chat(shape, &conversation, "hi")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        error_of(response).await,
+        (StatusCode::FORBIDDEN, "csrf_failed".into())
+    );
+    // The preflight checks the same.
+    let response = bad_csrf
+        .post(shape.create_conversation_path())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    // Unknown conversation, and one of another session.
+    let response = browser
+        .chat(shape, "00000000-0000-4000-8000-000000000000", "hi")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        error_of(response).await,
+        (StatusCode::NOT_FOUND, "not_found".into())
+    );
+    let other = Browser::login(&base, "carol@example.com").await;
+    let response = other.chat(shape, &conversation, "hi").send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    // Malformed bodies.
+    for body in ["{not json", r#"{"message":{}}"#] {
+        let response = browser
+            .post(shape.chat_path())
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            error_of(response).await,
+            (StatusCode::BAD_REQUEST, "bad_request".into())
+        );
+    }
+    // And the right call works.
+    assert_eq!(chat().send().await.unwrap().status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn the_rate_limit_answers_429_with_retry_after() {
+    let shape = Shape::Json;
+    let base = spawn(DemoConfig {
+        rate_limit: Some(2),
+        ..config(shape)
+    })
+    .await;
+    let browser = Browser::login(&base, "dan@example.com").await;
+    let conversation = browser.create_conversation(shape).await;
+    for _ in 0..2 {
+        let response = browser
+            .chat(shape, &conversation, "hi")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    // Per account: a second session of the same email is limited too.
+    let again = Browser::login(&base, "DAN@example.com").await;
+    let conversation2 = again.create_conversation(shape).await;
+    let response = again
+        .chat(shape, &conversation2, "hi")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry));
+    assert_eq!(error_of(response).await.1, "rate_limited");
+    // Another account is not limited.
+    let erin = Browser::login(&base, "erin@example.com").await;
+    let conversation3 = erin.create_conversation(shape).await;
+    let response = erin.chat(shape, &conversation3, "hi").send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn expired_and_revoked_sessions_get_401() {
+    let shape = Shape::Openai;
+    let base = spawn(config(shape)).await;
+    let ann = Browser::login(&base, "ann@example.com").await;
+    let bob = Browser::login(&base, "bob@example.com").await;
+    let ann_conv = ann.create_conversation(shape).await;
+    let bob_conv = bob.create_conversation(shape).await;
+
+    let revoked: Value = client()
+        .post(format!("{base}/__demo/revoke?email=ann@example.com"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(revoked["revoked"], 1);
+    let response = ann.chat(shape, &ann_conv, "hi").send().await.unwrap();
+    assert_eq!(
+        error_of(response).await,
+        (StatusCode::UNAUTHORIZED, "unauthenticated".into())
+    );
+    let response = bob.chat(shape, &bob_conv, "hi").send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let _ = response.bytes().await.unwrap();
+
+    let expired = client()
+        .post(format!("{base}/__demo/expire-sessions"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(expired.status(), StatusCode::OK);
+    let response = bob.chat(shape, &bob_conv, "hi").send().await.unwrap();
+    assert_eq!(
+        error_of(response).await,
+        (StatusCode::UNAUTHORIZED, "unauthenticated".into())
+    );
+    let page = client()
+        .get(format!("{base}/chat"))
+        .header("cookie", &bob.cookie)
+        .send()
+        .await
+        .unwrap();
+    assert!(page.status().is_redirection());
+    // A new login works again.
+    let bob = Browser::login(&base, "bob@example.com").await;
+    let conv = bob.create_conversation(shape).await;
+    assert_eq!(
+        bob.chat(shape, &conv, "hi").send().await.unwrap().status(),
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn sessions_expire_after_their_ttl() {
+    let base = spawn(DemoConfig {
+        session_ttl: Some(Duration::ZERO),
+        ..config(Shape::Frames)
+    })
+    .await;
+    let login = json_login(&base, "ann@example.com", PASSWORD)
+        .await
+        .unwrap();
+    let (name, value) = &login.cookies[0];
+    let response = client()
+        .post(format!("{base}/api/conversations"))
+        .header("cookie", format!("{name}={value}"))
+        .header(
+            "authorization",
+            format!("Bearer {}", login.local_storage[0].1),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The shapes
+
+#[tokio::test]
+async fn every_shape_streams_exactly_the_reply() {
+    for shape in Shape::ALL {
+        let base = spawn(config(shape)).await;
+        let browser = Browser::login(&base, "ann@example.com").await;
+        let (reasoning, content) = chat_once(shape, &browser, PROMPT).await;
+        let expected = reply_for(shape, PROMPT);
+        assert_eq!(content, expected.content, "{shape}");
+        assert_eq!(reasoning, expected.reasoning, "{shape}");
+    }
+}
+
+#[tokio::test]
+async fn later_turns_of_a_conversation_count() {
+    for shape in [Shape::Patch, Shape::Frames] {
+        let base = spawn(config(shape)).await;
+        let browser = Browser::login(&base, "ann@example.com").await;
+        let conversation = browser.create_conversation(shape).await;
+        for turn in 1..=2 {
+            let response = browser
+                .chat(shape, &conversation, "again")
+                .send()
+                .await
+                .unwrap();
+            let content_type = response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            let (_, content) = decode(shape, &content_type, &response.bytes().await.unwrap());
+            assert_eq!(content, reply_for_turn(shape, "again", turn).content);
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_reply_is_streamed_not_buffered() {
+    // With an hour between tokens, only the unbuffered head of the stream can arrive.
+    for shape in [Shape::Openai, Shape::Frames, Shape::Numbered] {
+        let base = spawn(DemoConfig {
+            token_delay: Duration::from_secs(3600),
+            ..config(shape)
+        })
+        .await;
+        let browser = Browser::login(&base, "ann@example.com").await;
+        let conversation = browser.create_conversation(shape).await;
+        let mut response = browser
+            .chat(shape, &conversation, "hi")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let first = tokio::time::timeout(Duration::from_secs(10), response.chunk())
+            .await
+            .expect("the head of the stream did not arrive")
+            .unwrap()
+            .unwrap();
+        assert!(!first.is_empty());
+    }
+}
+
+#[tokio::test]
+async fn openai_shape_without_stream_answers_one_completion() {
+    let shape = Shape::Openai;
+    let base = spawn(config(shape)).await;
+    let browser = Browser::login(&base, "ann@example.com").await;
+    let conversation = browser.create_conversation(shape).await;
+    let body: Value = browser
+        .post(shape.chat_path())
+        .json(&json!({
+            "model": "demo",
+            "messages": [{ "role": "user", "content": [{ "type": "text", "text": PROMPT }] }],
+            "conversation_id": conversation,
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let expected = reply_for(shape, PROMPT);
+    assert_eq!(body["choices"][0]["message"]["content"], expected.content);
+    assert_eq!(
+        body["choices"][0]["message"]["reasoning_content"].as_str(),
+        expected.reasoning.as_deref()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The flow files, replayed by a minimal stand-in for the replay engine.
+
+struct Rendered {
+    method: reqwest::Method,
+    url: String,
+    headers: Vec<(String, String)>,
+    body: Option<(BodyKind, Value)>,
+}
+
+fn fill_placeholders(text: &str, vars: &[(String, String)]) -> String {
+    let mut out = text.to_owned();
+    for (name, value) in vars {
+        out = out.replace(&format!("{{{{{name}}}}}"), value);
+    }
+    assert!(!out.contains("{{"), "unresolved placeholder in {out}");
+    out
+}
+
+fn fill_body(value: &mut Value, vars: &[(String, String)]) {
+    match value {
+        Value::String(s) => *s = fill_placeholders(s, vars),
+        Value::Array(items) => items.iter_mut().for_each(|v| fill_body(v, vars)),
+        Value::Object(map) => map.values_mut().for_each(|v| fill_body(v, vars)),
+        _ => {}
+    }
+}
+
+fn render(
+    http: &crate::flow::HttpTemplate,
+    base: &str,
+    prompt: &str,
+    vars: &[(String, String)],
+) -> Rendered {
+    let mut body = http.body.clone();
+    if let Some(body) = body.as_mut() {
+        fill_body(body, vars);
+        for (pointer, source) in &http.slots {
+            let value = match source.as_str() {
+                "prompt" | "last_user" => json!(prompt),
+                "messages" => json!([{ "role": "user", "content": prompt }]),
+                "uuid" => json!(uuid::Uuid::new_v4().to_string()),
+                "now_ms" => json!(now_ms()),
+                "now_s" => json!(now_ms() / 1000),
+                other => {
+                    let name = other.strip_prefix("preflight.").unwrap();
+                    let (_, v) = vars
+                        .iter()
+                        .find(|(k, _)| k == &format!("preflight.{name}"))
+                        .unwrap();
+                    json!(v)
+                }
+            };
+            *body
+                .pointer_mut(pointer)
+                .unwrap_or_else(|| panic!("{pointer}")) = value;
+        }
+    }
+    Rendered {
+        method: http.method.parse().unwrap(),
+        url: format!("{base}{}", fill_placeholders(&http.url, vars)),
+        headers: http
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), fill_placeholders(v, vars)))
+            .collect(),
+        body: body.map(|b| (http.body_kind, b)),
+    }
+}
+
+async fn send(rendered: Rendered, cookie: &str) -> reqwest::Response {
+    let mut request = client()
+        .request(rendered.method, &rendered.url)
+        .header("cookie", cookie);
+    for (k, v) in &rendered.headers {
+        request = request.header(k, v);
+    }
+    request = match rendered.body {
+        Some((BodyKind::Json, body)) => request.body(body.to_string()),
+        Some((BodyKind::Form, body)) => {
+            let mut form = url::form_urlencoded::Serializer::new(String::new());
+            for (k, v) in body.as_object().unwrap() {
+                let v = v
+                    .as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| v.to_string());
+                form.append_pair(k, &v);
+            }
+            request.body(form.finish())
+        }
+        Some((BodyKind::Text, body)) => request.body(body.as_str().unwrap().to_owned()),
+        None => request,
+    };
+    request.send().await.unwrap()
+}
+
+/// Events as (name, data) by the flow's transport.
+fn events(transport: Transport, bytes: &[u8]) -> Vec<(Option<String>, String)> {
+    let text = String::from_utf8_lossy(bytes).into_owned();
+    match transport {
+        Transport::Sse => sse_events(&text),
+        Transport::Ndjson => text.lines().map(|l| (None, l.to_owned())).collect(),
+        Transport::NumberedLines => text
+            .lines()
+            .map(|l| {
+                let (tag, data) = l.split_once(':').unwrap();
+                (Some(tag.to_owned()), data.to_owned())
+            })
+            .collect(),
+        Transport::LengthPrefixed => frames(bytes)
+            .into_iter()
+            .map(|(flag, v)| (Some(flag.to_string()), v.to_string()))
+            .collect(),
+        Transport::Json | Transport::Text => vec![(None, text)],
+        Transport::Websocket => panic!("no websocket shape"),
+    }
+}
+
+#[derive(Default)]
+struct Channel {
+    text: String,
+    last: String,
+}
+
+impl Channel {
+    fn take(&mut self, mode: Accrual, piece: &str) {
+        match mode {
+            Accrual::Delta | Accrual::AppendPatch => self.text.push_str(piece),
+            Accrual::Cumulative => {
+                match piece.strip_prefix(self.last.as_str()) {
+                    Some(new) => self.text.push_str(new),
+                    None => self.text.push_str(piece),
+                }
+                self.last = piece.to_owned();
+            }
+        }
+    }
+}
+
+/// Applies a flow's response spec to the bytes: (reasoning, content, ids).
+fn decode_with_flow(flow: &Flow, bytes: &[u8]) -> (Option<String>, String, Vec<String>) {
+    let spec = &flow.response;
+    let (mut text, mut thinking) = (Channel::default(), Channel::default());
+    let (mut last_p, mut last_o) = (String::new(), String::new());
+    let mut ids = Vec::new();
+    for (name, data) in events(spec.transport, bytes) {
+        let json: Option<Value> = serde_json::from_str(&data).ok();
+        let matches = |event: &Option<String>| event.is_none() || *event == name;
+        for rule in &spec.error {
+            if matches(&rule.event)
+                && let (Some(path), Some(v)) = (&rule.path, &json)
+            {
+                let found = v.pointer(path).filter(|f| !f.is_null());
+                let hit = match &rule.equals {
+                    Some(eq) => found == Some(eq),
+                    None => found.is_some(),
+                };
+                assert!(!hit, "in-band error in {data}");
+            }
+        }
+        if spec.done.iter().any(|d| {
+            matches(&d.event)
+                && d.data.as_ref().is_none_or(|x| *x == data)
+                && d.path.as_ref().is_none_or(|p| {
+                    let found = json.as_ref().and_then(|v| v.pointer(p));
+                    found.is_some() && d.equals.as_ref().is_none_or(|eq| found == Some(eq))
+                })
+        }) {
+            break;
+        }
+        let Some(v) = json else { continue };
+        for pointer in spec.ids.values() {
+            if let Some(id) = v.pointer(pointer).and_then(Value::as_str) {
+                ids.push(id.to_owned());
+            }
+        }
+        let is_reasoning = match &spec.reasoning {
+            Some(ReasoningRule::Flag { path, equals, .. }) => v.pointer(path) == Some(equals),
+            Some(ReasoningRule::Field { path, mode, event }) => {
+                if matches(event)
+                    && let Some(r) = v.pointer(path).and_then(Value::as_str)
+                {
+                    thinking.take(*mode, r);
+                }
+                false
+            }
+            Some(ReasoningRule::Markup { .. }) => panic!("no markup shape"),
+            None => false,
+        };
+        if !matches(&spec.text.event) {
+            continue;
+        }
+        let channel = if is_reasoning {
+            &mut thinking
+        } else {
+            &mut text
+        };
+        match spec.text.mode {
+            Accrual::AppendPatch => {
+                let mut ops = vec![v.clone()];
+                while let Some(op) = ops.pop() {
+                    let p = op.get("p").and_then(Value::as_str);
+                    let o = op.get("o").and_then(Value::as_str);
+                    if p.is_none() && o.is_none() && op.get("v").is_none() {
+                        continue;
+                    }
+                    if o == Some("patch") {
+                        let subs = op["v"].as_array().unwrap();
+                        ops.extend(subs.iter().rev().cloned());
+                        continue;
+                    }
+                    last_p = p.map(str::to_owned).unwrap_or(last_p);
+                    last_o = o.map(str::to_owned).unwrap_or(last_o);
+                    if last_p == spec.text.path
+                        && last_o == "append"
+                        && let Some(s) = op["v"].as_str()
+                    {
+                        channel.take(Accrual::AppendPatch, s);
+                    }
+                }
+            }
+            mode => {
+                if let Some(s) = v.pointer(&spec.text.path).and_then(Value::as_str) {
+                    channel.take(mode, s);
+                }
+            }
+        }
+    }
+    (
+        (!thinking.text.is_empty()).then_some(thinking.text),
+        text.text,
+        ids,
+    )
+}
+
+async fn replay_flow(
+    flow: &Flow,
+    base: &str,
+    prompt: &str,
+) -> (Option<String>, String, Vec<String>) {
+    let login = json_login(base, "flow@example.com", PASSWORD)
+        .await
+        .unwrap();
+    let cookie = login
+        .cookies
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let mut vars: Vec<(String, String)> = login
+        .local_storage
+        .iter()
+        .map(|(k, v)| (format!("session.local.{k}"), v.clone()))
+        .collect();
+    vars.push(("now_ms".into(), now_ms().to_string()));
+    for step in &flow.preflight {
+        let response = send(render(&step.http, base, prompt, &vars), &cookie).await;
+        assert_eq!(response.status(), StatusCode::OK, "{}", step.http.url);
+        let body = response.text().await.unwrap();
+        for (name, extract) in &step.extract {
+            let value = match extract {
+                Extract::Pointer(p) => {
+                    let v: Value = serde_json::from_str(&body).unwrap();
+                    v.pointer(p).and_then(Value::as_str).unwrap().to_owned()
+                }
+                Extract::Regex { regex } => {
+                    // Only the `LITERAL([^"]+)"` form the demo flows use.
+                    let (prefix, _) = regex.split_once(r#"([^"]+)"#).unwrap();
+                    let start = body.find(prefix).unwrap() + prefix.len();
+                    let end = start + body[start..].find('"').unwrap();
+                    body[start..end].to_owned()
+                }
+                Extract::Header { .. } => panic!("no header extract"),
+            };
+            vars.push((format!("preflight.{name}"), value));
+        }
+    }
+    let response = send(render(&flow.request, base, prompt, &vars), &cookie).await;
+    assert_eq!(response.status(), StatusCode::OK, "{}", flow.service);
+    decode_with_flow(flow, &response.bytes().await.unwrap())
+}
+
+#[tokio::test]
+async fn every_flow_file_replays_against_its_shape() {
+    for (shape, text) in flow_files() {
+        let flow = Flow::from_json(text).unwrap();
+        let base = spawn(config(shape)).await;
+        let (reasoning, content, ids) = replay_flow(&flow, &base, PROMPT).await;
+        let expected = reply_for(shape, PROMPT);
+        assert_eq!(content, expected.content, "{shape}");
+        assert_eq!(reasoning, expected.reasoning, "{shape}");
+        assert!(!ids.is_empty(), "{shape}: no ids found");
+    }
+}

@@ -1,0 +1,495 @@
+//! The flow: the recipe for one site's chat call, as data.
+//!
+//! Invariants:
+//! - One schema for everything: `learn` writes it, `store::flows` keeps it, `replay` runs it,
+//!   `/admin/flows` shows it and `flows/*.json` holds it.
+//! - A flow never holds a secret. Cookie values, bearer tokens and CSRF tokens are references
+//!   (`{{session.cookie.sid}}`, `{{session.local.token}}`, `{{preflight.csrf}}`) resolved at
+//!   replay time, so a flow file can be shared and committed.
+//! - Nothing here is site-specific: a site differs from another only by the values in its flow.
+//!
+//! Templating. Any string in `url`, `headers` and the string leaves of `body` may hold
+//! `{{source}}` placeholders. `slots` maps a JSON pointer into `body` to a source whose value
+//! replaces the whole leaf, keeping its JSON type (a number for `now_ms`, an array for
+//! `messages`). Sources:
+//! - `prompt`: the conversation as one text (the last user message alone when it is the only
+//!   message, the role-tagged history otherwise); `last_user`: the last user message only;
+//!   `messages`: the OpenAI message list `[{role, content}]`; `model`: the model the client asked;
+//! - `uuid`, `now_ms`, `now_s`: fresh per request;
+//! - `preflight.NAME`: a value extracted from an earlier step's response;
+//! - `session.cookie.NAME`, `session.local.KEY`, `session.session.KEY`, `session.user_agent`:
+//!   from the sealed session; a `#/json/pointer` suffix reads inside a JSON-encoded value;
+//! - `conversation.NAME`: an id the previous reply of the same site conversation returned.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Current version of the flow file format.
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Flow {
+    /// Stable id, `f_` + 16 hex digits; assigned on import when empty.
+    #[serde(default)]
+    pub id: String,
+    /// Service name: the model id clients ask for.
+    pub service: String,
+    /// What the flow does on the service (`chat`).
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// Bumped each time the service's flow is re-learned or re-imported.
+    #[serde(default = "default_version")]
+    pub version: u32,
+    /// The site origin the flow was learned on (informative). Relative URLs in the flow are
+    /// resolved against the account's URL, so one flow serves every account of a service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+    /// Calls whose results the chat call needs, run in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preflight: Vec<Step>,
+    /// The chat call.
+    pub request: HttpTemplate,
+    /// How to read the reply out of the chat call's response.
+    pub response: ResponseSpec,
+    /// Selectors for the browser tiers (filled by the learner).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ui: Option<UiHints>,
+    /// Whether direct replay works for this flow.
+    #[serde(default, skip_serializing_if = "ReplayPolicy::is_default")]
+    pub replay: ReplayPolicy,
+    #[serde(default)]
+    pub stats: FlowStats,
+}
+
+fn default_name() -> String {
+    "chat".to_owned()
+}
+
+fn default_version() -> u32 {
+    1
+}
+
+/// One HTTP call, templated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HttpTemplate {
+    #[serde(default = "default_method")]
+    pub method: String,
+    /// Absolute, or relative to the account's URL.
+    pub url: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub body_kind: BodyKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<Value>,
+    /// JSON pointer into `body` → source (see the module doc).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub slots: BTreeMap<String, String>,
+}
+
+fn default_method() -> String {
+    "POST".to_owned()
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BodyKind {
+    /// `body` is sent as JSON.
+    #[default]
+    Json,
+    /// `body` is an object of string fields sent as `application/x-www-form-urlencoded`.
+    Form,
+    /// `body` is a string sent as is.
+    Text,
+}
+
+/// A preflight call and what to keep from its response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Step {
+    #[serde(flatten)]
+    pub http: HttpTemplate,
+    /// Name → where its value is in the response; later steps use `{{preflight.NAME}}`.
+    #[serde(default)]
+    pub extract: BTreeMap<String, Extract>,
+}
+
+/// Where a preflight value sits in a response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Extract {
+    /// A JSON pointer into the JSON response body.
+    Pointer(String),
+    /// The first capture group of a regex over the body text (a `<meta>` CSRF token, say).
+    Regex { regex: String },
+    /// A response header.
+    Header { header: String },
+}
+
+/// How the reply text travels back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResponseSpec {
+    pub transport: Transport,
+    pub text: TextRule,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<ReasoningRule>,
+    /// Any one of these ends the reply (besides the end of the body).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub done: Vec<Signal>,
+    /// In-band errors (sites often send them with status 200).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub error: Vec<ErrorRule>,
+    /// Name → JSON pointer of ids worth keeping (conversation id, message id).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ids: BTreeMap<String, String>,
+}
+
+/// Framing of the response body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// `text/event-stream`: `data:` lines, optional `event:` names.
+    Sse,
+    /// One JSON document per line.
+    Ndjson,
+    /// `TAG:JSON` per line (`0:"tok"`, `15:{…}`); the tag is the event name.
+    NumberedLines,
+    /// Binary frames: 1 flag byte, 4-byte big-endian length, JSON payload (Connect-RPC style).
+    /// The flag byte, in decimal, is the event name; flag 2 marks the end-of-stream frame.
+    LengthPrefixed,
+    /// One JSON document, not streamed.
+    Json,
+    /// The body is the reply text itself.
+    Text,
+    /// WebSocket frames, one JSON message each.
+    Websocket,
+}
+
+/// Where the reply text is in each event and how it accrues.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TextRule {
+    /// JSON pointer into each event (`""` = the event itself is a JSON string). In
+    /// `append_patch` mode, the patch path (`/message/content/parts/0`,
+    /// `response/fragments/-1/content`) that carries the text.
+    #[serde(default)]
+    pub path: String,
+    pub mode: Accrual,
+    /// Only events with this name (SSE `event:`, numbered-line tag, frame flag).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Accrual {
+    /// Each event carries the next piece.
+    Delta,
+    /// Each event carries the whole text so far; a value that is not an extension of the
+    /// previous one starts a new segment.
+    Cumulative,
+    /// `{"p": path, "o": op, "v": value}` operations; `{"v": …}` continues the last path and
+    /// op; batches (`"o": "patch"`/`"batch"` with a list `v`) are applied in order.
+    AppendPatch,
+}
+
+/// How reasoning ("thinking") is told apart from the answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReasoningRule {
+    /// A separate field carries it, accruing like the text.
+    Field {
+        path: String,
+        mode: Accrual,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        event: Option<String>,
+    },
+    /// Text from events whose value at `path` equals `equals` is reasoning. With `sticky`, an
+    /// event without the field keeps the last seen state (a phase announced once).
+    Flag {
+        path: String,
+        equals: Value,
+        #[serde(default)]
+        sticky: bool,
+    },
+    /// Reasoning is marked up inside the text (`<think>…</think>`).
+    Markup { open: String, close: String },
+}
+
+/// A condition on one event.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Signal {
+    /// The event name must be this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<String>,
+    /// The raw event data must be this (`[DONE]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+    /// The value at this pointer must exist (and equal `equals` when given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub equals: Option<Value>,
+}
+
+/// An in-band error: when the event matches, the reply failed.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ErrorRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<String>,
+    /// Pointer to the error message; the rule matches when a non-null value is there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Only when the value at `path` equals this (a status field turning `failed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub equals: Option<Value>,
+    /// Pointer to the message when `path` is a status field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Selectors for typing into the site's own page.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct UiHints {
+    #[serde(default)]
+    pub page: Option<String>,
+    #[serde(default)]
+    pub input: Option<String>,
+    #[serde(default)]
+    pub submit: Option<String>,
+    #[serde(default)]
+    pub output: Option<String>,
+}
+
+/// Whether the flow may be replayed directly (tier 1).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ReplayPolicy {
+    /// Direct replay is known not to work (anti-replay material such as a signature).
+    #[serde(default)]
+    pub needs_browser: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl ReplayPolicy {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct FlowStats {
+    #[serde(default)]
+    pub tested: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success_rate: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p50_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p95_ms: Option<u64>,
+    /// Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_tested_at: Option<i64>,
+}
+
+impl Flow {
+    /// Parses a flow file, naming the field at fault on error.
+    pub fn from_json(text: &str) -> Result<Self, FlowError> {
+        let flow: Flow = serde_json::from_str(text).map_err(|e| FlowError::Parse(e.to_string()))?;
+        flow.validate()?;
+        Ok(flow)
+    }
+
+    /// Checks what serde cannot: a usable service name, pointers and sources that resolve.
+    pub fn validate(&self) -> Result<(), FlowError> {
+        if self.service.trim().is_empty() {
+            return Err(FlowError::Invalid("`service` is empty".into()));
+        }
+        let templates =
+            std::iter::once(&self.request).chain(self.preflight.iter().map(|s| &s.http));
+        for http in templates {
+            if http.url.trim().is_empty() {
+                return Err(FlowError::Invalid("a request has an empty `url`".into()));
+            }
+            for (pointer, source) in &http.slots {
+                if !pointer.is_empty() && !pointer.starts_with('/') {
+                    return Err(FlowError::Invalid(format!(
+                        "slot `{pointer}` is not a JSON pointer (it must start with `/`)"
+                    )));
+                }
+                if !is_known_source(source) {
+                    return Err(FlowError::Invalid(format!(
+                        "slot `{pointer}` has unknown source `{source}`"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The flow with any literal credential in a header masked. Learned flows hold only
+    /// references; a hand-written one might not, and listings must never show it.
+    pub fn redacted(&self) -> Flow {
+        let mut flow = self.clone();
+        let templates = std::iter::once(&mut flow.request)
+            .chain(flow.preflight.iter_mut().map(|s| &mut s.http));
+        for http in templates {
+            for (name, value) in http.headers.iter_mut() {
+                if is_sensitive_header(name) && has_literal_secret(value) {
+                    *value = REDACTED.to_owned();
+                }
+            }
+        }
+        flow
+    }
+
+    /// Names of headers that hold a literal credential instead of a reference.
+    pub fn literal_secrets(&self) -> Vec<String> {
+        std::iter::once(&self.request)
+            .chain(self.preflight.iter().map(|s| &s.http))
+            .flat_map(|http| http.headers.iter())
+            .filter(|(name, value)| is_sensitive_header(name) && has_literal_secret(value))
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// Assigns a fresh id when the flow has none.
+    pub fn ensure_id(&mut self) {
+        if self.id.is_empty() {
+            self.id = format!("f_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
+        }
+    }
+}
+
+pub const REDACTED: &str = "<redacted>";
+
+fn is_sensitive_header(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    [
+        "authorization",
+        "cookie",
+        "token",
+        "csrf",
+        "xsrf",
+        "secret",
+        "api-key",
+        "apikey",
+        "session",
+    ]
+    .iter()
+    .any(|word| name.contains(word))
+}
+
+/// Whether a header value holds more than `{{references}}` and an auth scheme word.
+fn has_literal_secret(value: &str) -> bool {
+    let mut rest = value;
+    let mut literal = String::new();
+    while let Some(start) = rest.find("{{") {
+        literal.push_str(&rest[..start]);
+        match rest[start..].find("}}") {
+            Some(end) => rest = &rest[start + end + 2..],
+            None => {
+                rest = "";
+                literal.push('x');
+            }
+        }
+    }
+    literal.push_str(rest);
+    literal.split_whitespace().any(|word| {
+        !matches!(
+            word.to_ascii_lowercase().as_str(),
+            "bearer" | "basic" | "token"
+        )
+    })
+}
+
+/// Whether `source` names something the renderer can produce.
+pub fn is_known_source(source: &str) -> bool {
+    let base = source.split('#').next().unwrap_or(source);
+    matches!(
+        base,
+        "prompt" | "last_user" | "messages" | "model" | "uuid" | "now_ms" | "now_s"
+    ) || base == "session.user_agent"
+        || [
+            "preflight.",
+            "session.cookie.",
+            "session.local.",
+            "session.session.",
+            "conversation.",
+        ]
+        .iter()
+        .any(|prefix| {
+            base.strip_prefix(prefix)
+                .is_some_and(|rest| !rest.is_empty())
+        })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FlowError {
+    #[error("flow file is not valid: {0}")]
+    Parse(String),
+    #[error("flow is not usable: {0}")]
+    Invalid(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_flow_parses_with_defaults() {
+        let flow = Flow::from_json(
+            r#"{"service":"demo","request":{"url":"/api/chat","body":{"q":""},"slots":{"/q":"prompt"}},
+                "response":{"transport":"sse","text":{"path":"/t","mode":"delta"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(flow.request.method, "POST");
+        assert_eq!(flow.request.body_kind, BodyKind::Json);
+        assert_eq!(flow.version, 1);
+        assert!(!flow.replay.needs_browser);
+    }
+
+    #[test]
+    fn unknown_slot_source_is_rejected_by_name() {
+        let err = Flow::from_json(
+            r#"{"service":"demo","request":{"url":"/x","slots":{"/q":"promt"}},
+                "response":{"transport":"json","text":{"path":"/t","mode":"delta"}}}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("promt"), "{err}");
+    }
+
+    #[test]
+    fn literal_credentials_are_masked_references_kept() {
+        let flow = Flow::from_json(
+            r#"{"service":"demo","request":{"url":"/x","headers":{
+                "authorization":"Bearer sk-live-123","x-csrf-token":"{{preflight.csrf}}",
+                "x-auth":"Bearer {{session.local.token}}","accept":"text/event-stream"}},
+                "response":{"transport":"sse","text":{"path":"/t","mode":"delta"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(flow.literal_secrets(), vec!["authorization".to_owned()]);
+        let shown = flow.redacted();
+        assert_eq!(shown.request.headers["authorization"], REDACTED);
+        assert_eq!(shown.request.headers["x-csrf-token"], "{{preflight.csrf}}");
+        assert_eq!(
+            shown.request.headers["x-auth"],
+            "Bearer {{session.local.token}}"
+        );
+        assert_eq!(shown.request.headers["accept"], "text/event-stream");
+    }
+
+    #[test]
+    fn reasoning_rules_round_trip() {
+        for rule in [
+            r#"{"field":{"path":"/r","mode":"delta"}}"#,
+            r#"{"flag":{"path":"/phase","equals":"think","sticky":true}}"#,
+            r#"{"markup":{"open":"<think>","close":"</think>"}}"#,
+        ] {
+            let parsed: ReasoningRule = serde_json::from_str(rule).unwrap();
+            let again: ReasoningRule =
+                serde_json::from_str(&serde_json::to_string(&parsed).unwrap()).unwrap();
+            assert_eq!(parsed, again);
+        }
+    }
+}

@@ -1,0 +1,444 @@
+//! One chat request end to end: model → service → flow → account and session → replay, with
+//! retries and account fallback, and a record of what happened.
+//!
+//! Phases: resolve (cached per service for a few seconds, so the hot path does not open the
+//! vault per request) → start a replay on the first usable account → on a failure before any
+//! token, classify it and retry, move to another account, or give up with a precise error →
+//! hand the reply over as a stream that records its outcome when it ends or is dropped.
+//!
+//! Invariant: once a token has been handed over, nothing is retried or restarted.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use futures_util::{Stream, StreamExt};
+use url::Url;
+
+use crate::flow::Flow;
+use crate::replay::client::{DeltaStream, FailureKind, ReplayError, Replayer, Target};
+use crate::replay::decode::Delta;
+use crate::replay::render::Prompt;
+use crate::store::accounts::Account;
+use crate::store::events::{EventWriter, ExecutionEvent, Record};
+use crate::store::sessions::Session;
+use crate::store::{Store, StoreError};
+
+/// How long a service's resolved accounts, sessions and flow are reused.
+const SERVICE_TTL: Duration = Duration::from_secs(2);
+/// Attempts per account for network errors (with exponential backoff) and 5xx.
+const NETWORK_ATTEMPTS: u32 = 3;
+const BACKOFF: Duration = Duration::from_millis(100);
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("The model `{model}` does not exist. Available models: {available}.")]
+    UnknownModel { model: String, available: String },
+    #[error(
+        "No flow is known for `{0}` yet: learn it (`computetower learn`) or import one (`computetower flows import`)."
+    )]
+    NoFlow(String),
+    #[error("No usable account for `{service}`: {reason}")]
+    NoUsableAccount { service: String, reason: String },
+    #[error("`{service}` needs a browser tier: {reason}")]
+    NeedsBrowser { service: String, reason: String },
+    #[error("`{service}` is rate limited on every account: {message}")]
+    RateLimited {
+        service: String,
+        message: String,
+        retry_after: Option<u64>,
+    },
+    #[error("`{service}` failed: {source}")]
+    Upstream {
+        service: String,
+        source: ReplayError,
+    },
+    #[error("internal error: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// An account ready to replay with.
+#[derive(Debug)]
+struct Ready {
+    account: Account,
+    base: Url,
+    session: Session,
+    proxy: Option<String>,
+}
+
+#[derive(Debug)]
+struct ServiceState {
+    flow: Arc<Flow>,
+    ready: Vec<Arc<Ready>>,
+    /// Why each unusable account is unusable.
+    unusable: Vec<String>,
+}
+
+pub struct Gateway {
+    store: Store,
+    replayer: Replayer,
+    events: EventWriter,
+    services: moka::future::Cache<String, Arc<ServiceState>>,
+}
+
+impl Gateway {
+    pub fn new(store: Store, replayer: Replayer, events: EventWriter) -> Self {
+        Self {
+            store,
+            replayer,
+            events,
+            services: moka::future::Cache::builder()
+                .max_capacity(1024)
+                .time_to_live(SERVICE_TTL)
+                .build(),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn events(&self) -> &EventWriter {
+        &self.events
+    }
+
+    /// Forgets cached state so the next request reads the store (after an admin change).
+    pub fn invalidate(&self) {
+        self.services.invalidate_all();
+    }
+
+    /// Model ids: the services that have an enabled account.
+    pub async fn models(&self) -> Result<Vec<String>, StoreError> {
+        let mut services: Vec<String> = self
+            .store
+            .accounts()
+            .await?
+            .into_iter()
+            .filter(|a| a.enabled)
+            .map(|a| a.service)
+            .collect();
+        services.dedup();
+        Ok(services)
+    }
+
+    async fn service(&self, model: &str) -> Result<Arc<ServiceState>, GatewayError> {
+        if let Some(state) = self.services.get(model).await {
+            return Ok(state);
+        }
+        let accounts = self.store.accounts_for_service(model).await?;
+        if accounts.is_empty() {
+            return Err(GatewayError::UnknownModel {
+                model: model.to_owned(),
+                available: self.models().await?.join(", "),
+            });
+        }
+        let flow = self
+            .store
+            .active_flow(model)
+            .await?
+            .ok_or_else(|| GatewayError::NoFlow(model.to_owned()))?;
+        let now = crate::store::now();
+        let mut ready = Vec::new();
+        let mut unusable = Vec::new();
+        for account in accounts {
+            if !account.enabled {
+                unusable.push(format!("account {} is disabled", account.id));
+                continue;
+            }
+            let Ok(base) = Url::parse(&account.url) else {
+                unusable.push(format!("account {} has an invalid URL", account.id));
+                continue;
+            };
+            match self.store.latest_session(&account.id).await? {
+                Some(session) if session.is_usable(now) => {
+                    let proxy = self.store.account_proxy(&account.id).await?;
+                    ready.push(Arc::new(Ready {
+                        account,
+                        base,
+                        session,
+                        proxy,
+                    }));
+                }
+                Some(session) if !session.authenticated => unusable.push(format!(
+                    "the site rejected the session of account {}; log in again",
+                    account.id
+                )),
+                Some(_) => unusable.push(format!(
+                    "the session of account {} has expired; log in again",
+                    account.id
+                )),
+                None => unusable.push(format!(
+                    "account {} has no session; log in or import cookies",
+                    account.id
+                )),
+            }
+        }
+        let state = Arc::new(ServiceState {
+            flow: Arc::new(flow),
+            ready,
+            unusable,
+        });
+        self.services.insert(model.to_owned(), state.clone()).await;
+        Ok(state)
+    }
+
+    /// Starts a reply. Returns once the site's first text (or its end) has arrived, so any
+    /// failure before that is an error here, not a broken stream.
+    pub async fn chat(&self, prompt: &Prompt, request_id: &str) -> Result<Reply, GatewayError> {
+        let started = Instant::now();
+        let service = self.service(&prompt.model).await?;
+        let name = prompt.model.clone();
+        if service.flow.replay.needs_browser {
+            let reason = service
+                .flow
+                .replay
+                .reason
+                .clone()
+                .unwrap_or_else(|| "direct replay does not work for this site".into());
+            return Err(GatewayError::NeedsBrowser {
+                service: name,
+                reason: format!("{reason}; the browser tiers are not available yet"),
+            });
+        }
+        if service.ready.is_empty() {
+            return Err(GatewayError::NoUsableAccount {
+                service: name,
+                reason: service.unusable.join("; "),
+            });
+        }
+        let mut reasons = service.unusable.clone();
+        let mut rate_limited: Option<(String, Option<u64>)> = None;
+        let no_conversation = BTreeMap::new();
+        for ready in &service.ready {
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let target = Target {
+                    base: &ready.base,
+                    session: &ready.session.data,
+                    proxy: ready.proxy.as_deref(),
+                    conversation: &no_conversation,
+                };
+                let result = match self.replayer.start(&service.flow, prompt, target).await {
+                    Ok(replay) => {
+                        if replay.jar_changed {
+                            self.keep_rotated_cookies(ready, replay.jar.cookies().to_vec());
+                        }
+                        first_text(replay.deltas).await
+                    }
+                    Err(e) => Err(e),
+                };
+                let error = match result {
+                    Ok((head, rest)) => {
+                        return Ok(Reply {
+                            head,
+                            rest,
+                            record: Some(Outcome {
+                                event: ExecutionEvent {
+                                    request_id: request_id.to_owned(),
+                                    service: name.clone(),
+                                    account_id: Some(ready.account.id.clone()),
+                                    flow_id: Some(service.flow.id.clone()),
+                                    tier: Some(1),
+                                    outcome: "ok".into(),
+                                    status: Some(200),
+                                    ttft_ms: Some(started.elapsed().as_millis() as i64),
+                                    latency_ms: None,
+                                    detail: None,
+                                },
+                                started,
+                                writer: self.events.clone(),
+                            }),
+                        });
+                    }
+                    Err(e) => e,
+                };
+                let kind = error.kind();
+                self.record_failure(request_id, &name, &ready.account.id, &error, started);
+                match kind {
+                    FailureKind::Network if attempt < NETWORK_ATTEMPTS => {
+                        self.decide(request_id, &name, &ready.account.id, kind, "retry");
+                        tokio::time::sleep(BACKOFF * 2u32.pow(attempt - 1)).await;
+                    }
+                    FailureKind::Upstream if attempt < 2 && is_status(&error) => {
+                        self.decide(request_id, &name, &ready.account.id, kind, "retry");
+                    }
+                    FailureKind::Auth => {
+                        self.store.mark_session_rejected(&ready.session.id).await?;
+                        self.services.invalidate(&name).await;
+                        self.decide(request_id, &name, &ready.account.id, kind, "next_account");
+                        reasons.push(format!(
+                            "the site rejected the session of account {} ({error}); log in again",
+                            ready.account.id
+                        ));
+                        break;
+                    }
+                    FailureKind::RateLimit => {
+                        self.decide(request_id, &name, &ready.account.id, kind, "next_account");
+                        let retry_after = error.retry_after();
+                        rate_limited = Some((error.to_string(), retry_after));
+                        break;
+                    }
+                    _ => {
+                        self.decide(request_id, &name, &ready.account.id, kind, "fail");
+                        return Err(GatewayError::Upstream {
+                            service: name,
+                            source: error,
+                        });
+                    }
+                }
+            }
+        }
+        if let Some((message, retry_after)) = rate_limited {
+            return Err(GatewayError::RateLimited {
+                service: name,
+                message,
+                retry_after,
+            });
+        }
+        Err(GatewayError::NoUsableAccount {
+            service: name,
+            reason: reasons.join("; "),
+        })
+    }
+
+    /// Sites rotate cookies; keeping the new ones keeps the session alive.
+    fn keep_rotated_cookies(&self, ready: &Ready, cookies: Vec<crate::session::Cookie>) {
+        let store = self.store.clone();
+        let session_id = ready.session.id.clone();
+        let mut data = ready.session.data.clone();
+        data.cookies = cookies;
+        // Detached: a slow write must not delay the reply; failure only costs a cookie refresh.
+        tokio::spawn(async move {
+            if let Err(e) = store.update_session_data(&session_id, &data).await {
+                tracing::warn!(session = %session_id, error = %e, "could not keep rotated cookies");
+            }
+        });
+    }
+
+    fn record_failure(
+        &self,
+        request_id: &str,
+        service: &str,
+        account_id: &str,
+        error: &ReplayError,
+        started: Instant,
+    ) {
+        tracing::info!(request_id, service, account = account_id, kind = error.kind().as_str(), error = %error, "replay failed");
+        self.events.record(Record::Execution(ExecutionEvent {
+            request_id: request_id.to_owned(),
+            service: service.to_owned(),
+            account_id: Some(account_id.to_owned()),
+            flow_id: None,
+            tier: Some(1),
+            outcome: error.kind().as_str().to_owned(),
+            status: match error {
+                ReplayError::Status { status, .. } => Some(i64::from(*status)),
+                _ => None,
+            },
+            ttft_ms: None,
+            latency_ms: Some(started.elapsed().as_millis() as i64),
+            detail: Some(error.to_string()),
+        }));
+    }
+
+    fn decide(
+        &self,
+        request_id: &str,
+        service: &str,
+        account_id: &str,
+        failure: FailureKind,
+        action: &str,
+    ) {
+        self.events.record(Record::Decision {
+            request_id: request_id.to_owned(),
+            service: service.to_owned(),
+            account_id: Some(account_id.to_owned()),
+            failure: failure.as_str().to_owned(),
+            action: action.to_owned(),
+        });
+    }
+}
+
+fn is_status(error: &ReplayError) -> bool {
+    matches!(error, ReplayError::Status { .. })
+}
+
+/// Pulls deltas until the first text, reasoning or end, so failures before it surface as
+/// errors. Returns what was pulled and the rest.
+async fn first_text(
+    mut deltas: DeltaStream,
+) -> Result<(VecDeque<Delta>, DeltaStream), ReplayError> {
+    let mut head = VecDeque::new();
+    while let Some(item) = deltas.next().await {
+        let delta = item?;
+        let substantive = matches!(delta, Delta::Text(_) | Delta::Reasoning(_) | Delta::Done);
+        head.push_back(delta);
+        if substantive {
+            break;
+        }
+    }
+    Ok((head, deltas))
+}
+
+/// The record written when a reply ends, fails or is dropped.
+struct Outcome {
+    event: ExecutionEvent,
+    started: Instant,
+    writer: EventWriter,
+}
+
+/// A reply in progress. Recording its outcome is tied to its end: completion, error, or the
+/// client going away (drop).
+pub struct Reply {
+    head: VecDeque<Delta>,
+    rest: DeltaStream,
+    record: Option<Outcome>,
+}
+
+impl Reply {
+    pub fn account_id(&self) -> Option<&str> {
+        self.record.as_ref()?.event.account_id.as_deref()
+    }
+
+    fn finish(&mut self, outcome: &str, detail: Option<String>) {
+        if let Some(mut record) = self.record.take() {
+            record.event.outcome = outcome.to_owned();
+            record.event.detail = detail;
+            record.event.latency_ms = Some(record.started.elapsed().as_millis() as i64);
+            record.writer.record(Record::Execution(record.event));
+        }
+    }
+}
+
+impl Stream for Reply {
+    type Item = Result<Delta, ReplayError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(delta) = self.head.pop_front() {
+            return Poll::Ready(Some(Ok(delta)));
+        }
+        if self.record.is_none() {
+            return Poll::Ready(None);
+        }
+        let item = self.rest.poll_next_unpin(cx);
+        match &item {
+            Poll::Ready(None) | Poll::Ready(Some(Ok(Delta::Done))) => self.finish("ok", None),
+            Poll::Ready(Some(Err(e))) => {
+                let kind = e.kind().as_str();
+                let detail = e.to_string();
+                self.finish(kind, Some(detail));
+            }
+            _ => {}
+        }
+        item
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        self.finish("cancelled", Some("the client went away".into()));
+    }
+}

@@ -1,0 +1,16 @@
+//! ComputeTower: serves the OpenAI API from web chat sites by replaying the internal chat
+//! calls their own front ends make. `main.rs` only parses the command line; everything else
+//! lives here. See README.md (Architecture) for the map.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod flow;
+pub mod gateway;
+pub mod openai;
+pub mod replay;
+pub mod server;
+pub mod session;
+pub mod store;
+pub mod vault;

@@ -1,0 +1,653 @@
+//! Tier 1: runs a flow as direct HTTP calls (reqwest over rustls) with the session's cookies.
+//!
+//! Invariants:
+//! - The reply is decoded as its bytes arrive; nothing waits for the end of the body.
+//! - Dropping the returned stream drops the response, which cancels the call to the site.
+//! - Errors say which call failed and how (auth, rate limit, anti-bot challenge, format drift,
+//!   network), so the gateway can choose what to do; they never carry secrets.
+
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use serde_json::Value;
+use url::Url;
+
+use super::decode::{self, DecodeError, Delta};
+use super::render::{self, Context, Prompt, RenderError, Rendered};
+use crate::flow::{Extract, Flow, Transport};
+use crate::session::{CookieJar, SessionData};
+
+/// The decoded reply, as it arrives.
+pub type DeltaStream = Pin<Box<dyn Stream<Item = Result<Delta, ReplayError>> + Send>>;
+
+/// Largest preflight response read, and the most of an error body kept for classification.
+const PREFLIGHT_BODY_LIMIT: usize = 4 * 1024 * 1024;
+const ERROR_EXCERPT: usize = 2048;
+
+/// Which call of a flow failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Call {
+    Preflight(usize),
+    Chat,
+}
+
+impl std::fmt::Display for Call {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Call::Preflight(i) => write!(f, "preflight step {}", i + 1),
+            Call::Chat => f.write_str("chat call"),
+        }
+    }
+}
+
+/// How a failure should be handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The site no longer accepts the session (401/403, a login page, a missing token).
+    Auth,
+    /// 429 or equivalent.
+    RateLimit,
+    /// An anti-bot challenge page: direct replay is not welcome, a browser tier may be.
+    AntiBot,
+    /// The reply does not fit the flow's decoder: the site changed.
+    FormatDrift,
+    /// Connection failure or timeout.
+    Network,
+    /// The site failed (5xx) or reported an error in-band.
+    Upstream,
+    /// The flow itself cannot be rendered.
+    Flow,
+}
+
+impl FailureKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Auth => "auth",
+            FailureKind::RateLimit => "rate_limit",
+            FailureKind::AntiBot => "anti_bot",
+            FailureKind::FormatDrift => "format_drift",
+            FailureKind::Network => "network",
+            FailureKind::Upstream => "upstream",
+            FailureKind::Flow => "flow",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("cannot build the {call}: {source}")]
+    Render { call: Call, source: RenderError },
+    #[error("{call} failed: {message}")]
+    Network { call: Call, message: String },
+    #[error("{call}: the site answered HTTP {status}{}", detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default())]
+    Status {
+        call: Call,
+        status: u16,
+        kind: FailureKind,
+        retry_after: Option<u64>,
+        detail: Option<String>,
+    },
+    #[error("{call}: {message}")]
+    Unexpected {
+        call: Call,
+        kind: FailureKind,
+        message: String,
+    },
+    #[error("the site reported an error: {0}")]
+    InBand(String),
+    #[error("the reply does not fit the flow: {0}")]
+    Decode(String),
+    #[error("reading the reply failed: {0}")]
+    Body(String),
+}
+
+impl ReplayError {
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            ReplayError::Render {
+                source: RenderError::MissingSession(_),
+                ..
+            } => FailureKind::Auth,
+            ReplayError::Render { .. } => FailureKind::Flow,
+            ReplayError::Network { .. } | ReplayError::Body(_) => FailureKind::Network,
+            ReplayError::Status { kind, .. } | ReplayError::Unexpected { kind, .. } => *kind,
+            ReplayError::InBand(_) => FailureKind::Upstream,
+            ReplayError::Decode(_) => FailureKind::FormatDrift,
+        }
+    }
+
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            ReplayError::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+impl From<DecodeError> for ReplayError {
+    fn from(e: DecodeError) -> Self {
+        match e {
+            DecodeError::Upstream(m) => ReplayError::InBand(m),
+            DecodeError::Malformed(m) => ReplayError::Decode(m),
+            DecodeError::Body(m) => ReplayError::Body(m),
+        }
+    }
+}
+
+/// Timeouts for calls to sites.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub first_byte: Duration,
+    pub idle: Duration,
+}
+
+/// What a replay needs besides the flow.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    /// The account's URL; relative flow URLs resolve against it.
+    pub base: &'a Url,
+    pub session: &'a SessionData,
+    pub proxy: Option<&'a str>,
+    pub conversation: &'a BTreeMap<String, String>,
+}
+
+/// A started replay: the chat call answered 2xx and its body is being decoded.
+pub struct Replay {
+    pub deltas: DeltaStream,
+    /// The session's cookies plus what the site set during this replay.
+    pub jar: CookieJar,
+    pub jar_changed: bool,
+}
+
+/// HTTP clients, one per proxy, each with its own connection pool.
+pub struct Replayer {
+    timeouts: Timeouts,
+    clients: Mutex<HashMap<String, reqwest::Client>>,
+}
+
+impl Replayer {
+    pub fn new(timeouts: Timeouts) -> Self {
+        Self {
+            timeouts,
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn client(&self, proxy: Option<&str>) -> Result<reqwest::Client, ReplayError> {
+        let key = proxy.unwrap_or_default().to_owned();
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(client) = clients.get(&key) {
+            return Ok(client.clone());
+        }
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(self.timeouts.connect)
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_nodelay(true);
+        if let Some(proxy) = proxy {
+            let proxy = reqwest::Proxy::all(proxy).map_err(|_| ReplayError::Network {
+                call: Call::Chat,
+                message: "the account's proxy URL is not usable".into(),
+            })?;
+            builder = builder.proxy(proxy);
+        } else {
+            builder = builder.no_proxy();
+        }
+        let client = builder.build().map_err(|e| ReplayError::Network {
+            call: Call::Chat,
+            message: format!("cannot build HTTP client: {e}"),
+        })?;
+        clients.insert(key, client.clone());
+        Ok(client)
+    }
+
+    /// Runs the preflights and sends the chat call. Returns once the chat call's response
+    /// headers are in; the body is decoded as the returned stream is polled.
+    pub async fn start(
+        &self,
+        flow: &Flow,
+        prompt: &Prompt,
+        target: Target<'_>,
+    ) -> Result<Replay, ReplayError> {
+        let client = self.client(target.proxy)?;
+        let mut jar = CookieJar::new(target.session.cookies.clone());
+        let mut jar_changed = false;
+        let mut extracted = BTreeMap::new();
+        let now_ms = now_ms();
+        for (index, step) in flow.preflight.iter().enumerate() {
+            let call = Call::Preflight(index);
+            let ctx = Context {
+                prompt,
+                session: target.session,
+                preflight: &extracted,
+                conversation: target.conversation,
+                now_ms,
+            };
+            let rendered = render::render(&step.http, target.base, &ctx)
+                .map_err(|source| ReplayError::Render { call, source })?;
+            let response = self
+                .send(&client, rendered, target.session, &jar, call)
+                .await?;
+            jar_changed |= absorb_cookies(&mut jar, &response);
+            let response = check_status(response, call, None).await?;
+            let headers = response.headers().clone();
+            let body = read_limited(response, call).await?;
+            for (name, rule) in &step.extract {
+                let value =
+                    extract(rule, &headers, &body).ok_or_else(|| ReplayError::Unexpected {
+                        call,
+                        kind: FailureKind::FormatDrift,
+                        message: format!("its response has no `{name}` where the flow expects it"),
+                    })?;
+                extracted.insert(name.clone(), value);
+            }
+        }
+        let ctx = Context {
+            prompt,
+            session: target.session,
+            preflight: &extracted,
+            conversation: target.conversation,
+            now_ms,
+        };
+        let rendered = render::render(&flow.request, target.base, &ctx).map_err(|source| {
+            ReplayError::Render {
+                call: Call::Chat,
+                source,
+            }
+        })?;
+        let response = self
+            .send(&client, rendered, target.session, &jar, Call::Chat)
+            .await?;
+        jar_changed |= absorb_cookies(&mut jar, &response);
+        let response = check_status(response, Call::Chat, Some(flow.response.transport)).await?;
+        let body = IdleTimeout::new(response.bytes_stream().boxed(), self.timeouts.idle);
+        let deltas = decode::decode_stream(&flow.response, body)
+            .map(|item| item.map_err(ReplayError::from))
+            .boxed();
+        Ok(Replay {
+            deltas,
+            jar,
+            jar_changed,
+        })
+    }
+
+    async fn send(
+        &self,
+        client: &reqwest::Client,
+        rendered: Rendered,
+        session: &SessionData,
+        jar: &CookieJar,
+        call: Call,
+    ) -> Result<reqwest::Response, ReplayError> {
+        let method = reqwest::Method::from_bytes(rendered.method.as_bytes()).map_err(|_| {
+            ReplayError::Unexpected {
+                call,
+                kind: FailureKind::Flow,
+                message: format!("`{}` is not an HTTP method", rendered.method),
+            }
+        })?;
+        let mut headers = HeaderMap::with_capacity(rendered.headers.len() + 3);
+        for (name, value) in &rendered.headers {
+            // Hop-by-hop and computed headers are the client's business.
+            if matches!(
+                name.to_ascii_lowercase().as_str(),
+                "host" | "content-length" | "cookie" | "connection" | "accept-encoding"
+            ) {
+                continue;
+            }
+            let name = HeaderName::from_bytes(name.as_bytes());
+            let value = HeaderValue::from_str(value);
+            if let (Ok(name), Ok(value)) = (name, value) {
+                headers.insert(name, value);
+            }
+        }
+        if let Some(content_type) = rendered.content_type {
+            headers.insert(
+                reqwest::header::CONTENT_TYPE,
+                HeaderValue::from_static(content_type),
+            );
+        }
+        if !headers.contains_key(reqwest::header::USER_AGENT)
+            && let Some(ua) = session
+                .user_agent
+                .as_deref()
+                .and_then(|ua| HeaderValue::from_str(ua).ok())
+        {
+            headers.insert(reqwest::header::USER_AGENT, ua);
+        }
+        if let Some(cookie) = jar
+            .header_for(&rendered.url, crate::store::now())
+            .and_then(|c| HeaderValue::from_str(&c).ok())
+        {
+            headers.insert(reqwest::header::COOKIE, cookie);
+        }
+        let mut request = client.request(method, rendered.url).headers(headers);
+        if let Some(body) = rendered.body {
+            request = request.body(body);
+        }
+        match tokio::time::timeout(self.timeouts.first_byte, request.send()).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) => Err(ReplayError::Network {
+                call,
+                message: describe_reqwest_error(&e),
+            }),
+            Err(_) => Err(ReplayError::Network {
+                call,
+                message: format!(
+                    "no response within {} s",
+                    self.timeouts.first_byte.as_secs()
+                ),
+            }),
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Names the failure without the URL (it may carry a token in its query).
+fn describe_reqwest_error(e: &reqwest::Error) -> String {
+    let what = if e.is_connect() {
+        "cannot connect to the site"
+    } else if e.is_timeout() {
+        "timed out"
+    } else {
+        "the request failed"
+    };
+    let mut source = std::error::Error::source(e);
+    let mut detail = String::new();
+    while let Some(s) = source {
+        detail = s.to_string();
+        source = s.source();
+    }
+    if detail.is_empty() {
+        what.to_owned()
+    } else {
+        format!("{what}: {detail}")
+    }
+}
+
+fn absorb_cookies(jar: &mut CookieJar, response: &reqwest::Response) -> bool {
+    let now = crate::store::now();
+    let mut changed = false;
+    for value in response.headers().get_all(reqwest::header::SET_COOKIE) {
+        if let Ok(text) = value.to_str() {
+            changed |= jar.absorb(text, response.url(), now);
+        }
+    }
+    changed
+}
+
+/// Passes a 2xx response through; classifies anything else.
+async fn check_status(
+    response: reqwest::Response,
+    call: Call,
+    expected: Option<Transport>,
+) -> Result<reqwest::Response, ReplayError> {
+    let status = response.status();
+    let content_type = response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    if status.is_success() {
+        // A page where a stream was expected: usually the login page after a lost session.
+        let wants_data = !matches!(expected, None | Some(Transport::Text));
+        if wants_data && content_type.starts_with("text/html") {
+            let excerpt = read_excerpt(response).await;
+            let (kind, message) = classify_html(&excerpt);
+            return Err(ReplayError::Unexpected {
+                call,
+                kind,
+                message: message.to_owned(),
+            });
+        }
+        return Ok(response);
+    }
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let challenge_header = response.headers().contains_key("cf-mitigated");
+    let code = status.as_u16();
+    let excerpt = read_excerpt(response).await;
+    let is_challenge = challenge_header || looks_like_challenge(&excerpt);
+    let kind = match code {
+        _ if is_challenge && matches!(code, 403 | 429 | 503) => FailureKind::AntiBot,
+        401 | 403 | 419 | 440 => FailureKind::Auth,
+        429 => FailureKind::RateLimit,
+        500..=599 => FailureKind::Upstream,
+        404 | 405 | 400 | 410 | 415 | 422 => FailureKind::FormatDrift,
+        _ => FailureKind::Upstream,
+    };
+    Err(ReplayError::Status {
+        call,
+        status: code,
+        kind,
+        retry_after,
+        detail: error_message(&excerpt),
+    })
+}
+
+async fn read_excerpt(mut response: reqwest::Response) -> String {
+    let mut out = Vec::new();
+    while out.len() < ERROR_EXCERPT {
+        match response.chunk().await {
+            Ok(Some(chunk)) => out.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    out.truncate(ERROR_EXCERPT);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn looks_like_challenge(body: &str) -> bool {
+    let lower = body.to_ascii_lowercase();
+    [
+        "challenge-platform",
+        "cf-chl",
+        "just a moment...",
+        "verify you are human",
+        "checking your browser",
+        "captcha",
+    ]
+    .iter()
+    .any(|marker| lower.contains(marker))
+}
+
+fn classify_html(body: &str) -> (FailureKind, &'static str) {
+    let lower = body.to_ascii_lowercase();
+    if looks_like_challenge(body) {
+        (
+            FailureKind::AntiBot,
+            "the site answered with an anti-bot challenge page",
+        )
+    } else if lower.contains("type=\"password\"") || lower.contains("type=password") {
+        (
+            FailureKind::Auth,
+            "the site answered with its login page: the session is no longer valid",
+        )
+    } else {
+        (
+            FailureKind::FormatDrift,
+            "the site answered with an HTML page where the flow expects data",
+        )
+    }
+}
+
+/// A short, human message from an error body: a JSON error message, else nothing (HTML pages
+/// and long bodies are not worth echoing).
+fn error_message(body: &str) -> Option<String> {
+    let json: Value = serde_json::from_str(body.trim()).ok()?;
+    let candidates = [
+        "/error/message",
+        "/error",
+        "/message",
+        "/detail",
+        "/msg",
+        "/error_description",
+    ];
+    candidates.iter().find_map(|p| {
+        json.pointer(p)
+            .and_then(Value::as_str)
+            .map(|s| s.chars().take(200).collect())
+    })
+}
+
+async fn read_limited(mut response: reqwest::Response, call: Call) -> Result<Vec<u8>, ReplayError> {
+    let mut body = Vec::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > PREFLIGHT_BODY_LIMIT {
+                    return Err(ReplayError::Unexpected {
+                        call,
+                        kind: FailureKind::FormatDrift,
+                        message: "response is larger than 4 MiB".into(),
+                    });
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(e) => {
+                return Err(ReplayError::Network {
+                    call,
+                    message: describe_reqwest_error(&e),
+                });
+            }
+        }
+    }
+}
+
+fn extract(rule: &Extract, headers: &HeaderMap, body: &[u8]) -> Option<String> {
+    let text = |v: &Value| match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    };
+    match rule {
+        Extract::Pointer(pointer) => {
+            let json: Value = serde_json::from_slice(body).ok()?;
+            json.pointer(pointer).and_then(text)
+        }
+        Extract::Regex { regex } => {
+            let re = regex::Regex::new(regex).ok()?;
+            let body = String::from_utf8_lossy(body);
+            re.captures(&body)
+                .and_then(|c| c.get(1).or_else(|| c.get(0)))
+                .map(|m| m.as_str().to_owned())
+        }
+        Extract::Header { header } => headers
+            .get(header.as_str())
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+    }
+}
+
+/// Ends a body that stays silent longer than `idle` with an error.
+struct IdleTimeout<S> {
+    inner: S,
+    idle: Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    expired: bool,
+}
+
+impl<S> IdleTimeout<S> {
+    fn new(inner: S, idle: Duration) -> Self {
+        Self {
+            inner,
+            idle,
+            sleep: Box::pin(tokio::time::sleep(idle)),
+            expired: false,
+        }
+    }
+}
+
+impl<S> Stream for IdleTimeout<S>
+where
+    S: Stream<Item = reqwest::Result<Bytes>> + Unpin,
+{
+    type Item = Result<Bytes, String>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        if self.expired {
+            return Poll::Ready(None);
+        }
+        match self.inner.poll_next_unpin(cx) {
+            Poll::Ready(item) => {
+                let deadline = tokio::time::Instant::now() + self.idle;
+                self.sleep.as_mut().reset(deadline);
+                Poll::Ready(item.map(|r| r.map_err(|e| describe_reqwest_error(&e))))
+            }
+            Poll::Pending => match self.sleep.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    self.expired = true;
+                    Poll::Ready(Some(Err(format!(
+                        "the site sent nothing for {} s",
+                        self.idle.as_secs()
+                    ))))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn html_answers_are_classified() {
+        assert_eq!(
+            classify_html("<form><input type=\"password\"></form>").0,
+            FailureKind::Auth
+        );
+        assert_eq!(
+            classify_html("<title>Just a moment...</title>").0,
+            FailureKind::AntiBot
+        );
+        assert_eq!(classify_html("<p>hello</p>").0, FailureKind::FormatDrift);
+    }
+
+    #[test]
+    fn extracts_pointer_regex_and_header() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-id", HeaderValue::from_static("h1"));
+        let body = br#"{"data":{"id":42}}"#;
+        assert_eq!(
+            extract(&Extract::Pointer("/data/id".into()), &headers, body).as_deref(),
+            Some("42")
+        );
+        let html = br#"<meta name="csrf-token" content="abc123">"#;
+        let rule = Extract::Regex {
+            regex: r#"name="csrf-token" content="([^"]+)""#.into(),
+        };
+        assert_eq!(extract(&rule, &headers, html).as_deref(), Some("abc123"));
+        let rule = Extract::Header {
+            header: "x-id".into(),
+        };
+        assert_eq!(extract(&rule, &headers, b"").as_deref(), Some("h1"));
+    }
+
+    #[test]
+    fn error_bodies_give_short_messages() {
+        assert_eq!(
+            error_message(r#"{"error":{"message":"slow down"}}"#).as_deref(),
+            Some("slow down")
+        );
+        assert_eq!(error_message("<html>"), None);
+    }
+}

@@ -1,0 +1,633 @@
+//! Framing: body bytes → events, per `Transport`, robust to any chunking.
+//!
+//! - `sse`: `eventsource-stream`'s `EventStream`, fed through an in-memory queue and polled
+//!   with a no-op waker (the queue is always ready, so a poll never waits). As the SSE spec
+//!   says, an event not terminated by a blank line when the body ends is dropped.
+//! - `ndjson` / `numbered_lines`: one event per line (`\n` or `\r\n`); a last line without a
+//!   newline is decoded at the end of the body.
+//! - `length_prefixed`: flag byte, u32 big-endian length, payload; the flag in decimal is the
+//!   event name; flag bit `0x02` is the end-of-stream frame, bit `0x01` (compressed) is refused.
+//! - `json`: one document, decoded as soon as its closing bracket arrives (a bare scalar at the
+//!   end of the body).
+//! - `text`: the body is the text; invalid UTF-8 becomes U+FFFD (the reply is still worth
+//!   showing). Every other transport refuses invalid UTF-8 as `Malformed`.
+//! - `websocket`: each `feed` is one whole message.
+//!
+//! No frame (SSE event, line, binary frame, JSON document) may exceed [`MAX_FRAME`].
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+use eventsource_stream::EventStream;
+use futures_util::Stream;
+
+use super::accrual::{Engine, snippet};
+use super::{DecodeError, Delta, MAX_FRAME};
+use crate::flow::Transport;
+
+pub(super) enum Framer {
+    Sse(Box<Sse>),
+    Lines(Lines),
+    LengthPrefixed(Frames),
+    Json(JsonDoc),
+    Text(Utf8Joiner),
+    WebSocket,
+}
+
+impl Framer {
+    pub(super) fn new(transport: Transport) -> Self {
+        match transport {
+            Transport::Sse => Framer::Sse(Box::new(Sse::new())),
+            Transport::Ndjson => Framer::Lines(Lines::new(false)),
+            Transport::NumberedLines => Framer::Lines(Lines::new(true)),
+            Transport::LengthPrefixed => Framer::LengthPrefixed(Frames::default()),
+            Transport::Json => Framer::Json(JsonDoc::default()),
+            Transport::Text => Framer::Text(Utf8Joiner::default()),
+            Transport::Websocket => Framer::WebSocket,
+        }
+    }
+
+    pub(super) fn feed(
+        &mut self,
+        chunk: &[u8],
+        engine: &mut Engine,
+        out: &mut Vec<Delta>,
+    ) -> Result<(), DecodeError> {
+        match self {
+            Framer::Sse(sse) => sse.feed(chunk, engine, out),
+            Framer::Lines(lines) => lines.feed(chunk, engine, out),
+            Framer::LengthPrefixed(frames) => frames.feed(chunk, engine, out),
+            Framer::Json(doc) => doc.feed(chunk, engine, out),
+            Framer::Text(joiner) => {
+                let mut text = String::new();
+                joiner
+                    .push(chunk, true, &mut text)
+                    .map_err(DecodeError::Malformed)?;
+                engine.on_text(&text, out);
+                Ok(())
+            }
+            Framer::WebSocket => {
+                let message = std::str::from_utf8(chunk).map_err(|e| {
+                    DecodeError::Malformed(format!(
+                        "WebSocket message is not UTF-8 (at byte {})",
+                        e.valid_up_to()
+                    ))
+                })?;
+                engine.on_event(None, message, out)
+            }
+        }
+    }
+
+    pub(super) fn finish(
+        &mut self,
+        engine: &mut Engine,
+        out: &mut Vec<Delta>,
+    ) -> Result<(), DecodeError> {
+        match self {
+            Framer::Sse(sse) => sse.finish(engine, out),
+            Framer::Lines(lines) => lines.finish(engine, out),
+            Framer::LengthPrefixed(frames) => frames.finish(),
+            Framer::Json(doc) => doc.finish(engine, out),
+            Framer::Text(joiner) => {
+                let mut text = String::new();
+                joiner
+                    .finish(true, &mut text)
+                    .map_err(DecodeError::Malformed)?;
+                engine.on_text(&text, out);
+                Ok(())
+            }
+            Framer::WebSocket => Ok(()),
+        }
+    }
+}
+
+/// Joins UTF-8 across chunk boundaries: a character split between two chunks is held until
+/// its last byte arrives.
+#[derive(Debug, Default)]
+pub(super) struct Utf8Joiner {
+    tail: Vec<u8>,
+    /// Bytes seen so far, for error positions.
+    seen: usize,
+}
+
+impl Utf8Joiner {
+    /// Appends the complete characters of the held bytes + `chunk` to `text`. Invalid bytes
+    /// become U+FFFD when `lossy`, else an error naming their position.
+    pub(super) fn push(
+        &mut self,
+        chunk: &[u8],
+        lossy: bool,
+        text: &mut String,
+    ) -> Result<(), String> {
+        let joined;
+        let mut input = if self.tail.is_empty() {
+            chunk
+        } else {
+            let mut bytes = std::mem::take(&mut self.tail);
+            bytes.extend_from_slice(chunk);
+            joined = bytes;
+            joined.as_slice()
+        };
+        let start = self.seen - (input.len() - chunk.len());
+        self.seen += chunk.len();
+        let total = input.len();
+        loop {
+            match std::str::from_utf8(input) {
+                Ok(valid) => {
+                    text.push_str(valid);
+                    return Ok(());
+                }
+                Err(e) => {
+                    let (valid, rest) = input.split_at(e.valid_up_to());
+                    text.push_str(std::str::from_utf8(valid).unwrap_or_default());
+                    match e.error_len() {
+                        None => {
+                            self.tail.extend_from_slice(rest);
+                            return Ok(());
+                        }
+                        Some(_) if !lossy => {
+                            let at = start + total - rest.len();
+                            return Err(format!("invalid UTF-8 at byte {at}"));
+                        }
+                        Some(bad) => {
+                            text.push(char::REPLACEMENT_CHARACTER);
+                            input = &rest[bad..];
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// End of the body: a character still incomplete is invalid.
+    pub(super) fn finish(&mut self, lossy: bool, text: &mut String) -> Result<(), String> {
+        if self.tail.is_empty() {
+            return Ok(());
+        }
+        self.tail.clear();
+        if lossy {
+            text.push(char::REPLACEMENT_CHARACTER);
+            Ok(())
+        } else {
+            Err(format!(
+                "the body ends inside a UTF-8 character (byte {})",
+                self.seen
+            ))
+        }
+    }
+}
+
+/// The byte queue the SSE `EventStream` reads: always ready, `Pending` only when empty.
+///
+/// It hands out one line at a time (cheap `Bytes` slices): the `EventStream` copies the rest
+/// of its buffer after every line it parses, so small pieces keep that copy small.
+#[derive(Debug, Default)]
+struct Queue {
+    chunks: VecDeque<Bytes>,
+    closed: bool,
+}
+
+impl Queue {
+    fn next_line(&mut self) -> Option<Bytes> {
+        let chunk = self.chunks.front_mut()?;
+        match chunk.iter().position(|&b| b == b'\n') {
+            Some(end) if end + 1 < chunk.len() => Some(chunk.split_to(end + 1)),
+            _ => self.chunks.pop_front(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Inbox(Arc<Mutex<Queue>>);
+
+impl Inbox {
+    fn with<R>(&self, f: impl FnOnce(&mut Queue) -> R) -> R {
+        f(&mut self.0.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+impl Stream for Inbox {
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.with(|queue| match queue.next_line() {
+            Some(chunk) => Poll::Ready(Some(Ok(chunk))),
+            None if queue.closed => Poll::Ready(None),
+            // Nothing to wake: the decoder polls again after the next push.
+            None => Poll::Pending,
+        })
+    }
+}
+
+pub(super) struct Sse {
+    inbox: Inbox,
+    events: EventStream<Inbox>,
+    utf8: Utf8Joiner,
+    /// Bytes pushed since the last event came out: bounds the size of one event.
+    since_event: usize,
+}
+
+impl Sse {
+    fn new() -> Self {
+        let inbox = Inbox::default();
+        Self {
+            events: EventStream::new(inbox.clone()),
+            inbox,
+            utf8: Utf8Joiner::default(),
+            since_event: 0,
+        }
+    }
+
+    fn feed(
+        &mut self,
+        chunk: &[u8],
+        engine: &mut Engine,
+        out: &mut Vec<Delta>,
+    ) -> Result<(), DecodeError> {
+        // Validated here so that invalid bytes fail at once (the `EventStream` would hold them
+        // to the end of the body), and so the queue only ever holds whole characters.
+        let mut text = String::with_capacity(chunk.len() + 4);
+        self.utf8
+            .push(chunk, false, &mut text)
+            .map_err(|e| DecodeError::Malformed(format!("SSE body: {e}")))?;
+        self.since_event += chunk.len();
+        if self.since_event > MAX_FRAME {
+            return Err(DecodeError::Malformed(format!(
+                "SSE event larger than {} MiB",
+                MAX_FRAME >> 20
+            )));
+        }
+        if !text.is_empty() {
+            self.inbox
+                .with(|queue| queue.chunks.push_back(Bytes::from(text.into_bytes())));
+        }
+        self.drain(engine, out)
+    }
+
+    fn finish(&mut self, engine: &mut Engine, out: &mut Vec<Delta>) -> Result<(), DecodeError> {
+        let mut rest = String::new();
+        self.utf8
+            .finish(false, &mut rest)
+            .map_err(|e| DecodeError::Malformed(format!("SSE body: {e}")))?;
+        self.inbox.with(|queue| queue.closed = true);
+        self.drain(engine, out)
+    }
+
+    /// Decodes every event the queued bytes complete.
+    fn drain(&mut self, engine: &mut Engine, out: &mut Vec<Delta>) -> Result<(), DecodeError> {
+        let mut cx = Context::from_waker(Waker::noop());
+        while !engine.is_stopped() {
+            match Pin::new(&mut self.events).poll_next(&mut cx) {
+                Poll::Ready(Some(Ok(event))) => {
+                    self.since_event = 0;
+                    engine.on_event(Some(&event.event), &event.data, out)?;
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    return Err(DecodeError::Malformed(format!("SSE framing: {e}")));
+                }
+                Poll::Ready(None) | Poll::Pending => break,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Line framing for `ndjson` and `numbered_lines`.
+#[derive(Debug)]
+pub(super) struct Lines {
+    numbered: bool,
+    buf: Vec<u8>,
+    /// `buf[..scanned]` holds no newline.
+    scanned: usize,
+    line: usize,
+}
+
+impl Lines {
+    fn new(numbered: bool) -> Self {
+        Self {
+            numbered,
+            buf: Vec::new(),
+            scanned: 0,
+            line: 0,
+        }
+    }
+
+    fn feed(
+        &mut self,
+        chunk: &[u8],
+        engine: &mut Engine,
+        out: &mut Vec<Delta>,
+    ) -> Result<(), DecodeError> {
+        self.buf.extend_from_slice(chunk);
+        let mut start = 0;
+        let mut from = self.scanned;
+        while let Some(at) = self.buf[from..].iter().position(|&b| b == b'\n') {
+            let end = from + at;
+            self.line += 1;
+            decode_line(self.numbered, self.line, &self.buf[start..end], engine, out)?;
+            start = end + 1;
+            from = start;
+            if engine.is_stopped() {
+                break;
+            }
+        }
+        self.buf.drain(..start);
+        self.scanned = self.buf.len();
+        if self.buf.len() > MAX_FRAME {
+            return Err(DecodeError::Malformed(format!(
+                "line {} is longer than {} MiB",
+                self.line + 1,
+                MAX_FRAME >> 20
+            )));
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, engine: &mut Engine, out: &mut Vec<Delta>) -> Result<(), DecodeError> {
+        let last = std::mem::take(&mut self.buf);
+        self.line += 1;
+        decode_line(self.numbered, self.line, &last, engine, out)
+    }
+}
+
+fn decode_line(
+    numbered: bool,
+    number: usize,
+    line: &[u8],
+    engine: &mut Engine,
+    out: &mut Vec<Delta>,
+) -> Result<(), DecodeError> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line.trim_ascii().is_empty() {
+        return Ok(());
+    }
+    let text = std::str::from_utf8(line).map_err(|e| {
+        DecodeError::Malformed(format!(
+            "line {number} is not UTF-8 (at byte {})",
+            e.valid_up_to()
+        ))
+    })?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    if !numbered {
+        return engine.on_event(None, text, out);
+    }
+    let Some((tag, data)) = text.split_once(':') else {
+        return Err(DecodeError::Malformed(format!(
+            "line {number} has no `TAG:` prefix: {}",
+            snippet(text)
+        )));
+    };
+    engine
+        .on_event(Some(tag.trim()), data, out)
+        .map_err(|e| match e {
+            DecodeError::Malformed(m) => DecodeError::Malformed(format!("line {number}: {m}")),
+            other => other,
+        })
+}
+
+/// Length-prefixed binary frames.
+#[derive(Debug, Default)]
+pub(super) struct Frames {
+    buf: Vec<u8>,
+    /// Body offset of `buf[0]`.
+    offset: usize,
+    count: usize,
+    name: String,
+}
+
+const HEADER: usize = 5;
+
+impl Frames {
+    fn feed(
+        &mut self,
+        chunk: &[u8],
+        engine: &mut Engine,
+        out: &mut Vec<Delta>,
+    ) -> Result<(), DecodeError> {
+        self.buf.extend_from_slice(chunk);
+        let mut at = 0;
+        while self.buf.len() - at >= HEADER && !engine.is_stopped() {
+            let flag = self.buf[at];
+            let mut length = [0u8; 4];
+            length.copy_from_slice(&self.buf[at + 1..at + HEADER]);
+            let length = u32::from_be_bytes(length) as usize;
+            if length > MAX_FRAME {
+                return Err(DecodeError::Malformed(format!(
+                    "frame {} at byte {}: length {length} exceeds the {} MiB limit",
+                    self.count + 1,
+                    self.offset + at,
+                    MAX_FRAME >> 20
+                )));
+            }
+            if self.buf.len() - at - HEADER < length {
+                break;
+            }
+            self.count += 1;
+            let payload = &self.buf[at + HEADER..at + HEADER + length];
+            self.name.clear();
+            let _ = write!(self.name, "{flag}");
+            decode_frame(flag, &self.name, payload, self.count, engine, out)?;
+            at += HEADER + length;
+        }
+        self.buf.drain(..at);
+        self.offset += at;
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<(), DecodeError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let have = self.buf.len();
+        let whole = if have >= HEADER {
+            let mut length = [0u8; 4];
+            length.copy_from_slice(&self.buf[1..HEADER]);
+            format!(
+                "a {}-byte frame",
+                HEADER + u32::from_be_bytes(length) as usize
+            )
+        } else {
+            format!("its {HEADER}-byte header")
+        };
+        self.buf.clear();
+        Err(DecodeError::Malformed(format!(
+            "the body ends inside frame {} (byte {}): {have} bytes of {whole}",
+            self.count + 1,
+            self.offset
+        )))
+    }
+}
+
+fn decode_frame(
+    flag: u8,
+    name: &str,
+    payload: &[u8],
+    number: usize,
+    engine: &mut Engine,
+    out: &mut Vec<Delta>,
+) -> Result<(), DecodeError> {
+    if flag & 0x01 != 0 {
+        return Err(DecodeError::Malformed(format!(
+            "frame {number} is compressed (flag {flag}); compressed frames are not supported"
+        )));
+    }
+    let data = std::str::from_utf8(payload).map_err(|e| {
+        DecodeError::Malformed(format!(
+            "frame {number} is not UTF-8 (at byte {})",
+            e.valid_up_to()
+        ))
+    })?;
+    if flag & 0x02 != 0 {
+        return engine.on_end_stream(Some(name), data, out);
+    }
+    if data.trim().is_empty() {
+        return Ok(());
+    }
+    engine.on_event(Some(name), data, out).map_err(|e| match e {
+        DecodeError::Malformed(m) => DecodeError::Malformed(format!("frame {number}: {m}")),
+        other => other,
+    })
+}
+
+/// A single JSON document, decoded as soon as it is complete.
+#[derive(Debug, Default)]
+pub(super) struct JsonDoc {
+    buf: Vec<u8>,
+    scan: Scan,
+    decoded: bool,
+}
+
+/// Tracks brackets and strings to see where a JSON document ends.
+#[derive(Debug, Default)]
+struct Scan {
+    started: bool,
+    depth: usize,
+    in_string: bool,
+    escaped: bool,
+    /// A bare number or literal: its end is the end of the body.
+    scalar: bool,
+}
+
+impl Scan {
+    /// The position just after the end of the document in `bytes`, if it ends there.
+    fn end(&mut self, bytes: &[u8]) -> Option<usize> {
+        if self.scalar {
+            return None;
+        }
+        for (i, &b) in bytes.iter().enumerate() {
+            if !self.started {
+                if b.is_ascii_whitespace() {
+                    continue;
+                }
+                self.started = true;
+                match b {
+                    b'{' | b'[' => self.depth = 1,
+                    b'"' => self.in_string = true,
+                    _ => {
+                        self.scalar = true;
+                        return None;
+                    }
+                }
+                continue;
+            }
+            if self.in_string {
+                if self.escaped {
+                    self.escaped = false;
+                } else if b == b'\\' {
+                    self.escaped = true;
+                } else if b == b'"' {
+                    self.in_string = false;
+                    if self.depth == 0 {
+                        return Some(i + 1);
+                    }
+                }
+                continue;
+            }
+            match b {
+                b'"' => self.in_string = true,
+                b'{' | b'[' => self.depth += 1,
+                b'}' | b']' => {
+                    self.depth = self.depth.saturating_sub(1);
+                    if self.depth == 0 {
+                        return Some(i + 1);
+                    }
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+}
+
+impl JsonDoc {
+    fn feed(
+        &mut self,
+        chunk: &[u8],
+        engine: &mut Engine,
+        out: &mut Vec<Delta>,
+    ) -> Result<(), DecodeError> {
+        if self.decoded {
+            return trailing(chunk);
+        }
+        let from = self.buf.len();
+        self.buf.extend_from_slice(chunk);
+        if self.buf.len() > MAX_FRAME {
+            return Err(DecodeError::Malformed(format!(
+                "JSON body larger than {} MiB",
+                MAX_FRAME >> 20
+            )));
+        }
+        if let Some(end) = self.scan.end(&self.buf[from..]) {
+            let end = from + end;
+            trailing(&self.buf[end..])?;
+            self.decoded = true;
+            let doc = std::mem::take(&mut self.buf);
+            return decode_document(&doc[..end], engine, out);
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, engine: &mut Engine, out: &mut Vec<Delta>) -> Result<(), DecodeError> {
+        if self.decoded {
+            return Ok(());
+        }
+        self.decoded = true;
+        let doc = std::mem::take(&mut self.buf);
+        if doc.trim_ascii().is_empty() {
+            return Err(DecodeError::Malformed(
+                "empty body where a JSON document was expected".into(),
+            ));
+        }
+        decode_document(&doc, engine, out)
+    }
+}
+
+fn trailing(bytes: &[u8]) -> Result<(), DecodeError> {
+    if bytes.trim_ascii().is_empty() {
+        Ok(())
+    } else {
+        Err(DecodeError::Malformed(format!(
+            "bytes after the end of the JSON document: {}",
+            snippet(&String::from_utf8_lossy(bytes))
+        )))
+    }
+}
+
+fn decode_document(
+    doc: &[u8],
+    engine: &mut Engine,
+    out: &mut Vec<Delta>,
+) -> Result<(), DecodeError> {
+    let text = std::str::from_utf8(doc).map_err(|e| {
+        DecodeError::Malformed(format!(
+            "JSON body is not UTF-8 (at byte {})",
+            e.valid_up_to()
+        ))
+    })?;
+    engine.on_event(None, text.strip_prefix('\u{feff}').unwrap_or(text), out)
+}

@@ -1,0 +1,455 @@
+//! Flow template + prompt + session → one concrete HTTP request.
+//!
+//! Placeholders (`{{source}}`) are replaced in the URL, the header values and the string
+//! leaves of the body first; then `slots` put typed values at their JSON pointers. That order
+//! keeps a prompt that happens to contain `{{…}}` from being expanded.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+use url::Url;
+
+use crate::flow::{BodyKind, HttpTemplate};
+use crate::openai::Role;
+use crate::session::SessionData;
+
+/// The conversation to send, already reduced to text.
+#[derive(Debug, Clone)]
+pub struct Prompt {
+    pub messages: Vec<(Role, String)>,
+    pub model: String,
+}
+
+impl Prompt {
+    /// The last user message alone when it is the only message worth sending; otherwise the
+    /// whole history, role-tagged, so the site sees the context.
+    pub fn flattened(&self) -> String {
+        match self.messages.as_slice() {
+            [(Role::User, text)] => text.clone(),
+            messages => {
+                let mut out = String::new();
+                for (role, text) in messages {
+                    if !out.is_empty() {
+                        out.push_str("\n\n");
+                    }
+                    out.push_str(role.label());
+                    out.push_str(": ");
+                    out.push_str(text);
+                }
+                out
+            }
+        }
+    }
+
+    pub fn last_user(&self) -> &str {
+        self.messages
+            .iter()
+            .rev()
+            .find(|(role, _)| *role == Role::User)
+            .map_or("", |(_, text)| text.as_str())
+    }
+
+    fn openai_messages(&self) -> Value {
+        Value::Array(
+            self.messages
+                .iter()
+                .map(|(role, text)| {
+                    let role = match role {
+                        Role::System | Role::Developer => "system",
+                        Role::User => "user",
+                        Role::Assistant => "assistant",
+                        Role::Tool | Role::Function => "tool",
+                    };
+                    serde_json::json!({ "role": role, "content": text })
+                })
+                .collect(),
+        )
+    }
+}
+
+/// Everything a template may refer to.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    pub prompt: &'a Prompt,
+    pub session: &'a SessionData,
+    pub preflight: &'a BTreeMap<String, String>,
+    pub conversation: &'a BTreeMap<String, String>,
+    /// Milliseconds since the epoch, fixed for the whole request.
+    pub now_ms: i64,
+}
+
+/// A request ready to send.
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    pub method: String,
+    pub url: Url,
+    pub headers: Vec<(String, String)>,
+    pub body: Option<Vec<u8>>,
+    /// Set when the template gives no `content-type` header.
+    pub content_type: Option<&'static str>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    /// The session lacks a value the flow needs: the session is stale or from another login.
+    #[error("the session has no {0}")]
+    MissingSession(String),
+    #[error("no earlier step extracted `{0}`")]
+    MissingPreflight(String),
+    #[error("the flow refers to unknown source `{0}`")]
+    UnknownSource(String),
+    #[error("slot pointer `{0}` does not fit the request body")]
+    BadPointer(String),
+    #[error("request URL `{0}` is not valid")]
+    BadUrl(String),
+    #[error("`{{{{` without a closing `}}}}` in `{0}`")]
+    Unclosed(String),
+}
+
+/// Renders `template` against `base` (the account URL) and `ctx`.
+pub fn render(
+    template: &HttpTemplate,
+    base: &Url,
+    ctx: &Context<'_>,
+) -> Result<Rendered, RenderError> {
+    let url_text = expand(&template.url, ctx, Escape::Url)?;
+    let url = base
+        .join(&url_text)
+        .map_err(|_| RenderError::BadUrl(template.url.clone()))?;
+    let mut headers = Vec::with_capacity(template.headers.len());
+    for (name, value) in &template.headers {
+        headers.push((name.clone(), expand(value, ctx, Escape::None)?));
+    }
+    let has_content_type = template
+        .headers
+        .keys()
+        .any(|k| k.eq_ignore_ascii_case("content-type"));
+    let (body, content_type) = match &template.body {
+        None => (None, None),
+        Some(body) => {
+            let mut body = expand_value(body, ctx)?;
+            for (pointer, source) in &template.slots {
+                let value = resolve(source, ctx)?;
+                set_pointer(&mut body, pointer, value)?;
+            }
+            match template.body_kind {
+                BodyKind::Json => (
+                    Some(serde_json::to_vec(&body).unwrap_or_default()),
+                    Some("application/json"),
+                ),
+                BodyKind::Form => (
+                    Some(form_encode(&body).into_bytes()),
+                    Some("application/x-www-form-urlencoded"),
+                ),
+                BodyKind::Text => (
+                    Some(value_text(&body).into_bytes()),
+                    Some("text/plain;charset=UTF-8"),
+                ),
+            }
+        }
+    };
+    Ok(Rendered {
+        method: template.method.to_ascii_uppercase(),
+        url,
+        headers,
+        body,
+        content_type: content_type.filter(|_| !has_content_type),
+    })
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Escape {
+    None,
+    /// Percent-encode substituted values (they land in a path segment or a query value).
+    Url,
+}
+
+/// Replaces every `{{source}}` in `text`.
+fn expand(text: &str, ctx: &Context<'_>, escape: Escape) -> Result<String, RenderError> {
+    if !text.contains("{{") {
+        return Ok(text.to_owned());
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find("}}")
+            .ok_or_else(|| RenderError::Unclosed(text.to_owned()))?;
+        let value = value_text(&resolve(after[..end].trim(), ctx)?);
+        match escape {
+            Escape::None => out.push_str(&value),
+            Escape::Url => out.extend(percent_encoding::utf8_percent_encode(
+                &value,
+                percent_encoding::NON_ALPHANUMERIC,
+            )),
+        }
+        rest = &after[end + 2..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn expand_value(value: &Value, ctx: &Context<'_>) -> Result<Value, RenderError> {
+    Ok(match value {
+        Value::String(s) => Value::String(expand(s, ctx, Escape::None)?),
+        Value::Array(items) => Value::Array(
+            items
+                .iter()
+                .map(|v| expand_value(v, ctx))
+                .collect::<Result<_, _>>()?,
+        ),
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| Ok((k.clone(), expand_value(v, ctx)?)))
+                .collect::<Result<_, RenderError>>()?,
+        ),
+        other => other.clone(),
+    })
+}
+
+/// The value of one source (see `crate::flow`).
+pub fn resolve(source: &str, ctx: &Context<'_>) -> Result<Value, RenderError> {
+    let (base, inner) = match source.split_once('#') {
+        Some((base, inner)) => (base, Some(inner)),
+        None => (source, None),
+    };
+    let found: Value = match base {
+        "prompt" => Value::String(ctx.prompt.flattened()),
+        "last_user" => Value::String(ctx.prompt.last_user().to_owned()),
+        "messages" => ctx.prompt.openai_messages(),
+        "model" => Value::String(ctx.prompt.model.clone()),
+        "uuid" => Value::String(uuid::Uuid::new_v4().to_string()),
+        "now_ms" => Value::from(ctx.now_ms),
+        "now_s" => Value::from(ctx.now_ms / 1000),
+        "session.user_agent" => Value::String(
+            ctx.session
+                .user_agent
+                .clone()
+                .ok_or_else(|| RenderError::MissingSession("user agent".into()))?,
+        ),
+        _ => {
+            let text = if let Some(name) = base.strip_prefix("preflight.") {
+                ctx.preflight
+                    .get(name)
+                    .ok_or_else(|| RenderError::MissingPreflight(name.to_owned()))?
+                    .clone()
+            } else if let Some(name) = base.strip_prefix("conversation.") {
+                ctx.conversation
+                    .get(name)
+                    .ok_or_else(|| RenderError::MissingPreflight(format!("conversation.{name}")))?
+                    .clone()
+            } else if let Some(name) = base.strip_prefix("session.cookie.") {
+                ctx.session
+                    .cookies
+                    .iter()
+                    .find(|c| c.name == name)
+                    .map(|c| c.value.clone())
+                    .ok_or_else(|| RenderError::MissingSession(format!("cookie `{name}`")))?
+            } else if let Some(key) = base.strip_prefix("session.local.") {
+                ctx.session.local_storage.get(key).cloned().ok_or_else(|| {
+                    RenderError::MissingSession(format!("localStorage key `{key}`"))
+                })?
+            } else if let Some(key) = base.strip_prefix("session.session.") {
+                ctx.session
+                    .session_storage
+                    .get(key)
+                    .cloned()
+                    .ok_or_else(|| {
+                        RenderError::MissingSession(format!("sessionStorage key `{key}`"))
+                    })?
+            } else {
+                return Err(RenderError::UnknownSource(source.to_owned()));
+            };
+            Value::String(text)
+        }
+    };
+    match inner {
+        None => Ok(found),
+        // Storage values are often JSON documents; `#/pointer` reads inside them.
+        Some(pointer) => {
+            let text = value_text(&found);
+            let doc: Value = serde_json::from_str(&text)
+                .map_err(|_| RenderError::MissingSession(format!("JSON in `{base}`")))?;
+            doc.pointer(pointer)
+                .cloned()
+                .ok_or_else(|| RenderError::MissingSession(format!("`{pointer}` in `{base}`")))
+        }
+    }
+}
+
+/// A value as text: strings bare, anything else as compact JSON.
+fn value_text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+fn set_pointer(body: &mut Value, pointer: &str, value: Value) -> Result<(), RenderError> {
+    if pointer.is_empty() {
+        *body = value;
+        return Ok(());
+    }
+    if let Some(slot) = body.pointer_mut(pointer) {
+        *slot = value;
+        return Ok(());
+    }
+    // The leaf may be absent from the captured body; its parent must exist.
+    let bad = || RenderError::BadPointer(pointer.to_owned());
+    let (parent, leaf) = pointer.rsplit_once('/').ok_or_else(bad)?;
+    let leaf = leaf.replace("~1", "/").replace("~0", "~");
+    match body.pointer_mut(parent).ok_or_else(bad)? {
+        Value::Object(map) => {
+            map.insert(leaf, value);
+            Ok(())
+        }
+        Value::Array(items) if leaf == "-" => {
+            items.push(value);
+            Ok(())
+        }
+        _ => Err(bad()),
+    }
+}
+
+fn form_encode(body: &Value) -> String {
+    let mut form = form_urlencoded::Serializer::new(String::new());
+    if let Value::Object(map) = body {
+        for (key, value) in map {
+            form.append_pair(key, &value_text(value));
+        }
+    }
+    form.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::Cookie;
+
+    fn session() -> SessionData {
+        SessionData {
+            cookies: vec![Cookie {
+                name: "sid".into(),
+                value: "c00k1e".into(),
+                domain: "x.test".into(),
+                path: "/".into(),
+                expires: None,
+                secure: false,
+                http_only: true,
+                host_only: true,
+            }],
+            local_storage: [
+                ("token".to_owned(), "tok".to_owned()),
+                ("auth".to_owned(), r#"{"access":{"jwt":"j1"}}"#.to_owned()),
+            ]
+            .into(),
+            ..Default::default()
+        }
+    }
+
+    fn prompt(messages: &[(Role, &str)]) -> Prompt {
+        Prompt {
+            messages: messages
+                .iter()
+                .map(|(r, t)| (*r, (*t).to_owned()))
+                .collect(),
+            model: "svc".into(),
+        }
+    }
+
+    fn template(json: Value) -> HttpTemplate {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn renders_slots_placeholders_and_session_references() {
+        let p = prompt(&[(Role::User, "hi {{uuid}} \"there\"")]);
+        let s = session();
+        let preflight = [("cid".to_owned(), "c 1/2".to_owned())].into();
+        let ctx = Context {
+            prompt: &p,
+            session: &s,
+            preflight: &preflight,
+            conversation: &BTreeMap::new(),
+            now_ms: 1_700_000_000_123,
+        };
+        let t = template(serde_json::json!({
+            "url": "/api/chat/{{preflight.cid}}?ts={{now_s}}",
+            "headers": {"authorization": "Bearer {{session.local.token}}", "x-jwt": "{{session.local.auth#/access/jwt}}"},
+            "body": {"q": "", "meta": {"id": "old", "ts": 0, "cid": "{{preflight.cid}}"}},
+            "slots": {"/q": "prompt", "/meta/id": "uuid", "/meta/ts": "now_ms", "/new": "last_user"}
+        }));
+        let base = Url::parse("https://x.test/chat").unwrap();
+        let r = render(&t, &base, &ctx).unwrap();
+        assert_eq!(
+            r.url.as_str(),
+            "https://x.test/api/chat/c%201%2F2?ts=1700000000"
+        );
+        assert_eq!(
+            r.headers,
+            vec![
+                ("authorization".to_owned(), "Bearer tok".to_owned()),
+                ("x-jwt".to_owned(), "j1".to_owned())
+            ]
+        );
+        let body: Value = serde_json::from_slice(&r.body.unwrap()).unwrap();
+        // The prompt's own `{{uuid}}` is left alone.
+        assert_eq!(body["q"], "hi {{uuid}} \"there\"");
+        assert_eq!(body["new"], "hi {{uuid}} \"there\"");
+        assert_eq!(body["meta"]["ts"], 1_700_000_000_123i64);
+        assert_eq!(body["meta"]["cid"], "c 1/2");
+        assert_eq!(body["meta"]["id"].as_str().unwrap().len(), 36);
+        assert_eq!(r.content_type, Some("application/json"));
+    }
+
+    #[test]
+    fn history_is_flattened_with_roles_or_sent_as_messages() {
+        let p = prompt(&[
+            (Role::System, "be brief"),
+            (Role::User, "a"),
+            (Role::Assistant, "b"),
+            (Role::User, "c"),
+        ]);
+        assert_eq!(
+            p.flattened(),
+            "System: be brief\n\nUser: a\n\nAssistant: b\n\nUser: c"
+        );
+        assert_eq!(p.last_user(), "c");
+        assert_eq!(p.openai_messages()[3]["content"], "c");
+        assert_eq!(prompt(&[(Role::User, "only")]).flattened(), "only");
+    }
+
+    #[test]
+    fn form_body_and_missing_values() {
+        let p = prompt(&[(Role::User, "a&b=c")]);
+        let s = session();
+        let ctx = Context {
+            prompt: &p,
+            session: &s,
+            preflight: &BTreeMap::new(),
+            conversation: &BTreeMap::new(),
+            now_ms: 0,
+        };
+        let base = Url::parse("https://x.test/").unwrap();
+        let t = template(serde_json::json!({
+            "url": "/ask", "body_kind": "form", "body": {"prompt": "", "n": 1}, "slots": {"/prompt": "prompt"}
+        }));
+        let r = render(&t, &base, &ctx).unwrap();
+        assert_eq!(r.body.unwrap(), b"prompt=a%26b%3Dc&n=1");
+        let t =
+            template(serde_json::json!({"url": "/x", "headers": {"a": "{{session.local.nope}}"}}));
+        let err = render(&t, &base, &ctx).unwrap_err();
+        assert!(matches!(err, RenderError::MissingSession(_)));
+        assert!(err.to_string().contains("nope") && !err.to_string().contains("tok"));
+        let t = template(
+            serde_json::json!({"url": "/x", "body": {"a": 1}, "slots": {"/b/c": "prompt"}}),
+        );
+        assert!(matches!(
+            render(&t, &base, &ctx),
+            Err(RenderError::BadPointer(_))
+        ));
+    }
+}

@@ -1,0 +1,117 @@
+//! Wiring for `serve`: config → vault → store → gateway → HTTP server, and a clean shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::api::{self, AppState};
+use crate::config::Config;
+use crate::gateway::Gateway;
+use crate::replay::client::{Replayer, Timeouts};
+use crate::store::Store;
+use crate::store::events::EventWriter;
+use crate::vault::Vault;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(
+        "refusing to listen on {0} without API keys: anyone who can reach it could use your accounts. \
+         Create a key first (`computetower keys create`), or bind to 127.0.0.1."
+    )]
+    OpenNonLoopback(SocketAddr),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Vault(#[from] crate::vault::VaultError),
+    #[error("server failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Opens the vault and the store of `config`'s data dir.
+pub async fn open_store(config: &Config) -> Result<Store, ServeError> {
+    let env_key = std::env::var("COMPUTETOWER_MASTER_KEY").ok();
+    let (vault, created) = Vault::open(env_key.as_deref(), &config.key_file())?;
+    if created {
+        tracing::info!(path = %config.key_file().display(), "created a new master key (mode 0600); back it up");
+    }
+    Ok(Store::open(&config.database_path(), vault).await?)
+}
+
+/// Installs the TLS crypto provider once per process (reqwest is built without one).
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Serves until SIGINT/SIGTERM. Prints `computetower listening on http://ADDR` once bound.
+pub async fn serve(config: Config) -> Result<(), ServeError> {
+    install_tls_provider();
+    let store = open_store(&config).await?;
+    if !config.bind.ip().is_loopback() && store.live_key_count().await? == 0 {
+        return Err(ServeError::OpenNonLoopback(config.bind));
+    }
+    let listener = TcpListener::bind(config.bind)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: config.bind,
+            source,
+        })?;
+    let addr = listener.local_addr()?;
+    let (events, writer_task) = EventWriter::start(store.clone());
+    let state = app_state(config, store.clone(), events);
+    let app = api::router(state);
+    announce(addr);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    // Flush queued events before the store closes (bounded, so shutdown cannot hang).
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer_task).await;
+    store.close().await;
+    Ok(())
+}
+
+pub fn app_state(config: Config, store: Store, events: EventWriter) -> AppState {
+    let replayer = Replayer::new(Timeouts {
+        connect: Duration::from_secs(config.upstream_connect_timeout_secs),
+        first_byte: Duration::from_secs(config.upstream_first_byte_timeout_secs),
+        idle: Duration::from_secs(config.upstream_idle_timeout_secs),
+    });
+    let keys = api::auth::KeyCheck::new(store.clone());
+    AppState {
+        config: Arc::new(config),
+        gateway: Arc::new(Gateway::new(store, replayer, events)),
+        keys,
+    }
+}
+
+/// The line tests and scripts wait for; printed on stdout and flushed.
+fn announce(addr: SocketAddr) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "computetower listening on http://{addr}");
+    let _ = out.flush();
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,219 @@
+//! Execution events and chat history, written off the request path.
+//!
+//! A request hands its record to [`EventWriter`], which batches inserts in one transaction
+//! per burst: the hot path never waits on SQLite. When the queue is full the record is
+//! dropped and counted, rather than slowing requests down.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+use sqlx::Row;
+use tokio::sync::mpsc;
+
+use super::{Store, StoreError, now};
+
+/// One request's outcome, as stored in `execution_events`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExecutionEvent {
+    pub request_id: String,
+    pub service: String,
+    pub account_id: Option<String>,
+    pub flow_id: Option<String>,
+    pub tier: Option<i64>,
+    /// `ok`, or the failure kind.
+    pub outcome: String,
+    pub status: Option<i64>,
+    pub ttft_ms: Option<i64>,
+    pub latency_ms: Option<i64>,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Record {
+    Execution(ExecutionEvent),
+    History {
+        request_id: String,
+        service: String,
+        account_id: Option<String>,
+        prompt_tokens: i64,
+        completion_tokens: i64,
+    },
+    /// A fallback decision: what failed and what was done about it.
+    Decision {
+        request_id: String,
+        service: String,
+        account_id: Option<String>,
+        failure: String,
+        action: String,
+    },
+}
+
+const QUEUE: usize = 4096;
+const BATCH: usize = 256;
+
+/// Queues records for a background task that writes them in batches.
+#[derive(Debug, Clone)]
+pub struct EventWriter {
+    tx: mpsc::Sender<Record>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl EventWriter {
+    /// Starts the writer task. It ends when every `EventWriter` clone is dropped, after
+    /// writing what is queued.
+    pub fn start(store: Store) -> (Self, tokio::task::JoinHandle<()>) {
+        let (tx, mut rx) = mpsc::channel::<Record>(QUEUE);
+        let handle = tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(BATCH);
+            while rx.recv_many(&mut batch, BATCH).await > 0 {
+                if let Err(e) = store.write_records(&batch).await {
+                    tracing::warn!(error = %e, records = batch.len(), "could not store events");
+                }
+                batch.clear();
+            }
+        });
+        let writer = Self {
+            tx,
+            dropped: Arc::new(AtomicU64::new(0)),
+        };
+        (writer, handle)
+    }
+
+    pub fn record(&self, record: Record) {
+        if self.tx.try_send(record).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+impl Store {
+    async fn write_records(&self, records: &[Record]) -> Result<(), StoreError> {
+        let created_at = now();
+        let mut tx = self.pool.begin().await?;
+        for record in records {
+            match record {
+                Record::Execution(e) => {
+                    sqlx::query(
+                        "INSERT INTO execution_events (request_id, service, account_id, flow_id, tier, outcome, status, ttft_ms, latency_ms, detail, created_at)
+                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    )
+                    .bind(&e.request_id)
+                    .bind(&e.service)
+                    .bind(&e.account_id)
+                    .bind(&e.flow_id)
+                    .bind(e.tier)
+                    .bind(&e.outcome)
+                    .bind(e.status)
+                    .bind(e.ttft_ms)
+                    .bind(e.latency_ms)
+                    .bind(&e.detail)
+                    .bind(created_at)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Record::History {
+                    request_id,
+                    service,
+                    account_id,
+                    prompt_tokens,
+                    completion_tokens,
+                } => {
+                    sqlx::query(
+                        "INSERT INTO chat_history (request_id, service, account_id, prompt_tokens, completion_tokens, created_at)
+                         VALUES (?, ?, ?, ?, ?, ?)",
+                    )
+                    .bind(request_id)
+                    .bind(service)
+                    .bind(account_id)
+                    .bind(prompt_tokens)
+                    .bind(completion_tokens)
+                    .bind(created_at)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Record::Decision {
+                    request_id,
+                    service,
+                    account_id,
+                    failure,
+                    action,
+                } => {
+                    sqlx::query(
+                        "INSERT INTO fallback_decisions (request_id, service, account_id, failure, action, created_at)
+                         VALUES (?, ?, ?, ?, ?, ?)",
+                    )
+                    .bind(request_id)
+                    .bind(service)
+                    .bind(account_id)
+                    .bind(failure)
+                    .bind(action)
+                    .bind(created_at)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The newest execution events, newest first.
+    pub async fn recent_events(&self, limit: i64) -> Result<Vec<ExecutionEvent>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM execution_events ORDER BY id DESC LIMIT ?")
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(ExecutionEvent {
+                    request_id: row.try_get("request_id")?,
+                    service: row.try_get("service")?,
+                    account_id: row.try_get("account_id")?,
+                    flow_id: row.try_get("flow_id")?,
+                    tier: row.try_get("tier")?,
+                    outcome: row.try_get("outcome")?,
+                    status: row.try_get("status")?,
+                    ttft_ms: row.try_get("ttft_ms")?,
+                    latency_ms: row.try_get("latency_ms")?,
+                    detail: row.try_get("detail")?,
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testing::store;
+
+    #[tokio::test]
+    async fn queued_records_are_written_when_the_writer_closes() {
+        let (_dir, store) = store().await;
+        let (writer, task) = EventWriter::start(store.clone());
+        for i in 0..300 {
+            writer.record(Record::Execution(ExecutionEvent {
+                request_id: format!("r{i}"),
+                service: "svc".into(),
+                account_id: None,
+                flow_id: None,
+                tier: Some(1),
+                outcome: "ok".into(),
+                status: Some(200),
+                ttft_ms: Some(1),
+                latency_ms: Some(2),
+                detail: None,
+            }));
+        }
+        drop(writer);
+        task.await.unwrap();
+        let events = store.recent_events(1000).await.unwrap();
+        assert_eq!(events.len(), 300);
+        assert_eq!(events[0].request_id, "r299");
+    }
+}

@@ -1,0 +1,183 @@
+//! Chat flows: one active version per service and name; earlier versions are kept for
+//! comparison.
+
+use sqlx::Row;
+
+use super::{Store, StoreError, now};
+use crate::flow::Flow;
+
+impl Store {
+    /// Stores `flow` as the service's active flow, as the next version. Earlier versions stay,
+    /// inactive. Keeps the flow's id unless another stored flow has it.
+    pub async fn save_flow(&self, mut flow: Flow) -> Result<Flow, StoreError> {
+        flow.validate()
+            .map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let mut tx = self.pool.begin().await?;
+        let taken: Option<String> = if flow.id.is_empty() {
+            None
+        } else {
+            sqlx::query_scalar("SELECT id FROM chat_flows WHERE id = ?")
+                .bind(&flow.id)
+                .fetch_optional(&mut *tx)
+                .await?
+        };
+        if taken.is_some() {
+            flow.id.clear();
+        }
+        flow.ensure_id();
+        let latest: Option<i64> = sqlx::query_scalar(
+            "SELECT MAX(version) FROM chat_flows WHERE service = ? AND name = ?",
+        )
+        .bind(&flow.service)
+        .bind(&flow.name)
+        .fetch_one(&mut *tx)
+        .await?;
+        if let Some(latest) = latest {
+            flow.version = flow.version.max(latest as u32 + 1);
+        }
+        sqlx::query("UPDATE chat_flows SET active = 0 WHERE service = ? AND name = ?")
+            .bind(&flow.service)
+            .bind(&flow.name)
+            .execute(&mut *tx)
+            .await?;
+        let json =
+            serde_json::to_string(&flow).map_err(|e| StoreError::Invalid(format!("flow: {e}")))?;
+        let now = now();
+        sqlx::query(
+            "INSERT INTO chat_flows (id, service, name, version, active, flow_json, created_at, updated_at)
+             VALUES (?, ?, ?, ?, 1, ?, ?, ?)",
+        )
+        .bind(&flow.id)
+        .bind(&flow.service)
+        .bind(&flow.name)
+        .bind(flow.version)
+        .bind(json)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(flow)
+    }
+
+    /// Active flows, or every version with `all`.
+    pub async fn flows(&self, all: bool) -> Result<Vec<StoredFlow>, StoreError> {
+        let sql = if all {
+            "SELECT * FROM chat_flows ORDER BY service, name, version DESC"
+        } else {
+            "SELECT * FROM chat_flows WHERE active = 1 ORDER BY service, name"
+        };
+        let rows = sqlx::query(sql).fetch_all(&self.pool).await?;
+        rows.iter().map(stored_flow).collect()
+    }
+
+    pub async fn flow(&self, id: &str) -> Result<StoredFlow, StoreError> {
+        let row = sqlx::query("SELECT * FROM chat_flows WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("flow `{id}`")))?;
+        stored_flow(&row)
+    }
+
+    /// The flow replay uses for `service`.
+    pub async fn active_flow(&self, service: &str) -> Result<Option<Flow>, StoreError> {
+        let row = sqlx::query(
+            "SELECT * FROM chat_flows WHERE service = ? AND name = 'chat' AND active = 1
+             ORDER BY version DESC LIMIT 1",
+        )
+        .bind(service)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| stored_flow(&r).map(|s| s.flow)).transpose()
+    }
+
+    /// Deletes one flow version. When it was the active one, the newest remaining version of
+    /// the same service becomes active.
+    pub async fn delete_flow(&self, id: &str) -> Result<StoredFlow, StoreError> {
+        let stored = self.flow(id).await?;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM chat_flows WHERE id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        if stored.active {
+            sqlx::query(
+                "UPDATE chat_flows SET active = 1 WHERE id = (SELECT id FROM chat_flows
+                 WHERE service = ? AND name = ? ORDER BY version DESC LIMIT 1)",
+            )
+            .bind(&stored.flow.service)
+            .bind(&stored.flow.name)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(stored)
+    }
+}
+
+/// A flow with its storage state.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StoredFlow {
+    pub active: bool,
+    pub created_at: i64,
+    #[serde(flatten)]
+    pub flow: Flow,
+}
+
+fn stored_flow(row: &sqlx::sqlite::SqliteRow) -> Result<StoredFlow, StoreError> {
+    let json: String = row.try_get("flow_json")?;
+    let id: String = row.try_get("id")?;
+    let flow: Flow = serde_json::from_str(&json)
+        .map_err(|e| StoreError::Invalid(format!("stored flow {id} does not parse: {e}")))?;
+    Ok(StoredFlow {
+        active: row.try_get::<i64, _>("active")? != 0,
+        created_at: row.try_get("created_at")?,
+        flow,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testing::store;
+
+    fn flow(service: &str) -> Flow {
+        Flow::from_json(&format!(
+            r#"{{"service":"{service}","request":{{"url":"/c"}},
+                "response":{{"transport":"json","text":{{"path":"/t","mode":"delta"}}}}}}"#
+        ))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn re_saving_keeps_the_previous_version_inactive() {
+        let (_dir, store) = store().await;
+        let first = store.save_flow(flow("svc")).await.unwrap();
+        let second = store.save_flow(flow("svc")).await.unwrap();
+        assert_eq!((first.version, second.version), (1, 2));
+        assert_ne!(first.id, second.id);
+        assert_eq!(
+            store.active_flow("svc").await.unwrap().unwrap().id,
+            second.id
+        );
+        assert_eq!(store.flows(false).await.unwrap().len(), 1);
+        assert_eq!(store.flows(true).await.unwrap().len(), 2);
+        store.delete_flow(&second.id).await.unwrap();
+        assert_eq!(
+            store.active_flow("svc").await.unwrap().unwrap().id,
+            first.id
+        );
+    }
+
+    #[tokio::test]
+    async fn importing_the_same_file_twice_gets_a_fresh_id() {
+        let (_dir, store) = store().await;
+        let mut f = flow("svc");
+        f.id = "f_fixed".into();
+        let a = store.save_flow(f.clone()).await.unwrap();
+        let b = store.save_flow(f).await.unwrap();
+        assert_eq!(a.id, "f_fixed");
+        assert_ne!(b.id, "f_fixed");
+    }
+}
