@@ -57,7 +57,35 @@ pub(crate) async fn handle(
     }
     let turn = state.next_turn(&request.conversation_id);
     let reply = reply_for_turn(shape, &request.prompt, turn);
-    respond(shape, state.config.token_delay, &request, &reply).await
+    let response = respond(shape, state.config.token_delay, &request, &reply).await;
+    // Count the reply as streaming until its body ends or the client drops it, so tests can
+    // see that a client going away cancels the stream here.
+    let (parts, body) = response.into_parts();
+    let tracked = Tracked {
+        inner: body.into_data_stream(),
+        guard: state.streams.start(),
+    };
+    Response::from_parts(parts, Body::from_stream(tracked))
+}
+
+struct Tracked<S> {
+    inner: S,
+    guard: super::state::StreamGuard,
+}
+
+impl<S: futures_util::Stream + Unpin> futures_util::Stream for Tracked<S> {
+    type Item = S::Item;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<S::Item>> {
+        let item = std::pin::Pin::new(&mut self.inner).poll_next(cx);
+        if let std::task::Poll::Ready(None) = item {
+            self.guard.finished = true;
+        }
+        item
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -38,6 +38,10 @@ pub(crate) fn routes(state: Shared) -> Router {
         .route(shape.chat_path(), post(chat::handle))
         .route("/__demo/expire-sessions", post(expire_sessions))
         .route("/__demo/revoke", post(revoke))
+        .route(
+            "/__demo/stats",
+            get(|State(state): State<Shared>| async move { axum::Json(state.streams.snapshot()) }),
+        )
         .with_state(state)
 }
 

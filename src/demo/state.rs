@@ -1,6 +1,7 @@
 //! The site's memory: sessions, conversations, rate-limit windows.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -8,6 +9,7 @@ use super::DemoConfig;
 
 pub(crate) struct AppState {
     pub config: DemoConfig,
+    pub streams: std::sync::Arc<StreamStats>,
     inner: Mutex<Inner>,
 }
 
@@ -48,6 +50,7 @@ impl AppState {
     pub fn new(config: DemoConfig) -> Self {
         Self {
             config,
+            streams: std::sync::Arc::default(),
             inner: Mutex::new(Inner::default()),
         }
     }
@@ -174,4 +177,48 @@ impl AppState {
 pub(crate) fn random_token(len: usize) -> String {
     let bytes: Vec<u8> = (0..len).map(|_| rand::random::<u8>()).collect();
     hex::encode(bytes)
+}
+
+/// Chat reply bodies: how many are streaming, ran to their end, or were dropped early.
+#[derive(Debug, Default)]
+pub(crate) struct StreamStats {
+    active: AtomicU64,
+    completed: AtomicU64,
+    cancelled: AtomicU64,
+}
+
+impl StreamStats {
+    pub fn start(self: &std::sync::Arc<Self>) -> StreamGuard {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        StreamGuard {
+            stats: self.clone(),
+            finished: false,
+        }
+    }
+
+    pub fn snapshot(&self) -> serde_json::Value {
+        serde_json::json!({
+            "active": self.active.load(Ordering::SeqCst),
+            "completed": self.completed.load(Ordering::SeqCst),
+            "cancelled": self.cancelled.load(Ordering::SeqCst),
+        })
+    }
+}
+
+/// Held by one reply body; records how it ended when dropped.
+pub(crate) struct StreamGuard {
+    stats: std::sync::Arc<StreamStats>,
+    pub finished: bool,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let ended = if self.finished {
+            &self.stats.completed
+        } else {
+            &self.stats.cancelled
+        };
+        ended.fetch_add(1, Ordering::SeqCst);
+        self.stats.active.fetch_sub(1, Ordering::SeqCst);
+    }
 }

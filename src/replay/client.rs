@@ -421,12 +421,25 @@ async fn check_status(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
     let challenge_header = response.headers().contains_key("cf-mitigated");
+    // Redirects are not followed: a redirect to a sign-in page means the session is gone.
+    let to_login = response
+        .headers()
+        .get(reqwest::header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|location| {
+            let lower = location.to_ascii_lowercase();
+            ["login", "signin", "sign-in", "sign_in", "auth"]
+                .iter()
+                .any(|word| lower.contains(word))
+        });
     let code = status.as_u16();
     let excerpt = read_excerpt(response).await;
     let is_challenge = challenge_header || looks_like_challenge(&excerpt);
     let kind = match code {
         _ if is_challenge && matches!(code, 403 | 429 | 503) => FailureKind::AntiBot,
         401 | 403 | 419 | 440 => FailureKind::Auth,
+        300..=399 if to_login => FailureKind::Auth,
+        300..=399 => FailureKind::FormatDrift,
         429 => FailureKind::RateLimit,
         500..=599 => FailureKind::Upstream,
         404 | 405 | 400 | 410 | 415 | 422 => FailureKind::FormatDrift,
@@ -437,7 +450,11 @@ async fn check_status(
         status: code,
         kind,
         retry_after,
-        detail: error_message(&excerpt),
+        detail: if to_login {
+            Some("redirected to the sign-in page".into())
+        } else {
+            error_message(&excerpt)
+        },
     })
 }
 
