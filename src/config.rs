@@ -25,6 +25,73 @@ pub struct Config {
     pub upstream_idle_timeout_secs: u64,
     /// `tracing` filter, e.g. `info` or `computetower=debug`.
     pub log: String,
+    /// Accept `URL: … | Email: … | Password: …` system messages that add accounts on the fly.
+    pub allow_inline_credentials: bool,
+    pub browser: BrowserSettings,
+    pub captcha: CaptchaSettings,
+    /// Page-understanding assist: an OpenAI-compatible vision endpoint (off when `url` is empty).
+    pub assist: AssistSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrowserSettings {
+    /// Account contexts open at once.
+    pub max_contexts: usize,
+    /// An account context unused this long is closed.
+    pub idle_timeout_secs: u64,
+    /// How credentials are typed: `paste`, `fast` or `human`.
+    pub typing: String,
+    /// Per-key delay range for `human` typing, in milliseconds.
+    pub human_delay_ms: [u64; 2],
+    /// Longest a whole login may take.
+    pub login_timeout_secs: u64,
+    /// Cap on a harvested session's lifetime.
+    pub max_session_hours: u64,
+    pub headless: bool,
+}
+
+impl Default for BrowserSettings {
+    fn default() -> Self {
+        Self {
+            max_contexts: 8,
+            idle_timeout_secs: 600,
+            typing: "paste".to_owned(),
+            human_delay_ms: [40, 160],
+            login_timeout_secs: 60,
+            max_session_hours: 24,
+            headless: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptchaSettings {
+    /// A command given the challenge as JSON on stdin; it prints the actions to take.
+    pub solver_command: Option<String>,
+    /// An HTTP endpoint taking and answering the same JSON.
+    pub solver_url: Option<String>,
+    /// How long a login waits for a person to solve a challenge at `/admin/sessions/{id}`.
+    pub human_timeout_secs: u64,
+}
+
+impl Default for CaptchaSettings {
+    fn default() -> Self {
+        Self {
+            solver_command: None,
+            solver_url: None,
+            human_timeout_secs: 300,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AssistSettings {
+    pub url: String,
+    pub api_key: String,
+    pub model: String,
 }
 
 impl Default for Config {
@@ -38,6 +105,10 @@ impl Default for Config {
             upstream_first_byte_timeout_secs: 120,
             upstream_idle_timeout_secs: 120,
             log: "info".to_owned(),
+            allow_inline_credentials: false,
+            browser: BrowserSettings::default(),
+            captcha: CaptchaSettings::default(),
+            assist: AssistSettings::default(),
         }
     }
 }
@@ -118,6 +189,19 @@ impl Config {
         if let Some(v) = env("COMPUTETOWER_LOG") {
             self.log = v;
         }
+        if let Some(v) = env("COMPUTETOWER_ALLOW_INLINE_CREDENTIALS") {
+            self.allow_inline_credentials = parse("COMPUTETOWER_ALLOW_INLINE_CREDENTIALS", &v)?;
+        }
+        if let Some(v) = env("COMPUTETOWER_CAPTCHA_HUMAN_TIMEOUT_SECS") {
+            self.captcha.human_timeout_secs = parse("COMPUTETOWER_CAPTCHA_HUMAN_TIMEOUT_SECS", &v)?;
+        }
+        if let Some(v) = env("COMPUTETOWER_CAPTCHA_SOLVER_COMMAND") {
+            self.captcha.solver_command = Some(v);
+        }
+        if let Some(v) = env("COMPUTETOWER_ASSIST_API_KEY") {
+            // The key is a secret: it is better kept out of the config file.
+            self.assist.api_key = v;
+        }
         Ok(())
     }
 
@@ -143,6 +227,18 @@ mod tests {
             .apply_env(|name| (name == "COMPUTETOWER_DATA").then(|| "/tmp/x".to_owned()))
             .unwrap();
         assert_eq!(config.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn nested_tables_parse_and_reject_unknown_keys() {
+        let config: Config =
+            toml::from_str("[browser]\ntyping = \"human\"\n[captcha]\nhuman_timeout_secs = 5")
+                .unwrap();
+        assert_eq!(config.browser.typing, "human");
+        assert_eq!(config.captcha.human_timeout_secs, 5);
+        assert_eq!(config.browser.max_contexts, 8);
+        let err = toml::from_str::<Config>("[browser]\nspeed = 1").unwrap_err();
+        assert!(err.to_string().contains("speed"), "{err}");
     }
 
     #[test]

@@ -18,6 +18,8 @@ use futures_util::{Stream, StreamExt};
 use url::Url;
 
 use crate::flow::Flow;
+use crate::inline::InlineCredentials;
+use crate::renew::{RenewError, Renewer};
 use crate::replay::client::{DeltaStream, FailureKind, ReplayError, Replayer, Target};
 use crate::replay::decode::Delta;
 use crate::replay::render::Prompt;
@@ -59,19 +61,20 @@ pub enum GatewayError {
     Store(#[from] StoreError),
 }
 
-/// An account ready to replay with.
+/// An account the service may use: with a usable session, or one a login can give it.
 #[derive(Debug)]
-struct Ready {
+struct Candidate {
     account: Account,
     base: Url,
-    session: Session,
+    session: Option<Session>,
     proxy: Option<String>,
 }
 
 #[derive(Debug)]
 struct ServiceState {
     flow: Arc<Flow>,
-    ready: Vec<Arc<Ready>>,
+    /// Accounts with a usable session first, then those that need a login.
+    candidates: Vec<Arc<Candidate>>,
     /// Why each unusable account is unusable.
     unusable: Vec<String>,
 }
@@ -80,15 +83,24 @@ pub struct Gateway {
     store: Store,
     replayer: Replayer,
     events: EventWriter,
+    renewer: Option<Arc<Renewer>>,
     services: moka::future::Cache<String, Arc<ServiceState>>,
 }
 
 impl Gateway {
-    pub fn new(store: Store, replayer: Replayer, events: EventWriter) -> Self {
+    /// `renewer` logs accounts in with the browser when their session is missing or rejected;
+    /// without it such accounts are reported unusable.
+    pub fn new(
+        store: Store,
+        replayer: Replayer,
+        events: EventWriter,
+        renewer: Option<Arc<Renewer>>,
+    ) -> Self {
         Self {
             store,
             replayer,
             events,
+            renewer,
             services: moka::future::Cache::builder()
                 .max_capacity(1024)
                 .time_to_live(SERVICE_TTL)
@@ -102,6 +114,10 @@ impl Gateway {
 
     pub fn events(&self) -> &EventWriter {
         &self.events
+    }
+
+    pub fn renewer(&self) -> Option<&Arc<Renewer>> {
+        self.renewer.as_ref()
     }
 
     /// Forgets cached state so the next request reads the store (after an admin change).
@@ -141,6 +157,7 @@ impl Gateway {
             .ok_or_else(|| GatewayError::NoFlow(model.to_owned()))?;
         let now = crate::store::now();
         let mut ready = Vec::new();
+        let mut need_login = Vec::new();
         let mut unusable = Vec::new();
         for account in accounts {
             if !account.enabled {
@@ -151,37 +168,121 @@ impl Gateway {
                 unusable.push(format!("account {} has an invalid URL", account.id));
                 continue;
             };
-            match self.store.latest_session(&account.id).await? {
-                Some(session) if session.is_usable(now) => {
-                    let proxy = self.store.account_proxy(&account.id).await?;
-                    ready.push(Arc::new(Ready {
-                        account,
-                        base,
-                        session,
-                        proxy,
-                    }));
-                }
-                Some(session) if !session.authenticated => unusable.push(format!(
-                    "the site rejected the session of account {}; log in again",
-                    account.id
-                )),
-                Some(_) => unusable.push(format!(
-                    "the session of account {} has expired; log in again",
-                    account.id
-                )),
-                None => unusable.push(format!(
-                    "account {} has no session; log in or import cookies",
-                    account.id
+            let session = self.store.latest_session(&account.id).await?;
+            let problem = match &session {
+                Some(s) if s.is_usable(now) => None,
+                Some(s) if !s.authenticated => Some("the site rejected its session"),
+                Some(_) => Some("its session has expired"),
+                None => Some("it has no session"),
+            };
+            let proxy = self.store.account_proxy(&account.id).await?;
+            match problem {
+                None => ready.push(Arc::new(Candidate {
+                    account,
+                    base,
+                    session,
+                    proxy,
+                })),
+                Some(_) if self.renewer.is_some() => need_login.push(Arc::new(Candidate {
+                    account,
+                    base,
+                    session: None,
+                    proxy,
+                })),
+                Some(problem) => unusable.push(format!(
+                    "account {}: {problem}; log in again (`computetower login {}`) or import cookies",
+                    account.id, account.id
                 )),
             }
         }
+        ready.extend(need_login);
         let state = Arc::new(ServiceState {
             flow: Arc::new(flow),
-            ready,
+            candidates: ready,
             unusable,
         });
         self.services.insert(model.to_owned(), state.clone()).await;
         Ok(state)
+    }
+
+    /// The service of the account that inline credentials name, creating the account (or
+    /// updating its password) as needed.
+    pub async fn inline_account(
+        &self,
+        credentials: &InlineCredentials,
+    ) -> Result<String, GatewayError> {
+        let url = crate::store::accounts::parse_site_url(&credentials.url)?;
+        let origin = url.origin();
+        let existing = self.store.accounts().await?.into_iter().find(|a| {
+            a.email.as_deref() == Some(credentials.email.as_str())
+                && Url::parse(&a.url).is_ok_and(|u| u.origin() == origin)
+        });
+        let account = match existing {
+            Some(account) => {
+                let stored = self.store.account_password(&account.id).await?;
+                if stored.as_deref() != Some(credentials.password.as_str()) {
+                    self.store
+                        .update_account(
+                            &account.id,
+                            crate::store::accounts::AccountUpdate {
+                                password: Some(credentials.password.clone()),
+                                ..Default::default()
+                            },
+                        )
+                        .await?;
+                    self.services.invalidate(&account.service).await;
+                }
+                account
+            }
+            None => {
+                let account = self
+                    .store
+                    .add_account(crate::store::accounts::NewAccount {
+                        url: credentials.url.clone(),
+                        service: None,
+                        email: Some(credentials.email.clone()),
+                        password: Some(credentials.password.clone()),
+                        proxy: None,
+                    })
+                    .await?;
+                self.services.invalidate(&account.service).await;
+                account
+            }
+        };
+        Ok(account.service)
+    }
+
+    /// A fresh session for `account` through the browser; `None` when there is no browser or
+    /// the login failed (the reason goes to `reasons`).
+    async fn relogin(
+        &self,
+        request_id: &str,
+        account: &Account,
+        stale: Option<&Session>,
+        reasons: &mut Vec<String>,
+    ) -> Result<Option<Session>, GatewayError> {
+        let Some(renewer) = &self.renewer else {
+            return Ok(None);
+        };
+        self.decide(
+            request_id,
+            &account.service,
+            &account.id,
+            FailureKind::Auth,
+            "relogin",
+        );
+        match renewer.renew(account, stale.map(|s| s.id.as_str())).await {
+            Ok(renewed) => {
+                self.services.invalidate(&account.service).await;
+                Ok(Some(renewed.session))
+            }
+            Err(RenewError::Store(e)) => Err(e.into()),
+            Err(e @ RenewError::Login { .. }) => {
+                tracing::warn!(request_id, account = %account.id, error = %e, "re-login failed");
+                reasons.push(e.to_string());
+                Ok(None)
+            }
+        }
     }
 
     /// Starts a reply. Returns once the site's first text (or its end) has arrived, so any
@@ -202,7 +303,7 @@ impl Gateway {
                 reason: format!("{reason}; the browser tiers are not available yet"),
             });
         }
-        if service.ready.is_empty() {
+        if service.candidates.is_empty() {
             return Err(GatewayError::NoUsableAccount {
                 service: name,
                 reason: service.unusable.join("; "),
@@ -211,20 +312,35 @@ impl Gateway {
         let mut reasons = service.unusable.clone();
         let mut rate_limited: Option<(String, Option<u64>)> = None;
         let no_conversation = BTreeMap::new();
-        for ready in &service.ready {
+        for candidate in &service.candidates {
+            let account = &candidate.account;
+            let mut relogged = false;
+            let mut session = match &candidate.session {
+                Some(session) => session.clone(),
+                None => {
+                    relogged = true;
+                    match self
+                        .relogin(request_id, account, None, &mut reasons)
+                        .await?
+                    {
+                        Some(session) => session,
+                        None => continue,
+                    }
+                }
+            };
             let mut attempt = 0;
             loop {
                 attempt += 1;
                 let target = Target {
-                    base: &ready.base,
-                    session: &ready.session.data,
-                    proxy: ready.proxy.as_deref(),
+                    base: &candidate.base,
+                    session: &session.data,
+                    proxy: candidate.proxy.as_deref(),
                     conversation: &no_conversation,
                 };
                 let result = match self.replayer.start(&service.flow, prompt, target).await {
                     Ok(replay) => {
                         if replay.jar_changed {
-                            self.keep_rotated_cookies(ready, replay.jar.cookies().to_vec());
+                            self.keep_rotated_cookies(&session, replay.jar.cookies().to_vec());
                         }
                         first_text(replay.deltas).await
                     }
@@ -239,14 +355,14 @@ impl Gateway {
                                 event: ExecutionEvent {
                                     request_id: request_id.to_owned(),
                                     service: name.clone(),
-                                    account_id: Some(ready.account.id.clone()),
+                                    account_id: Some(account.id.clone()),
                                     flow_id: Some(service.flow.id.clone()),
                                     tier: Some(1),
                                     outcome: "ok".into(),
                                     status: Some(200),
                                     ttft_ms: Some(started.elapsed().as_millis() as i64),
                                     latency_ms: None,
-                                    detail: None,
+                                    detail: relogged.then(|| "after a fresh login".to_owned()),
                                 },
                                 started,
                                 writer: self.events.clone(),
@@ -256,33 +372,44 @@ impl Gateway {
                     Err(e) => e,
                 };
                 let kind = error.kind();
-                self.record_failure(request_id, &name, &ready.account.id, &error, started);
+                self.record_failure(request_id, &name, &account.id, &error, started);
                 match kind {
                     FailureKind::Network if attempt < NETWORK_ATTEMPTS => {
-                        self.decide(request_id, &name, &ready.account.id, kind, "retry");
+                        self.decide(request_id, &name, &account.id, kind, "retry");
                         tokio::time::sleep(BACKOFF * 2u32.pow(attempt - 1)).await;
                     }
                     FailureKind::Upstream if attempt < 2 && is_status(&error) => {
-                        self.decide(request_id, &name, &ready.account.id, kind, "retry");
+                        self.decide(request_id, &name, &account.id, kind, "retry");
                     }
                     FailureKind::Auth => {
-                        self.store.mark_session_rejected(&ready.session.id).await?;
+                        self.store.mark_session_rejected(&session.id).await?;
                         self.services.invalidate(&name).await;
-                        self.decide(request_id, &name, &ready.account.id, kind, "next_account");
+                        if !relogged {
+                            relogged = true;
+                            if let Some(fresh) = self
+                                .relogin(request_id, account, Some(&session), &mut reasons)
+                                .await?
+                            {
+                                session = fresh;
+                                attempt = 0;
+                                continue;
+                            }
+                        }
+                        self.decide(request_id, &name, &account.id, kind, "next_account");
                         reasons.push(format!(
                             "the site rejected the session of account {} ({error}); log in again",
-                            ready.account.id
+                            account.id
                         ));
                         break;
                     }
                     FailureKind::RateLimit => {
-                        self.decide(request_id, &name, &ready.account.id, kind, "next_account");
+                        self.decide(request_id, &name, &account.id, kind, "next_account");
                         let retry_after = error.retry_after();
                         rate_limited = Some((error.to_string(), retry_after));
                         break;
                     }
                     _ => {
-                        self.decide(request_id, &name, &ready.account.id, kind, "fail");
+                        self.decide(request_id, &name, &account.id, kind, "fail");
                         return Err(GatewayError::Upstream {
                             service: name,
                             source: error,
@@ -305,10 +432,10 @@ impl Gateway {
     }
 
     /// Sites rotate cookies; keeping the new ones keeps the session alive.
-    fn keep_rotated_cookies(&self, ready: &Ready, cookies: Vec<crate::session::Cookie>) {
+    fn keep_rotated_cookies(&self, session: &Session, cookies: Vec<crate::session::Cookie>) {
         let store = self.store.clone();
-        let session_id = ready.session.id.clone();
-        let mut data = ready.session.data.clone();
+        let session_id = session.id.clone();
+        let mut data = session.data.clone();
         data.cookies = cookies;
         // Detached: a slow write must not delay the reply; failure only costs a cookie refresh.
         tokio::spawn(async move {

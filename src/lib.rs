@@ -3,12 +3,15 @@
 //! lives here. See README.md (Architecture) for the map.
 
 pub mod api;
+pub mod browser;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod flow;
 pub mod gateway;
+pub mod inline;
 pub mod openai;
+pub mod renew;
 pub mod replay;
 pub mod server;
 pub mod session;

@@ -7,8 +7,10 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 use crate::api::{self, AppState};
+use crate::browser::{AssistConfig, BrowserConfig, BrowserPool, CaptchaConfig, TypingMode};
 use crate::config::Config;
 use crate::gateway::Gateway;
+use crate::renew::Renewer;
 use crate::replay::client::{Replayer, Timeouts};
 use crate::store::Store;
 use crate::store::events::EventWriter;
@@ -83,10 +85,48 @@ pub fn app_state(config: Config, store: Store, events: EventWriter) -> AppState 
         idle: Duration::from_secs(config.upstream_idle_timeout_secs),
     });
     let keys = api::auth::KeyCheck::new(store.clone());
+    let renewer = Arc::new(Renewer::new(
+        BrowserPool::new(browser_config(&config)),
+        store.clone(),
+    ));
     AppState {
         config: Arc::new(config),
-        gateway: Arc::new(Gateway::new(store, replayer, events)),
+        gateway: Arc::new(Gateway::new(store, replayer, events, Some(renewer))),
         keys,
+    }
+}
+
+/// The browser layer's settings from the config. Chromium itself starts on first use.
+pub fn browser_config(config: &Config) -> BrowserConfig {
+    let b = &config.browser;
+    let typing = match b.typing.as_str() {
+        "fast" => TypingMode::Fast,
+        "human" => TypingMode::Human {
+            min_ms: b.human_delay_ms[0],
+            max_ms: b.human_delay_ms[1].max(b.human_delay_ms[0]),
+        },
+        _ => TypingMode::Paste,
+    };
+    let assist = (!config.assist.url.is_empty()).then(|| AssistConfig {
+        url: config.assist.url.clone(),
+        api_key: config.assist.api_key.clone(),
+        model: config.assist.model.clone(),
+    });
+    BrowserConfig {
+        chrome: config.chrome.clone(),
+        data_dir: config.data_dir.clone(),
+        max_contexts: b.max_contexts.max(1),
+        idle_timeout: Duration::from_secs(b.idle_timeout_secs),
+        typing,
+        login_timeout: Duration::from_secs(b.login_timeout_secs),
+        captcha: CaptchaConfig {
+            solver_command: config.captcha.solver_command.clone(),
+            solver_url: config.captcha.solver_url.clone(),
+            human_timeout: Duration::from_secs(config.captcha.human_timeout_secs),
+        },
+        assist,
+        headless: b.headless,
+        max_session: Duration::from_secs(b.max_session_hours * 3600),
     }
 }
 

@@ -206,16 +206,12 @@ async fn site_failures_map_to_429_502_and_503() {
     let json: Value = response.json().await.unwrap();
     assert_eq!(json["error"]["type"], "rate_limit_error");
 
-    // The site expires every session: its 401 marks the session rejected → 503.
-    http()
-        .post(format!("{}/__demo/expire-sessions", site.url))
-        .send()
-        .await
-        .unwrap();
+    // The site expires every session of an account that has no password to log in again
+    // with: its 401 marks the session rejected → 503 saying why.
     let site2 = demo_site("ndjson", &[]);
     let data2 = Data::new();
     let model2 = data2
-        .add_demo_account(&site2.url, "ndjson", "x@example.com")
+        .add_demo_account_cookies_only(&site2.url, "ndjson", "x@example.com")
         .await;
     let server2 = data2.serve(&[]);
     http()
@@ -226,7 +222,8 @@ async fn site_failures_map_to_429_502_and_503() {
     let (status, json) = post_chat(&server2.url, None, chat_body(&model2)).await;
     assert_eq!(status, 503, "{json}");
     assert_eq!(json["error"]["code"], "no_usable_account");
-    assert!(error_message(&json).contains("log in again"), "{json}");
+    let message = error_message(&json);
+    assert!(message.contains("no email or password"), "{json}");
 
     // The site is down → 502.
     drop(site);
@@ -263,7 +260,8 @@ async fn account_without_session_is_503() {
     let server = data.serve(&[]);
     let (status, json) = post_chat(&server.url, None, chat_body("nosession")).await;
     assert_eq!(status, 503, "{json}");
-    assert!(error_message(&json).contains("no session"), "{json}");
+    // It has no session, so the browser tries to log in, and says why that failed.
+    assert!(error_message(&json).contains("login to account"), "{json}");
 }
 
 #[tokio::test]

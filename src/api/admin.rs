@@ -8,7 +8,7 @@ use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -27,7 +27,7 @@ pub fn routes() -> Router<AppState> {
                 .patch(update_account)
                 .delete(remove_account),
         )
-        .route("/admin/sessions", get(list_sessions))
+        .route("/admin/accounts/{id}/login", post(login_account))
         .route("/admin/flows", get(list_flows).post(import_flow))
         .route("/admin/flows/{id}", get(show_flow).delete(delete_flow))
         .route("/admin/events", get(recent_events))
@@ -128,9 +128,34 @@ async fn remove_account(
     Ok(Json(json!({ "id": account.id, "deleted": true })).into_response())
 }
 
-async fn list_sessions(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let sessions = state.gateway.store().sessions().await?;
-    Ok(Json(json!({ "object": "list", "data": sessions })).into_response())
+/// Logs the account in with the browser now. While a captcha waits for a person, the login
+/// is listed under `/admin/sessions` (`live`).
+async fn login_account(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let store = state.gateway.store();
+    let account = store.account(&id).await?;
+    let renewer = state
+        .gateway
+        .renewer()
+        .ok_or_else(|| ApiError::not_found("The browser is not enabled on this server."))?;
+    let renewed = renewer.renew(&account, None).await.map_err(|e| match e {
+        crate::renew::RenewError::Store(e) => ApiError::from(e),
+        login => ApiError::bad_gateway(login.to_string()).code("login_failed"),
+    })?;
+    state.gateway.invalidate();
+    let session = crate::store::sessions::SessionSummary::from(&renewed.session);
+    let outcome = renewed.outcome.map(|o| {
+        json!({
+            "pages": o.page_kinds.iter().map(|k| k.as_str()).collect::<Vec<_>>(),
+            "elapsed_ms": o.elapsed.as_millis() as u64,
+        })
+    });
+    Ok(
+        Json(json!({ "account_id": account.id, "session": session, "login": outcome }))
+            .into_response(),
+    )
 }
 
 #[derive(Debug, Deserialize)]

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod auth;
 pub mod error;
 pub mod openai;
+pub mod sessions;
 
 use std::sync::Arc;
 
@@ -52,6 +53,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(openai::models))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .merge(admin::routes())
+        .merge(sessions::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(layers)

@@ -127,7 +127,18 @@ pub async fn chat_completions(
     body: Body,
 ) -> Result<Response, ApiError> {
     let bytes = read_body(body, &headers, state.config.max_body_bytes).await?;
-    let request: ChatRequest = parse_json(&bytes)?;
+    let mut request: ChatRequest = parse_json(&bytes)?;
+    // Taken out first, so the password is never logged, stored or sent to a site.
+    if let Some(credentials) = crate::inline::take(&mut request.messages) {
+        if !state.config.allow_inline_credentials {
+            return Err(ApiError::bad_request(
+                "This request carries inline credentials (`URL: … | Email: … | Password: …`), \
+                 which this server does not accept; add the account with `computetower account add`.",
+            )
+            .code("inline_credentials_disabled"));
+        }
+        request.model = state.gateway.inline_account(&credentials).await?;
+    }
     let prompt = prompt_from(&request)?;
     let request_id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let reply = state.gateway.chat(&prompt, &request_id).await?;

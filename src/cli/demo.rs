@@ -1,6 +1,6 @@
 //! `computetower demo`: the whole job on the built-in demo site, in one process — start the
-//! site, log in, store the session sealed, install the flow, serve the OpenAI API, and answer
-//! one streamed request, checking it against the site's own reply.
+//! site, log in with Chromium, store the session sealed, install the flow, serve the OpenAI
+//! API, and answer one streamed request, checking it against the site's own reply.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -11,9 +11,8 @@ use futures_util::StreamExt;
 
 use super::CliResult;
 use crate::config::Config;
-use crate::demo::{DemoConfig, Shape};
+use crate::demo::{DemoConfig, LoginPattern, Shape};
 use crate::flow::Flow;
-use crate::session::{Cookie, SessionData};
 use crate::store::accounts::NewAccount;
 
 #[derive(Debug, clap::Args)]
@@ -21,6 +20,9 @@ pub struct DemoArgs {
     /// Which internal API shape the demo site speaks.
     #[arg(long, default_value = "openai")]
     shape: Shape,
+    /// How the demo site's login looks: direct, landing, two-step, open.
+    #[arg(long, default_value = "direct")]
+    login: LoginPattern,
     /// The message to send.
     #[arg(long, default_value = "Explain in one line what ComputeTower does.")]
     prompt: String,
@@ -69,6 +71,7 @@ pub async fn run(args: DemoArgs, mut config: Config) -> CliResult {
     let site = format!("http://{}/", site_listener.local_addr()?);
     let demo_config = DemoConfig {
         shape: args.shape,
+        login: args.login,
         token_delay: Duration::from_millis(args.token_delay_ms),
         ..Default::default()
     };
@@ -76,35 +79,6 @@ pub async fn run(args: DemoArgs, mut config: Config) -> CliResult {
     tokio::spawn(crate::demo::serve(site_listener, demo_config));
     eprintln!("    {site}");
 
-    step(&format!("logging in as {EMAIL} (the site's JSON login)"));
-    let login = crate::demo::json_login(&site, EMAIL, &password).await?;
-    let host = url::Url::parse(&site)?
-        .host_str()
-        .unwrap_or("127.0.0.1")
-        .to_owned();
-    let session = SessionData {
-        cookies: login
-            .cookies
-            .into_iter()
-            .map(|(name, value)| Cookie {
-                name,
-                value,
-                domain: host.clone(),
-                path: "/".into(),
-                expires: None,
-                secure: false,
-                http_only: true,
-                host_only: true,
-            })
-            .collect(),
-        local_storage: login.local_storage.into_iter().collect(),
-        ..Default::default()
-    };
-
-    step(&format!(
-        "storing the account and its session, sealed, in {}",
-        config.data_dir.display()
-    ));
     let store = crate::server::open_store(&config).await?;
     let service = format!("demo-{}", args.shape);
     let account = store
@@ -116,12 +90,29 @@ pub async fn run(args: DemoArgs, mut config: Config) -> CliResult {
             proxy: None,
         })
         .await?;
-    store
-        .save_session(&account.id, &session, "login", None)
-        .await?;
     let flow = store
         .save_flow(Flow::from_json(flow_text(args.shape))?)
         .await?;
+    let (events, _writer) = crate::store::events::EventWriter::start(store.clone());
+    let state = crate::server::app_state(config.clone(), store, events);
+    let Some(renewer) = state.gateway.renewer().cloned() else {
+        return Err("the browser is not available".into());
+    };
+
+    step(&format!(
+        "logging in as {EMAIL} with Chromium (`{}` login pages)",
+        args.login
+    ));
+    let renewed = renewer.renew(&account, None).await?;
+    if let Some(outcome) = &renewed.outcome {
+        let pages: Vec<&str> = outcome.page_kinds.iter().map(|k| k.as_str()).collect();
+        eprintln!(
+            "    {} in {} ms; session sealed in {}",
+            pages.join(" → "),
+            outcome.elapsed.as_millis(),
+            config.data_dir.display()
+        );
+    }
     eprintln!(
         "    flow {}: {} {} → {:?}",
         flow.id, flow.request.method, flow.request.url, flow.response.transport
@@ -130,8 +121,7 @@ pub async fn run(args: DemoArgs, mut config: Config) -> CliResult {
     step("serving the OpenAI API");
     let listener = tokio::net::TcpListener::bind(args.bind).await?;
     let addr = listener.local_addr()?;
-    let (events, _writer) = crate::store::events::EventWriter::start(store.clone());
-    let app = crate::api::router(crate::server::app_state(config, store, events));
+    let app = crate::api::router(state.clone());
     tokio::spawn(async move { axum::serve(listener, app).await });
     eprintln!("    http://{addr}/v1  (model `{service}`)");
 
@@ -156,6 +146,7 @@ pub async fn run(args: DemoArgs, mut config: Config) -> CliResult {
         );
         tokio::signal::ctrl_c().await?;
     }
+    renewer.pool().shutdown().await;
     Ok(())
 }
 

@@ -5,6 +5,7 @@ mod accounts;
 mod demo;
 mod flows;
 mod keys;
+mod login;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -57,6 +58,16 @@ pub enum Command {
         /// Chat calls allowed per account per minute.
         #[arg(long)]
         rate_limit: Option<u32>,
+        /// How a browser logs in: direct, landing, two-step, open or captcha.
+        #[arg(long, default_value = "direct")]
+        login: crate::demo::LoginPattern,
+    },
+    /// Log an account in with the browser and store its session.
+    Login {
+        /// Account id, or a service name with a single account.
+        account: String,
+        #[arg(long)]
+        json: bool,
     },
     /// Manage accounts (a site URL plus credentials or cookies).
     #[command(subcommand)]
@@ -117,6 +128,7 @@ async fn dispatch(command: Command, mut config: Config) -> CliResult {
             token_delay_ms,
             session_ttl_secs,
             rate_limit,
+            login,
         } => {
             let listener = tokio::net::TcpListener::bind(bind).await?;
             println!(
@@ -128,10 +140,12 @@ async fn dispatch(command: Command, mut config: Config) -> CliResult {
                 token_delay: std::time::Duration::from_millis(token_delay_ms),
                 session_ttl: session_ttl_secs.map(std::time::Duration::from_secs),
                 rate_limit,
+                login,
                 ..Default::default()
             };
             crate::demo::serve(listener, config).await?;
         }
+        Command::Login { account, json } => login::run(&account, json, &config).await?,
         Command::Account(cmd) => accounts::run(cmd, &config).await?,
         Command::Flows(cmd) => flows::run(cmd, &config).await?,
         Command::Keys(cmd) => keys::run(cmd, &config).await?,
@@ -143,9 +157,16 @@ fn init_tracing(config: &Config, server: bool) {
     use tracing_subscriber::EnvFilter;
     // Commands that print results keep stderr for warnings; servers log at the config's level.
     let default = if server { config.log.as_str() } else { "warn" };
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(default))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    // The browser crates log CDP traffic (typed passwords, cookie values) at trace level:
+    // their directives are always appended, whatever the user's filter says.
+    let requested = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| default.to_owned());
+    let directives = format!("{requested},{}", crate::browser::LOG_FILTER_DIRECTIVES);
+    let filter = EnvFilter::try_new(&directives).unwrap_or_else(|_| {
+        EnvFilter::new(format!("info,{}", crate::browser::LOG_FILTER_DIRECTIVES))
+    });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

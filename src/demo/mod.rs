@@ -3,10 +3,14 @@
 //!
 //! It behaves on the wire like real chat sites do, in one of several [`Shape`]s (OpenAI-like
 //! SSE deltas, ChatGPT-like JSON patches, Qwen-like cumulative SSE, NDJSON, tRPC-like numbered
-//! lines, a plain JSON answer, Connect-like length-prefixed frames). Whatever the shape:
+//! lines, a plain JSON answer, Connect-like length-prefixed frames), behind one of several
+//! [`LoginPattern`]s (a login form, a landing page, a two-step form, no login, a captcha).
+//! Whatever the shape:
+//! - An account's URL is the site root; from there a browser reaches `/chat` by generic means.
 //! - `GET /login` is an HTML login form; `POST /login` sets the HttpOnly [`SESSION_COOKIE`] and
 //!   a page whose script stores the bearer token in `localStorage[`[`TOKEN_KEY`]`]`, then goes
-//!   to `/chat`. `POST /api/login` does the same for scripts, answering `{"token": …}`.
+//!   to `/chat` (for [`LoginPattern::Captcha`], after the challenge). `POST /api/login` does
+//!   the same for scripts, answering `{"token": …}`.
 //! - `GET /chat` is the chat page, with the per-session CSRF token in
 //!   `<meta name="csrf-token" content="…">`; its script creates a conversation (the preflight),
 //!   then calls the shape's chat endpoint with `authorization: Bearer …` and `x-csrf-token`,
@@ -14,7 +18,8 @@
 //! - The API answers 401 (no, expired or revoked session; bad bearer), 403 (bad CSRF token),
 //!   404 (unknown conversation), 429 with `Retry-After` (rate limit) and 400 (bad body) with
 //!   `{"error":{"message","code"}}`.
-//! - `/__demo/expire-sessions` and `/__demo/revoke?email=…` let tests break sessions.
+//! - `/__demo/expire-sessions` and `/__demo/revoke?email=…` let tests break sessions;
+//!   `/__demo/captcha` tells them where to click on the latest captcha challenge.
 //!
 //! The reply is deterministic ([`reply_for`]), so tests compare decoded text with it exactly.
 
@@ -133,10 +138,110 @@ impl FromStr for Shape {
     }
 }
 
+/// How a visitor gets from the site root (an account's URL, `http://HOST:PORT/`) to a
+/// logged-in chat page. Every pattern uses the same session cookie, bearer token and chat API;
+/// only the pages in front of `/chat` differ.
+///
+/// The pages are meant for a generic login bot, so nothing depends on ids: fields carry
+/// `<label>`s, `type` and `autocomplete` (`username` / `current-password`), controls are
+/// `<button>`s named by their visible text, and a refused password shows
+/// `<p class="error" id="login-error" role="alert">Incorrect email or password.</p>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum LoginPattern {
+    /// `GET /` redirects to `/login`, one form with email, password and a "Continue" button.
+    #[default]
+    Direct,
+    /// `GET /` is a marketing page (hero, features, "Pricing" and "Blog" links) with a
+    /// "Log in" `<button>` whose script goes to `/login` (the one-page form), and a "Sign up"
+    /// button that leads to `/signup` ("Sign-ups are closed").
+    Landing,
+    /// `GET /` redirects to `/login`: an email field and a "Continue" button (posting to
+    /// `/login/email`), then a page with the email read-only, a password field and a
+    /// "Sign in" button (posting to `/login`).
+    TwoStep,
+    /// No login: `GET /` redirects to `/chat`, which gives a visitor without a session an
+    /// anonymous one (the same cookie; the page stores the token under [`TOKEN_KEY`]).
+    Open,
+    /// Like [`LoginPattern::Direct`], but a correct password leads to a "Verify you are human"
+    /// page first: a canvas at a fixed place (see [`CAPTCHA_BOX`]) showing a green circle to
+    /// click. `GET /__demo/captcha` tells tests where it is.
+    Captcha,
+}
+
+impl LoginPattern {
+    pub const ALL: [LoginPattern; 5] = [
+        LoginPattern::Direct,
+        LoginPattern::Landing,
+        LoginPattern::TwoStep,
+        LoginPattern::Open,
+        LoginPattern::Captcha,
+    ];
+
+    /// The kebab-case name (`direct`, `landing`, `two-step`, `open`, `captcha`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoginPattern::Direct => "direct",
+            LoginPattern::Landing => "landing",
+            LoginPattern::TwoStep => "two-step",
+            LoginPattern::Open => "open",
+            LoginPattern::Captcha => "captcha",
+        }
+    }
+}
+
+impl fmt::Display for LoginPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for LoginPattern {
+    type Err = DemoError;
+
+    /// Parses the kebab-case name, case-insensitively; `_` may stand for `-` (`two_step`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let wanted = s.trim().to_ascii_lowercase().replace('_', "-");
+        LoginPattern::ALL
+            .into_iter()
+            .find(|pattern| pattern.as_str() == wanted)
+            .ok_or_else(|| {
+                let known: Vec<&str> = LoginPattern::ALL.iter().map(|p| p.as_str()).collect();
+                DemoError::UnknownLogin(format!("`{s}` (known: {})", known.join(", ")))
+            })
+    }
+}
+
+/// Where the captcha pattern's challenge box sits on its page, in CSS pixels from the top-left
+/// corner of the document (= of the viewport at scroll 0): the box is absolutely positioned
+/// there and the page is short enough never to scroll.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CaptchaBox {
+    pub left: u32,
+    pub top: u32,
+    pub width: u32,
+    pub height: u32,
+    /// Radius of the green target circle; a click within it (box coordinates) passes.
+    pub target_radius: u32,
+}
+
+/// The captcha challenge box: 300×200 at (40, 120), target circles 40px across.
+pub const CAPTCHA_BOX: CaptchaBox = CaptchaBox {
+    left: 40,
+    top: 120,
+    width: 300,
+    height: 200,
+    target_radius: 20,
+};
+
+/// Unsolved captcha challenges are forgotten this long after they were shown.
+pub const CAPTCHA_TTL: Duration = Duration::from_secs(10 * 60);
+
 /// How the demo site behaves.
 #[derive(Debug, Clone)]
 pub struct DemoConfig {
     pub shape: Shape,
+    /// What stands between the site root and the chat page.
+    pub login: LoginPattern,
     /// Delay between streamed tokens (for `json`, the total delay is this times the tokens).
     pub token_delay: Duration,
     /// Sessions expire this long after login (`None` = never); the API then answers 401.
@@ -151,6 +256,7 @@ impl Default for DemoConfig {
     fn default() -> Self {
         Self {
             shape: Shape::Openai,
+            login: LoginPattern::Direct,
             token_delay: Duration::from_millis(20),
             session_ttl: None,
             rate_limit: None,
@@ -249,6 +355,8 @@ pub struct DemoLogin {
 pub enum DemoError {
     #[error("unknown demo shape {0}")]
     UnknownShape(String),
+    #[error("unknown demo login pattern {0}")]
+    UnknownLogin(String),
     #[error("bad demo site URL `{0}`")]
     BadUrl(String),
     #[error("demo login request failed: {0}")]
@@ -272,31 +380,36 @@ pub(crate) fn http_client() -> Result<reqwest::Client, DemoError> {
         .map_err(|e| DemoError::Http(e.to_string()))
 }
 
-/// Logs in through `POST /api/login` the way a script would, and returns what the browser
-/// login would leave: the cookies the site set and the bearer token under [`TOKEN_KEY`].
+/// Logs in the way a script would and returns what the browser login would leave: the cookies
+/// the site set and the bearer token under [`TOKEN_KEY`].
+///
+/// For every pattern with a password this is `POST /api/login`, which — like the API login of
+/// many real sites — skips what the browser pages put in front: the landing page, the two
+/// steps and the captcha challenge ([`LoginPattern::Captcha`] is *not* enforced here).
+/// For [`LoginPattern::Open`], recognized by `GET /chat` handing out a session without any
+/// login, it returns that anonymous session, and `email` and `password` are unused.
 pub async fn json_login(
     base_url: &str,
     email: &str,
     password: &str,
 ) -> Result<DemoLogin, DemoError> {
     let base = url::Url::parse(base_url).map_err(|_| DemoError::BadUrl(base_url.to_owned()))?;
-    let url = base
-        .join("/api/login")
-        .map_err(|_| DemoError::BadUrl(base_url.to_owned()))?;
-    let response = http_client()?
-        .post(url)
+    let join = |path: &str| {
+        base.join(path)
+            .map_err(|_| DemoError::BadUrl(base_url.to_owned()))
+    };
+    let client = http_client()?;
+    if let Some(login) = anonymous_login(&client, join("/chat")?).await? {
+        return Ok(login);
+    }
+    let response = client
+        .post(join("/api/login")?)
         .json(&serde_json::json!({ "email": email, "password": password }))
         .send()
         .await
         .map_err(|e| DemoError::Http(e.to_string()))?;
     let status = response.status();
-    let cookies: Vec<(String, String)> = response
-        .headers()
-        .get_all(reqwest::header::SET_COOKIE)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .filter_map(parse_set_cookie)
-        .collect();
+    let cookies = response_cookies(&response);
     let body: serde_json::Value = response
         .json()
         .await
@@ -325,6 +438,45 @@ pub async fn json_login(
         cookies,
         local_storage: vec![(TOKEN_KEY.to_owned(), token.to_owned())],
     })
+}
+
+/// The anonymous session `GET /chat` hands out when the site needs no login (`Ok(None)` when
+/// it redirects to a login page instead).
+async fn anonymous_login(
+    client: &reqwest::Client,
+    chat_url: url::Url,
+) -> Result<Option<DemoLogin>, DemoError> {
+    let response = client
+        .get(chat_url)
+        .send()
+        .await
+        .map_err(|e| DemoError::Http(e.to_string()))?;
+    let cookies = response_cookies(&response);
+    if !response.status().is_success() || !cookies.iter().any(|(name, _)| name == SESSION_COOKIE) {
+        return Ok(None);
+    }
+    let html = response
+        .text()
+        .await
+        .map_err(|e| DemoError::Http(e.to_string()))?;
+    let token = site::bootstrap_token(&html).ok_or_else(|| {
+        DemoError::BadResponse("the anonymous chat page carries no session token".into())
+    })?;
+    Ok(Some(DemoLogin {
+        cookies,
+        local_storage: vec![(TOKEN_KEY.to_owned(), token)],
+    }))
+}
+
+/// `(name, value)` of every cookie a response sets.
+fn response_cookies(response: &reqwest::Response) -> Vec<(String, String)> {
+    response
+        .headers()
+        .get_all(reqwest::header::SET_COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .filter_map(parse_set_cookie)
+        .collect()
 }
 
 /// `name=value; Path=/; …` → `(name, value)`.

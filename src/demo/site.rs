@@ -11,11 +11,18 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::state::{AppState, Session, SessionProblem};
-use super::{CSRF_HEADER, DEVICE_COOKIE, SESSION_COOKIE, TOKEN_KEY, chat};
+use super::state::{AppState, Challenge, ClickOutcome, Session, SessionProblem};
+use super::{
+    CAPTCHA_BOX, CSRF_HEADER, DEVICE_COOKIE, LoginPattern, SESSION_COOKIE, TOKEN_KEY, chat,
+};
 
 const LANDING_HTML: &str = include_str!("assets/landing.html");
+const INFO_HTML: &str = include_str!("assets/info.html");
 const LOGIN_HTML: &str = include_str!("assets/login.html");
+const LOGIN_EMAIL_HTML: &str = include_str!("assets/login_email.html");
+const LOGIN_PASSWORD_HTML: &str = include_str!("assets/login_password.html");
+const CHALLENGE_HTML: &str = include_str!("assets/challenge.html");
+const CHALLENGE_JS: &str = include_str!("assets/challenge.js");
 const LOGGED_IN_HTML: &str = include_str!("assets/logged_in.html");
 const CHAT_HTML: &str = include_str!("assets/chat.html");
 const CHAT_JS: &str = include_str!("assets/chat.js");
@@ -26,18 +33,27 @@ pub(crate) type Shared = Arc<AppState>;
 pub(crate) fn routes(state: Shared) -> Router {
     let shape = state.config.shape;
     Router::new()
-        .route("/", get(landing))
+        .route("/", get(root))
+        .route("/signup", get(signup))
+        .route("/blog", get(blog))
         .route("/login", get(login_page).post(login_form))
+        .route("/login/email", post(login_email))
+        .route(
+            "/login/challenge",
+            get(challenge_page).post(challenge_click),
+        )
         .route("/logout", get(logout))
         .route("/api/login", post(login_json))
         .route("/chat", get(chat_page))
         .route("/static/chat.js", get(chat_js))
+        .route("/static/challenge.js", get(challenge_js))
         .route("/static/style.css", get(style_css))
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .route(shape.create_conversation_path(), post(create_conversation))
         .route(shape.chat_path(), post(chat::handle))
         .route("/__demo/expire-sessions", post(expire_sessions))
         .route("/__demo/revoke", post(revoke))
+        .route("/__demo/captcha", get(latest_captcha))
         .route(
             "/__demo/stats",
             get(|State(state): State<Shared>| async move { axum::Json(state.streams.snapshot()) }),
@@ -189,28 +205,81 @@ fn no_store() -> [(header::HeaderName, &'static str); 1] {
 // ---------------------------------------------------------------------------------------------
 // Pages
 
-async fn landing() -> Html<&'static str> {
-    Html(LANDING_HTML)
+/// `GET /`: where a visitor starts, per [`LoginPattern`].
+async fn root(State(state): State<Shared>, headers: HeaderMap) -> Response {
+    let logged_in = cookie(&headers, SESSION_COOKIE).is_some_and(|sid| state.session(&sid).is_ok());
+    match state.config.login {
+        LoginPattern::Landing => (no_store(), Html(LANDING_HTML)).into_response(),
+        LoginPattern::Open => Redirect::to("/chat").into_response(),
+        LoginPattern::Direct | LoginPattern::TwoStep | LoginPattern::Captcha => {
+            Redirect::to(if logged_in { "/chat" } else { "/login" }).into_response()
+        }
+    }
 }
 
-fn render_login(email: &str, error: Option<&str>) -> Html<String> {
-    let error_html = error
+fn info_page(title: &str, text: &str) -> Html<String> {
+    Html(
+        INFO_HTML
+            .replace("{{TITLE}}", &escape_html(title))
+            .replace("{{TEXT}}", &escape_html(text)),
+    )
+}
+
+async fn signup() -> Html<String> {
+    info_page(
+        "Sign-ups are closed",
+        "Demo Chat is invite-only for now. Please check back later.",
+    )
+}
+
+async fn blog() -> Html<String> {
+    info_page("Blog", "No posts yet. Stay tuned!")
+}
+
+fn error_html(error: Option<&str>) -> String {
+    error
         .map(|e| {
             format!(
                 r#"<p class="error" id="login-error" role="alert">{}</p>"#,
                 escape_html(e)
             )
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// The one-page form (email and password).
+fn render_login(email: &str, error: Option<&str>) -> Html<String> {
     Html(
         LOGIN_HTML
-            .replace("{{ERROR}}", &error_html)
+            .replace("{{ERROR}}", &error_html(error))
             .replace("{{EMAIL}}", &escape_html(email)),
     )
 }
 
-async fn login_page() -> impl IntoResponse {
-    (no_store(), render_login("", None))
+/// The two-step pattern's first step (email only).
+fn render_email_step(email: &str, error: Option<&str>) -> Html<String> {
+    Html(
+        LOGIN_EMAIL_HTML
+            .replace("{{ERROR}}", &error_html(error))
+            .replace("{{EMAIL}}", &escape_html(email)),
+    )
+}
+
+/// The two-step pattern's second step (email read-only, password).
+fn render_password_step(email: &str, error: Option<&str>) -> Html<String> {
+    Html(
+        LOGIN_PASSWORD_HTML
+            .replace("{{ERROR}}", &error_html(error))
+            .replace("{{EMAIL}}", &escape_html(email)),
+    )
+}
+
+async fn login_page(State(state): State<Shared>) -> Response {
+    let page = match state.config.login {
+        LoginPattern::TwoStep => render_email_step("", None),
+        _ => render_login("", None),
+    };
+    (no_store(), page).into_response()
 }
 
 /// Email and password from a form-encoded body.
@@ -228,24 +297,195 @@ fn form_fields(body: &[u8]) -> (String, String) {
 }
 
 const BAD_LOGIN: &str = "Incorrect email or password.";
+const BAD_EMAIL: &str = "Enter a valid email address.";
 
-async fn login_form(State(state): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    let (email, password) = form_fields(&body);
-    if email.is_empty() || password != state.config.password {
+/// Whether `email` looks like one (something@something).
+fn plausible_email(email: &str) -> bool {
+    email
+        .split_once('@')
+        .is_some_and(|(user, domain)| !user.is_empty() && !domain.is_empty())
+        && !email.chars().any(char::is_whitespace)
+}
+
+/// `POST /login/email`: the two-step pattern's first step; answers the password step.
+async fn login_email(body: Bytes) -> Response {
+    let (email, _) = form_fields(&body);
+    if !plausible_email(&email) {
         return (
-            StatusCode::UNAUTHORIZED,
+            StatusCode::UNPROCESSABLE_ENTITY,
             no_store(),
-            render_login(&email, Some(BAD_LOGIN)),
+            render_email_step(&email, Some(BAD_EMAIL)),
         )
             .into_response();
     }
-    let (sid, session) = state.login(&email);
+    (no_store(), render_password_step(&email, None)).into_response()
+}
+
+/// The page a successful login answers: it stores the bearer token and goes to `/chat`.
+fn logged_in(state: &AppState, email: &str, headers: &HeaderMap) -> Response {
+    let (sid, session) = state.login(email);
     let token_js = serde_json::to_string(&session.token).unwrap_or_else(|_| "\"\"".into());
     let key_js = serde_json::to_string(TOKEN_KEY).unwrap_or_else(|_| "\"\"".into());
     let page = LOGGED_IN_HTML
         .replace("{{TOKEN_KEY}}", &key_js)
         .replace("{{TOKEN}}", &token_js);
-    (set_cookies(&sid, &headers), no_store(), Html(page)).into_response()
+    (set_cookies(&sid, headers), no_store(), Html(page)).into_response()
+}
+
+async fn login_form(State(state): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let (email, password) = form_fields(&body);
+    if email.is_empty() || password != state.config.password {
+        let page = match state.config.login {
+            LoginPattern::TwoStep if !email.is_empty() => {
+                render_password_step(&email, Some(BAD_LOGIN))
+            }
+            LoginPattern::TwoStep => render_email_step(&email, Some(BAD_LOGIN)),
+            _ => render_login(&email, Some(BAD_LOGIN)),
+        };
+        return (StatusCode::UNAUTHORIZED, no_store(), page).into_response();
+    }
+    if state.config.login == LoginPattern::Captcha {
+        let (id, challenge) = state.new_challenge(&email);
+        return (no_store(), render_challenge(&id, &challenge)).into_response();
+    }
+    logged_in(&state, &email, &headers)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Captcha
+
+/// JSON for an inline `<script type="application/json">`: `<` escaped so that no `</script>`
+/// can end it early.
+fn script_json(value: &serde_json::Value) -> String {
+    value.to_string().replace('<', "\\u003c")
+}
+
+/// The challenge page: the box absolutely positioned at [`CAPTCHA_BOX`]'s place.
+fn render_challenge(id: &str, challenge: &Challenge) -> Html<String> {
+    let r = CAPTCHA_BOX.target_radius;
+    let mut shapes: Vec<serde_json::Value> = challenge
+        .decoys
+        .iter()
+        .map(|&(x, y, color)| json!({ "x": x, "y": y, "r": r, "color": color }))
+        .collect();
+    let (x, y) = challenge.target;
+    let at = (x as usize + y as usize) % (shapes.len() + 1);
+    shapes.insert(at, json!({ "x": x, "y": y, "r": r, "color": "#12b76a" }));
+    let data = json!({ "id": id, "token_key": TOKEN_KEY, "shapes": shapes });
+    let b = CAPTCHA_BOX;
+    Html(
+        CHALLENGE_HTML
+            .replace("{{LEFT}}", &b.left.to_string())
+            .replace("{{TOP}}", &b.top.to_string())
+            .replace("{{WIDTH}}", &b.width.to_string())
+            .replace("{{HEIGHT}}", &b.height.to_string())
+            .replace("{{BELOW}}", &(b.top + b.height + 16).to_string())
+            .replace("{{DATA}}", &script_json(&data)),
+    )
+}
+
+#[derive(Deserialize)]
+struct ChallengeQuery {
+    id: Option<String>,
+}
+
+/// `GET /login/challenge?id=…`: the challenge page again (a reload); `/login` once it is gone.
+async fn challenge_page(State(state): State<Shared>, Query(q): Query<ChallengeQuery>) -> Response {
+    let id = q.id.unwrap_or_default();
+    match state.challenge(&id) {
+        Some(challenge) => (no_store(), render_challenge(&id, &challenge)).into_response(),
+        None => Redirect::to("/login").into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct Click {
+    id: String,
+    x: f64,
+    y: f64,
+}
+
+/// A click from a JSON body `{"id","x","y"}`, or the same fields form-encoded.
+fn parse_click(headers: &HeaderMap, body: &[u8]) -> Option<Click> {
+    let json_body = header_str(headers, header::CONTENT_TYPE.as_str())
+        .is_none_or(|ct| ct.to_ascii_lowercase().contains("json"));
+    if json_body {
+        return serde_json::from_slice(body).ok();
+    }
+    let (mut id, mut x, mut y) = (None, None, None);
+    for (k, v) in url::form_urlencoded::parse(body) {
+        match k.as_ref() {
+            "id" => id = Some(v.into_owned()),
+            "x" => x = v.trim().parse::<f64>().ok(),
+            "y" => y = v.trim().parse::<f64>().ok(),
+            _ => {}
+        }
+    }
+    Some(Click {
+        id: id?,
+        x: x?,
+        y: y?,
+    })
+}
+
+/// `POST /login/challenge`: a click in box coordinates. On target, logs in like `POST
+/// /api/login` (cookies, `{"token", "redirect"}`); elsewhere, "Try again".
+async fn challenge_click(State(state): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let Some(click) = parse_click(&headers, &body) else {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "Expected {\"id\", \"x\", \"y\"}.",
+        );
+    };
+    match state.click(&click.id, click.x, click.y) {
+        ClickOutcome::Passed { email } => {
+            let (sid, session) = state.login(&email);
+            (
+                set_cookies(&sid, &headers),
+                no_store(),
+                axum::Json(json!({
+                    "token": session.token,
+                    "redirect": "/chat",
+                    "user": { "email": session.email },
+                })),
+            )
+                .into_response()
+        }
+        ClickOutcome::Missed => api_error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "challenge_failed",
+            "Try again",
+        ),
+        ClickOutcome::Unknown => api_error(
+            StatusCode::GONE,
+            "challenge_expired",
+            "This challenge has expired. Please log in again.",
+        ),
+    }
+}
+
+/// `GET /__demo/captcha[?id=…]`: where a person would click to pass the latest pending
+/// challenge (or challenge `id`): the target's centre in page coordinates (CSS pixels from
+/// the top-left of the viewport at scroll 0), plus the box and the target radius.
+async fn latest_captcha(State(state): State<Shared>, Query(q): Query<ChallengeQuery>) -> Response {
+    let found = match q.id {
+        Some(id) => state.challenge(&id).map(|c| (id, c)),
+        None => state.latest_challenge(),
+    };
+    let Some((id, challenge)) = found else {
+        return api_error(StatusCode::NOT_FOUND, "not_found", "No pending challenge.");
+    };
+    let b = CAPTCHA_BOX;
+    let (x, y) = challenge.target;
+    axum::Json(json!({
+        "id": id,
+        "x": b.left + x,
+        "y": b.top + y,
+        "box": { "left": b.left, "top": b.top, "width": b.width, "height": b.height },
+        "radius": b.target_radius,
+    }))
+    .into_response()
 }
 
 #[derive(Deserialize)]
@@ -256,6 +496,8 @@ struct JsonLogin {
     password: String,
 }
 
+/// `POST /api/login`: the scripts' login. Like many real sites' API logins it skips what the
+/// browser pages put in front, the captcha challenge included.
 async fn login_json(State(state): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
     let Ok(login) = serde_json::from_slice::<JsonLogin>(&body) else {
         return api_error(
@@ -280,33 +522,74 @@ async fn logout(State(state): State<Shared>, headers: HeaderMap) -> Response {
     if let Some(sid) = cookie(&headers, SESSION_COOKIE) {
         state.logout(&sid);
     }
+    let next = match state.config.login {
+        LoginPattern::Open | LoginPattern::Landing => "/",
+        _ => "/login",
+    };
     (
         [(
             header::SET_COOKIE,
             format!("{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0"),
         )],
-        Redirect::to("/login"),
+        Redirect::to(next),
     )
         .into_response()
 }
 
 async fn chat_page(State(state): State<Shared>, headers: HeaderMap) -> Response {
     let session = cookie(&headers, SESSION_COOKIE).and_then(|sid| state.session(&sid).ok());
-    let Some(session) = session else {
-        return Redirect::to("/login").into_response();
+    let (session, new_sid) = match session {
+        Some(session) => (session, None),
+        // The open pattern: a visitor without a (live) session gets an anonymous one.
+        None if state.config.login == LoginPattern::Open => {
+            let (sid, session) = state.login_anonymous();
+            (session, Some(sid))
+        }
+        None => return Redirect::to("/login").into_response(),
     };
     let shape = state.config.shape;
+    let (user, logout, bootstrap) = if session.anonymous {
+        let data = json!({ "token": session.token, "user": { "anonymous": true } });
+        let script = format!(
+            r#"<script id="session-bootstrap" type="application/json">{}</script>"#,
+            script_json(&data)
+        );
+        ("Guest".to_owned(), "Start over", script)
+    } else {
+        (escape_html(&session.email), "Log out", String::new())
+    };
     let page = CHAT_HTML
         .replace("{{CSRF}}", &escape_html(&session.csrf))
         .replace("{{SHAPE}}", shape.as_str())
-        .replace("{{EMAIL}}", &escape_html(&session.email));
-    (no_store(), Html(page)).into_response()
+        .replace("{{EMAIL}}", &user)
+        .replace("{{LOGOUT}}", logout)
+        .replace("{{BOOTSTRAP}}", &bootstrap);
+    match new_sid {
+        Some(sid) => (set_cookies(&sid, &headers), no_store(), Html(page)).into_response(),
+        None => (no_store(), Html(page)).into_response(),
+    }
+}
+
+/// The token an anonymous chat page hands its script (`<script id="session-bootstrap">`).
+pub(crate) fn bootstrap_token(html: &str) -> Option<String> {
+    const START: &str = r#"<script id="session-bootstrap" type="application/json">"#;
+    let rest = &html[html.find(START)? + START.len()..];
+    let json = &rest[..rest.find("</script>")?];
+    let data: serde_json::Value = serde_json::from_str(json).ok()?;
+    data.get("token")?.as_str().map(str::to_owned)
 }
 
 async fn chat_js() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
         CHAT_JS,
+    )
+}
+
+async fn challenge_js() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        CHALLENGE_JS,
     )
 }
 

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::DemoConfig;
+use super::{CAPTCHA_BOX, CAPTCHA_TTL, DemoConfig};
 
 pub(crate) struct AppState {
     pub config: DemoConfig,
@@ -21,6 +21,8 @@ struct Inner {
     conversations: HashMap<String, Conversation>,
     /// Email → times of recent chat calls.
     calls: HashMap<String, VecDeque<Instant>>,
+    /// Challenge id → pending captcha challenge.
+    challenges: HashMap<String, Challenge>,
 }
 
 #[derive(Debug, Clone)]
@@ -28,9 +30,36 @@ pub(crate) struct Session {
     pub email: String,
     pub token: String,
     pub csrf: String,
+    /// Opened without login (the open pattern's visitors).
+    pub anonymous: bool,
     created: Instant,
     expired: bool,
 }
+
+/// A captcha challenge: a password that was right, waiting for a click on the target.
+#[derive(Debug, Clone)]
+pub(crate) struct Challenge {
+    pub email: String,
+    /// Centre of the green target, in box coordinates.
+    pub target: (u32, u32),
+    /// Decoys drawn around it: `(x, y, colour)`, box coordinates.
+    pub decoys: Vec<(u32, u32, &'static str)>,
+    created: Instant,
+}
+
+/// What a click on a challenge did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ClickOutcome {
+    /// On target: the challenge is gone and the email may log in.
+    Passed { email: String },
+    /// Off target: the challenge stays.
+    Missed,
+    /// No such challenge, or it is older than [`CAPTCHA_TTL`].
+    Unknown,
+}
+
+/// Pending challenges kept at most (the oldest go first).
+const MAX_CHALLENGES: usize = 1000;
 
 struct Conversation {
     session_id: String,
@@ -63,16 +92,126 @@ impl AppState {
 
     /// Opens a session for `email`: returns the session id (cookie value) and the session.
     pub fn login(&self, email: &str) -> (String, Session) {
+        self.open_session(email.to_owned(), false)
+    }
+
+    /// Opens a session for a visitor who did not log in (a fresh `guest-…` email of its own).
+    pub fn login_anonymous(&self) -> (String, Session) {
+        let email = format!("guest-{}@anonymous.invalid", random_token(6));
+        self.open_session(email, true)
+    }
+
+    fn open_session(&self, email: String, anonymous: bool) -> (String, Session) {
         let sid = random_token(24);
         let session = Session {
-            email: email.to_owned(),
+            email,
             token: format!("dt_{}", random_token(24)),
             csrf: random_token(16),
+            anonymous,
             created: Instant::now(),
             expired: false,
         };
         self.lock().sessions.insert(sid.clone(), session.clone());
         (sid, session)
+    }
+
+    /// Poses a captcha challenge to `email`: a target at a random place in the box, and a few
+    /// decoys away from it. Returns its id and the challenge.
+    pub fn new_challenge(&self, email: &str) -> (String, Challenge) {
+        let r = CAPTCHA_BOX.target_radius;
+        let random_point = || {
+            (
+                rand::random_range(r..=CAPTCHA_BOX.width - r),
+                rand::random_range(r..=CAPTCHA_BOX.height - r),
+            )
+        };
+        let target = random_point();
+        let mut decoys = Vec::new();
+        for colour in ["#d92d20", "#1570ef", "#98a2b3"] {
+            // Tries a few places; a decoy never covers the target.
+            let far = (0..20)
+                .map(|_| random_point())
+                .find(|&(x, y)| distance2((x, y), target) > f64::from(3 * r).powi(2));
+            if let Some((x, y)) = far {
+                decoys.push((x, y, colour));
+            }
+        }
+        let id = random_token(12);
+        let challenge = Challenge {
+            email: email.to_owned(),
+            target,
+            decoys,
+            created: Instant::now(),
+        };
+        let mut inner = self.lock();
+        inner
+            .challenges
+            .retain(|_, c| c.created.elapsed() < CAPTCHA_TTL);
+        while inner.challenges.len() >= MAX_CHALLENGES {
+            let oldest = inner
+                .challenges
+                .iter()
+                .min_by_key(|(_, c)| c.created)
+                .map(|(id, _)| id.clone());
+            match oldest {
+                Some(oldest) => inner.challenges.remove(&oldest),
+                None => break,
+            };
+        }
+        inner.challenges.insert(id.clone(), challenge.clone());
+        (id, challenge)
+    }
+
+    /// The pending challenge `id`.
+    pub fn challenge(&self, id: &str) -> Option<Challenge> {
+        self.challenge_at(id, Instant::now())
+    }
+
+    fn challenge_at(&self, id: &str, now: Instant) -> Option<Challenge> {
+        let inner = self.lock();
+        let challenge = inner.challenges.get(id)?;
+        (now.saturating_duration_since(challenge.created) < CAPTCHA_TTL).then(|| challenge.clone())
+    }
+
+    /// The most recently posed challenge still pending: its id and the challenge.
+    pub fn latest_challenge(&self) -> Option<(String, Challenge)> {
+        let inner = self.lock();
+        inner
+            .challenges
+            .iter()
+            .filter(|(_, c)| c.created.elapsed() < CAPTCHA_TTL)
+            .max_by_key(|(_, c)| c.created)
+            .map(|(id, c)| (id.clone(), c.clone()))
+    }
+
+    /// A click at `(x, y)` (box coordinates) on challenge `id`.
+    pub fn click(&self, id: &str, x: f64, y: f64) -> ClickOutcome {
+        self.click_at(id, x, y, Instant::now())
+    }
+
+    pub(crate) fn click_at(&self, id: &str, x: f64, y: f64, now: Instant) -> ClickOutcome {
+        let mut inner = self.lock();
+        let Some(challenge) = inner.challenges.get(id) else {
+            return ClickOutcome::Unknown;
+        };
+        if now.saturating_duration_since(challenge.created) >= CAPTCHA_TTL {
+            inner.challenges.remove(id);
+            return ClickOutcome::Unknown;
+        }
+        let (cx, cy) = challenge.target;
+        let dx = x - f64::from(cx);
+        let dy = y - f64::from(cy);
+        let r = f64::from(CAPTCHA_BOX.target_radius);
+        let hit = dx * dx + dy * dy <= r * r;
+        if !hit {
+            return ClickOutcome::Missed;
+        }
+        match inner.challenges.remove(id) {
+            Some(challenge) => ClickOutcome::Passed {
+                email: challenge.email,
+            },
+            None => ClickOutcome::Unknown,
+        }
     }
 
     /// The live session with id `sid`.
@@ -171,6 +310,12 @@ impl AppState {
         calls.push_back(now);
         Ok(())
     }
+}
+
+fn distance2(a: (u32, u32), b: (u32, u32)) -> f64 {
+    let dx = f64::from(a.0) - f64::from(b.0);
+    let dy = f64::from(a.1) - f64::from(b.1);
+    dx * dx + dy * dy
 }
 
 /// `len` random bytes, hex-encoded.

@@ -504,8 +504,9 @@ fn every_flow_file_parses_and_names_its_shape() {
 #[tokio::test]
 async fn form_login_sets_an_http_only_cookie_and_stores_the_token() {
     let base = spawn(config(Shape::Openai)).await;
-    let landing = client().get(&base).send().await.unwrap();
-    assert!(landing.text().await.unwrap().contains(r#"href="/login""#));
+    let root = client().get(&base).send().await.unwrap();
+    assert!(root.status().is_redirection());
+    assert_eq!(root.headers()["location"], "/login");
     let form = client()
         .get(format!("{base}/login"))
         .send()
@@ -1238,5 +1239,617 @@ async fn every_flow_file_replays_against_its_shape() {
         assert_eq!(content, expected.content, "{shape}");
         assert_eq!(reasoning, expected.reasoning, "{shape}");
         assert!(!ids.is_empty(), "{shape}: no ids found");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Login patterns: the pages a browser walks from the site root to the chat
+
+/// A small cookie-keeping browser that walks the HTML pages the way a person would.
+struct Walker {
+    base: String,
+    cookies: Vec<(String, String)>,
+}
+
+/// A page the walker ended on.
+struct Page {
+    /// Path after following redirects.
+    path: String,
+    status: StatusCode,
+    set_cookies: Vec<String>,
+    html: String,
+}
+
+impl Walker {
+    fn new(base: &str) -> Walker {
+        Walker {
+            base: base.to_owned(),
+            cookies: Vec::new(),
+        }
+    }
+
+    fn cookie_header(&self) -> String {
+        self.cookies
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    fn cookie(&self, name: &str) -> Option<&str> {
+        self.cookies
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn absorb(&mut self, response: &reqwest::Response) -> Vec<String> {
+        let set = set_cookies(response);
+        for header in &set {
+            let (name, value) = parse_set_cookie(header).unwrap();
+            self.cookies.retain(|(k, _)| *k != name);
+            if !header.contains("Max-Age=0") {
+                self.cookies.push((name, value));
+            }
+        }
+        set
+    }
+
+    /// Follows redirects from `response` (at `path`) the way a browser does, with GETs.
+    async fn finish(&mut self, mut path: String, mut response: reqwest::Response) -> Page {
+        let mut set = self.absorb(&response);
+        for _ in 0..5 {
+            if !response.status().is_redirection() {
+                break;
+            }
+            path = response.headers()["location"].to_str().unwrap().to_owned();
+            assert!(path.starts_with('/'), "{path}");
+            response = client()
+                .get(format!("{}{path}", self.base))
+                .header("cookie", self.cookie_header())
+                .send()
+                .await
+                .unwrap();
+            set.extend(self.absorb(&response));
+        }
+        Page {
+            path,
+            status: response.status(),
+            set_cookies: set,
+            html: response.text().await.unwrap(),
+        }
+    }
+
+    async fn open(&mut self, path: &str) -> Page {
+        let response = client()
+            .get(format!("{}{path}", self.base))
+            .header("cookie", self.cookie_header())
+            .send()
+            .await
+            .unwrap();
+        self.finish(path.to_owned(), response).await
+    }
+
+    async fn submit(&mut self, action: &str, pairs: &[(&str, &str)]) -> Page {
+        let response = client()
+            .post(format!("{}{action}", self.base))
+            .header("cookie", self.cookie_header())
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form_body(pairs))
+            .send()
+            .await
+            .unwrap();
+        self.finish(action.to_owned(), response).await
+    }
+
+    /// Opens `/chat` with `token` (what the login page stored) and checks that a chat call
+    /// made with the page's CSRF token gets the exact reply.
+    async fn chat_works(&mut self, shape: Shape, token: &str) {
+        let page = self.open("/chat").await;
+        assert_eq!((page.path.as_str(), page.status), ("/chat", StatusCode::OK));
+        assert!(page.html.contains("<textarea"));
+        let browser = Browser {
+            base: self.base.clone(),
+            cookie: self.cookie_header(),
+            token: token.to_owned(),
+            csrf: meta_csrf(&page.html).unwrap(),
+        };
+        let expected = reply_for(shape, PROMPT);
+        let (reasoning, content) = chat_once(shape, &browser, PROMPT).await;
+        assert_eq!(content, expected.content);
+        assert_eq!(reasoning, expected.reasoning);
+    }
+}
+
+fn pattern_config(login: LoginPattern) -> DemoConfig {
+    DemoConfig {
+        login,
+        ..config(Shape::Openai)
+    }
+}
+
+/// The `action` of the page's (first) form.
+fn form_action(html: &str) -> &str {
+    let form = &html[html.find("<form").unwrap()..];
+    let rest = &form[form.find(r#"action=""#).unwrap() + r#"action=""#.len()..];
+    &rest[..rest.find('"').unwrap()]
+}
+
+/// The token the logged-in page stores in `localStorage`.
+fn stored_token(html: &str) -> String {
+    let marker = format!("localStorage.setItem(\"{TOKEN_KEY}\", \"");
+    let rest = &html[html.find(&marker).unwrap() + marker.len()..];
+    rest[..rest.find('"').unwrap()].to_owned()
+}
+
+const ERROR_MARKUP: &str =
+    r#"<p class="error" id="login-error" role="alert">Incorrect email or password.</p>"#;
+
+#[test]
+fn login_patterns_round_trip_their_names() {
+    for pattern in LoginPattern::ALL {
+        assert_eq!(
+            pattern.to_string().parse::<LoginPattern>().unwrap(),
+            pattern
+        );
+    }
+    assert_eq!(
+        "two_step".parse::<LoginPattern>().unwrap(),
+        LoginPattern::TwoStep
+    );
+    assert_eq!(
+        " Two-Step ".parse::<LoginPattern>().unwrap(),
+        LoginPattern::TwoStep
+    );
+    assert_eq!(LoginPattern::TwoStep.to_string(), "two-step");
+    assert_eq!(DemoConfig::default().login, LoginPattern::Direct);
+    assert!("sso".parse::<LoginPattern>().is_err());
+}
+
+#[tokio::test]
+async fn direct_root_leads_to_the_form_and_then_to_the_chat() {
+    let base = spawn(pattern_config(LoginPattern::Direct)).await;
+    let mut browser = Walker::new(&base);
+    let form = browser.open("/").await;
+    assert_eq!(form.path, "/login");
+    for needle in [
+        r#"type="email""#,
+        r#"autocomplete="username""#,
+        r#"type="password""#,
+        r#"autocomplete="current-password""#,
+        r#"<label for="email">Email address</label>"#,
+        r#"type="submit">Continue</button>"#,
+    ] {
+        assert!(form.html.contains(needle), "{needle}");
+    }
+    let done = browser
+        .submit(
+            form_action(&form.html),
+            &[("email", "ann@example.com"), ("password", PASSWORD)],
+        )
+        .await;
+    assert_eq!(done.status, StatusCode::OK);
+    assert!(browser.cookie(SESSION_COOKIE).is_some());
+    let token = stored_token(&done.html);
+    assert!(done.html.contains(r#"location.replace("/chat")"#));
+
+    // Back at the root with a session, the visitor lands on the chat.
+    assert_eq!(browser.open("/").await.path, "/chat");
+    browser.chat_works(Shape::Openai, &token).await;
+}
+
+#[tokio::test]
+async fn landing_page_has_a_log_in_button_that_leads_to_the_form() {
+    let base = spawn(pattern_config(LoginPattern::Landing)).await;
+    let mut browser = Walker::new(&base);
+    let landing = browser.open("/").await;
+    assert_eq!(
+        (landing.path.as_str(), landing.status),
+        ("/", StatusCode::OK)
+    );
+    for needle in [
+        "<h1>",
+        ">Pricing</a>",
+        ">Blog</a>",
+        r#"<button type="button" class="ghost" data-action="login">Log in</button>"#,
+        ">Sign up</button>",
+        r#"login: "/login""#,
+    ] {
+        assert!(landing.html.contains(needle), "{needle}");
+    }
+    // No link to the form: only the button's script knows where it is.
+    assert!(!landing.html.contains(r#"href="/login""#));
+    let signup = browser.open("/signup").await;
+    assert!(signup.html.contains("Sign-ups are closed"));
+    assert!(!signup.html.contains(r#"type="password""#));
+    assert_eq!(browser.open("/blog").await.status, StatusCode::OK);
+
+    let form = browser.open("/login").await;
+    assert!(form.html.contains(r#"type="password""#));
+    let done = browser
+        .submit(
+            form_action(&form.html),
+            &[("email", "ann@example.com"), ("password", PASSWORD)],
+        )
+        .await;
+    let token = stored_token(&done.html);
+    // Logged in or not, the root stays the landing page.
+    let again = browser.open("/").await;
+    assert_eq!((again.path.as_str(), again.status), ("/", StatusCode::OK));
+    browser.chat_works(Shape::Openai, &token).await;
+}
+
+#[tokio::test]
+async fn two_step_login_asks_for_the_email_then_the_password() {
+    let shape = Shape::Cumulative;
+    let base = spawn(DemoConfig {
+        login: LoginPattern::TwoStep,
+        ..config(shape)
+    })
+    .await;
+    let mut browser = Walker::new(&base);
+    let first = browser.open("/").await;
+    assert_eq!(first.path, "/login");
+    assert!(first.html.contains(r#"type="email""#));
+    assert!(first.html.contains(r#"autocomplete="username""#));
+    assert!(first.html.contains(">Continue</button>"));
+    assert!(!first.html.contains(r#"type="password""#));
+    assert_eq!(form_action(&first.html), "/login/email");
+
+    // Not an email: the first step again, with a message.
+    let bad = browser
+        .submit("/login/email", &[("email", "not-an-email")])
+        .await;
+    assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        bad.html
+            .contains(r#"role="alert">Enter a valid email address.</p>"#)
+    );
+    assert!(!bad.html.contains(r#"type="password""#));
+
+    let second = browser
+        .submit(form_action(&first.html), &[("email", "dan@example.com")])
+        .await;
+    assert_eq!(second.status, StatusCode::OK);
+    assert!(second.set_cookies.is_empty());
+    for needle in [
+        r#"value="dan@example.com""#,
+        "readonly",
+        r#"type="password""#,
+        r#"autocomplete="current-password""#,
+        r#"type="submit">Sign in</button>"#,
+    ] {
+        assert!(second.html.contains(needle), "{needle}");
+    }
+    assert_eq!(form_action(&second.html), "/login");
+
+    // A wrong password: the password step again, with the message.
+    let wrong = browser
+        .submit(
+            form_action(&second.html),
+            &[("email", "dan@example.com"), ("password", "nope")],
+        )
+        .await;
+    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+    assert!(wrong.set_cookies.is_empty());
+    assert!(wrong.html.contains(ERROR_MARKUP));
+    assert!(wrong.html.contains(r#"type="password""#));
+    assert!(wrong.html.contains(r#"value="dan@example.com""#));
+
+    let done = browser
+        .submit(
+            form_action(&second.html),
+            &[("email", "dan@example.com"), ("password", PASSWORD)],
+        )
+        .await;
+    assert!(browser.cookie(SESSION_COOKIE).is_some());
+    let token = stored_token(&done.html);
+    assert_eq!(browser.open("/").await.path, "/chat");
+    browser.chat_works(shape, &token).await;
+}
+
+#[tokio::test]
+async fn open_site_hands_out_an_anonymous_session() {
+    let shape = Shape::Ndjson;
+    let base = spawn(DemoConfig {
+        login: LoginPattern::Open,
+        ..config(shape)
+    })
+    .await;
+    let mut browser = Walker::new(&base);
+    let chat = browser.open("/").await;
+    assert_eq!((chat.path.as_str(), chat.status), ("/chat", StatusCode::OK));
+    let session = chat
+        .set_cookies
+        .iter()
+        .find(|c| c.starts_with(&format!("{SESSION_COOKIE}=")))
+        .unwrap();
+    assert!(session.contains("HttpOnly") && session.contains("Path=/"));
+    // The page's script stores the token where the logged-in pages do.
+    let token = site::bootstrap_token(&chat.html).unwrap();
+    assert!(token.starts_with("dt_"));
+    assert!(chat.html.contains(r#"<script id="session-bootstrap""#));
+    let js = client()
+        .get(format!("{base}/static/chat.js"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(js.contains(r#"getElementById("session-bootstrap")"#));
+    assert!(js.contains("localStorage.setItem(TOKEN_KEY, boot.token)"));
+    assert!(!chat.html.contains(r#"href="/login""#));
+
+    // The same session on the next visit: no new cookie.
+    let again = browser.open("/chat").await;
+    assert!(again.set_cookies.is_empty());
+    assert_eq!(site::bootstrap_token(&again.html).unwrap(), token);
+    browser.chat_works(shape, &token).await;
+
+    // The form still exists, unlinked.
+    assert!(
+        browser
+            .open("/login")
+            .await
+            .html
+            .contains(r#"type="password""#)
+    );
+
+    // `json_login` gets such a session too.
+    let scripted = Browser::login(&base, "ignored@example.com").await;
+    assert_ne!(scripted.token, token);
+    let (_, content) = chat_once(shape, &scripted, PROMPT).await;
+    assert_eq!(content, reply_for(shape, PROMPT).content);
+}
+
+async fn pending_captcha(base: &str) -> Value {
+    let response = client()
+        .get(format!("{base}/__demo/captcha"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    response.json().await.unwrap()
+}
+
+async fn click(base: &str, cookie: &str, id: &str, x: f64, y: f64) -> reqwest::Response {
+    client()
+        .post(format!("{base}/login/challenge"))
+        .header("cookie", cookie)
+        .json(&json!({ "id": id, "x": x, "y": y }))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn captcha_login_needs_a_click_on_the_green_circle() {
+    let shape = Shape::Frames;
+    let base = spawn(DemoConfig {
+        login: LoginPattern::Captcha,
+        ..config(shape)
+    })
+    .await;
+    let mut browser = Walker::new(&base);
+    let form = browser.open("/").await;
+    assert_eq!(form.path, "/login");
+    let challenge = browser
+        .submit(
+            form_action(&form.html),
+            &[("email", "eve@example.com"), ("password", PASSWORD)],
+        )
+        .await;
+    assert_eq!(challenge.status, StatusCode::OK);
+    assert!(challenge.set_cookies.is_empty());
+    assert!(browser.cookie(SESSION_COOKIE).is_none());
+    for needle in [
+        "<title>Verify you are human</title>",
+        "<h1>Verify you are human</h1>",
+        r#"<div class="captcha-widget" role="group" aria-label="Human verification challenge""#,
+        "position:absolute;left:40px;top:120px;width:300px;height:200px",
+        r#"<canvas width="300" height="200""#,
+        "Click the green circle",
+        "/static/challenge.js",
+    ] {
+        assert!(challenge.html.contains(needle), "{needle}");
+    }
+    let js = client()
+        .get(format!("{base}/static/challenge.js"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(js.contains("/login/challenge") && js.contains("localStorage.setItem"));
+
+    // Where a person would click, in page coordinates, and so in box coordinates.
+    let target = pending_captcha(&base).await;
+    let id = target["id"].as_str().unwrap().to_owned();
+    assert!(challenge.html.contains(&id));
+    let (x, y) = (target["x"].as_f64().unwrap(), target["y"].as_f64().unwrap());
+    let b = CAPTCHA_BOX;
+    let (bx, by) = (x - f64::from(b.left), y - f64::from(b.top));
+    let r = f64::from(b.target_radius);
+    assert!((r..=f64::from(b.width) - r).contains(&bx), "{target}");
+    assert!((r..=f64::from(b.height) - r).contains(&by), "{target}");
+    // The page can be reloaded.
+    let reload = browser.open(&format!("/login/challenge?id={id}")).await;
+    assert!(reload.html.contains("Click the green circle"));
+
+    // A click far from the circle: "Try again", and the challenge stays.
+    let miss_x = if bx < 150.0 { bx + 100.0 } else { bx - 100.0 };
+    let miss = click(&base, &browser.cookie_header(), &id, miss_x, by).await;
+    assert_eq!(miss.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(set_cookies(&miss).is_empty());
+    let body: Value = miss.json().await.unwrap();
+    assert_eq!(body["error"]["message"], "Try again");
+    assert_eq!(pending_captcha(&base).await, target);
+
+    // A click just inside the circle logs in like the form does.
+    let hit = click(&base, &browser.cookie_header(), &id, bx + r - 1.0, by).await;
+    assert_eq!(hit.status(), StatusCode::OK);
+    let session = set_cookies(&hit)
+        .into_iter()
+        .find(|c| c.starts_with(&format!("{SESSION_COOKIE}=")))
+        .unwrap();
+    assert!(session.contains("HttpOnly"));
+    browser.absorb(&hit);
+    let body: Value = hit.json().await.unwrap();
+    assert_eq!(body["redirect"], "/chat");
+    let token = body["token"].as_str().unwrap().to_owned();
+    browser.chat_works(shape, &token).await;
+
+    // The challenge is spent.
+    let replay = click(&base, "", &id, bx, by).await;
+    assert_eq!(replay.status(), StatusCode::GONE);
+    let none = client()
+        .get(format!("{base}/__demo/captcha"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(none.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        browser
+            .open(&format!("/login/challenge?id={id}"))
+            .await
+            .path,
+        "/login"
+    );
+}
+
+#[tokio::test]
+async fn the_captcha_helper_points_at_the_latest_challenge() {
+    let base = spawn(pattern_config(LoginPattern::Captcha)).await;
+    let mut browser = Walker::new(&base);
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let page = browser
+            .submit(
+                "/login",
+                &[("email", "fay@example.com"), ("password", PASSWORD)],
+            )
+            .await;
+        let id = pending_captcha(&base).await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(page.html.contains(&id));
+        ids.push(id);
+    }
+    assert_ne!(ids[0], ids[1]);
+    // An older challenge can still be asked for by id, and solved.
+    let first = client()
+        .get(format!("{base}/__demo/captcha?id={}", ids[0]))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    let b = CAPTCHA_BOX;
+    let hit = click(
+        &base,
+        "",
+        &ids[0],
+        first["x"].as_f64().unwrap() - f64::from(b.left),
+        first["y"].as_f64().unwrap() - f64::from(b.top),
+    )
+    .await;
+    assert_eq!(hit.status(), StatusCode::OK);
+    assert_eq!(pending_captcha(&base).await["id"], ids[1].as_str());
+}
+
+#[test]
+fn captcha_challenges_expire_after_ten_minutes() {
+    let state = state::AppState::new(pattern_config(LoginPattern::Captcha));
+    let (id, challenge) = state.new_challenge("gus@example.com");
+    let (x, y) = (f64::from(challenge.target.0), f64::from(challenge.target.1));
+    let later = std::time::Instant::now() + CAPTCHA_TTL + Duration::from_secs(1);
+    assert_eq!(CAPTCHA_TTL, Duration::from_secs(600));
+    assert_eq!(
+        state.click_at(&id, x, y, later),
+        state::ClickOutcome::Unknown
+    );
+    assert!(state.challenge(&id).is_none());
+
+    let (id, challenge) = state.new_challenge("gus@example.com");
+    let (x, y) = (f64::from(challenge.target.0), f64::from(challenge.target.1));
+    let soon = std::time::Instant::now() + CAPTCHA_TTL - Duration::from_secs(5);
+    assert_eq!(
+        state.click_at(&id, x, y, soon),
+        state::ClickOutcome::Passed {
+            email: "gus@example.com".into()
+        }
+    );
+}
+
+#[test]
+fn captcha_targets_stay_inside_the_box_and_clear_of_decoys() {
+    let state = state::AppState::new(pattern_config(LoginPattern::Captcha));
+    let b = CAPTCHA_BOX;
+    let r = b.target_radius;
+    for _ in 0..200 {
+        let (_, c) = state.new_challenge("hal@example.com");
+        let (x, y) = c.target;
+        assert!((r..=b.width - r).contains(&x) && (r..=b.height - r).contains(&y));
+        for &(dx, dy, colour) in &c.decoys {
+            assert_ne!(colour, "#12b76a");
+            let d2 =
+                (f64::from(dx) - f64::from(x)).powi(2) + (f64::from(dy) - f64::from(y)).powi(2);
+            assert!(d2 > f64::from(2 * r).powi(2), "a decoy overlaps the target");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_wrong_password_shows_the_message_and_sets_no_cookie_in_every_pattern() {
+    for pattern in LoginPattern::ALL {
+        let base = spawn(pattern_config(pattern)).await;
+        let mut browser = Walker::new(&base);
+        let page = browser
+            .submit(
+                "/login",
+                &[("email", "ann@example.com"), ("password", "nope")],
+            )
+            .await;
+        assert_eq!(page.status, StatusCode::UNAUTHORIZED, "{pattern}");
+        assert!(page.set_cookies.is_empty(), "{pattern}");
+        assert!(page.html.contains(ERROR_MARKUP), "{pattern}");
+        assert!(page.html.contains(r#"type="password""#), "{pattern}");
+        if pattern == LoginPattern::Captcha {
+            let none = client()
+                .get(format!("{base}/__demo/captcha"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(none.status(), StatusCode::NOT_FOUND);
+        }
+    }
+}
+
+#[tokio::test]
+async fn json_login_works_behind_every_pattern() {
+    for pattern in LoginPattern::ALL {
+        let shape = Shape::Json;
+        let base = spawn(DemoConfig {
+            login: pattern,
+            ..config(shape)
+        })
+        .await;
+        // For the captcha pattern, the JSON API skips the challenge.
+        let browser = Browser::login(&base, "ivy@example.com").await;
+        let (_, content) = chat_once(shape, &browser, PROMPT).await;
+        assert_eq!(content, reply_for(shape, PROMPT).content, "{pattern}");
+        if pattern != LoginPattern::Open {
+            let err = json_login(&base, "ivy@example.com", "nope")
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, DemoError::Refused { status: 401, .. }),
+                "{pattern}"
+            );
+        }
     }
 }

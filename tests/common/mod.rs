@@ -190,6 +190,17 @@ impl Data {
             .0
     }
 
+    /// As [`Data::add_demo_account`] but with imported cookies only: no password to log in
+    /// again with.
+    pub async fn add_demo_account_cookies_only(
+        &self,
+        site: &str,
+        shape: &str,
+        email: &str,
+    ) -> String {
+        self.import_demo_account(site, shape, email, false).await.0
+    }
+
     /// As [`Data::add_demo_account`], also returning every secret involved (password, cookie
     /// values, the bearer token) for leak checks.
     pub async fn add_demo_account_with_secrets(
@@ -197,6 +208,16 @@ impl Data {
         site: &str,
         shape: &str,
         email: &str,
+    ) -> (String, Vec<String>) {
+        self.import_demo_account(site, shape, email, true).await
+    }
+
+    async fn import_demo_account(
+        &self,
+        site: &str,
+        shape: &str,
+        email: &str,
+        with_password: bool,
     ) -> (String, Vec<String>) {
         computetower::server::install_tls_provider();
         let login = computetower::demo::json_login(site, email, PASSWORD)
@@ -223,22 +244,20 @@ impl Data {
         let cookie_file = self.path().join(format!("{email}.state.json"));
         std::fs::write(&cookie_file, state.to_string()).unwrap();
         let service = format!("demo-{shape}");
-        let out = self.ok(
-            &[
-                "account",
-                "add",
-                "--url",
-                site,
-                "--name",
-                &service,
-                "--email",
-                email,
-                "--password-stdin",
-                "--cookies",
-                cookie_file.to_str().unwrap(),
-            ],
-            Some(&format!("{PASSWORD}\n")),
-        );
+        let mut args = vec![
+            "account",
+            "add",
+            "--url",
+            site,
+            "--name",
+            &service,
+            "--cookies",
+            cookie_file.to_str().unwrap(),
+        ];
+        if with_password {
+            args.extend(["--email", email, "--password-stdin"]);
+        }
+        let out = self.ok(&args, Some(&format!("{PASSWORD}\n")));
         std::fs::remove_file(&cookie_file).unwrap();
         assert!(out.contains("added account"), "{out}");
         if self

@@ -12,6 +12,15 @@
   var input = document.getElementById("prompt");
   var sendButton = document.getElementById("send");
 
+  // A session opened without login (sites that need none) comes with its token in the page.
+  var bootstrap = document.getElementById("session-bootstrap");
+  if (bootstrap) {
+    try {
+      var boot = JSON.parse(bootstrap.textContent);
+      if (boot.token) localStorage.setItem(TOKEN_KEY, boot.token);
+    } catch (e) {}
+  }
+
   var conversationId = null;
   var history = []; // openai shape: the full history is resent each turn
   var parentMessageId = null; // patch shape: id of the last assistant message

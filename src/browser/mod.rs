@@ -1,0 +1,292 @@
+//! The browser layer: a headless Chromium (through chromiumoxide) that logs in to a chat site
+//! the way a person would and harvests the session its own front end uses.
+//!
+//! - [`BrowserPool`] owns at most one Chromium process, launched lazily, and one browser
+//!   context per account (cookies and storage never leak between accounts).
+//! - `login` classifies each page generically (login form, landing page, two-step, captcha,
+//!   chat) and acts on it; `harvest` turns the logged-in page into a [`SessionData`].
+//!
+//! Invariants:
+//! - Nothing this module returns or logs carries a password, a cookie value or a token: error
+//!   messages name fields, stages and the site's own error text only, URLs are shown without
+//!   query or fragment, typed text is never logged. chromiumoxide itself logs every CDP message
+//!   at trace level, so whoever installs the tracing subscriber must add
+//!   [`LOG_FILTER_DIRECTIVES`].
+//! - Synchronisation is by conditions polled with deadlines, never by fixed sleeps.
+//! - A dead browser (CDP connection gone or process exited) is noticed by the task that drains
+//!   its handler and replaced on next use; a login it interrupted is retried once.
+//!
+//! [`SessionData`]: crate::session::SessionData
+
+mod assist;
+mod captcha;
+mod harvest;
+mod login;
+mod pool;
+#[cfg(test)]
+mod tests;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use pool::BrowserPool;
+
+use crate::session::SessionData;
+
+/// Tracing filter directives to append to the subscriber's filter (e.g. to `RUST_LOG`'s
+/// value). chromiumoxide logs every CDP message it sends (`Input.insertText` carries the typed
+/// password) and receives (cookie values, storage) at trace level, and warns on every dropped
+/// `Network.requestWillBeSentExtraInfo` (see CHROMIUM.md); tungstenite logs whole frames.
+pub const LOG_FILTER_DIRECTIVES: &str =
+    "chromiumoxide=warn,chromiumoxide::handler=error,tungstenite=warn,async_tungstenite=warn";
+
+/// How the browser layer runs.
+#[derive(Debug, Clone)]
+pub struct BrowserConfig {
+    /// The Chromium executable.
+    pub chrome: PathBuf,
+    /// Failure screenshots go to `data_dir/screenshots/`.
+    pub data_dir: PathBuf,
+    /// At most this many account contexts at once.
+    pub max_contexts: usize,
+    /// An account context unused this long is closed.
+    pub idle_timeout: Duration,
+    /// How credentials are typed.
+    pub typing: TypingMode,
+    /// Budget of one login attempt (time spent waiting for a human on a captcha excluded).
+    pub login_timeout: Duration,
+    /// Captcha solver hook and human wait.
+    pub captcha: CaptchaConfig,
+    /// Page-understanding assist (a vision model); off when `None`.
+    pub assist: Option<AssistConfig>,
+    /// Run Chromium without a window.
+    pub headless: bool,
+    /// Upper bound of a harvested session's lifetime (`LoginOutcome::expires_at`).
+    pub max_session: Duration,
+}
+
+impl Default for BrowserConfig {
+    fn default() -> Self {
+        Self {
+            chrome: PathBuf::from("/usr/bin/chromium"),
+            data_dir: PathBuf::from("./data"),
+            max_contexts: 8,
+            idle_timeout: Duration::from_secs(600),
+            typing: TypingMode::Paste,
+            login_timeout: Duration::from_secs(60),
+            captcha: CaptchaConfig::default(),
+            assist: None,
+            headless: true,
+            max_session: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// How text goes into a field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TypingMode {
+    /// One `Input.insertText`: what a paste looks like; any Unicode.
+    Paste,
+    /// Key events per character (US keyboard); falls back to `Paste` for other characters.
+    Fast,
+    /// One `Input.insertText` per character with a random delay in `[min_ms, max_ms]`.
+    Human { min_ms: u64, max_ms: u64 },
+}
+
+/// What happens when a page shows a captcha.
+#[derive(Debug, Clone)]
+pub struct CaptchaConfig {
+    /// Shell command run with `{"url","kind","screenshot_png_base64"}` on stdin; prints
+    /// `{"actions":[{"click":{"x":..,"y":..}},{"type":"text"},{"key":"Enter"}]}`.
+    pub solver_command: Option<String>,
+    /// URL that takes the same JSON by POST and answers the same way.
+    pub solver_url: Option<String>,
+    /// How long a live session waits for a human to solve the challenge.
+    pub human_timeout: Duration,
+}
+
+impl Default for CaptchaConfig {
+    fn default() -> Self {
+        Self {
+            solver_command: None,
+            solver_url: None,
+            human_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// An OpenAI-compatible vision endpoint that helps on pages the heuristics do not understand.
+#[derive(Clone)]
+pub struct AssistConfig {
+    /// Base URL; `/chat/completions` is appended.
+    pub url: String,
+    pub api_key: String,
+    pub model: String,
+}
+
+impl std::fmt::Debug for AssistConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AssistConfig")
+            .field("url", &self.url)
+            .field("model", &self.model)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One login to perform.
+#[derive(Clone)]
+pub struct LoginRequest {
+    pub account_id: String,
+    pub url: String,
+    pub email: Option<String>,
+    pub password: Option<String>,
+    /// Proxy server for this account's browser context (`scheme://host:port`).
+    pub proxy: Option<String>,
+}
+
+impl std::fmt::Debug for LoginRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoginRequest")
+            .field("account_id", &self.account_id)
+            .field("url", &self.url)
+            .field("has_email", &self.email.is_some())
+            .field("has_password", &self.password.is_some())
+            .field("proxy", &self.proxy.is_some())
+            .finish()
+    }
+}
+
+/// A successful login.
+#[derive(Debug, Clone)]
+pub struct LoginOutcome {
+    /// Cookies (HttpOnly included) that apply to the chat page's host, the chat origin's
+    /// local and session storage, and the user agent.
+    pub session: SessionData,
+    /// Unix seconds: the latest cookie expiry, capped at now + `max_session`.
+    pub expires_at: Option<i64>,
+    /// The kinds of page seen on the way, in order, without immediate repeats.
+    pub page_kinds: Vec<PageKind>,
+    /// URL of the chat page reached.
+    pub chat_url: String,
+    /// From the call to `login` to the harvested chat page (browser launch included).
+    pub elapsed: Duration,
+}
+
+/// What a page is, as far as logging in goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PageKind {
+    LoginForm,
+    LandingPage,
+    TwoStep,
+    ChatInterface,
+    Captcha,
+    Error,
+}
+
+impl PageKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PageKind::LoginForm => "login_form",
+            PageKind::LandingPage => "landing_page",
+            PageKind::TwoStep => "two_step",
+            PageKind::ChatInterface => "chat_interface",
+            PageKind::Captcha => "captcha",
+            PageKind::Error => "error",
+        }
+    }
+}
+
+impl std::fmt::Display for PageKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a login failed. Messages are for the user and never carry secrets.
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    #[error("the site refused the credentials: {site_message}")]
+    WrongCredentials {
+        site_message: String,
+        screenshot: Option<PathBuf>,
+    },
+    #[error("could not find the {what} on the page")]
+    FieldNotFound {
+        what: String,
+        screenshot: Option<PathBuf>,
+    },
+    #[error("captcha: {reason}")]
+    Captcha {
+        reason: String,
+        screenshot: Option<PathBuf>,
+    },
+    #[error("login timed out {stage}")]
+    Timeout {
+        stage: String,
+        screenshot: Option<PathBuf>,
+    },
+    #[error("could not tell what the page at {url} is (no login form, login button or chat box)")]
+    Unclassified {
+        url: String,
+        screenshot: Option<PathBuf>,
+    },
+    #[error("could not open {url}: {reason}")]
+    Navigation { url: String, reason: String },
+    #[error("could not start Chromium: {0}")]
+    Launch(String),
+    #[error("Chromium crashed during the login: {0}")]
+    Crashed(String),
+    #[error("browser protocol error: {0}")]
+    Cdp(String),
+    #[error("no live browser session `{0}`")]
+    NoSuchLiveSession(String),
+    #[error("the login was cancelled: live session `{0}` was closed")]
+    Cancelled(String),
+    #[error("the site asks for credentials but the account has no email or password")]
+    NoCredentials,
+}
+
+impl LoginError {
+    /// The failure screenshot saved for this error, if any.
+    pub fn screenshot(&self) -> Option<&std::path::Path> {
+        match self {
+            LoginError::WrongCredentials { screenshot, .. }
+            | LoginError::FieldNotFound { screenshot, .. }
+            | LoginError::Captcha { screenshot, .. }
+            | LoginError::Timeout { screenshot, .. }
+            | LoginError::Unclassified { screenshot, .. } => screenshot.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+/// A browser page a human may look at and drive: a login in progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveSession {
+    pub id: String,
+    pub account_id: String,
+    /// The page's URL without query or fragment.
+    pub url: String,
+    /// `logging_in` or `waiting_for_human`.
+    pub state: String,
+    /// Unix seconds when the session started.
+    pub since: i64,
+}
+
+/// `url` without query string or fragment: those may carry tokens (OAuth codes, magic links).
+pub(crate) fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) => {
+            parsed.set_query(None);
+            parsed.set_fragment(None);
+            parsed.to_string()
+        }
+        Err(_) => url.split(['?', '#']).next().unwrap_or_default().to_owned(),
+    }
+}
+
+pub(crate) fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}

@@ -1,0 +1,835 @@
+//! The Chromium process, its account contexts and the live sessions.
+//!
+//! Invariants:
+//! - At most one [`Running`] browser at a time; it is launched lazily, under the `browser`
+//!   lock, and replaced (killed, reaped, its user-data dir removed) when found dead.
+//! - Its handler is drained by one task for the browser's whole life. That task is also the
+//!   crash detector: a CDP connection error, the end of the handler stream or the process
+//!   having exited (checked every 250 ms) marks the browser dead and drops the handler,
+//!   which fails every command still waiting for an answer at once instead of after the
+//!   request timeout.
+//! - One browser context per account, at most `max_contexts`; a context in use is never
+//!   evicted or reaped. Context bookkeeping sits behind a std mutex that is never held
+//!   across an await, so a lease can be returned from `Drop`.
+//! - Background tasks run on the runtime that launched the browser and hold only a `Weak`
+//!   to the pool; `shutdown` (or the pool's last clone going away) ends them.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use chromiumoxide::Page;
+use chromiumoxide::browser::Browser;
+use chromiumoxide::cdp::browser_protocol::browser::BrowserContextId;
+use chromiumoxide::cdp::browser_protocol::emulation::{
+    SetUserAgentOverrideParams, UserAgentBrandVersion, UserAgentMetadata,
+};
+use chromiumoxide::cdp::browser_protocol::page::CaptureScreenshotFormat;
+use chromiumoxide::cdp::browser_protocol::target::{
+    CreateBrowserContextParams, CreateTargetParams,
+};
+use chromiumoxide::error::CdpError;
+use chromiumoxide::handler::viewport::Viewport;
+use chromiumoxide::layout::Point;
+use chromiumoxide::page::ScreenshotParams;
+use futures_util::StreamExt;
+use tokio::sync::{Notify, RwLock, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::login::{self, Attempt, cdp_error};
+use super::{BrowserConfig, LiveSession, LoginError, LoginOutcome, LoginRequest, PageKind};
+
+/// Browser-wide flags (CHROMIUM.md): chromiumoxide's defaults minus `--enable-automation`,
+/// plus what keeps Chromium from calling outside hosts.
+const CHROME_ARGS: &[&str] = &[
+    "disable-background-networking",
+    "disable-background-timer-throttling",
+    "disable-backgrounding-occluded-windows",
+    "disable-breakpad",
+    "disable-client-side-phishing-detection",
+    "disable-component-extensions-with-background-pages",
+    "disable-component-update",
+    "disable-default-apps",
+    "disable-dev-shm-usage",
+    "disable-gpu",
+    "disable-quic",
+    "disable-hang-monitor",
+    "disable-ipc-flooding-protection",
+    "disable-popup-blocking",
+    "disable-prompt-on-repost",
+    "disable-renderer-backgrounding",
+    "disable-sync",
+    "disable-domain-reliability",
+    "metrics-recording-only",
+    "no-first-run",
+    "no-default-browser-check",
+    "use-mock-keychain",
+];
+
+const VIEWPORT: (u32, u32) = (1280, 800);
+/// Budget of one CDP command; a hung command fails after this instead of chromiumoxide's 30 s.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// How often the drain task checks that the Chromium process still exists.
+const PROCESS_CHECK: Duration = Duration::from_millis(250);
+
+/// Cheap to clone; launches Chromium lazily on first use. See the module docs.
+#[derive(Clone)]
+pub struct BrowserPool {
+    shared: Arc<PoolShared>,
+}
+
+/// A test hook called with every page classification; returns true to be removed.
+#[cfg(test)]
+pub(crate) type Observer = Box<dyn FnMut(PageKind) -> bool + Send>;
+
+/// State shared by the pool's clones and its tasks.
+pub(crate) struct PoolShared {
+    pub(crate) config: BrowserConfig,
+    browser: tokio::sync::Mutex<Option<Arc<Running>>>,
+    generation: AtomicU64,
+    contexts: Mutex<HashMap<String, AccountContext>>,
+    /// Serialises context creation and eviction (the CDP calls), not their use.
+    context_lock: tokio::sync::Mutex<()>,
+    context_freed: Notify,
+    live: Mutex<HashMap<String, Arc<LiveEntry>>>,
+    #[cfg(test)]
+    pub(crate) observer: Mutex<Option<Observer>>,
+}
+
+/// One launched Chromium.
+pub(crate) struct Running {
+    browser: RwLock<Browser>,
+    generation: u64,
+    pid: Option<u32>,
+    user_data_dir: PathBuf,
+    user_agent: String,
+    major_version: String,
+    dead: watch::Receiver<bool>,
+    /// Set when the pool closes this browser on purpose: a login it interrupts is not retried
+    /// and the drain task does not report a crash.
+    retired: Arc<AtomicBool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+struct AccountContext {
+    id: BrowserContextId,
+    generation: u64,
+    proxy: Option<String>,
+    in_use: usize,
+    last_used: Instant,
+}
+
+/// A login in progress, visible to humans through the admin API.
+pub(crate) struct LiveEntry {
+    pub(crate) id: String,
+    account_id: String,
+    context_id: BrowserContextId,
+    page: Page,
+    url: Mutex<String>,
+    state: Mutex<&'static str>,
+    since: i64,
+    cancelled: AtomicBool,
+}
+
+impl LiveEntry {
+    pub(crate) fn context_id(&self) -> &BrowserContextId {
+        &self.context_id
+    }
+
+    pub(crate) fn set_url(&self, url: &str) {
+        *lock(&self.url) = super::redact_url(url);
+    }
+
+    pub(crate) fn set_state(&self, state: &'static str) {
+        *lock(&self.state) = state;
+    }
+
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+
+    fn view(&self) -> LiveSession {
+        LiveSession {
+            id: self.id.clone(),
+            account_id: self.account_id.clone(),
+            url: lock(&self.url).clone(),
+            state: (*lock(&self.state)).to_owned(),
+            since: self.since,
+        }
+    }
+}
+
+/// A std mutex guard that survives a poisoned lock: the data here (maps, strings) stays
+/// consistent even if a holder panicked.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Running {
+    pub(crate) fn is_dead(&self) -> bool {
+        *self.dead.borrow()
+    }
+
+    /// `is_dead`, plus a look at the process itself: the drain task notices an exit within
+    /// [`PROCESS_CHECK`], but a launch decision should not use a browser that just died.
+    fn is_gone(&self) -> bool {
+        self.is_dead() || self.pid.is_some_and(|pid| !process_alive(pid))
+    }
+
+    /// Waits up to `limit` for the drain task to declare this browser dead.
+    async fn became_dead(&self, limit: Duration) -> bool {
+        let mut dead = self.dead.clone();
+        tokio::time::timeout(limit, dead.wait_for(|d| *d))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    pub(crate) async fn execute<T: chromiumoxide::types::Command>(
+        &self,
+        cmd: T,
+    ) -> Result<T::Response, CdpError> {
+        let browser = self.browser.read().await;
+        Ok(browser.execute(cmd).await?.result)
+    }
+
+    /// Ends the process: `close` + `wait` when `graceful`, else (or when that fails) kill +
+    /// wait; then removes the user-data dir (in the background when not `graceful`).
+    async fn dispose(&self, graceful: bool) {
+        {
+            let mut browser = self.browser.write().await;
+            let mut closed = false;
+            if graceful && !self.is_dead() {
+                let close = async {
+                    browser.close().await.ok()?;
+                    browser.wait().await.ok()
+                };
+                closed = tokio::time::timeout(Duration::from_secs(5), close)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some();
+            }
+            if !closed {
+                let exited = matches!(browser.try_wait(), Ok(Some(_)));
+                if !exited {
+                    let _ = browser.kill().await;
+                }
+                let _ = tokio::time::timeout(Duration::from_secs(5), browser.wait()).await;
+            }
+        }
+        for task in lock(&self.tasks).drain(..) {
+            task.abort();
+        }
+        if graceful {
+            remove_user_data_dir(&self.user_data_dir).await;
+        } else {
+            // After a crash the helpers take a moment to die; the relaunch need not wait for
+            // their directory to go. Not awaited on purpose: it ends within 3 s by itself.
+            let dir = self.user_data_dir.clone();
+            tokio::spawn(async move { remove_user_data_dir(&dir).await });
+        }
+    }
+}
+
+impl BrowserPool {
+    pub fn new(config: BrowserConfig) -> Self {
+        Self {
+            shared: Arc::new(PoolShared {
+                config,
+                browser: tokio::sync::Mutex::new(None),
+                generation: AtomicU64::new(0),
+                contexts: Mutex::new(HashMap::new()),
+                context_lock: tokio::sync::Mutex::new(()),
+                context_freed: Notify::new(),
+                live: Mutex::new(HashMap::new()),
+                #[cfg(test)]
+                observer: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// Logs in to `req.url` and harvests the session. When Chromium dies during the attempt
+    /// (connection lost, process gone), relaunches it and retries once.
+    pub async fn login(&self, req: LoginRequest) -> Result<LoginOutcome, LoginError> {
+        let started = std::time::Instant::now();
+        let mut retried = false;
+        loop {
+            let running = self.ensure_browser().await?;
+            let result = self.login_once(&running, &req, started).await;
+            let Err(error) = result else {
+                return result;
+            };
+            let crash_like =
+                matches!(error, LoginError::Crashed(_) | LoginError::Cdp(_)) || running.is_dead();
+            let crashed = crash_like
+                && !running.retired.load(Ordering::SeqCst)
+                && (running.is_dead() || running.became_dead(Duration::from_secs(1)).await);
+            if !crashed {
+                return Err(error);
+            }
+            if retried {
+                return Err(LoginError::Crashed(format!(
+                    "Chromium died twice while logging in to account {}",
+                    req.account_id
+                )));
+            }
+            tracing::warn!(
+                account = %req.account_id,
+                "Chromium died during the login; relaunching it and retrying once"
+            );
+            retried = true;
+        }
+    }
+
+    async fn login_once(
+        &self,
+        running: &Arc<Running>,
+        req: &LoginRequest,
+        started: std::time::Instant,
+    ) -> Result<LoginOutcome, LoginError> {
+        let deadline = Instant::now() + self.shared.config.login_timeout;
+        let lease = self
+            .acquire_context(running, &req.account_id, req.proxy.as_deref(), deadline)
+            .await?;
+        let page = self.new_page(running, &lease.id).await?;
+        let live = Arc::new(LiveEntry {
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            account_id: req.account_id.clone(),
+            context_id: lease.id.clone(),
+            page: page.clone(),
+            url: Mutex::new(super::redact_url(&req.url)),
+            state: Mutex::new("logging_in"),
+            since: super::unix_now(),
+            cancelled: AtomicBool::new(false),
+        });
+        lock(&self.shared.live).insert(live.id.clone(), live.clone());
+        let result = Attempt::new(&self.shared, running, &page, &live, req, started)
+            .run()
+            .await;
+        lock(&self.shared.live).remove(&live.id);
+        if !running.is_dead() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), page.close()).await;
+        }
+        drop(lease);
+        match &result {
+            Ok(outcome) => tracing::info!(
+                account = %req.account_id,
+                elapsed_ms = outcome.elapsed.as_millis() as u64,
+                "logged in"
+            ),
+            Err(e) => tracing::info!(account = %req.account_id, error = %e, "login failed"),
+        }
+        result
+    }
+
+    /// The running browser, launched (or relaunched after a crash) as needed.
+    async fn ensure_browser(&self) -> Result<Arc<Running>, LoginError> {
+        let mut slot = self.shared.browser.lock().await;
+        if let Some(running) = slot.as_ref()
+            && !running.is_gone()
+        {
+            return Ok(running.clone());
+        }
+        if let Some(old) = slot.take() {
+            tracing::warn!(
+                pid = old.pid,
+                "Chromium is gone (crashed or killed); launching a new one"
+            );
+            old.dispose(false).await;
+        }
+        let generation = self.shared.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let running = launch(&self.shared.config, generation).await?;
+        let reaper = tokio::spawn(reap_idle(Arc::downgrade(&self.shared), running.clone()));
+        lock(&running.tasks).push(reaper);
+        *slot = Some(running.clone());
+        Ok(running)
+    }
+
+    /// A lease on the account's context, created (or recreated with another proxy) as needed.
+    async fn acquire_context(
+        &self,
+        running: &Arc<Running>,
+        account_id: &str,
+        proxy: Option<&str>,
+        deadline: Instant,
+    ) -> Result<ContextLease, LoginError> {
+        let shared = &self.shared;
+        loop {
+            let freed = shared.context_freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            {
+                let _creating = shared.context_lock.lock().await;
+                let mut dispose = Vec::new();
+                let mut reuse = None;
+                let mut room = false;
+                {
+                    let mut contexts = lock(&shared.contexts);
+                    // Contexts of a dead browser died with it.
+                    contexts.retain(|_, c| c.generation == running.generation);
+                    if let Some(c) = contexts.get_mut(account_id) {
+                        if c.proxy.as_deref() == proxy {
+                            c.in_use += 1;
+                            c.last_used = Instant::now();
+                            reuse = Some(c.id.clone());
+                        } else if c.in_use == 0
+                            && let Some(c) = contexts.remove(account_id)
+                        {
+                            dispose.push(c.id);
+                        }
+                    }
+                    if reuse.is_none() && !contexts.contains_key(account_id) {
+                        if contexts.len() >= shared.config.max_contexts.max(1) {
+                            let lru = contexts
+                                .iter()
+                                .filter(|(_, c)| c.in_use == 0)
+                                .min_by_key(|(_, c)| c.last_used)
+                                .map(|(k, _)| k.clone());
+                            if let Some(c) = lru.and_then(|k| contexts.remove(&k)) {
+                                dispose.push(c.id);
+                            }
+                        }
+                        room = contexts.len() < shared.config.max_contexts.max(1);
+                    }
+                }
+                for id in dispose {
+                    dispose_context(running, id).await;
+                }
+                if let Some(id) = reuse {
+                    return Ok(self.lease(account_id, id));
+                }
+                if room {
+                    let id = create_context(running, proxy).await?;
+                    lock(&shared.contexts).insert(
+                        account_id.to_owned(),
+                        AccountContext {
+                            id: id.clone(),
+                            generation: running.generation,
+                            proxy: proxy.map(str::to_owned),
+                            in_use: 1,
+                            last_used: Instant::now(),
+                        },
+                    );
+                    return Ok(self.lease(account_id, id));
+                }
+            }
+            // Every context is in use by another login: wait for one to be returned.
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return Err(LoginError::Timeout {
+                    stage: format!(
+                        "waiting for a free browser context (all {} are in use)",
+                        shared.config.max_contexts
+                    ),
+                    screenshot: None,
+                });
+            }
+        }
+    }
+
+    fn lease(&self, account_id: &str, id: BrowserContextId) -> ContextLease {
+        ContextLease {
+            shared: self.shared.clone(),
+            account_id: account_id.to_owned(),
+            id,
+        }
+    }
+
+    /// A blank page in `context`, with a desktop Chrome user agent (no "Headless").
+    async fn new_page(
+        &self,
+        running: &Running,
+        context: &BrowserContextId,
+    ) -> Result<Page, LoginError> {
+        let page = {
+            let browser = running.browser.read().await;
+            let params = CreateTargetParams::builder()
+                .url("about:blank")
+                .browser_context_id(context.clone())
+                .build()
+                .map_err(LoginError::Cdp)?;
+            browser.new_page(params).await.map_err(cdp_error)?
+        };
+        let brands = vec![
+            UserAgentBrandVersion::new("Chromium", running.major_version.clone()),
+            UserAgentBrandVersion::new("Google Chrome", running.major_version.clone()),
+            UserAgentBrandVersion::new("Not-A.Brand", "99"),
+        ];
+        let metadata = UserAgentMetadata::builder()
+            .brands(brands)
+            .platform("Linux")
+            .platform_version("")
+            .architecture("x86")
+            .model("")
+            .mobile(false)
+            .build()
+            .map_err(LoginError::Cdp)?;
+        let ua = SetUserAgentOverrideParams::builder()
+            .user_agent(running.user_agent.clone())
+            .accept_language("en-US,en;q=0.9")
+            .platform("Linux x86_64")
+            .user_agent_metadata(metadata)
+            .build()
+            .map_err(LoginError::Cdp)?;
+        page.execute(ua).await.map_err(cdp_error)?;
+        Ok(page)
+    }
+
+    /// Live browser sessions: logins in progress, in particular those waiting for a human.
+    pub async fn live_sessions(&self) -> Vec<LiveSession> {
+        let mut sessions: Vec<LiveSession> =
+            lock(&self.shared.live).values().map(|e| e.view()).collect();
+        sessions.sort_by(|a, b| a.since.cmp(&b.since).then(a.id.cmp(&b.id)));
+        sessions
+    }
+
+    fn live(&self, live_id: &str) -> Result<Arc<LiveEntry>, LoginError> {
+        lock(&self.shared.live)
+            .get(live_id)
+            .cloned()
+            .ok_or_else(|| LoginError::NoSuchLiveSession(live_id.to_owned()))
+    }
+
+    /// A PNG of the live session's viewport.
+    pub async fn screenshot(&self, live_id: &str) -> Result<Vec<u8>, LoginError> {
+        let live = self.live(live_id)?;
+        live.page
+            .screenshot(
+                ScreenshotParams::builder()
+                    .format(CaptureScreenshotFormat::Png)
+                    .build(),
+            )
+            .await
+            .map_err(cdp_error)
+    }
+
+    /// Clicks at viewport CSS pixel `(x, y)` of the live session's page.
+    pub async fn click(&self, live_id: &str, x: f64, y: f64) -> Result<(), LoginError> {
+        let live = self.live(live_id)?;
+        live.page.click(Point { x, y }).await.map_err(cdp_error)?;
+        Ok(())
+    }
+
+    /// Types `text` into the focused element of the live session's page.
+    pub async fn type_text(&self, live_id: &str, text: &str) -> Result<(), LoginError> {
+        let live = self.live(live_id)?;
+        login::insert_text(&live.page, text)
+            .await
+            .map_err(|e| match login::is_connection(&e) {
+                true => cdp_error(e),
+                false => LoginError::Cdp("could not type into the page".into()),
+            })
+    }
+
+    /// Presses a key (`Enter`, `Tab`, `Escape`, `a`, …) in the live session's page.
+    pub async fn press_key(&self, live_id: &str, key: &str) -> Result<(), LoginError> {
+        let live = self.live(live_id)?;
+        login::press_key(&live.page, key).await.map_err(|e| {
+            if login::is_connection(&e) {
+                cdp_error(e)
+            } else {
+                LoginError::Cdp(format!("could not press `{key}`"))
+            }
+        })
+    }
+
+    /// Cancels the live session's login; it fails with [`LoginError::Cancelled`].
+    pub async fn close_live(&self, live_id: &str) -> Result<(), LoginError> {
+        let live = lock(&self.shared.live)
+            .remove(live_id)
+            .ok_or_else(|| LoginError::NoSuchLiveSession(live_id.to_owned()))?;
+        live.cancelled.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Closes Chromium cleanly (close + wait). A later call launches a new one.
+    pub async fn shutdown(&self) {
+        let running = self.shared.browser.lock().await.take();
+        for live in lock(&self.shared.live).values() {
+            live.cancelled.store(true, Ordering::SeqCst);
+        }
+        lock(&self.shared.contexts).clear();
+        if let Some(running) = running {
+            running.retired.store(true, Ordering::SeqCst);
+            running.dispose(true).await;
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn shared_for_tests(&self) -> &PoolShared {
+        &self.shared
+    }
+
+    /// Account contexts currently open.
+    #[cfg(test)]
+    pub(crate) fn context_count(&self) -> usize {
+        lock(&self.shared.contexts).len()
+    }
+
+    /// The PID of the running Chromium, if any (for crash-recovery tests).
+    pub async fn browser_pid(&self) -> Option<u32> {
+        let slot = self.shared.browser.lock().await;
+        slot.as_ref().filter(|r| !r.is_dead()).and_then(|r| r.pid)
+    }
+}
+
+impl PoolShared {
+    /// Called with every classification; tests use it to act at a precise point of a login.
+    pub(crate) fn observe(&self, kind: PageKind) {
+        #[cfg(test)]
+        {
+            let mut observer = lock(&self.observer);
+            if let Some(f) = observer.as_mut()
+                && f(kind)
+            {
+                *observer = None;
+            }
+        }
+        #[cfg(not(test))]
+        let _ = kind;
+    }
+}
+
+/// A context in use by one login; returned on drop, even when the login future is dropped.
+struct ContextLease {
+    shared: Arc<PoolShared>,
+    account_id: String,
+    id: BrowserContextId,
+}
+
+impl Drop for ContextLease {
+    fn drop(&mut self) {
+        if let Some(c) = lock(&self.shared.contexts).get_mut(&self.account_id)
+            && c.id == self.id
+        {
+            c.in_use = c.in_use.saturating_sub(1);
+            c.last_used = Instant::now();
+        }
+        self.shared.context_freed.notify_waiters();
+    }
+}
+
+async fn create_context(
+    running: &Running,
+    proxy: Option<&str>,
+) -> Result<BrowserContextId, LoginError> {
+    let mut params = CreateBrowserContextParams::builder().dispose_on_detach(true);
+    if let Some(proxy) = proxy {
+        params = params.proxy_server(proxy);
+    }
+    let reply = running.execute(params.build()).await.map_err(cdp_error)?;
+    Ok(reply.browser_context_id)
+}
+
+async fn dispose_context(running: &Running, id: BrowserContextId) {
+    use chromiumoxide::cdp::browser_protocol::target::DisposeBrowserContextParams;
+    if let Err(e) = running.execute(DisposeBrowserContextParams::new(id)).await {
+        tracing::debug!(error = %e, "could not dispose a browser context");
+    }
+}
+
+/// Closes contexts unused for `idle_timeout`. Ends with the browser or the pool.
+async fn reap_idle(shared: Weak<PoolShared>, running: Arc<Running>) {
+    let period = match shared.upgrade() {
+        Some(s) => {
+            (s.config.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(30))
+        }
+        None => return,
+    };
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if running.is_dead() || running.retired.load(Ordering::SeqCst) {
+            return;
+        }
+        let idle = shared.config.idle_timeout;
+        let expired: Vec<BrowserContextId> = {
+            let mut contexts = lock(&shared.contexts);
+            let keys: Vec<String> = contexts
+                .iter()
+                .filter(|(_, c)| {
+                    c.generation == running.generation
+                        && c.in_use == 0
+                        && c.last_used.elapsed() >= idle
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.iter()
+                .filter_map(|k| contexts.remove(k))
+                .map(|c| c.id)
+                .collect()
+        };
+        for id in expired {
+            tracing::debug!("closing an idle browser context");
+            dispose_context(&running, id).await;
+        }
+        drop(shared);
+    }
+}
+
+/// Removes a user-data dir. After a crash, Chromium's helper processes outlive the main one
+/// for a moment and keep writing there, so removal is retried until it succeeds or 3 s pass.
+async fn remove_user_data_dir(dir: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match tokio::fs::remove_dir_all(dir).await {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) if Instant::now() >= deadline => {
+                tracing::debug!(error = %e, dir = %dir.display(), "could not remove a Chromium user-data dir");
+                return;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Launches Chromium with a fresh user-data dir and starts draining its handler.
+async fn launch(config: &BrowserConfig, generation: u64) -> Result<Arc<Running>, LoginError> {
+    let user_data_dir = std::env::temp_dir().join(format!(
+        "computetower-chromium-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    tokio::fs::create_dir_all(&user_data_dir)
+        .await
+        .map_err(|e| {
+            LoginError::Launch(format!("cannot create {}: {e}", user_data_dir.display()))
+        })?;
+    let mut builder = chromiumoxide::BrowserConfig::builder()
+        .chrome_executable(&config.chrome)
+        .user_data_dir(&user_data_dir)
+        .disable_default_args()
+        .args(CHROME_ARGS.iter().copied())
+        .arg(("disable-blink-features", "AutomationControlled"))
+        .arg(("disable-features", "TranslateUI"))
+        .arg(("password-store", "basic"))
+        .arg(("lang", "en-US"))
+        .no_sandbox()
+        .respect_https_errors()
+        .request_timeout(REQUEST_TIMEOUT)
+        .launch_timeout(Duration::from_secs(20))
+        .window_size(VIEWPORT.0, VIEWPORT.1)
+        .viewport(Viewport {
+            width: VIEWPORT.0,
+            height: VIEWPORT.1,
+            ..Viewport::default()
+        });
+    if !config.headless {
+        builder = builder.with_head();
+    }
+    let chrome_config = builder.build().map_err(LoginError::Launch)?;
+    let started = std::time::Instant::now();
+    let (mut browser, handler) = match Browser::launch(chrome_config).await {
+        Ok(launched) => launched,
+        Err(e) => {
+            remove_user_data_dir(&user_data_dir).await;
+            return Err(LoginError::Launch(format!(
+                "{} did not start: {e}",
+                config.chrome.display()
+            )));
+        }
+    };
+    let pid = browser
+        .get_mut_child()
+        .and_then(|child| child.as_mut_inner().id());
+    let (dead_tx, dead_rx) = watch::channel(false);
+    let retired = Arc::new(AtomicBool::new(false));
+    let drain = tokio::spawn(drain_handler(handler, dead_tx, pid, retired.clone()));
+    let version = match browser.user_agent().await {
+        Ok(ua) => ua,
+        Err(e) => {
+            let _ = browser.kill().await;
+            let _ = browser.wait().await;
+            drain.abort();
+            remove_user_data_dir(&user_data_dir).await;
+            return Err(LoginError::Launch(format!("Chromium did not answer: {e}")));
+        }
+    };
+    let user_agent = version.replace("HeadlessChrome", "Chrome");
+    let major_version = user_agent
+        .split("Chrome/")
+        .nth(1)
+        .and_then(|v| v.split('.').next())
+        .unwrap_or("0")
+        .to_owned();
+    tracing::info!(
+        pid,
+        generation,
+        launch_ms = started.elapsed().as_millis() as u64,
+        "Chromium launched"
+    );
+    Ok(Arc::new(Running {
+        browser: RwLock::new(browser),
+        generation,
+        pid,
+        user_data_dir,
+        user_agent,
+        major_version,
+        dead: dead_rx,
+        retired,
+        tasks: Mutex::new(vec![drain]),
+    }))
+}
+
+/// Drives the CDP handler for the browser's life and detects its death. `Err` items do not
+/// end the loop unless they mean the connection is gone (an unparsable event — see the
+/// `requestWillBeSentExtraInfo` defect in CHROMIUM.md — is not).
+async fn drain_handler(
+    mut handler: chromiumoxide::Handler,
+    dead: watch::Sender<bool>,
+    pid: Option<u32>,
+    retired: Arc<AtomicBool>,
+) {
+    let mut check = tokio::time::interval(PROCESS_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let reason = loop {
+        tokio::select! {
+            item = handler.next() => match item {
+                None => break "the CDP connection closed",
+                Some(Ok(())) => {}
+                Some(Err(e)) if login::is_connection(&e) => {
+                    tracing::debug!(error = %e, "CDP connection error");
+                    break "the CDP connection failed";
+                }
+                Some(Err(e)) => tracing::trace!(error = %e, "ignored CDP handler error"),
+            },
+            _ = check.tick() => {
+                if pid.is_some_and(|pid| !process_alive(pid)) {
+                    break "the Chromium process exited";
+                }
+            }
+        }
+    };
+    if retired.load(Ordering::SeqCst) {
+        tracing::debug!(pid, "Chromium closed: {reason}");
+    } else {
+        tracing::warn!(pid, "Chromium is dead: {reason}");
+    }
+    dead.send_replace(true);
+    // Dropping the handler fails every command still waiting for an answer right away.
+    drop(handler);
+}
+
+/// Whether `pid` is a live process (not gone, not a zombie waiting to be reaped).
+fn process_alive(pid: u32) -> bool {
+    if !cfg!(target_os = "linux") {
+        return true;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state is the first field after the parenthesised command name.
+        Ok(stat) => !matches!(
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next()),
+            Some('Z' | 'X')
+        ),
+        Err(_) => false,
+    }
+}
