@@ -10,6 +10,7 @@ pub mod demo;
 pub mod flow;
 pub mod gateway;
 pub mod inline;
+pub mod learn;
 pub mod openai;
 pub mod renew;
 pub mod replay;
