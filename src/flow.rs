@@ -162,7 +162,10 @@ pub enum Transport {
     Json,
     /// The body is the reply text itself.
     Text,
-    /// WebSocket frames, one JSON message each.
+    /// WebSocket frames, one JSON message each. The chat request's `url` is the socket's
+    /// (`ws(s)://…`, or relative: the account URL's scheme is mapped to `ws`/`wss`), and its
+    /// `body` is a JSON array of the messages to send after connecting, in order (an object is
+    /// sent as JSON text, a string as is); slots point into that array (`/1/prompt`).
     Websocket,
 }
 

@@ -10,6 +10,7 @@ use crate::api::{self, AppState};
 use crate::browser::{AssistConfig, BrowserConfig, BrowserPool, CaptchaConfig, TypingMode};
 use crate::config::Config;
 use crate::gateway::Gateway;
+use crate::learn::Learner;
 use crate::renew::Renewer;
 use crate::replay::client::{Replayer, Timeouts};
 use crate::store::Store;
@@ -78,20 +79,35 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     Ok(())
 }
 
-pub fn app_state(config: Config, store: Store, events: EventWriter) -> AppState {
-    let replayer = Replayer::new(Timeouts {
+/// The tier-1 HTTP client with the config's timeouts.
+pub fn replayer(config: &Config) -> Replayer {
+    Replayer::new(Timeouts {
         connect: Duration::from_secs(config.upstream_connect_timeout_secs),
         first_byte: Duration::from_secs(config.upstream_first_byte_timeout_secs),
         idle: Duration::from_secs(config.upstream_idle_timeout_secs),
-    });
+    })
+}
+
+pub fn app_state(config: Config, store: Store, events: EventWriter) -> AppState {
     let keys = api::auth::KeyCheck::new(store.clone());
     let renewer = Arc::new(Renewer::new(
         BrowserPool::new(browser_config(&config)),
         store.clone(),
     ));
+    let learner = Arc::new(Learner::new(
+        renewer.clone(),
+        Arc::new(replayer(&config)),
+        store.clone(),
+    ));
     AppState {
+        gateway: Arc::new(Gateway::new(
+            store,
+            replayer(&config),
+            events,
+            Some(renewer),
+        )),
+        learner: Some(learner),
         config: Arc::new(config),
-        gateway: Arc::new(Gateway::new(store, replayer, events, Some(renewer))),
         keys,
     }
 }

@@ -90,3 +90,13 @@ async fn json_shape() {
 async fn frames_shape() {
     sdk_gets_the_exact_reply(Shape::Frames).await;
 }
+
+#[tokio::test]
+async fn claude_shape() {
+    sdk_gets_the_exact_reply(Shape::Claude).await;
+}
+
+#[tokio::test]
+async fn websocket_shape() {
+    sdk_gets_the_exact_reply(Shape::Ws).await;
+}

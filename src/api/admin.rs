@@ -28,6 +28,7 @@ pub fn routes() -> Router<AppState> {
                 .delete(remove_account),
         )
         .route("/admin/accounts/{id}/login", post(login_account))
+        .route("/admin/accounts/{id}/learn", post(learn_account))
         .route("/admin/flows", get(list_flows).post(import_flow))
         .route("/admin/flows/{id}", get(show_flow).delete(delete_flow))
         .route("/admin/events", get(recent_events))
@@ -156,6 +157,39 @@ async fn login_account(
         Json(json!({ "account_id": account.id, "session": session, "login": outcome }))
             .into_response(),
     )
+}
+
+/// Learns the account's flow now: probe, infer, verify, store (the previous version is kept).
+async fn learn_account(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let account = state.gateway.store().account(&id).await?;
+    let learner = state
+        .learner
+        .as_ref()
+        .ok_or_else(|| ApiError::not_found("The browser is not enabled on this server."))?;
+    let report = learner
+        .learn(
+            &account,
+            &|stage| tracing::info!(account = %id, stage = stage.as_str(), "learning"),
+        )
+        .await
+        .map_err(|e| match e {
+            crate::learn::LearnError::Store(e) => ApiError::from(e),
+            other => ApiError::bad_gateway(other.to_string()).code("learn_failed"),
+        })?;
+    state.gateway.invalidate();
+    Ok(Json(json!({
+        "flow": report.flow.redacted(),
+        "previous_version": report.previous_version,
+        "notes": report.notes,
+        "suspicious": report.suspicious,
+        "verified": report.verification.ok,
+        "verification_failure": report.verification.failure,
+        "timings": report.timings,
+    }))
+    .into_response())
 }
 
 #[derive(Debug, Deserialize)]

@@ -30,6 +30,8 @@ use error::ApiError;
 pub struct AppState {
     pub config: Arc<Config>,
     pub gateway: Arc<Gateway>,
+    /// Learns flows with the browser (`POST /admin/accounts/{id}/learn`).
+    pub learner: Option<Arc<crate::learn::Learner>>,
     pub keys: auth::KeyCheck,
 }
 

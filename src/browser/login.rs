@@ -906,49 +906,13 @@ impl<'a> Attempt<'a> {
     }
 
     pub(crate) async fn screenshot_png(&self) -> Option<Vec<u8>> {
-        let shot = self.page.screenshot(
-            ScreenshotParams::builder()
-                .format(CaptureScreenshotFormat::Png)
-                .build(),
-        );
-        match tokio::time::timeout(Duration::from_secs(10), shot).await {
-            Ok(Ok(png)) => Some(png),
-            _ => None,
-        }
+        page_screenshot(self.page).await
     }
 
     /// Saves a failure screenshot under `data_dir/screenshots/`.
     pub(crate) async fn save_screenshot(&self) -> Option<PathBuf> {
         let png = self.screenshot_png().await?;
-        let dir = self.pool.config.data_dir.join("screenshots");
-        let safe: String = self
-            .req
-            .account_id
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .take(64)
-            .collect();
-        let millis = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis());
-        let path = dir.join(format!("{safe}-{millis}.png"));
-        let written = async {
-            tokio::fs::create_dir_all(&dir).await?;
-            tokio::fs::write(&path, &png).await
-        };
-        match written.await {
-            Ok(()) => Some(path),
-            Err(e) => {
-                tracing::warn!(error = %e, dir = %dir.display(), "could not save a failure screenshot");
-                None
-            }
-        }
+        write_screenshot(&self.pool.config.data_dir, &self.req.account_id, &png).await
     }
 
     async fn wrong_credentials(&self, summary: &PageSummary) -> LoginError {
@@ -982,6 +946,54 @@ impl<'a> Attempt<'a> {
         LoginError::Timeout {
             stage,
             screenshot: self.save_screenshot().await,
+        }
+    }
+}
+
+/// A PNG of `page`'s viewport, if Chromium gives one within 10 s.
+pub(crate) async fn page_screenshot(page: &Page) -> Option<Vec<u8>> {
+    let shot = page.screenshot(
+        ScreenshotParams::builder()
+            .format(CaptureScreenshotFormat::Png)
+            .build(),
+    );
+    match tokio::time::timeout(Duration::from_secs(10), shot).await {
+        Ok(Ok(png)) => Some(png),
+        _ => None,
+    }
+}
+
+/// Writes a failure screenshot to `data_dir/screenshots/<account>-<millis>.png`.
+pub(crate) async fn write_screenshot(
+    data_dir: &std::path::Path,
+    account_id: &str,
+    png: &[u8],
+) -> Option<PathBuf> {
+    let dir = data_dir.join("screenshots");
+    let safe: String = account_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let path = dir.join(format!("{safe}-{millis}.png"));
+    let written = async {
+        tokio::fs::create_dir_all(&dir).await?;
+        tokio::fs::write(&path, png).await
+    };
+    match written.await {
+        Ok(()) => Some(path),
+        Err(e) => {
+            tracing::warn!(error = %e, dir = %dir.display(), "could not save a failure screenshot");
+            None
         }
     }
 }
@@ -1087,7 +1099,7 @@ pub(crate) fn is_connection(e: &CdpError) -> bool {
 
 /// Errors a navigation in progress causes ("Execution context was destroyed", "Cannot find
 /// context", a half-built document): retried by polling.
-fn is_transient(e: &CdpError) -> bool {
+pub(crate) fn is_transient(e: &CdpError) -> bool {
     matches!(
         e,
         CdpError::Chrome(_)

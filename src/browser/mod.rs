@@ -5,6 +5,8 @@
 //!   context per account (cookies and storage never leak between accounts).
 //! - `login` classifies each page generically (login form, landing page, two-step, captcha,
 //!   chat) and acts on it; `harvest` turns the logged-in page into a [`SessionData`].
+//! - `recorder` captures a page's network traffic (headers with cookies, complete streamed
+//!   bodies, frames); [`BrowserPool::probe`] runs `learn::probe` on an account's chat page.
 //!
 //! Invariants:
 //! - Nothing this module returns or logs carries a password, a cookie value or a token: error
@@ -23,13 +25,18 @@ mod captcha;
 mod harvest;
 mod login;
 mod pool;
+pub mod recorder;
 #[cfg(test)]
 mod tests;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use crate::learn::probe::{ProbeError, ProbeRequest};
 pub use pool::BrowserPool;
+pub use recorder::{Recorder, RecorderEvent};
+
+pub(crate) use login::{cdp_error, evaluate_string, insert_text, is_connection, press_key};
 
 use crate::session::SessionData;
 

@@ -26,7 +26,9 @@ use chromiumoxide::cdp::browser_protocol::browser::BrowserContextId;
 use chromiumoxide::cdp::browser_protocol::emulation::{
     SetUserAgentOverrideParams, UserAgentBrandVersion, UserAgentMetadata,
 };
-use chromiumoxide::cdp::browser_protocol::page::CaptureScreenshotFormat;
+use chromiumoxide::cdp::browser_protocol::network::{CookieParam, TimeSinceEpoch};
+use chromiumoxide::cdp::browser_protocol::page::{CaptureScreenshotFormat, NavigateParams};
+use chromiumoxide::cdp::browser_protocol::storage::SetCookiesParams as StorageSetCookiesParams;
 use chromiumoxide::cdp::browser_protocol::target::{
     CreateBrowserContextParams, CreateTargetParams,
 };
@@ -40,7 +42,11 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::login::{self, Attempt, cdp_error};
+use super::recorder::RawTaps;
 use super::{BrowserConfig, LiveSession, LoginError, LoginOutcome, LoginRequest, PageKind};
+use crate::learn::probe::{self, ProbeError, ProbeOptions, ProbeRequest};
+use crate::learn::recording::Recording;
+use crate::session::SessionData;
 
 /// Browser-wide flags (CHROMIUM.md): chromiumoxide's defaults minus `--enable-automation`,
 /// plus what keeps Chromium from calling outside hosts.
@@ -108,6 +114,8 @@ pub(crate) struct Running {
     user_agent: String,
     major_version: String,
     dead: watch::Receiver<bool>,
+    /// Routes messages chromiumoxide cannot parse (request headers with `cookie`) to recorders.
+    taps: Arc<RawTaps>,
     /// Set when the pool closes this browser on purpose: a login it interrupts is not retried
     /// and the drain task does not report a crash.
     retired: Arc<AtomicBool>,
@@ -118,6 +126,8 @@ struct AccountContext {
     id: BrowserContextId,
     generation: u64,
     proxy: Option<String>,
+    /// The chat page the last login in this context reached.
+    chat_url: Option<String>,
     in_use: usize,
     last_used: Instant,
 }
@@ -315,6 +325,12 @@ impl BrowserPool {
         if !running.is_dead() {
             let _ = tokio::time::timeout(Duration::from_secs(5), page.close()).await;
         }
+        if let Ok(outcome) = &result
+            && let Some(c) = lock(&self.shared.contexts).get_mut(&req.account_id)
+            && c.id == lease.id
+        {
+            c.chat_url = Some(outcome.chat_url.clone());
+        }
         drop(lease);
         match &result {
             Ok(outcome) => tracing::info!(
@@ -325,6 +341,169 @@ impl BrowserPool {
             Err(e) => tracing::info!(account = %req.account_id, error = %e, "login failed"),
         }
         result
+    }
+
+    /// Types one probe message into the account's chat page while recording the network, and
+    /// returns the [`Recording`] (see `learn::probe`). The page is a new tab in the account's
+    /// context:
+    /// - a context kept from an earlier login or probe in this pool is reused as it is;
+    /// - a new context gets `req.session` injected: its cookies (`Storage.setCookies`), then
+    ///   its local and session storage (set on the chat URL's origin) before the chat page
+    ///   is opened;
+    /// - the chat page is `req.chat_url`, else the chat page the account's last login here
+    ///   reached, else `req.login`'s URL; when it turns out not to be a chat (a login form, a
+    ///   landing page…), `req.login` logs in first (in the same context) and the probe runs on
+    ///   the chat page the login reached.
+    ///
+    /// When Chromium dies during the probe, relaunches it and retries once. Page-level
+    /// failures carry a screenshot.
+    pub async fn probe(&self, req: ProbeRequest) -> Result<Recording, ProbeError> {
+        let mut retried = false;
+        loop {
+            let running = self.ensure_browser().await?;
+            let started = std::time::Instant::now();
+            let result = self.probe_once(&running, &req).await;
+            match &result {
+                Ok(recording) => {
+                    tracing::info!(
+                        account = %req.account_id,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        exchanges = recording.exchanges.len(),
+                        "probe recorded"
+                    );
+                    return result;
+                }
+                Err(error) => {
+                    tracing::info!(account = %req.account_id, error = %error, "probe failed");
+                    let crash_like = matches!(
+                        error,
+                        ProbeError::Crashed(_)
+                            | ProbeError::Cdp(_)
+                            | ProbeError::Login(LoginError::Crashed(_) | LoginError::Cdp(_))
+                    ) || running.is_dead();
+                    let crashed = crash_like
+                        && !running.retired.load(Ordering::SeqCst)
+                        && (running.is_dead() || running.became_dead(Duration::from_secs(1)).await);
+                    if !crashed || retried {
+                        return result;
+                    }
+                    tracing::warn!(
+                        account = %req.account_id,
+                        "Chromium died during the probe; relaunching it and retrying once"
+                    );
+                    retried = true;
+                }
+            }
+        }
+    }
+
+    async fn probe_once(
+        &self,
+        running: &Arc<Running>,
+        req: &ProbeRequest,
+    ) -> Result<Recording, ProbeError> {
+        let deadline = Instant::now() + self.shared.config.login_timeout;
+        let (existed, known_proxy, known_chat) = {
+            let contexts = lock(&self.shared.contexts);
+            match contexts
+                .get(&req.account_id)
+                .filter(|c| c.generation == running.generation)
+            {
+                Some(c) => (true, c.proxy.clone(), c.chat_url.clone()),
+                None => (false, None, None),
+            }
+        };
+        let proxy = match &req.login {
+            Some(login) => login.proxy.clone(),
+            None => known_proxy,
+        };
+        let chat_url = req
+            .chat_url
+            .clone()
+            .or(known_chat)
+            .or_else(|| req.login.as_ref().map(|l| l.url.clone()))
+            .ok_or(ProbeError::NoChatUrl)?;
+        let lease = self
+            .acquire_context(running, &req.account_id, proxy.as_deref(), deadline)
+            .await?;
+        let inject = if existed { None } else { req.session.as_ref() };
+        if let Some(session) = inject {
+            inject_cookies(running, &lease.id, session).await?;
+        }
+        let page = self.new_page(running, &lease.id).await?;
+        let mut result = self
+            .probe_on_page(running, &page, req, &chat_url, inject)
+            .await;
+        if let Err(error) = &mut result
+            && error.wants_screenshot()
+            && !running.is_dead()
+        {
+            let png = login::page_screenshot(&page).await;
+            let path = match png {
+                Some(png) => {
+                    login::write_screenshot(&self.shared.config.data_dir, &req.account_id, &png)
+                        .await
+                }
+                None => None,
+            };
+            error.set_screenshot(path);
+        }
+        if !running.is_dead() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), page.close()).await;
+        }
+        drop(lease);
+        result
+    }
+
+    async fn probe_on_page(
+        &self,
+        running: &Arc<Running>,
+        page: &Page,
+        req: &ProbeRequest,
+        chat_url: &str,
+        inject: Option<&SessionData>,
+    ) -> Result<Recording, ProbeError> {
+        let deadline = Instant::now() + self.shared.config.login_timeout;
+        if let Some(session) =
+            inject.filter(|s| !s.local_storage.is_empty() || !s.session_storage.is_empty())
+        {
+            let origin = url::Url::parse(chat_url)
+                .map(|u| u.origin().ascii_serialization())
+                .map_err(|e| ProbeError::Navigation {
+                    url: super::redact_url(chat_url),
+                    reason: format!("not a valid URL ({e})"),
+                })?;
+            navigate(page, &format!("{origin}/"), deadline).await?;
+            restore_storage(page, session).await?;
+        }
+        navigate(page, chat_url, deadline).await?;
+        let (mut kind, mut url) = wait_for_page(page, deadline).await?;
+        if kind != PageKind::ChatInterface {
+            let Some(login) = &req.login else {
+                return Err(ProbeError::NotLoggedIn {
+                    url: super::redact_url(&url),
+                    kind,
+                    screenshot: None,
+                });
+            };
+            tracing::debug!(account = %req.account_id, kind = %kind, "the chat page needs a login first");
+            let outcome = self
+                .login_once(running, login, std::time::Instant::now())
+                .await
+                .map_err(ProbeError::Login)?;
+            let deadline = Instant::now() + self.shared.config.login_timeout;
+            navigate(page, &outcome.chat_url, deadline).await?;
+            (kind, url) = wait_for_page(page, deadline).await?;
+            if kind != PageKind::ChatInterface {
+                return Err(ProbeError::NotLoggedIn {
+                    url: super::redact_url(&url),
+                    kind,
+                    screenshot: None,
+                });
+            }
+        }
+        let options = ProbeOptions::for_request(req);
+        probe::run(page, &running.taps, &options).await
     }
 
     /// The running browser, launched (or relaunched after a crash) as needed.
@@ -411,6 +590,7 @@ impl BrowserPool {
                             id: id.clone(),
                             generation: running.generation,
                             proxy: proxy.map(str::to_owned),
+                            chat_url: None,
                             in_use: 1,
                             last_used: Instant::now(),
                         },
@@ -559,6 +739,20 @@ impl BrowserPool {
         }
     }
 
+    /// A blank page in the account's context (created as needed), and the taps its
+    /// recorders need. The context lease is released at once.
+    #[cfg(test)]
+    pub(crate) async fn page_for_tests(&self, account_id: &str) -> (Page, Arc<RawTaps>) {
+        let running = self.ensure_browser().await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let lease = self
+            .acquire_context(&running, account_id, None, deadline)
+            .await
+            .unwrap();
+        let page = self.new_page(&running, &lease.id).await.unwrap();
+        (page, running.taps.clone())
+    }
+
     #[cfg(test)]
     pub(crate) fn shared_for_tests(&self) -> &PoolShared {
         &self.shared
@@ -629,6 +823,170 @@ async fn dispose_context(running: &Running, id: BrowserContextId) {
     use chromiumoxide::cdp::browser_protocol::target::DisposeBrowserContextParams;
     if let Err(e) = running.execute(DisposeBrowserContextParams::new(id)).await {
         tracing::debug!(error = %e, "could not dispose a browser context");
+    }
+}
+
+/// Sets `session`'s cookies in the browser context (HttpOnly ones included).
+async fn inject_cookies(
+    running: &Running,
+    context: &BrowserContextId,
+    session: &SessionData,
+) -> Result<(), ProbeError> {
+    let cookies: Vec<CookieParam> = session
+        .cookies
+        .iter()
+        .map(|c| {
+            let mut param = CookieParam::builder()
+                .name(c.name.clone())
+                .value(c.value.clone())
+                .path(c.path.clone())
+                .secure(c.secure)
+                .http_only(c.http_only);
+            let host = c.domain.trim_start_matches('.');
+            param = if c.host_only {
+                let scheme = if c.secure { "https" } else { "http" };
+                param.url(format!("{scheme}://{host}{}", c.path))
+            } else {
+                param.domain(c.domain.clone())
+            };
+            if let Some(expires) = c.expires {
+                param = param.expires(TimeSinceEpoch::new(expires as f64));
+            }
+            param.build().map_err(ProbeError::Session)
+        })
+        .collect::<Result<_, _>>()?;
+    if cookies.is_empty() {
+        return Ok(());
+    }
+    let params = StorageSetCookiesParams::builder()
+        .cookies(cookies)
+        .browser_context_id(context.clone())
+        .build()
+        .map_err(ProbeError::Session)?;
+    running.execute(params).await.map_err(|e| {
+        if login::is_connection(&e) {
+            ProbeError::from(cdp_error(e))
+        } else {
+            ProbeError::Session("Chromium refused the session's cookies".into())
+        }
+    })?;
+    Ok(())
+}
+
+/// Writes `session`'s local and session storage into the page's current origin.
+async fn restore_storage(page: &Page, session: &SessionData) -> Result<(), ProbeError> {
+    let local = serde_json::to_string(&session.local_storage)
+        .map_err(|e| ProbeError::Session(e.to_string()))?;
+    let tab = serde_json::to_string(&session.session_storage)
+        .map_err(|e| ProbeError::Session(e.to_string()))?;
+    let expression = format!(
+        "(() => {{ const put = (s, o) => {{ for (const [k, v] of Object.entries(o)) s.setItem(k, v); }}; \
+         put(localStorage, {local}); put(sessionStorage, {tab}); return 'ok'; }})()"
+    );
+    login::evaluate_string(page, &expression)
+        .await
+        .map_err(|e| {
+            if login::is_connection(&e) {
+                ProbeError::from(cdp_error(e))
+            } else {
+                ProbeError::Session("the page refused the session's storage".into())
+            }
+        })?;
+    Ok(())
+}
+
+/// Opens `url` in `page` and waits for the new document to be past loading.
+async fn navigate(page: &Page, url: &str, deadline: Instant) -> Result<(), ProbeError> {
+    let parsed = url::Url::parse(url).map_err(|e| ProbeError::Navigation {
+        url: super::redact_url(url),
+        reason: format!("not a valid URL ({e})"),
+    })?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(ProbeError::Navigation {
+            url: super::redact_url(url),
+            reason: "only http and https URLs can be opened".into(),
+        });
+    }
+    let before = login::evaluate_string(page, "String(performance.timeOrigin)")
+        .await
+        .unwrap_or_default();
+    let reply = page
+        .execute(NavigateParams::new(parsed.as_str()))
+        .await
+        .map_err(|e| ProbeError::from(cdp_error(e)))?;
+    if let Some(error) = reply.result.error_text.filter(|e| !e.is_empty()) {
+        return Err(ProbeError::Navigation {
+            url: super::redact_url(url),
+            reason: error,
+        });
+    }
+    loop {
+        let state = login::evaluate_string(
+            page,
+            "JSON.stringify([String(performance.timeOrigin), document.readyState, location.href])",
+        )
+        .await;
+        match state {
+            Ok(json) => {
+                let (origin, ready, href): (String, String, String) =
+                    serde_json::from_str(&json).unwrap_or_default();
+                if origin != before && ready != "loading" && href != "about:blank" {
+                    return Ok(());
+                }
+            }
+            Err(e) if login::is_connection(&e) => return Err(ProbeError::from(cdp_error(e))),
+            Err(_) => {}
+        }
+        if Instant::now() >= deadline {
+            return Err(ProbeError::Timeout {
+                stage: format!("while opening {}", super::redact_url(url)),
+                screenshot: None,
+            });
+        }
+        tokio::time::sleep(login::POLL).await;
+    }
+}
+
+/// How long a page that is not (yet) a chat must stay so before it counts: SPAs render a
+/// shell, then redirect.
+const NOT_CHAT_SETTLE: Duration = Duration::from_secs(1);
+
+/// Classifies the page once it is recognisable: a chat at once, anything else once stable
+/// for [`NOT_CHAT_SETTLE`] (an unrecognisable page: until `deadline`). Returns the kind and
+/// the page's URL.
+async fn wait_for_page(page: &Page, deadline: Instant) -> Result<(PageKind, String), ProbeError> {
+    let mut last: Option<(PageKind, String, Instant)> = None;
+    loop {
+        match login::summarize(page).await {
+            Ok(summary) if summary.ready != "loading" => {
+                let kind = login::classify(&summary);
+                if kind == PageKind::ChatInterface {
+                    return Ok((kind, summary.url));
+                }
+                let now = Instant::now();
+                match &last {
+                    Some((k, u, since)) if *k == kind && *u == summary.url => {
+                        if kind != PageKind::Error && now >= *since + NOT_CHAT_SETTLE {
+                            return Ok((kind, summary.url));
+                        }
+                    }
+                    _ => last = Some((kind, summary.url.clone(), now)),
+                }
+            }
+            Ok(_) => {}
+            Err(e) if login::is_connection(&e) => return Err(ProbeError::from(cdp_error(e))),
+            Err(_) => {}
+        }
+        if Instant::now() >= deadline {
+            return match last {
+                Some((kind, url, _)) => Ok((kind, url)),
+                None => Err(ProbeError::Timeout {
+                    stage: "while waiting for the chat page to load".into(),
+                    screenshot: None,
+                }),
+            };
+        }
+        tokio::time::sleep(login::POLL).await;
     }
 }
 
@@ -713,6 +1071,9 @@ async fn launch(config: &BrowserConfig, generation: u64) -> Result<Arc<Running>,
         .arg(("password-store", "basic"))
         .arg(("lang", "en-US"))
         .no_sandbox()
+        // `requestWillBeSentExtraInfo` does not parse (CHROMIUM.md): surfaced as raw JSON,
+        // the drain task hands it to the recorders.
+        .surface_invalid_messages()
         .respect_https_errors()
         .request_timeout(REQUEST_TIMEOUT)
         .launch_timeout(Duration::from_secs(20))
@@ -742,7 +1103,14 @@ async fn launch(config: &BrowserConfig, generation: u64) -> Result<Arc<Running>,
         .and_then(|child| child.as_mut_inner().id());
     let (dead_tx, dead_rx) = watch::channel(false);
     let retired = Arc::new(AtomicBool::new(false));
-    let drain = tokio::spawn(drain_handler(handler, dead_tx, pid, retired.clone()));
+    let taps = Arc::new(RawTaps::default());
+    let drain = tokio::spawn(drain_handler(
+        handler,
+        dead_tx,
+        pid,
+        retired.clone(),
+        taps.clone(),
+    ));
     let version = match browser.user_agent().await {
         Ok(ua) => ua,
         Err(e) => {
@@ -774,6 +1142,7 @@ async fn launch(config: &BrowserConfig, generation: u64) -> Result<Arc<Running>,
         user_agent,
         major_version,
         dead: dead_rx,
+        taps,
         retired,
         tasks: Mutex::new(vec![drain]),
     }))
@@ -787,6 +1156,7 @@ async fn drain_handler(
     dead: watch::Sender<bool>,
     pid: Option<u32>,
     retired: Arc<AtomicBool>,
+    taps: Arc<RawTaps>,
 ) {
     let mut check = tokio::time::interval(PROCESS_CHECK);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -795,6 +1165,8 @@ async fn drain_handler(
             item = handler.next() => match item {
                 None => break "the CDP connection closed",
                 Some(Ok(())) => {}
+                // Not logged: the raw message carries cookies.
+                Some(Err(CdpError::InvalidMessage(raw, _))) => taps.dispatch(&raw),
                 Some(Err(e)) if login::is_connection(&e) => {
                     tracing::debug!(error = %e, "CDP connection error");
                     break "the CDP connection failed";

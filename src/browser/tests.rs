@@ -13,7 +13,10 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use super::*;
-use crate::demo::{DemoConfig, LoginPattern, SESSION_COOKIE, TOKEN_KEY};
+use crate::demo::{CSRF_HEADER, DemoConfig, LoginPattern, SESSION_COOKIE, Shape, TOKEN_KEY};
+use crate::flow::{Flow, Transport};
+use crate::learn::recording::{Exchange, Recording};
+use crate::replay::decode::{Decoder, collect_text, decode_all};
 
 static BROWSERS: Semaphore = Semaphore::const_new(2);
 
@@ -29,13 +32,17 @@ impl Drop for Site {
 }
 
 async fn site(login: LoginPattern, password: &str) -> Site {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let config = DemoConfig {
+    site_with(DemoConfig {
         login,
         password: password.to_owned(),
         ..DemoConfig::default()
-    };
+    })
+    .await
+}
+
+async fn site_with(config: DemoConfig) -> Site {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
         let _ = crate::demo::serve(listener, config).await;
     });
@@ -599,4 +606,388 @@ async fn the_assist_finds_a_login_control_the_rules_cannot_and_bad_selectors_are
         .and_then(|v| v.as_str())
         .unwrap();
     assert!(image.starts_with("data:image/png;base64,"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Recording and probing
+
+/// What the tests compare rendered text by: whitespace collapsed, markdown symbols (`*`,
+/// `` ` ``, a leading `- `) dropped.
+fn normalized(text: &str) -> String {
+    text.lines()
+        .map(|line| {
+            let line = line.trim_start();
+            line.strip_prefix("- ")
+                .unwrap_or(line)
+                .replace(['*', '`'], "")
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn flow_of(shape: Shape) -> Flow {
+    let path = format!("{}/flows/demo-{shape}.json", env!("CARGO_MANIFEST_DIR"));
+    Flow::from_json(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+/// Whether `path` matches a route in which `{…}` segments stand for any one segment.
+fn route_matches(route: &str, path: &str) -> bool {
+    let (a, b): (Vec<&str>, Vec<&str>) = (route.split('/').collect(), path.split('/').collect());
+    a.len() == b.len()
+        && a.iter()
+            .zip(&b)
+            .all(|(r, p)| (r.starts_with('{') && r.ends_with('}')) || r == p)
+}
+
+fn path_of(exchange: &Exchange) -> String {
+    url::Url::parse(&exchange.url).unwrap().path().to_owned()
+}
+
+fn carries(exchange: &Exchange, marker: &str) -> bool {
+    exchange.url.contains(marker)
+        || exchange
+            .request_body
+            .as_ref()
+            .is_some_and(|b| String::from_utf8_lossy(&b.0).contains(marker))
+        || exchange
+            .frames
+            .iter()
+            .any(|f| f.sent && f.payload.contains(marker))
+}
+
+/// The reply decoded from the recorded chat call with the shape's hand-written flow.
+fn decode_recorded(flow: &Flow, chat: &Exchange) -> (String, String) {
+    let deltas = if flow.response.transport == Transport::Websocket {
+        let mut decoder = Decoder::new(&flow.response);
+        let mut out = Vec::new();
+        for frame in chat.frames.iter().filter(|f| !f.sent) {
+            decoder
+                .feed_message(None, &frame.payload, &mut out)
+                .unwrap();
+        }
+        decoder.finish(&mut out).unwrap();
+        out
+    } else {
+        let body = chat.response_body.as_ref().expect("the chat call's body");
+        decode_all(&flow.response, &body.0).unwrap()
+    };
+    collect_text(&deltas)
+}
+
+fn assert_recording(shape: Shape, recording: &Recording) {
+    let marker = &recording.marker;
+    assert!(
+        marker.len() == 12
+            && marker.starts_with("ct")
+            && marker[2..]
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()),
+        "{marker}"
+    );
+    assert!(recording.probe.contains(marker.as_str()));
+    let carrying: Vec<&Exchange> = recording
+        .exchanges
+        .iter()
+        .filter(|e| carries(e, marker))
+        .collect();
+    assert_eq!(
+        carrying.len(),
+        1,
+        "{shape}: exactly one exchange carries the marker"
+    );
+    let chat = carrying[0];
+    assert!(
+        route_matches(shape.chat_path(), &path_of(chat)),
+        "{shape}: {}",
+        chat.url
+    );
+    assert_eq!(
+        chat.status,
+        Some(if shape == Shape::Ws { 101 } else { 200 }),
+        "{shape}"
+    );
+    assert!(
+        chat.first_byte_ms.is_some() && chat.started_ms >= 0.0,
+        "{shape}"
+    );
+
+    // The complete reply is in the recording: the hand-written flow decodes it.
+    let expected = crate::demo::reply_for(shape, &recording.probe);
+    let (text, reasoning) = decode_recorded(&flow_of(shape), chat);
+    assert_eq!(text, expected.content, "{shape}: decoded text");
+    assert_eq!(
+        reasoning,
+        expected.reasoning.clone().unwrap_or_default(),
+        "{shape}: decoded reasoning"
+    );
+
+    // The create-conversation preflight, made on send, came before with its answer.
+    let create = recording
+        .exchanges
+        .iter()
+        .find(|e| {
+            e.method == "POST" && route_matches(shape.create_conversation_path(), &path_of(e))
+        })
+        .unwrap_or_else(|| panic!("{shape}: no create-conversation exchange"));
+    assert!(create.started_ms <= chat.started_ms, "{shape}");
+    let answer: serde_json::Value =
+        serde_json::from_slice(&create.response_body.as_ref().unwrap().0).unwrap();
+    assert!(
+        answer.pointer("/data/id").or(answer.get("uuid")).is_some(),
+        "{shape}: {answer}"
+    );
+
+    // Headers as actually sent, cookie included.
+    let cookie = chat.request_header("cookie").unwrap_or_default();
+    assert!(
+        cookie.contains(&format!("{SESSION_COOKIE}=")),
+        "{shape}: cookie header"
+    );
+    if shape == Shape::Ws {
+        assert!(
+            chat.frames.iter().any(|f| f.sent)
+                && chat.frames.iter().filter(|f| !f.sent).count() > 3
+        );
+        assert!(chat.frames.windows(2).all(|w| w[0].at_ms <= w[1].at_ms));
+    } else {
+        let auth = chat.request_header("authorization").unwrap_or_default();
+        assert!(auth.starts_with("Bearer ") && auth.len() > 10, "{shape}");
+        assert!(
+            chat.request_header(CSRF_HEADER)
+                .is_some_and(|v| !v.is_empty()),
+            "{shape}"
+        );
+        let (first, last) = (chat.first_byte_ms.unwrap(), chat.finished_ms.unwrap());
+        assert!(
+            last >= first,
+            "{shape}: first byte {first} ms, finished {last} ms"
+        );
+    }
+
+    // What the page rendered.
+    assert_eq!(
+        normalized(&recording.rendered_reply),
+        normalized(&expected.content),
+        "{shape}: rendered reply"
+    );
+    assert_eq!(
+        recording.rendered_reasoning.as_deref().map(normalized),
+        expected.reasoning.as_deref().map(normalized),
+        "{shape}: rendered reasoning"
+    );
+
+    // The session material.
+    let storage = &recording.storage;
+    assert!(
+        storage
+            .local_storage
+            .get(TOKEN_KEY)
+            .is_some_and(|t| !t.is_empty())
+    );
+    assert!(
+        storage
+            .meta
+            .get("csrf-token")
+            .is_some_and(|t| !t.is_empty())
+    );
+    assert!(
+        storage.cookies.contains_key(SESSION_COOKIE),
+        "HttpOnly cookie included"
+    );
+    assert!(
+        storage
+            .user_agent
+            .as_deref()
+            .is_some_and(|ua| !ua.contains("Headless"))
+    );
+    assert!(
+        recording.page_url.ends_with("/chat"),
+        "{}",
+        recording.page_url
+    );
+    let starts: Vec<f64> = recording.exchanges.iter().map(|e| e.started_ms).collect();
+    assert!(starts.windows(2).all(|w| w[0] <= w[1]), "ordered by start");
+}
+
+fn probe_request(account: &str) -> ProbeRequest {
+    ProbeRequest {
+        timeout: Duration::from_secs(60),
+        ..ProbeRequest::new(account)
+    }
+}
+
+#[tokio::test]
+async fn every_demo_shape_is_probed_and_its_chat_call_recorded_completely() {
+    let _slot = BROWSERS.acquire().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pool = BrowserPool::new(config(dir.path()));
+    let mut failures = Vec::new();
+    for shape in Shape::ALL {
+        let site = site_with(DemoConfig {
+            shape,
+            ..DemoConfig::default()
+        })
+        .await;
+        let account = format!("probe-{shape}");
+        pool.login(request(&account, &site, PASSWORD))
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let recording = pool.probe(probe_request(&account)).await;
+        let elapsed = started.elapsed();
+        match recording {
+            Ok(recording) => {
+                eprintln!(
+                    "probe {shape}: {elapsed:?}, {} exchanges",
+                    recording.exchanges.len()
+                );
+                let checked = std::panic::catch_unwind(|| assert_recording(shape, &recording));
+                if let Err(e) = checked {
+                    let message = e
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    failures.push(format!("{shape}: {message}"));
+                }
+            }
+            Err(e) => failures.push(format!("{shape}: probe failed: {e}")),
+        }
+    }
+    pool.shutdown().await;
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+#[tokio::test]
+async fn a_probe_injects_a_saved_session_into_a_new_context_and_logs_in_when_it_is_stale() {
+    let _slot = BROWSERS.acquire().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let site = site(LoginPattern::Direct, PASSWORD).await;
+    let pool = BrowserPool::new(config(dir.path()));
+    let outcome = pool.login(request("quinn", &site, PASSWORD)).await.unwrap();
+    // Another pool (no context for the account): the saved session is injected.
+    let other = BrowserPool::new(config(dir.path()));
+    pool.shutdown().await;
+    let recording = other
+        .probe(ProbeRequest {
+            session: Some(outcome.session.clone()),
+            chat_url: Some(outcome.chat_url.clone()),
+            ..probe_request("quinn")
+        })
+        .await
+        .unwrap();
+    assert_recording(Shape::Openai, &recording);
+
+    // No context, no session, no login: the chat page redirects to the login form.
+    let error = other
+        .probe(ProbeRequest {
+            chat_url: Some(format!("{}chat", site.url)),
+            ..probe_request("rose")
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            ProbeError::NotLoggedIn {
+                kind: PageKind::LoginForm,
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert!(error.screenshot().is_some());
+
+    // With a login: it logs in first, then probes.
+    let recording = other
+        .probe(ProbeRequest {
+            login: Some(request("rose", &site, PASSWORD)),
+            ..probe_request("rose")
+        })
+        .await
+        .unwrap();
+    other.shutdown().await;
+    assert_recording(Shape::Openai, &recording);
+}
+
+#[tokio::test]
+async fn the_live_feed_delivers_body_chunks_while_the_reply_streams() {
+    let _slot = BROWSERS.acquire().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let site = site_with(DemoConfig {
+        token_delay: Duration::from_millis(50),
+        ..DemoConfig::default()
+    })
+    .await;
+    let pool = BrowserPool::new(config(dir.path()));
+    pool.login(request("sam", &site, PASSWORD)).await.unwrap();
+    let (page, taps) = pool.page_for_tests("sam").await;
+    page.goto(format!("{}chat", site.url)).await.unwrap();
+    poll(Duration::from_secs(10), "the chat page", || async {
+        login::evaluate_string(&page, "String(!!document.getElementById('prompt'))")
+            .await
+            .ok()
+            .filter(|v| v == "true")
+    })
+    .await;
+    let recorder = recorder::Recorder::start(&page, &taps).await.unwrap();
+    let mut feed = recorder.subscribe();
+    login::evaluate_string(
+        &page,
+        "document.getElementById('prompt').value = 'stream me ctfeed000001'; \
+         document.getElementById('composer').requestSubmit(); 'ok'",
+    )
+    .await
+    .unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut chat = None;
+    let mut chunks: Vec<(Instant, bytes::Bytes)> = Vec::new();
+    let finished_at = loop {
+        let event = tokio::time::timeout_at(deadline, feed.recv())
+            .await
+            .expect("the chat call finishes in time")
+            .expect("the feed stays open");
+        match event {
+            RecorderEvent::Request { id, body, .. }
+                if body
+                    .as_deref()
+                    .is_some_and(|b| String::from_utf8_lossy(b).contains("ctfeed000001")) =>
+            {
+                chat = Some(id)
+            }
+            RecorderEvent::Data { id, bytes } if Some(&id) == chat.as_ref() => {
+                chunks.push((Instant::now(), bytes))
+            }
+            RecorderEvent::Finished { id } if Some(&id) == chat.as_ref() => break Instant::now(),
+            RecorderEvent::Failed { id, error } if Some(&id) == chat.as_ref() => {
+                panic!("the chat call failed: {error}")
+            }
+            _ => {}
+        }
+    };
+    let exchanges = recorder.stop().await;
+    page.close().await.unwrap();
+    pool.shutdown().await;
+
+    assert!(chunks.len() >= 5, "several chunks: {}", chunks.len());
+    // ~60 tokens 50 ms apart: the first chunk arrives seconds before the end.
+    assert!(
+        finished_at - chunks[0].0 > Duration::from_secs(1),
+        "the first chunk came {:?} before the end",
+        finished_at - chunks[0].0
+    );
+    let streamed: Vec<u8> = chunks.iter().flat_map(|(_, b)| b.to_vec()).collect();
+    let chat = chat.unwrap();
+    let recorded = exchanges.iter().find(|e| e.id == chat).unwrap();
+    assert_eq!(
+        recorded.response_body.as_ref().unwrap().0,
+        streamed,
+        "the feed's chunks add up to the recorded body"
+    );
+    let text = String::from_utf8(streamed).unwrap();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
 }

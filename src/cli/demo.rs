@@ -1,6 +1,6 @@
 //! `computetower demo`: the whole job on the built-in demo site, in one process — start the
-//! site, log in with Chromium, store the session sealed, install the flow, serve the OpenAI
-//! API, and answer one streamed request, checking it against the site's own reply.
+//! site, learn it with Chromium (log in, one probe message, inference, a verifying replay),
+//! serve the OpenAI API, and answer one streamed request, checking it against the site's own reply.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -12,7 +12,6 @@ use futures_util::StreamExt;
 use super::CliResult;
 use crate::config::Config;
 use crate::demo::{DemoConfig, LoginPattern, Shape};
-use crate::flow::Flow;
 use crate::store::accounts::NewAccount;
 
 #[derive(Debug, clap::Args)]
@@ -38,19 +37,6 @@ pub struct DemoArgs {
 }
 
 const EMAIL: &str = "demo@example.com";
-
-/// The hand-written flow of each shape, built in so the demo runs from any directory.
-fn flow_text(shape: Shape) -> &'static str {
-    match shape {
-        Shape::Openai => include_str!("../../flows/demo-openai.json"),
-        Shape::Patch => include_str!("../../flows/demo-patch.json"),
-        Shape::Cumulative => include_str!("../../flows/demo-cumulative.json"),
-        Shape::Ndjson => include_str!("../../flows/demo-ndjson.json"),
-        Shape::Numbered => include_str!("../../flows/demo-numbered.json"),
-        Shape::Json => include_str!("../../flows/demo-json.json"),
-        Shape::Frames => include_str!("../../flows/demo-frames.json"),
-    }
-}
 
 fn step(text: &str) {
     eprintln!("==> {text}");
@@ -90,33 +76,54 @@ pub async fn run(args: DemoArgs, mut config: Config) -> CliResult {
             proxy: None,
         })
         .await?;
-    let flow = store
-        .save_flow(Flow::from_json(flow_text(args.shape))?)
-        .await?;
     let (events, _writer) = crate::store::events::EventWriter::start(store.clone());
     let state = crate::server::app_state(config.clone(), store, events);
-    let Some(renewer) = state.gateway.renewer().cloned() else {
+    let (Some(renewer), Some(learner)) = (state.gateway.renewer().cloned(), state.learner.clone())
+    else {
         return Err("the browser is not available".into());
     };
 
     step(&format!(
-        "logging in as {EMAIL} with Chromium (`{}` login pages)",
+        "learning the site with Chromium: log in as {EMAIL} (`{}` login pages), send one probe message, infer its chat API",
         args.login
     ));
-    let renewed = renewer.renew(&account, None).await?;
-    if let Some(outcome) = &renewed.outcome {
-        let pages: Vec<&str> = outcome.page_kinds.iter().map(|k| k.as_str()).collect();
-        eprintln!(
-            "    {} in {} ms; session sealed in {}",
-            pages.join(" → "),
-            outcome.elapsed.as_millis(),
-            config.data_dir.display()
-        );
-    }
+    let progress = |stage: crate::learn::Stage| eprintln!("    … {}", stage.as_str());
+    let learned = learner.learn(&account, &progress).await;
+    let report = match learned {
+        Ok(report) => report,
+        Err(e) => {
+            renewer.pool().shutdown().await;
+            return Err(e.into());
+        }
+    };
+    let flow = &report.flow;
+    let t = &report.timings;
     eprintln!(
-        "    flow {}: {} {} → {:?}",
-        flow.id, flow.request.method, flow.request.url, flow.response.transport
+        "    learned in {:.1} s (login {:.1} s, probe {:.1} s, infer {} ms, verify {} ms); session and flow stored in {}",
+        t.total_ms as f64 / 1000.0,
+        t.login_ms.unwrap_or_default() as f64 / 1000.0,
+        t.probe_ms as f64 / 1000.0,
+        t.infer_ms,
+        t.verify_ms,
+        config.data_dir.display()
     );
+    eprintln!(
+        "    flow {}: {} preflight(s), then {} {} → {:?} ({:?})",
+        flow.id,
+        flow.preflight.len(),
+        flow.request.method,
+        flow.request.url,
+        flow.response.transport,
+        flow.response.text.mode
+    );
+    if flow.replay.needs_browser {
+        renewer.pool().shutdown().await;
+        return Err(format!(
+            "the learned flow cannot be replayed directly: {}",
+            flow.replay.reason.as_deref().unwrap_or("unknown reason")
+        )
+        .into());
+    }
 
     step("serving the OpenAI API");
     let listener = tokio::net::TcpListener::bind(args.bind).await?;

@@ -5,6 +5,7 @@ mod accounts;
 mod demo;
 mod flows;
 mod keys;
+mod learn;
 mod login;
 
 use std::path::PathBuf;
@@ -64,6 +65,13 @@ pub enum Command {
     },
     /// Log an account in with the browser and store its session.
     Login {
+        /// Account id, or a service name with a single account.
+        account: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Learn an account's chat flow from one probe message and store it.
+    Learn {
         /// Account id, or a service name with a single account.
         account: String,
         #[arg(long)]
@@ -146,6 +154,7 @@ async fn dispatch(command: Command, mut config: Config) -> CliResult {
             crate::demo::serve(listener, config).await?;
         }
         Command::Login { account, json } => login::run(&account, json, &config).await?,
+        Command::Learn { account, json } => learn::run(&account, json, &config).await?,
         Command::Account(cmd) => accounts::run(cmd, &config).await?,
         Command::Flows(cmd) => flows::run(cmd, &config).await?,
         Command::Keys(cmd) => keys::run(cmd, &config).await?,

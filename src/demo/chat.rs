@@ -4,11 +4,12 @@ use std::convert::Infallible;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{RawQuery, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 
 use super::site::{Shared, api_error, authorize};
 use super::state::random_token;
@@ -28,12 +29,53 @@ pub(crate) async fn handle(
     RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Response {
-    let (sid, session) = match authorize(&state, &headers) {
+    chat_call(&state, &headers, query.as_deref(), None, &body).await
+}
+
+/// The Claude shape's `POST /api/organizations/{org}/chat_conversations/{conversation}/
+/// completion`: both ids in the path.
+pub(crate) async fn handle_claude(
+    State(state): State<Shared>,
+    Path((org, conversation)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    chat_call(&state, &headers, None, Some((org, conversation)), &body).await
+}
+
+/// The shared chat call: checks, parsing, rate limit, reply.
+async fn chat_call(
+    state: &Shared,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    path_ids: Option<(String, String)>,
+    body: &[u8],
+) -> Response {
+    let (sid, session) = match authorize(state, headers) {
         Ok(found) => found,
         Err(refusal) => return refusal.into_response(),
     };
     let shape = state.config.shape;
-    let request = match parse(shape, query.as_deref(), &body) {
+    if shape == Shape::Signed && !signature_ok(state, &session.sign_key, headers, body) {
+        // Any failure is the same answer, as real sites give no detail.
+        return api_error(
+            StatusCode::FORBIDDEN,
+            "bad_signature",
+            "invalid request signature",
+        );
+    }
+    let path_conversation = match path_ids {
+        Some((org, _)) if org != session.org => {
+            return api_error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "Organization not found.",
+            );
+        }
+        Some((_, conversation)) => Some(conversation),
+        None => None,
+    };
+    let request = match parse(shape, query, path_conversation, body) {
         Ok(request) => request,
         Err(message) => return api_error(StatusCode::BAD_REQUEST, "bad_request", &message),
     };
@@ -44,15 +86,7 @@ pub(crate) async fn handle(
             "Conversation not found.",
         );
     }
-    if let Err(seconds) = state.take_rate(&session.email) {
-        let mut response = api_error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            &format!("You are sending messages too fast. Try again in {seconds} seconds."),
-        );
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    if let Some(response) = rate_limited(state, &session.email) {
         return response;
     }
     let turn = state.next_turn(&request.conversation_id);
@@ -66,6 +100,21 @@ pub(crate) async fn handle(
         guard: state.streams.start(),
     };
     Response::from_parts(parts, Body::from_stream(tracked))
+}
+
+/// The rate limit: the 429 with `Retry-After` to answer, if the call is over it.
+fn rate_limited(state: &Shared, email: &str) -> Option<Response> {
+    state.take_rate(email).err().map(|seconds| {
+        let mut response = api_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            &format!("You are sending messages too fast. Try again in {seconds} seconds."),
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        response
+    })
 }
 
 struct Tracked<S> {
@@ -89,22 +138,74 @@ impl<S: futures_util::Stream + Unpin> futures_util::Stream for Tracked<S> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Request signatures (signed shape)
+
+/// Header carrying the request signature (hex SHA-256).
+pub(crate) const SIGNATURE_HEADER: &str = "x-signature";
+/// Header carrying the signed timestamp, in milliseconds since the epoch.
+pub(crate) const TIMESTAMP_HEADER: &str = "x-timestamp";
+/// A signed timestamp further than this from the server's clock is refused.
+pub(crate) const MAX_SIGNATURE_SKEW_MS: u64 = 30_000;
+
+/// Hex SHA-256 of `key + "\n" + timestamp + "\n" + body`: what the page's script computes.
+pub(crate) fn signature(key: &str, timestamp: &str, body: &[u8]) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(key.as_bytes());
+    hasher.update(b"\n");
+    hasher.update(timestamp.as_bytes());
+    hasher.update(b"\n");
+    hasher.update(body);
+    hex::encode(hasher.finalize())
+}
+
+fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or_default()
+}
+
+/// Whether the signed shape's `x-signature` verifies over the body: right key, fresh
+/// timestamp, never used before (a verified signature is used up).
+fn signature_ok(state: &Shared, key: &str, headers: &HeaderMap, body: &[u8]) -> bool {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let (Some(given), Some(timestamp)) = (text(SIGNATURE_HEADER), text(TIMESTAMP_HEADER)) else {
+        return false;
+    };
+    let Ok(millis) = timestamp.trim().parse::<u64>() else {
+        return false;
+    };
+    if millis.abs_diff(unix_millis()) > MAX_SIGNATURE_SKEW_MS {
+        return false;
+    }
+    let given = given.trim().to_ascii_lowercase();
+    given == signature(key, timestamp, body) && state.use_signature(&given)
+}
+
+// ---------------------------------------------------------------------------------------------
 // Parsing
 
-fn parse(shape: Shape, query: Option<&str>, body: &[u8]) -> Result<ChatRequest, String> {
+fn parse(
+    shape: Shape,
+    query: Option<&str>,
+    path_conversation: Option<String>,
+    body: &[u8],
+) -> Result<ChatRequest, String> {
     if shape == Shape::Json {
         return parse_form(body);
     }
     let json: Value =
         serde_json::from_slice(body).map_err(|e| format!("The body is not valid JSON: {e}"))?;
     match shape {
-        Shape::Openai => parse_openai(&json),
+        Shape::Openai | Shape::Signed => parse_openai(&json),
         Shape::Patch => parse_patch(&json),
         Shape::Cumulative => parse_cumulative(&json, query),
         Shape::Ndjson => parse_ndjson(&json),
         Shape::Numbered => parse_numbered(&json),
         Shape::Frames => parse_frames(&json),
+        Shape::Claude => parse_claude(&json, path_conversation),
         Shape::Json => parse_form(body),
+        Shape::Ws => Err("This shape chats over its WebSocket.".into()),
     }
 }
 
@@ -283,6 +384,19 @@ fn parse_form(body: &[u8]) -> Result<ChatRequest, String> {
     Ok(request(prompt, conversation))
 }
 
+fn parse_claude(json: &Value, conversation: Option<String>) -> Result<ChatRequest, String> {
+    let conversation_id = conversation
+        .filter(|c| !c.is_empty())
+        .ok_or("The conversation id is missing from the path.")?;
+    let prompt = string_at(json, "/prompt")?;
+    for list in ["attachments", "files"] {
+        if json.get(list).is_some_and(|v| !v.is_array()) {
+            return Err(format!("`{list}` must be a list."));
+        }
+    }
+    Ok(request(prompt, conversation_id))
+}
+
 fn parse_frames(json: &Value) -> Result<ChatRequest, String> {
     let conversation_id = nonempty_at(json, "/conversationId")?;
     let prompt = string_at(json, "/prompt")?;
@@ -359,15 +473,26 @@ fn all_tokens(reply: &Reply) -> Vec<(bool, String)> {
 
 async fn respond(shape: Shape, delay: Duration, req: &ChatRequest, reply: &Reply) -> Response {
     match shape {
-        Shape::Openai if !req.stream => {
+        Shape::Openai | Shape::Signed if !req.stream => {
             let n = all_tokens(reply).len();
             wait_total(delay, n).await;
             axum::Json(openai_completion(req, reply)).into_response()
         }
-        Shape::Openai => streamed(
+        Shape::Openai | Shape::Signed => streamed(
             "text/event-stream; charset=utf-8",
             openai_stream(req, reply),
             delay,
+        ),
+        Shape::Claude => streamed(
+            "text/event-stream; charset=utf-8",
+            claude_stream(req, reply),
+            delay,
+        ),
+        // Served by the WebSocket handler; a POST here is refused in `parse`.
+        Shape::Ws => api_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "This shape chats over its WebSocket.",
         ),
         Shape::Patch => streamed(
             "text/event-stream; charset=utf-8",
@@ -672,5 +797,78 @@ fn frames_stream(req: &ChatRequest, reply: &Reply) -> Vec<Piece> {
         )));
     }
     out.push(Piece::now(frame(2, &json!({}))));
+    out
+}
+
+/// Anthropic-style events: `message_start`, a `thinking` block then a `text` block of
+/// `content_block_delta`s (with `ping`s in between), `message_delta`, `message_stop`.
+fn claude_stream(req: &ChatRequest, reply: &Reply) -> Vec<Piece> {
+    let event = |name: &str, data: Value| sse(Some(name), &data.to_string());
+    let mut out = vec![Piece::now(event(
+        "message_start",
+        json!({
+            "type": "message_start",
+            "message": {
+                "id": format!("chatcompl_{}", random_token(12)),
+                "type": "message",
+                "role": "assistant",
+                "model": req.model,
+                "parent_uuid": uuid::Uuid::new_v4().to_string(),
+                "uuid": uuid::Uuid::new_v4().to_string(),
+                "content": [],
+                "stop_reason": null,
+                "stop_sequence": null,
+            },
+        }),
+    ))];
+    let mut blocks: Vec<(&str, Vec<String>)> = Vec::new();
+    if let Some(reasoning) = &reply.reasoning {
+        blocks.push(("thinking", tokens(reasoning)));
+    }
+    blocks.push(("text", tokens(&reply.content)));
+    let mut sent = 0usize;
+    for (index, (kind, pieces)) in blocks.into_iter().enumerate() {
+        let start = match kind {
+            "thinking" => json!({ "type": "thinking", "thinking": "", "summaries": [] }),
+            _ => json!({ "type": "text", "text": "", "citations": [] }),
+        };
+        out.push(Piece::now(event(
+            "content_block_start",
+            json!({ "type": "content_block_start", "index": index, "content_block": start }),
+        )));
+        for piece in pieces {
+            let delta = match kind {
+                "thinking" => json!({ "type": "thinking_delta", "thinking": piece }),
+                _ => json!({ "type": "text_delta", "text": piece }),
+            };
+            out.push(Piece::later(event(
+                "content_block_delta",
+                json!({ "type": "content_block_delta", "index": index, "delta": delta }),
+            )));
+            sent += 1;
+            if sent.is_multiple_of(12) {
+                out.push(Piece::now(event("ping", json!({ "type": "ping" }))));
+            }
+        }
+        out.push(Piece::now(event(
+            "content_block_stop",
+            json!({ "type": "content_block_stop", "index": index }),
+        )));
+    }
+    out.push(Piece::now(event(
+        "message_delta",
+        json!({
+            "type": "message_delta",
+            "delta": { "stop_reason": "end_turn", "stop_sequence": null },
+        }),
+    )));
+    out.push(Piece::now(event(
+        "message_limit",
+        json!({ "type": "message_limit", "message_limit": { "type": "within_limit" } }),
+    )));
+    out.push(Piece::now(event(
+        "message_stop",
+        json!({ "type": "message_stop" }),
+    )));
     out
 }

@@ -3,7 +3,8 @@
 //!
 //! It behaves on the wire like real chat sites do, in one of several [`Shape`]s (OpenAI-like
 //! SSE deltas, ChatGPT-like JSON patches, Qwen-like cumulative SSE, NDJSON, tRPC-like numbered
-//! lines, a plain JSON answer, Connect-like length-prefixed frames), behind one of several
+//! lines, a plain JSON answer, Connect-like length-prefixed frames, Claude-like ids in the path
+//! with Anthropic SSE events, a WebSocket, signed anti-replay requests), behind one of several
 //! [`LoginPattern`]s (a login form, a landing page, a two-step form, no login, a captcha).
 //! Whatever the shape:
 //! - An account's URL is the site root; from there a browser reaches `/chat` by generic means.
@@ -15,6 +16,10 @@
 //!   `<meta name="csrf-token" content="…">`; its script creates a conversation (the preflight),
 //!   then calls the shape's chat endpoint with `authorization: Bearer …` and `x-csrf-token`,
 //!   and renders the streamed reply (reasoning in a `<details>`).
+//!   Some shapes differ: [`Shape::Claude`] fetches the organization first and puts both ids in
+//!   the path; [`Shape::Ws`] chats over a WebSocket (bearer token in the first frame);
+//!   [`Shape::Signed`] signs each chat call with a per-session key hidden in an inline script,
+//!   and refuses stale or reused signatures (403 `bad_signature`).
 //! - The API answers 401 (no, expired or revoked session; bad bearer), 403 (bad CSRF token),
 //!   404 (unknown conversation), 429 with `Retry-After` (rate limit) and 400 (bad body) with
 //!   `{"error":{"message","code"}}`.
@@ -28,6 +33,7 @@ mod site;
 mod state;
 #[cfg(test)]
 mod tests;
+mod ws;
 
 use std::fmt;
 use std::str::FromStr;
@@ -61,10 +67,22 @@ pub enum Shape {
     Json,
     /// `POST /api/connect/chat.v1.ChatService/Stream`, Connect-like length-prefixed frames.
     Frames,
+    /// Claude-like: `GET /api/organizations`, then `POST /api/organizations/{org}/
+    /// chat_conversations` (the server picks the conversation id), then `POST …/
+    /// chat_conversations/{conversation}/completion`, Anthropic-style SSE events
+    /// (`content_block_delta` with `thinking_delta` / `text_delta`, `message_stop`).
+    Claude,
+    /// `GET /api/ws?conversation=…` upgraded to a WebSocket: `{"type":"auth"}` then
+    /// `{"type":"chat"}` frames in, `start` / `token` / `done` frames out.
+    Ws,
+    /// `POST /api/signed/v1/chat/completions`: the OpenAI-like call and stream, signed with
+    /// `x-signature` = hex SHA-256 of `KEY\nTIMESTAMP\nBODY` and `x-timestamp` (ms); stale or
+    /// reused signatures get 403 `bad_signature`, so direct replay fails.
+    Signed,
 }
 
 impl Shape {
-    pub const ALL: [Shape; 7] = [
+    pub const ALL: [Shape; 10] = [
         Shape::Openai,
         Shape::Patch,
         Shape::Cumulative,
@@ -72,6 +90,9 @@ impl Shape {
         Shape::Numbered,
         Shape::Json,
         Shape::Frames,
+        Shape::Claude,
+        Shape::Ws,
+        Shape::Signed,
     ];
 
     /// The kebab-case name (`openai`, `patch`, …).
@@ -84,6 +105,9 @@ impl Shape {
             Shape::Numbered => "numbered",
             Shape::Json => "json",
             Shape::Frames => "frames",
+            Shape::Claude => "claude",
+            Shape::Ws => "ws",
+            Shape::Signed => "signed",
         }
     }
 
@@ -91,11 +115,17 @@ impl Shape {
     pub fn has_reasoning(self) -> bool {
         matches!(
             self,
-            Shape::Openai | Shape::Cumulative | Shape::Numbered | Shape::Frames
+            Shape::Openai
+                | Shape::Cumulative
+                | Shape::Numbered
+                | Shape::Frames
+                | Shape::Claude
+                | Shape::Signed
         )
     }
 
-    /// Path of the chat endpoint (without query string).
+    /// Path of the chat endpoint (without query string), as a route: `{org}` and
+    /// `{conversation}` stand for ids (Claude); the WebSocket shape's is the upgrade path.
     pub fn chat_path(self) -> &'static str {
         match self {
             Shape::Openai => "/api/openai/v1/chat/completions",
@@ -105,14 +135,38 @@ impl Shape {
             Shape::Numbered => "/api/trpc/chat.send",
             Shape::Json => "/api/ask",
             Shape::Frames => "/api/connect/chat.v1.ChatService/Stream",
+            Shape::Claude => {
+                "/api/organizations/{org}/chat_conversations/{conversation}/completion"
+            }
+            Shape::Ws => "/api/ws",
+            Shape::Signed => "/api/signed/v1/chat/completions",
         }
     }
 
-    /// Path of the "create conversation" preflight; it answers `{"data":{"id":…}}`.
+    /// Path of the "create conversation" preflight; it answers `{"data":{"id":…}}`, except
+    /// for Claude, whose route (`{org}` standing for the organization id) answers
+    /// `{"uuid":…}`.
     pub fn create_conversation_path(self) -> &'static str {
         match self {
             Shape::Cumulative => "/api/v2/chats/new",
+            Shape::Claude => "/api/organizations/{org}/chat_conversations",
             _ => "/api/conversations",
+        }
+    }
+
+    /// The hand-written flow of this shape (`flows/demo-SHAPE.json`).
+    pub fn flow_file(self) -> &'static str {
+        match self {
+            Shape::Openai => include_str!("../../flows/demo-openai.json"),
+            Shape::Patch => include_str!("../../flows/demo-patch.json"),
+            Shape::Cumulative => include_str!("../../flows/demo-cumulative.json"),
+            Shape::Ndjson => include_str!("../../flows/demo-ndjson.json"),
+            Shape::Numbered => include_str!("../../flows/demo-numbered.json"),
+            Shape::Json => include_str!("../../flows/demo-json.json"),
+            Shape::Frames => include_str!("../../flows/demo-frames.json"),
+            Shape::Claude => include_str!("../../flows/demo-claude.json"),
+            Shape::Ws => include_str!("../../flows/demo-ws.json"),
+            Shape::Signed => include_str!("../../flows/demo-signed.json"),
         }
     }
 }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{AppendHeaders, Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
@@ -13,7 +13,8 @@ use serde_json::json;
 
 use super::state::{AppState, Challenge, ClickOutcome, Session, SessionProblem};
 use super::{
-    CAPTCHA_BOX, CSRF_HEADER, DEVICE_COOKIE, LoginPattern, SESSION_COOKIE, TOKEN_KEY, chat,
+    CAPTCHA_BOX, CSRF_HEADER, DEVICE_COOKIE, LoginPattern, SESSION_COOKIE, Shape, TOKEN_KEY, chat,
+    ws,
 };
 
 const LANDING_HTML: &str = include_str!("assets/landing.html");
@@ -32,7 +33,7 @@ pub(crate) type Shared = Arc<AppState>;
 
 pub(crate) fn routes(state: Shared) -> Router {
     let shape = state.config.shape;
-    Router::new()
+    let router = Router::new()
         .route("/", get(root))
         .route("/signup", get(signup))
         .route("/blog", get(blog))
@@ -48,9 +49,23 @@ pub(crate) fn routes(state: Shared) -> Router {
         .route("/static/chat.js", get(chat_js))
         .route("/static/challenge.js", get(challenge_js))
         .route("/static/style.css", get(style_css))
-        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
-        .route(shape.create_conversation_path(), post(create_conversation))
-        .route(shape.chat_path(), post(chat::handle))
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }));
+    let router = match shape {
+        Shape::Claude => router
+            .route("/api/organizations", get(organizations))
+            .route(
+                shape.create_conversation_path(),
+                post(create_claude_conversation),
+            )
+            .route(shape.chat_path(), post(chat::handle_claude)),
+        Shape::Ws => router
+            .route(shape.create_conversation_path(), post(create_conversation))
+            .route(shape.chat_path(), get(ws::upgrade)),
+        _ => router
+            .route(shape.create_conversation_path(), post(create_conversation))
+            .route(shape.chat_path(), post(chat::handle)),
+    };
+    router
         .route("/__demo/expire-sessions", post(expire_sessions))
         .route("/__demo/revoke", post(revoke))
         .route("/__demo/captcha", get(latest_captcha))
@@ -129,7 +144,10 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 /// The session behind the request's cookie, or the 401 the API answers.
-fn api_session(state: &AppState, headers: &HeaderMap) -> Result<(String, Session), Refusal> {
+pub(crate) fn api_session(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<(String, Session), Refusal> {
     let Some(sid) = cookie(headers, SESSION_COOKIE) else {
         return Err(Refusal::new(
             StatusCode::UNAUTHORIZED,
@@ -558,6 +576,11 @@ async fn chat_page(State(state): State<Shared>, headers: HeaderMap) -> Response 
     } else {
         (escape_html(&session.email), "Log out", String::new())
     };
+    let bootstrap = if shape == Shape::Signed {
+        bootstrap + &signing_script(&session.sign_key)
+    } else {
+        bootstrap
+    };
     let page = CHAT_HTML
         .replace("{{CSRF}}", &escape_html(&session.csrf))
         .replace("{{SHAPE}}", shape.as_str())
@@ -568,6 +591,37 @@ async fn chat_page(State(state): State<Shared>, headers: HeaderMap) -> Response 
         Some(sid) => (set_cookies(&sid, &headers), no_store(), Html(page)).into_response(),
         None => (no_store(), Html(page)).into_response(),
     }
+}
+
+/// The signed shape's inline script: the session's signing key cut in four pieces, each
+/// reversed, stored out of order, and reassembled by `window.__demoRt()` — the way a real
+/// site would bury it in a bundle, so that it is in none of cookies, storage or meta tags.
+fn signing_script(key: &str) -> String {
+    // Position of each piece of the key in the stored list.
+    const ORDER: [usize; 4] = [2, 0, 3, 1];
+    let chars: Vec<char> = key.chars().collect();
+    let size = chars.len().div_ceil(4).max(1);
+    let pieces: Vec<String> = chars
+        .chunks(size)
+        .map(|c| c.iter().rev().collect())
+        .collect();
+    let mut stored = vec![String::new(); ORDER.len()];
+    let mut order = Vec::new();
+    for (i, piece) in pieces.into_iter().enumerate() {
+        let at = ORDER.get(i).copied().unwrap_or(i);
+        if at >= stored.len() {
+            stored.resize(at + 1, String::new());
+        }
+        stored[at] = piece;
+        order.push(at);
+    }
+    let stored = serde_json::to_string(&stored).unwrap_or_else(|_| "[]".into());
+    let order = serde_json::to_string(&order).unwrap_or_else(|_| "[]".into());
+    format!(
+        "<script>(function(w){{var p={stored},o={order};\
+         w.__demoRt=function(){{return o.map(function(i){{\
+         return p[i].split(\"\").reverse().join(\"\")}}).join(\"\")}}}})(window);</script>\n"
+    )
 }
 
 /// The token an anonymous chat page hands its script (`<script id="session-bootstrap">`).
@@ -619,6 +673,103 @@ async fn create_conversation(State(state): State<Shared>, headers: HeaderMap) ->
         "data": { "id": id, "title": "New chat", "created_at": created_at }
     }))
     .into_response()
+}
+
+/// The Claude shape's `GET /api/organizations`: the session's one organization.
+async fn organizations(State(state): State<Shared>, headers: HeaderMap) -> Response {
+    let (_, session) = match authorize(&state, &headers) {
+        Ok(found) => found,
+        Err(refusal) => return refusal.into_response(),
+    };
+    axum::Json(json!([{
+        "id": 1,
+        "uuid": session.org,
+        "name": "Personal",
+        "settings": { "claude_console_privacy": "default_private" },
+        "capabilities": ["chat"],
+        "rate_limit_tier": "default_claude_ai",
+        "created_at": iso_now(),
+    }]))
+    .into_response()
+}
+
+#[derive(Deserialize)]
+struct NewClaudeConversation {
+    uuid: String,
+    #[serde(default)]
+    name: String,
+}
+
+/// The Claude shape's `POST /api/organizations/{org}/chat_conversations` with
+/// `{"uuid": <client uuid>, "name": ""}`. The server picks the conversation's id (unlike the
+/// real site, which keeps the client's), so a client must read it from the answer's `uuid`.
+async fn create_claude_conversation(
+    State(state): State<Shared>,
+    Path(org): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (sid, session) = match authorize(&state, &headers) {
+        Ok(found) => found,
+        Err(refusal) => return refusal.into_response(),
+    };
+    if org != session.org {
+        return api_error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "Organization not found.",
+        );
+    }
+    let request = match serde_json::from_slice::<NewClaudeConversation>(&body) {
+        Ok(request) if !request.uuid.trim().is_empty() => request,
+        _ => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "Expected a JSON body {\"uuid\", \"name\"}.",
+            );
+        }
+    };
+    let id = state.create_conversation(&sid);
+    let now = iso_now();
+    axum::Json(json!({
+        "uuid": id,
+        "name": request.name,
+        "summary": "",
+        "model": null,
+        "created_at": now,
+        "updated_at": now,
+        "settings": { "preview_feature_uses_artifacts": true },
+        "is_starred": false,
+        "current_leaf_message_uuid": null,
+    }))
+    .into_response()
+}
+
+/// Now as `YYYY-MM-DDTHH:MM:SS.000000Z` (UTC), the way real APIs date records.
+fn iso_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let days = i64::try_from(secs / 86_400).unwrap_or_default();
+    let rest = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.000000Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
 }
 
 async fn expire_sessions(State(state): State<Shared>) -> Response {

@@ -23,6 +23,8 @@ struct Inner {
     calls: HashMap<String, VecDeque<Instant>>,
     /// Challenge id → pending captcha challenge.
     challenges: HashMap<String, Challenge>,
+    /// Request signatures already accepted (signed shape) → when.
+    signatures: HashMap<String, Instant>,
 }
 
 #[derive(Debug, Clone)]
@@ -32,6 +34,10 @@ pub(crate) struct Session {
     pub csrf: String,
     /// Opened without login (the open pattern's visitors).
     pub anonymous: bool,
+    /// The session's organization id (Claude shape: `GET /api/organizations`).
+    pub org: String,
+    /// The key the signed shape's page signs requests with (hidden in an inline script).
+    pub sign_key: String,
     created: Instant,
     expired: bool,
 }
@@ -75,6 +81,10 @@ pub(crate) enum SessionProblem {
 
 const WINDOW: Duration = Duration::from_secs(60);
 
+/// How long a used request signature is remembered: more than twice the timestamp skew the
+/// signed shape accepts, so a signature can never be used again while its timestamp is fresh.
+pub(crate) const SIGNATURE_MEMORY: Duration = Duration::from_secs(90);
+
 impl AppState {
     pub fn new(config: DemoConfig) -> Self {
         Self {
@@ -108,6 +118,8 @@ impl AppState {
             token: format!("dt_{}", random_token(24)),
             csrf: random_token(16),
             anonymous,
+            org: uuid::Uuid::new_v4().to_string(),
+            sign_key: random_token(16),
             created: Instant::now(),
             expired: false,
         };
@@ -282,6 +294,21 @@ impl AppState {
             }
             None => 1,
         }
+    }
+
+    /// Records `signature` as used; `false` when it was used before (a replay). Signatures are
+    /// remembered for [`SIGNATURE_MEMORY`], longer than a timestamp stays acceptable.
+    pub fn use_signature(&self, signature: &str) -> bool {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        inner
+            .signatures
+            .retain(|_, at| now.duration_since(*at) < SIGNATURE_MEMORY);
+        if inner.signatures.contains_key(signature) {
+            return false;
+        }
+        inner.signatures.insert(signature.to_owned(), now);
+        true
     }
 
     /// Records a chat call of `email` if the rate limit allows it; otherwise returns the

@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 
 use super::*;
 use crate::flow::{Accrual, BodyKind, Extract, Flow, ReasoningRule, Transport};
+use crate::replay::decode::{Decoder, Delta, collect_text, decode_all};
 
 const PASSWORD: &str = "demo-password";
 const PROMPT: &str = "Hello demo, what is `2 + 2`? ünïcödé ✓";
@@ -37,6 +38,8 @@ struct Browser {
     cookie: String,
     token: String,
     csrf: String,
+    /// The signing key the chat page's inline script hides (signed shape).
+    sign_key: String,
 }
 
 impl Browser {
@@ -68,6 +71,7 @@ impl Browser {
             cookie,
             token,
             csrf,
+            sign_key: page_sign_key(&html).unwrap_or_default(),
         }
     }
 
@@ -79,7 +83,41 @@ impl Browser {
             .header(CSRF_HEADER, &self.csrf)
     }
 
+    fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        client()
+            .get(format!("{}{path}", self.base))
+            .header("cookie", &self.cookie)
+            .header("authorization", format!("Bearer {}", self.token))
+            .header(CSRF_HEADER, &self.csrf)
+    }
+
+    /// The conversation the chat call names; for Claude, `ORG/CONVERSATION` (both go in the
+    /// path), looked up the way `chat.js` does.
     async fn create_conversation(&self, shape: Shape) -> String {
+        if shape == Shape::Claude {
+            let orgs: Value = self
+                .get("/api/organizations")
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let org = str_at(&orgs, "/0/uuid").to_owned();
+            assert_eq!(orgs[0]["name"], "Personal");
+            let client_uuid = uuid::Uuid::new_v4().to_string();
+            let response = self
+                .post(&format!("/api/organizations/{org}/chat_conversations"))
+                .json(&json!({ "uuid": client_uuid, "name": "" }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            let body: Value = response.json().await.unwrap();
+            let conversation = str_at(&body, "/uuid").to_owned();
+            assert_ne!(conversation, client_uuid, "the server picks the id");
+            return format!("{org}/{conversation}");
+        }
         let response = self
             .post(shape.create_conversation_path())
             .json(&json!({ "title": "New chat", "timestamp": now_ms() }))
@@ -164,8 +202,66 @@ impl Browser {
                 "requestId": id,
                 "sentAtMs": ts,
             })),
+            Shape::Claude => {
+                let (org, conversation) = conversation.split_once('/').unwrap();
+                self.post(&format!(
+                    "/api/organizations/{org}/chat_conversations/{conversation}/completion"
+                ))
+                .json(&json!({
+                    "prompt": prompt,
+                    "timezone": "UTC",
+                    "attachments": [],
+                    "files": [],
+                    "rendering_mode": "messages",
+                }))
+            }
+            Shape::Signed => {
+                let body = json!({
+                    "model": "demo",
+                    "messages": [{ "role": "user", "content": prompt }],
+                    "stream": true,
+                    "conversation_id": conversation,
+                    "client_request_id": id,
+                    "timestamp": ts,
+                })
+                .to_string();
+                self.signed(path, body, ts)
+            }
+            Shape::Ws => panic!("the ws shape chats over its WebSocket"),
         }
     }
+
+    /// A signed-shape call: `x-signature` over the key, `ts` and `body`, as `chat.js` signs.
+    fn signed(&self, path: &str, body: String, ts: u64) -> reqwest::RequestBuilder {
+        let ts = ts.to_string();
+        let signature = sha256_hex(&format!("{}\n{ts}\n{body}", self.sign_key));
+        self.post(path)
+            .header("content-type", "application/json")
+            .header("x-timestamp", ts)
+            .header("x-signature", signature)
+            .body(body)
+    }
+}
+
+fn sha256_hex(text: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))
+}
+
+/// The signing key, reassembled from the chat page's inline script the way its JS does:
+/// `p` holds reversed pieces, `o` their order.
+fn page_sign_key(html: &str) -> Option<String> {
+    let start = html.find("var p=")? + "var p=".len();
+    let rest = &html[start..];
+    let pieces: Vec<String> = serde_json::from_str(&rest[..rest.find(",o=")?]).ok()?;
+    let rest = &rest[rest.find(",o=")? + ",o=".len()..];
+    let order: Vec<usize> = serde_json::from_str(&rest[..rest.find(';')?]).ok()?;
+    Some(
+        order
+            .iter()
+            .map(|&i| pieces[i].chars().rev().collect::<String>())
+            .collect(),
+    )
 }
 
 fn now_ms() -> u64 {
@@ -244,7 +340,7 @@ fn decode(shape: Shape, content_type: &str, bytes: &[u8]) -> (Option<String>, St
     let mut content = String::new();
     let text = String::from_utf8_lossy(bytes);
     match shape {
-        Shape::Openai => {
+        Shape::Openai | Shape::Signed => {
             assert!(content_type.starts_with("text/event-stream"));
             let events = sse_events(&text);
             assert_eq!(events.last().unwrap().1, "[DONE]");
@@ -369,6 +465,48 @@ fn decode(shape: Shape, content_type: &str, bytes: &[u8]) -> (Option<String>, St
                 }
             }
         }
+        Shape::Claude => {
+            assert!(content_type.starts_with("text/event-stream"));
+            let events = sse_events(&text);
+            let names: Vec<&str> = events.iter().map(|(n, _)| n.as_deref().unwrap()).collect();
+            assert_eq!(names[0], "message_start");
+            assert_eq!(*names.last().unwrap(), "message_stop");
+            assert!(names.contains(&"ping") && names.contains(&"message_delta"));
+            let mut blocks = Vec::new();
+            let mut open: Option<u64> = None;
+            for (name, data) in &events {
+                let v: Value = serde_json::from_str(data).unwrap();
+                let name = name.as_deref().unwrap();
+                assert_eq!(v["type"], name, "the type repeats the event name");
+                match name {
+                    "message_start" => {
+                        str_at(&v, "/message/id");
+                        str_at(&v, "/message/uuid");
+                    }
+                    "content_block_start" => {
+                        assert_eq!(open, None);
+                        open = v["index"].as_u64();
+                        assert_eq!(open, Some(blocks.len() as u64));
+                        blocks.push(str_at(&v, "/content_block/type").to_owned());
+                    }
+                    "content_block_delta" => {
+                        assert_eq!(v["index"].as_u64(), open);
+                        match str_at(&v, "/delta/type") {
+                            "thinking_delta" => reasoning.push_str(str_at(&v, "/delta/thinking")),
+                            "text_delta" => content.push_str(str_at(&v, "/delta/text")),
+                            other => panic!("delta {other}"),
+                        }
+                    }
+                    "content_block_stop" => {
+                        assert_eq!(v["index"].as_u64(), open.take());
+                    }
+                    "message_delta" => assert_eq!(v["delta"]["stop_reason"], "end_turn"),
+                    _ => {}
+                }
+            }
+            assert_eq!(blocks, ["thinking", "text"]);
+        }
+        Shape::Ws => panic!("the ws shape has no HTTP body"),
     }
     ((!reasoning.is_empty()).then_some(reasoning), content)
 }
@@ -410,6 +548,13 @@ fn apply_patch(root: &mut Value, op: &Value, last_p: &mut String, last_o: &mut S
 
 async fn chat_once(shape: Shape, browser: &Browser, prompt: &str) -> (Option<String>, String) {
     let conversation = browser.create_conversation(shape).await;
+    if shape == Shape::Ws {
+        let mut socket = browser.socket(&conversation).await;
+        return (
+            None,
+            socket.chat(&browser.token, &conversation, prompt).await,
+        );
+    }
     let response = browser
         .chat(shape, &conversation, prompt)
         .send()
@@ -467,21 +612,13 @@ fn tokens_rebuild_the_text_in_small_pieces() {
 }
 
 fn flow_files() -> Vec<(Shape, &'static str)> {
-    vec![
-        (Shape::Openai, include_str!("../../flows/demo-openai.json")),
-        (Shape::Patch, include_str!("../../flows/demo-patch.json")),
-        (
-            Shape::Cumulative,
-            include_str!("../../flows/demo-cumulative.json"),
-        ),
-        (Shape::Ndjson, include_str!("../../flows/demo-ndjson.json")),
-        (
-            Shape::Numbered,
-            include_str!("../../flows/demo-numbered.json"),
-        ),
-        (Shape::Json, include_str!("../../flows/demo-json.json")),
-        (Shape::Frames, include_str!("../../flows/demo-frames.json")),
-    ]
+    Shape::ALL.iter().map(|&s| (s, s.flow_file())).collect()
+}
+
+/// A flow URL with its `{{preflight.…}}` ids written the way the shape's routes name them.
+fn as_route(url: &str) -> String {
+    url.replace("{{preflight.org_id}}", "{org}")
+        .replace("{{preflight.conversation_id}}", "{conversation}")
 }
 
 #[test]
@@ -489,12 +626,44 @@ fn every_flow_file_parses_and_names_its_shape() {
     let files = flow_files();
     assert_eq!(files.len(), Shape::ALL.len());
     for (shape, text) in files {
+        let on_disk = std::fs::read_to_string(format!(
+            "{}/flows/demo-{shape}.json",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap();
+        assert_eq!(text, on_disk, "{shape}");
         let flow = Flow::from_json(text).unwrap_or_else(|e| panic!("{shape}: {e}"));
         assert_eq!(flow.service, format!("demo-{shape}"));
-        assert_eq!(flow.request.url.split('?').next(), Some(shape.chat_path()));
+        let url = as_route(&flow.request.url);
+        assert_eq!(url.split('?').next(), Some(shape.chat_path()), "{shape}");
         assert_eq!(flow.response.reasoning.is_some(), shape.has_reasoning());
-        assert_eq!(flow.preflight.len(), 2, "{shape}");
-        assert_eq!(flow.preflight[1].http.url, shape.create_conversation_path());
+        assert!(flow.literal_secrets().is_empty(), "{shape}");
+        assert_eq!(flow.preflight[0].http.url, "/chat", "{shape}");
+        let create = flow.preflight.last().unwrap();
+        assert_eq!(
+            as_route(&create.http.url),
+            shape.create_conversation_path(),
+            "{shape}"
+        );
+        assert!(create.extract.contains_key("conversation_id"), "{shape}");
+        match shape {
+            Shape::Claude => {
+                assert_eq!(flow.preflight.len(), 3);
+                assert_eq!(flow.preflight[1].http.url, "/api/organizations");
+                assert_eq!(flow.preflight[1].http.method, "GET");
+            }
+            _ => assert_eq!(flow.preflight.len(), 2, "{shape}"),
+        }
+        assert_eq!(
+            flow.response.transport == Transport::Websocket,
+            shape == Shape::Ws
+        );
+        // Only the signed shape needs the page: its signature cannot be replayed.
+        assert_eq!(flow.replay.needs_browser, shape == Shape::Signed, "{shape}");
+        if shape == Shape::Signed {
+            assert!(flow.replay.reason.is_some());
+            assert!(flow.request.headers.contains_key("x-signature"));
+        }
     }
 }
 
@@ -874,7 +1043,7 @@ async fn every_shape_streams_exactly_the_reply() {
 
 #[tokio::test]
 async fn later_turns_of_a_conversation_count() {
-    for shape in [Shape::Patch, Shape::Frames] {
+    for shape in [Shape::Patch, Shape::Frames, Shape::Claude, Shape::Signed] {
         let base = spawn(config(shape)).await;
         let browser = Browser::login(&base, "ann@example.com").await;
         let conversation = browser.create_conversation(shape).await;
@@ -897,7 +1066,7 @@ async fn later_turns_of_a_conversation_count() {
 #[tokio::test]
 async fn the_reply_is_streamed_not_buffered() {
     // With an hour between tokens, only the unbuffered head of the stream can arrive.
-    for shape in [Shape::Openai, Shape::Frames, Shape::Numbered] {
+    for shape in [Shape::Openai, Shape::Frames, Shape::Numbered, Shape::Claude] {
         let base = spawn(DemoConfig {
             token_delay: Duration::from_secs(3600),
             ..config(shape)
@@ -1061,7 +1230,7 @@ fn events(transport: Transport, bytes: &[u8]) -> Vec<(Option<String>, String)> {
             .map(|(flag, v)| (Some(flag.to_string()), v.to_string()))
             .collect(),
         Transport::Json | Transport::Text => vec![(None, text)],
-        Transport::Websocket => panic!("no websocket shape"),
+        Transport::Websocket => panic!("WebSocket replies are frames, not a body"),
     }
 }
 
@@ -1187,6 +1356,18 @@ async fn replay_flow(
     base: &str,
     prompt: &str,
 ) -> (Option<String>, String, Vec<String>) {
+    let (cookie, vars) = run_preflights(flow, base, prompt).await;
+    let rendered = render(&flow.request, base, prompt, &vars);
+    if flow.response.transport == Transport::Websocket {
+        return replay_socket(flow, rendered, &cookie).await;
+    }
+    let response = send(rendered, &cookie).await;
+    assert_eq!(response.status(), StatusCode::OK, "{}", flow.service);
+    decode_with_flow(flow, &response.bytes().await.unwrap())
+}
+
+/// Logs in and runs the flow's preflights: the cookie header and the template variables.
+async fn run_preflights(flow: &Flow, base: &str, prompt: &str) -> (String, Vec<(String, String)>) {
     let login = json_login(base, "flow@example.com", PASSWORD)
         .await
         .unwrap();
@@ -1224,9 +1405,42 @@ async fn replay_flow(
             vars.push((format!("preflight.{name}"), value));
         }
     }
-    let response = send(render(&flow.request, base, prompt, &vars), &cookie).await;
-    assert_eq!(response.status(), StatusCode::OK, "{}", flow.service);
-    decode_with_flow(flow, &response.bytes().await.unwrap())
+    (cookie, vars)
+}
+
+/// A WebSocket flow: the body is the list of frames to send, in order; the reply is decoded
+/// frame by frame with the real decoder.
+async fn replay_socket(
+    flow: &Flow,
+    rendered: Rendered,
+    cookie: &str,
+) -> (Option<String>, String, Vec<String>) {
+    assert_eq!(rendered.method, reqwest::Method::GET);
+    let (base, path) = rendered.url.split_at(rendered.url.find("/api/").unwrap());
+    let mut socket = RawSocket::connect(base, path, &[("cookie", cookie)])
+        .await
+        .unwrap();
+    let (_, frames) = rendered.body.unwrap();
+    for frame in frames.as_array().unwrap() {
+        socket.send_text(&frame.to_string()).await;
+    }
+    let mut decoder = Decoder::new(&flow.response);
+    let mut deltas = Vec::new();
+    while !decoder.is_done() {
+        let Some(WsMessage::Text(text)) = socket.recv().await else {
+            panic!("the socket ended before the reply was done");
+        };
+        decoder.feed_message(None, &text, &mut deltas).unwrap();
+    }
+    let (text, reasoning) = collect_text(&deltas);
+    let ids = deltas
+        .iter()
+        .filter_map(|d| match d {
+            Delta::Id { value, .. } => Some(value.clone()),
+            _ => None,
+        })
+        .collect();
+    ((!reasoning.is_empty()).then_some(reasoning), text, ids)
 }
 
 #[tokio::test]
@@ -1234,6 +1448,9 @@ async fn every_flow_file_replays_against_its_shape() {
     for (shape, text) in flow_files() {
         let flow = Flow::from_json(text).unwrap();
         let base = spawn(config(shape)).await;
+        if flow.replay.needs_browser {
+            continue; // see `the_signed_flow_fails_direct_replay`
+        }
         let (reasoning, content, ids) = replay_flow(&flow, &base, PROMPT).await;
         let expected = reply_for(shape, PROMPT);
         assert_eq!(content, expected.content, "{shape}");
@@ -1353,6 +1570,7 @@ impl Walker {
             cookie: self.cookie_header(),
             token: token.to_owned(),
             csrf: meta_csrf(&page.html).unwrap(),
+            sign_key: page_sign_key(&page.html).unwrap_or_default(),
         };
         let expected = reply_for(shape, PROMPT);
         let (reasoning, content) = chat_once(shape, &browser, PROMPT).await;
@@ -1852,4 +2070,648 @@ async fn json_login_works_behind_every_pattern() {
             );
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A minimal WebSocket client over a raw TCP stream (RFC 6455: the upgrade, masked text frames
+// out, unmasked frames in), enough to talk to the ws shape.
+
+#[derive(Debug, PartialEq)]
+enum WsMessage {
+    Text(String),
+    Close(Option<u16>),
+}
+
+struct RawSocket {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawSocket {
+    /// Upgrades `GET path`; `Err((status, body))` when the server answers without upgrading.
+    async fn connect(
+        base: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<RawSocket, (u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let host = base.strip_prefix("http://").unwrap();
+        let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
+        let mut request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        );
+        for (name, value) in headers {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        request.push_str("\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let head_end = loop {
+            if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the server closed during the handshake");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let mut rest = buf[head_end..].to_vec();
+        if status != 101 {
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().unwrap())
+                .unwrap_or(0);
+            while rest.len() < length {
+                let mut chunk = [0u8; 4096];
+                let n = stream.read(&mut chunk).await.unwrap();
+                assert!(n > 0);
+                rest.extend_from_slice(&chunk[..n]);
+            }
+            return Err((status, String::from_utf8_lossy(&rest).into_owned()));
+        }
+        // The accept value RFC 6455 gives for its sample key.
+        assert!(head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="));
+        Ok(RawSocket { stream, buf: rest })
+    }
+
+    async fn send_text(&mut self, text: &str) {
+        use tokio::io::AsyncWriteExt;
+        let payload = text.as_bytes();
+        let mask = rand::random::<[u8; 4]>();
+        let mut frame = vec![0x81];
+        match payload.len() {
+            n if n < 126 => frame.push(0x80 | n as u8),
+            n if n <= 0xffff => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                frame.push(0x80 | 127);
+                frame.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        self.stream.write_all(&frame).await.unwrap();
+    }
+
+    async fn fill(&mut self, want: usize) -> bool {
+        use tokio::io::AsyncReadExt;
+        while self.buf.len() < want {
+            let mut chunk = [0u8; 8192];
+            match tokio::time::timeout(Duration::from_secs(10), self.stream.read(&mut chunk))
+                .await
+                .expect("no frame within 10 s")
+            {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        true
+    }
+
+    /// The next text or close message (pings and pongs skipped); `None` at the end.
+    async fn recv(&mut self) -> Option<WsMessage> {
+        loop {
+            if !self.fill(2).await {
+                return None;
+            }
+            let (b0, b1) = (self.buf[0], self.buf[1]);
+            assert_eq!(b1 & 0x80, 0, "server frames are not masked");
+            assert_ne!(b0 & 0x80, 0, "no fragmented frames expected");
+            let (len, header) = match b1 & 0x7f {
+                126 => {
+                    assert!(self.fill(4).await);
+                    (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4)
+                }
+                127 => {
+                    assert!(self.fill(10).await);
+                    let mut n = [0u8; 8];
+                    n.copy_from_slice(&self.buf[2..10]);
+                    (u64::from_be_bytes(n) as usize, 10)
+                }
+                n => (n as usize, 2),
+            };
+            assert!(self.fill(header + len).await, "truncated frame");
+            let payload: Vec<u8> = self.buf.drain(..header + len).skip(header).collect();
+            match b0 & 0x0f {
+                1 => return Some(WsMessage::Text(String::from_utf8(payload).unwrap())),
+                8 => {
+                    let code =
+                        (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                    return Some(WsMessage::Close(code));
+                }
+                9 | 10 => continue,
+                other => panic!("unexpected opcode {other}"),
+            }
+        }
+    }
+
+    async fn recv_json(&mut self) -> Value {
+        match self.recv().await {
+            Some(WsMessage::Text(text)) => serde_json::from_str(&text).unwrap(),
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+
+    /// One chat turn: sends the chat frame, returns the frames received up to `done` (or an
+    /// error frame), raw.
+    async fn turn(&mut self, conversation: &str, prompt: &str) -> Vec<String> {
+        self.send_text(
+            &json!({
+                "type": "chat",
+                "id": uuid::Uuid::new_v4().to_string(),
+                "conversation_id": conversation,
+                "prompt": prompt,
+            })
+            .to_string(),
+        )
+        .await;
+        let mut frames = Vec::new();
+        loop {
+            let Some(WsMessage::Text(text)) = self.recv().await else {
+                panic!("the socket ended mid-reply");
+            };
+            let kind = serde_json::from_str::<Value>(&text).unwrap()["type"].clone();
+            frames.push(text);
+            if kind == "done" || kind == "error" {
+                return frames;
+            }
+        }
+    }
+
+    /// Authenticates, chats once, and decodes the frames strictly: the answer.
+    async fn chat(&mut self, token: &str, conversation: &str, prompt: &str) -> String {
+        self.send_text(&json!({ "type": "auth", "token": token }).to_string())
+            .await;
+        ws_content(&self.turn(conversation, prompt).await, conversation)
+    }
+}
+
+/// The answer in the ws shape's documented frames: `start`, `token`s, `done`.
+fn ws_content(frames: &[String], conversation: &str) -> String {
+    let frames: Vec<Value> = frames
+        .iter()
+        .map(|f| serde_json::from_str(f).unwrap())
+        .collect();
+    assert_eq!(frames[0]["type"], "start", "{frames:?}");
+    assert_eq!(frames[0]["conversation_id"], conversation);
+    let message_id = str_at(&frames[0], "/message_id");
+    let last = frames.last().unwrap();
+    assert_eq!(last["type"], "done");
+    assert_eq!(last["message_id"], message_id);
+    frames[1..frames.len() - 1]
+        .iter()
+        .map(|f| {
+            assert_eq!(f["type"], "token");
+            str_at(f, "/text")
+        })
+        .collect()
+}
+
+impl Browser {
+    /// The ws shape's socket, opened the way the page opens it (cookie, same origin).
+    async fn socket(&self, conversation: &str) -> RawSocket {
+        RawSocket::connect(
+            &self.base,
+            &format!("/api/ws?conversation={conversation}"),
+            &[("cookie", &self.cookie), ("origin", &self.base)],
+        )
+        .await
+        .unwrap()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The claude, ws and signed shapes
+
+#[tokio::test]
+async fn the_real_decoder_reads_every_shape_with_its_flow() {
+    for shape in Shape::ALL {
+        let flow = Flow::from_json(shape.flow_file()).unwrap();
+        let base = spawn(config(shape)).await;
+        let browser = Browser::login(&base, "ann@example.com").await;
+        let conversation = browser.create_conversation(shape).await;
+        let deltas = if shape == Shape::Ws {
+            let mut socket = browser.socket(&conversation).await;
+            socket
+                .send_text(&json!({ "type": "auth", "token": browser.token }).to_string())
+                .await;
+            let mut decoder = Decoder::new(&flow.response);
+            let mut deltas = Vec::new();
+            for frame in socket.turn(&conversation, PROMPT).await {
+                decoder.feed_message(None, &frame, &mut deltas).unwrap();
+            }
+            assert!(decoder.is_done());
+            deltas
+        } else {
+            let response = browser
+                .chat(shape, &conversation, PROMPT)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::OK, "{shape}");
+            decode_all(&flow.response, &response.bytes().await.unwrap())
+                .unwrap_or_else(|e| panic!("{shape}: {e}"))
+        };
+        let (text, reasoning) = collect_text(&deltas);
+        let expected = reply_for(shape, PROMPT);
+        assert_eq!(text, expected.content, "{shape}");
+        assert_eq!(
+            (!reasoning.is_empty()).then_some(reasoning),
+            expected.reasoning,
+            "{shape}"
+        );
+        // A single JSON answer ends with its body; every stream has a done signal.
+        assert_eq!(
+            deltas.contains(&Delta::Done),
+            shape != Shape::Json,
+            "{shape}: done signal"
+        );
+        assert!(
+            deltas.iter().any(|d| matches!(d, Delta::Id { .. })),
+            "{shape}: no ids"
+        );
+    }
+}
+
+#[tokio::test]
+async fn claude_takes_the_org_then_a_server_picked_conversation_id_in_the_path() {
+    let shape = Shape::Claude;
+    let base = spawn(config(shape)).await;
+    let browser = Browser::login(&base, "ann@example.com").await;
+    // The organization lookup checks the session like every API call.
+    let bad_csrf = Browser {
+        csrf: "nope".into(),
+        ..browser.clone()
+    };
+    let response = bad_csrf.get("/api/organizations").send().await.unwrap();
+    assert_eq!(
+        error_of(response).await,
+        (StatusCode::FORBIDDEN, "csrf_failed".into())
+    );
+    let no_bearer = client()
+        .get(format!("{base}/api/organizations"))
+        .header("cookie", &browser.cookie)
+        .header(CSRF_HEADER, &browser.csrf)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_bearer.status(), StatusCode::UNAUTHORIZED);
+
+    let ids = browser.create_conversation(shape).await;
+    let (org, conversation) = ids.split_once('/').unwrap();
+    // The client's own uuid is not a conversation; another org is not ours.
+    let client_uuid = uuid::Uuid::new_v4().to_string();
+    let created: Value = browser
+        .post(&format!("/api/organizations/{org}/chat_conversations"))
+        .json(&json!({ "uuid": client_uuid, "name": "" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_ne!(created["uuid"], client_uuid);
+    let response = browser
+        .chat(shape, &format!("{org}/{client_uuid}"), "hi")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        error_of(response).await,
+        (StatusCode::NOT_FOUND, "not_found".into())
+    );
+    let other_org = uuid::Uuid::new_v4();
+    let response = browser
+        .chat(shape, &format!("{other_org}/{conversation}"), "hi")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let response = browser
+        .post(&format!(
+            "/api/organizations/{other_org}/chat_conversations"
+        ))
+        .json(&json!({ "uuid": client_uuid, "name": "" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let response = browser
+        .post(&format!("/api/organizations/{org}/chat_conversations"))
+        .json(&json!({ "name": "" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    // A body without the prompt.
+    let response = browser
+        .post(&format!(
+            "/api/organizations/{org}/chat_conversations/{conversation}/completion"
+        ))
+        .json(&json!({ "timezone": "UTC" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        error_of(response).await,
+        (StatusCode::BAD_REQUEST, "bad_request".into())
+    );
+    // The right call streams the Anthropic-style events (checked strictly by `decode`).
+    let response = browser.chat(shape, &ids, PROMPT).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let (reasoning, content) = decode(shape, &content_type, &response.bytes().await.unwrap());
+    let expected = reply_for(shape, PROMPT);
+    assert_eq!(content, expected.content);
+    assert_eq!(reasoning, expected.reasoning);
+}
+
+#[tokio::test]
+async fn ws_streams_frames_and_counts_turns_on_one_socket() {
+    let shape = Shape::Ws;
+    let base = spawn(config(shape)).await;
+    let browser = Browser::login(&base, "ann@example.com").await;
+    let conversation = browser.create_conversation(shape).await;
+    let mut socket = browser.socket(&conversation).await;
+    let content = socket.chat(&browser.token, &conversation, PROMPT).await;
+    assert_eq!(content, reply_for(shape, PROMPT).content);
+    let frames = socket.turn(&conversation, "again").await;
+    assert_eq!(
+        ws_content(&frames, &conversation),
+        reply_for_turn(shape, "again", 2).content
+    );
+    // A chat frame naming another conversation is refused in-band.
+    let frames = socket.turn("someone-else", "hi").await;
+    let error: Value = serde_json::from_str(&frames[0]).unwrap();
+    assert_eq!(
+        (error["type"].as_str(), error["code"].as_str()),
+        (Some("error"), Some("bad_request"))
+    );
+    // The socket still works after that.
+    let frames = socket.turn(&conversation, "third").await;
+    assert_eq!(
+        ws_content(&frames, &conversation),
+        reply_for_turn(shape, "third", 3).content
+    );
+}
+
+#[tokio::test]
+async fn ws_refuses_missing_sessions_foreign_origins_and_bad_tokens() {
+    let shape = Shape::Ws;
+    let base = spawn(config(shape)).await;
+    let browser = Browser::login(&base, "ann@example.com").await;
+    let conversation = browser.create_conversation(shape).await;
+    let path = format!("/api/ws?conversation={conversation}");
+    let code = |body: &str| {
+        serde_json::from_str::<Value>(body).unwrap()["error"]["code"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+
+    let Err((status, body)) = RawSocket::connect(&base, &path, &[]).await else {
+        panic!("upgraded without a session");
+    };
+    assert_eq!((status, code(&body).as_str()), (401, "unauthenticated"));
+    let headers = [
+        ("cookie", browser.cookie.as_str()),
+        ("origin", "http://evil.example"),
+    ];
+    let Err((status, body)) = RawSocket::connect(&base, &path, &headers).await else {
+        panic!("upgraded from a foreign origin");
+    };
+    assert_eq!((status, code(&body).as_str()), (403, "bad_origin"));
+    let other = Browser::login(&base, "bob@example.com").await;
+    let headers = [("cookie", other.cookie.as_str())];
+    let Err((status, _)) = RawSocket::connect(&base, &path, &headers).await else {
+        panic!("upgraded into another session's conversation");
+    };
+    assert_eq!(status, 404);
+    // A plain GET is not a socket.
+    let response = client()
+        .get(format!("{base}{path}"))
+        .header("cookie", &browser.cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UPGRADE_REQUIRED);
+
+    // A wrong token in the first frame: an error frame, then close 4401.
+    for first in [
+        json!({ "type": "auth", "token": "nope" }),
+        json!({ "type": "chat", "id": "x", "conversation_id": conversation, "prompt": "hi" }),
+    ] {
+        let mut socket = browser.socket(&conversation).await;
+        socket.send_text(&first.to_string()).await;
+        let error = socket.recv_json().await;
+        assert_eq!(error["type"], "error");
+        assert_eq!(error["code"], "unauthenticated");
+        assert_eq!(socket.recv().await, Some(WsMessage::Close(Some(4401))));
+    }
+}
+
+/// The signed shape's chat call with explicit headers (for forging and replaying).
+fn signed_call(
+    browser: &Browser,
+    body: &str,
+    ts: &str,
+    signature: &str,
+) -> reqwest::RequestBuilder {
+    browser
+        .post(Shape::Signed.chat_path())
+        .header("content-type", "application/json")
+        .header("x-timestamp", ts)
+        .header("x-signature", signature)
+        .body(body.to_owned())
+}
+
+fn signed_body(conversation: &str, prompt: &str) -> String {
+    json!({
+        "model": "demo",
+        "messages": [{ "role": "user", "content": prompt }],
+        "stream": true,
+        "conversation_id": conversation,
+        "client_request_id": uuid::Uuid::new_v4().to_string(),
+        "timestamp": now_ms(),
+    })
+    .to_string()
+}
+
+async fn assert_bad_signature(response: reqwest::Response) {
+    let status = response.status();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        body,
+        json!({ "error": { "message": "invalid request signature", "code": "bad_signature" } })
+    );
+}
+
+#[tokio::test]
+async fn signed_calls_verify_once_and_only_when_fresh() {
+    let shape = Shape::Signed;
+    let base = spawn(config(shape)).await;
+    let browser = Browser::login(&base, "ann@example.com").await;
+    let conversation = browser.create_conversation(shape).await;
+    let key = browser.sign_key.clone();
+    assert_eq!(key.len(), 32);
+
+    // A fresh, valid signature works, once.
+    let body = signed_body(&conversation, PROMPT);
+    let ts = now_ms().to_string();
+    let signature = sha256_hex(&format!("{key}\n{ts}\n{body}"));
+    let call = signed_call(&browser, &body, &ts, &signature);
+    let replay = call.try_clone().unwrap();
+    let response = call.send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let (reasoning, content) = decode(shape, "text/event-stream", &response.bytes().await.unwrap());
+    let expected = reply_for(shape, PROMPT);
+    assert_eq!((reasoning, content), (expected.reasoning, expected.content));
+    // The very same request again (a direct replay of a recording).
+    assert_bad_signature(replay.send().await.unwrap()).await;
+    // The recorded headers with a new prompt.
+    let other = signed_body(&conversation, "another prompt");
+    assert_bad_signature(
+        signed_call(&browser, &other, &ts, &signature)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    // A wrong signature, a wrong key, no signature.
+    let ts = now_ms().to_string();
+    let wrong = sha256_hex("something else");
+    assert_bad_signature(
+        signed_call(&browser, &other, &ts, &wrong)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let wrong_key = sha256_hex(&format!("{key}x\n{ts}\n{other}"));
+    assert_bad_signature(
+        signed_call(&browser, &other, &ts, &wrong_key)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let unsigned = browser
+        .post(shape.chat_path())
+        .header("content-type", "application/json")
+        .body(other.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_bad_signature(unsigned).await;
+    // A right signature over a stale (31 s old) or far-future timestamp.
+    for ts in [now_ms() - 31_000, now_ms() + 31_000] {
+        let ts = ts.to_string();
+        let signature = sha256_hex(&format!("{key}\n{ts}\n{other}"));
+        assert_bad_signature(
+            signed_call(&browser, &other, &ts, &signature)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+    }
+    // Another session's key does not sign for this one.
+    let bob = Browser::login(&base, "bob@example.com").await;
+    assert_ne!(bob.sign_key, key);
+    let ts = now_ms().to_string();
+    let signature = sha256_hex(&format!("{}\n{ts}\n{other}", bob.sign_key));
+    assert_bad_signature(
+        signed_call(&browser, &other, &ts, &signature)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    // The signature is checked after the session: a bad CSRF token is still a 403 csrf_failed.
+    let bad_csrf = Browser {
+        csrf: "nope".into(),
+        ..browser.clone()
+    };
+    let response = bad_csrf
+        .chat(shape, &conversation, "hi")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        error_of(response).await,
+        (StatusCode::FORBIDDEN, "csrf_failed".into())
+    );
+    // And a newly signed call works again.
+    let response = browser
+        .chat(shape, &conversation, "hi")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn the_signing_key_is_hidden_in_an_inline_script_of_the_signed_page_only() {
+    let base = spawn(config(Shape::Signed)).await;
+    let login = json_login(&base, "ann@example.com", PASSWORD)
+        .await
+        .unwrap();
+    let cookie = login
+        .cookies
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let html = client()
+        .get(format!("{base}/chat"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let key = page_sign_key(&html).unwrap();
+    assert_eq!(key.len(), 32);
+    assert!(!html.contains(&key), "the key is in the page as is");
+    assert!(html.contains("__demoRt"));
+    assert!(!login.cookies.iter().any(|(_, v)| v.contains(&key)));
+    assert!(!login.local_storage.iter().any(|(_, v)| v.contains(&key)));
+    // The key is the session's: the same page load after load.
+    let again = client()
+        .get(format!("{base}/chat"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(page_sign_key(&again).as_deref(), Some(key.as_str()));
+    // Other shapes' pages carry no key.
+    let base = spawn(config(Shape::Openai)).await;
+    let browser = Browser::login(&base, "ann@example.com").await;
+    assert!(browser.sign_key.is_empty());
+}
+
+#[tokio::test]
+async fn the_signed_flow_fails_direct_replay() {
+    let shape = Shape::Signed;
+    let flow = Flow::from_json(shape.flow_file()).unwrap();
+    assert!(flow.replay.needs_browser);
+    let base = spawn(config(shape)).await;
+    let (cookie, vars) = run_preflights(&flow, &base, PROMPT).await;
+    let response = send(render(&flow.request, &base, PROMPT, &vars), &cookie).await;
+    assert_bad_signature(response).await;
 }

@@ -7,4 +7,190 @@
 //! the marker is, which values came from where, which reading of the bytes yields the text
 //! the page rendered.
 
+pub mod decoder;
+pub mod infer;
+pub mod probe;
 pub mod recording;
+pub mod verify;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use url::Url;
+
+use crate::browser::{LoginRequest, ProbeError, ProbeRequest};
+use crate::flow::Flow;
+use crate::renew::{RenewError, Renewer};
+use crate::replay::client::Replayer;
+use crate::store::accounts::Account;
+use crate::store::{Store, StoreError};
+use verify::Verification;
+
+/// Where a learn is, for progress display.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    LoggingIn,
+    Probing,
+    Inferring,
+    Verifying,
+    Saving,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::LoggingIn => "logging in",
+            Stage::Probing => "probing",
+            Stage::Inferring => "inferring",
+            Stage::Verifying => "verifying",
+            Stage::Saving => "saving",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Timings {
+    pub login_ms: Option<u64>,
+    pub probe_ms: u64,
+    pub infer_ms: u64,
+    pub verify_ms: u64,
+    pub total_ms: u64,
+}
+
+/// What a learn produced.
+#[derive(Debug)]
+pub struct LearnReport {
+    /// The stored flow (the service's active flow now).
+    pub flow: Flow,
+    /// The version it replaced, kept for comparison.
+    pub previous_version: Option<u32>,
+    pub notes: Vec<String>,
+    pub suspicious: Vec<String>,
+    pub verification: Verification,
+    pub timings: Timings,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LearnError {
+    #[error(transparent)]
+    Login(#[from] RenewError),
+    #[error("the probe failed: {0}")]
+    Probe(#[from] ProbeError),
+    #[error("could not infer the chat flow: {0}")]
+    Infer(#[from] infer::InferError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// How long a probe may wait for the site's reply.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Learns accounts' flows: login (when needed) → probe → infer → verify → store.
+pub struct Learner {
+    renewer: Arc<Renewer>,
+    replayer: Arc<Replayer>,
+    store: Store,
+}
+
+impl Learner {
+    pub fn new(renewer: Arc<Renewer>, replayer: Arc<Replayer>, store: Store) -> Self {
+        Self {
+            renewer,
+            replayer,
+            store,
+        }
+    }
+
+    /// Learns `account`'s chat flow and stores it as the service's active flow.
+    pub async fn learn(
+        &self,
+        account: &Account,
+        progress: &(dyn Fn(Stage) + Send + Sync),
+    ) -> Result<LearnReport, LearnError> {
+        let started = Instant::now();
+        let mut timings = Timings::default();
+        let now = crate::store::now();
+        let session = match self.store.latest_session(&account.id).await? {
+            Some(session) if session.is_usable(now) => session,
+            _ => {
+                progress(Stage::LoggingIn);
+                let login_started = Instant::now();
+                let renewed = self.renewer.renew(account, None).await?;
+                timings.login_ms = Some(login_started.elapsed().as_millis() as u64);
+                renewed.session
+            }
+        };
+        let password = self.store.account_password(&account.id).await?;
+        let proxy = self.store.account_proxy(&account.id).await?;
+
+        progress(Stage::Probing);
+        let probe_started = Instant::now();
+        let recording = self
+            .renewer
+            .pool()
+            .probe(ProbeRequest {
+                account_id: account.id.clone(),
+                chat_url: None,
+                session: Some(session.data.clone()),
+                login: Some(LoginRequest {
+                    account_id: account.id.clone(),
+                    url: account.url.clone(),
+                    email: account.email.clone(),
+                    password,
+                    proxy: proxy.clone(),
+                }),
+                probe_text: None,
+                timeout: PROBE_TIMEOUT,
+            })
+            .await?;
+        timings.probe_ms = probe_started.elapsed().as_millis() as u64;
+
+        progress(Stage::Inferring);
+        let infer_started = Instant::now();
+        let learned = infer::infer(&recording, &account.service)?;
+        timings.infer_ms = infer_started.elapsed().as_millis() as u64;
+        let mut flow = learned.flow;
+
+        progress(Stage::Verifying);
+        let verify_started = Instant::now();
+        let base = crate::store::accounts::parse_site_url(&account.url)?;
+        // The probe's page may have refreshed cookies; replay with what the store holds now.
+        let session = self
+            .store
+            .latest_session(&account.id)
+            .await?
+            .map_or(session, |latest| latest);
+        let verification = verify::verify(
+            &self.replayer,
+            &flow,
+            &base,
+            &session.data,
+            proxy.as_deref(),
+        )
+        .await;
+        verify::apply(&mut flow, &verification, &learned.suspicious);
+        timings.verify_ms = verify_started.elapsed().as_millis() as u64;
+
+        progress(Stage::Saving);
+        let previous_version = self
+            .store
+            .active_flow(&account.service)
+            .await?
+            .map(|f| f.version);
+        flow.origin = Some(origin_of(&base));
+        let flow = self.store.save_flow(flow).await?;
+        timings.total_ms = started.elapsed().as_millis() as u64;
+        Ok(LearnReport {
+            flow,
+            previous_version,
+            notes: learned.notes,
+            suspicious: learned.suspicious,
+            verification,
+            timings,
+        })
+    }
+}
+
+fn origin_of(url: &Url) -> String {
+    url.origin().ascii_serialization()
+}

@@ -172,6 +172,9 @@ mod tests {
             let json = serde_json::to_string(&body).unwrap();
             assert_eq!(serde_json::from_str::<Body>(&json).unwrap().0, bytes);
         }
-        assert_eq!(serde_json::to_string(&Body(b"hi".to_vec())).unwrap(), r#"{"text":"hi"}"#);
+        assert_eq!(
+            serde_json::to_string(&Body(b"hi".to_vec())).unwrap(),
+            r#"{"text":"hi"}"#
+        );
     }
 }

@@ -262,6 +262,21 @@ impl Replayer {
                 source,
             }
         })?;
+        if flow.response.transport == Transport::Websocket {
+            let deltas = super::websocket::open(
+                rendered,
+                target.session,
+                &jar,
+                &flow.response,
+                self.timeouts,
+            )
+            .await?;
+            return Ok(Replay {
+                deltas,
+                jar,
+                jar_changed,
+            });
+        }
         let response = self
             .send(&client, rendered, target.session, &jar, Call::Chat)
             .await?;
@@ -435,16 +450,7 @@ async fn check_status(
     let code = status.as_u16();
     let excerpt = read_excerpt(response).await;
     let is_challenge = challenge_header || looks_like_challenge(&excerpt);
-    let kind = match code {
-        _ if is_challenge && matches!(code, 403 | 429 | 503) => FailureKind::AntiBot,
-        401 | 403 | 419 | 440 => FailureKind::Auth,
-        300..=399 if to_login => FailureKind::Auth,
-        300..=399 => FailureKind::FormatDrift,
-        429 => FailureKind::RateLimit,
-        500..=599 => FailureKind::Upstream,
-        404 | 405 | 400 | 410 | 415 | 422 => FailureKind::FormatDrift,
-        _ => FailureKind::Upstream,
-    };
+    let kind = status_kind(code, is_challenge, to_login);
     Err(ReplayError::Status {
         call,
         status: code,
@@ -456,6 +462,20 @@ async fn check_status(
             error_message(&excerpt)
         },
     })
+}
+
+/// What an HTTP error status means for the gateway.
+pub(super) fn status_kind(code: u16, challenge: bool, to_login: bool) -> FailureKind {
+    match code {
+        _ if challenge && matches!(code, 403 | 429 | 503) => FailureKind::AntiBot,
+        401 | 403 | 419 | 440 => FailureKind::Auth,
+        300..=399 if to_login => FailureKind::Auth,
+        300..=399 => FailureKind::FormatDrift,
+        429 => FailureKind::RateLimit,
+        500..=599 => FailureKind::Upstream,
+        404 | 405 | 400 | 410 | 415 | 422 => FailureKind::FormatDrift,
+        _ => FailureKind::Upstream,
+    }
 }
 
 async fn read_excerpt(mut response: reqwest::Response) -> String {
@@ -470,7 +490,7 @@ async fn read_excerpt(mut response: reqwest::Response) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn looks_like_challenge(body: &str) -> bool {
+pub(super) fn looks_like_challenge(body: &str) -> bool {
     let lower = body.to_ascii_lowercase();
     [
         "challenge-platform",
@@ -506,7 +526,7 @@ fn classify_html(body: &str) -> (FailureKind, &'static str) {
 
 /// A short, human message from an error body: a JSON error message, else nothing (HTML pages
 /// and long bodies are not worth echoing).
-fn error_message(body: &str) -> Option<String> {
+pub(super) fn error_message(body: &str) -> Option<String> {
     let json: Value = serde_json::from_str(body.trim()).ok()?;
     let candidates = [
         "/error/message",

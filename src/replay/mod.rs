@@ -4,3 +4,4 @@
 pub mod client;
 pub mod decode;
 pub mod render;
+pub mod websocket;

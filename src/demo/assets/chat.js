@@ -1,6 +1,8 @@
 // Demo Chat front end: vanilla JS, no build step.
 // On send: create a conversation (first message of the page), then call the chat endpoint of
-// the site's wire shape and render the streamed reply as it arrives.
+// the site's wire shape and render the streamed reply as it arrives. The claude shape looks up
+// the organization first (once per page load); the ws shape chats over a WebSocket; the
+// signed shape signs each chat call with a key its inline script hides.
 (function () {
   "use strict";
 
@@ -24,6 +26,8 @@
   var conversationId = null;
   var history = []; // openai shape: the full history is resent each turn
   var parentMessageId = null; // patch shape: id of the last assistant message
+  var orgId = null; // claude shape: kept after the first lookup
+  var socket = null; // ws shape: the open socket of the conversation
 
   function meta(name) {
     var el = document.querySelector('meta[name="' + name + '"]');
@@ -51,6 +55,95 @@
       "authorization": "Bearer " + (localStorage.getItem(TOKEN_KEY) || ""),
       "x-csrf-token": meta("csrf-token") || ""
     };
+  }
+
+  function getHeaders() {
+    return {
+      "accept": "application/json",
+      "authorization": "Bearer " + (localStorage.getItem(TOKEN_KEY) || ""),
+      "x-csrf-token": meta("csrf-token") || ""
+    };
+  }
+
+  // ---------------------------------------------------------------- signing (signed shape)
+
+  function toHex(bytes) {
+    return Array.prototype.map.call(bytes, function (x) {
+      return (x + 0x100).toString(16).slice(1);
+    }).join("");
+  }
+
+  // SHA-256 in plain JS, for pages opened outside a secure context (no crypto.subtle).
+  function sha256Fallback(bytes) {
+    var K = [];
+    var H = [];
+    function frac(x) { return ((x - Math.floor(x)) * 0x100000000) | 0; }
+    for (var n = 2, found = 0; found < 64; n++) {
+      var prime = true;
+      for (var d = 2; d * d <= n; d++) if (n % d === 0) { prime = false; break; }
+      if (!prime) continue;
+      if (found < 8) H[found] = frac(Math.pow(n, 1 / 2));
+      K[found++] = frac(Math.pow(n, 1 / 3));
+    }
+    var len = bytes.length;
+    var total = ((len + 9 + 63) >> 6) << 6;
+    var m = new Uint8Array(total);
+    m.set(bytes);
+    m[len] = 0x80;
+    var bits = len * 8;
+    for (var i = 0; i < 8; i++) m[total - 1 - i] = (bits / Math.pow(2, 8 * i)) & 0xff;
+    var w = new Array(64);
+    for (var off = 0; off < total; off += 64) {
+      for (i = 0; i < 16; i++) {
+        w[i] = (m[off + 4 * i] << 24) | (m[off + 4 * i + 1] << 16) |
+          (m[off + 4 * i + 2] << 8) | m[off + 4 * i + 3];
+      }
+      for (i = 16; i < 64; i++) {
+        var a15 = w[i - 15];
+        var a2 = w[i - 2];
+        var s0 = ((a15 >>> 7) | (a15 << 25)) ^ ((a15 >>> 18) | (a15 << 14)) ^ (a15 >>> 3);
+        var s1 = ((a2 >>> 17) | (a2 << 15)) ^ ((a2 >>> 19) | (a2 << 13)) ^ (a2 >>> 10);
+        w[i] = (w[i - 16] + s0 + w[i - 7] + s1) | 0;
+      }
+      var h = H.slice();
+      for (i = 0; i < 64; i++) {
+        var e = h[4];
+        var a = h[0];
+        var S1 = ((e >>> 6) | (e << 26)) ^ ((e >>> 11) | (e << 21)) ^ ((e >>> 25) | (e << 7));
+        var ch = (e & h[5]) ^ (~e & h[6]);
+        var t1 = (h[7] + S1 + ch + K[i] + w[i]) | 0;
+        var S0 = ((a >>> 2) | (a << 30)) ^ ((a >>> 13) | (a << 19)) ^ ((a >>> 22) | (a << 10));
+        var maj = (a & h[1]) ^ (a & h[2]) ^ (h[1] & h[2]);
+        var t2 = (S0 + maj) | 0;
+        h = [(t1 + t2) | 0, a, h[1], h[2], (h[3] + t1) | 0, e, h[5], h[6]];
+      }
+      for (i = 0; i < 8; i++) H[i] = (H[i] + h[i]) | 0;
+    }
+    var out = new Uint8Array(32);
+    for (i = 0; i < 8; i++) {
+      out[4 * i] = H[i] >>> 24;
+      out[4 * i + 1] = (H[i] >>> 16) & 0xff;
+      out[4 * i + 2] = (H[i] >>> 8) & 0xff;
+      out[4 * i + 3] = H[i] & 0xff;
+    }
+    return out;
+  }
+
+  async function sha256Hex(text) {
+    var bytes = new TextEncoder().encode(text);
+    if (window.crypto && window.crypto.subtle) {
+      return toHex(new Uint8Array(await window.crypto.subtle.digest("SHA-256", bytes)));
+    }
+    return toHex(sha256Fallback(bytes));
+  }
+
+  // x-signature = hex SHA-256 of KEY "\n" TIMESTAMP "\n" BODY; the key comes from the
+  // page's inline script.
+  async function signRequest(req, headers) {
+    var key = typeof window.__demoRt === "function" ? window.__demoRt() : "";
+    var ts = String(Date.now());
+    headers["x-timestamp"] = ts;
+    headers["x-signature"] = await sha256Hex(key + "\n" + ts + "\n" + req.body);
   }
 
   // ---------------------------------------------------------------- rendering
@@ -498,8 +591,147 @@
           else msg.addAnswer(r.token);
         });
       }
+    },
+
+    claude: {
+      // The organization (looked up once per page load), then a conversation whose id the
+      // server picks.
+      prepare: async function () {
+        if (!orgId) {
+          var r = await fetch("/api/organizations", {
+            credentials: "same-origin",
+            headers: getHeaders()
+          });
+          if (!r.ok) throw await failure(r);
+          var orgs = await r.json();
+          orgId = orgs[0].uuid;
+        }
+        if (conversationId) return;
+        var c = await fetch("/api/organizations/" + encodeURIComponent(orgId) +
+          "/chat_conversations", {
+          method: "POST",
+          credentials: "same-origin",
+          headers: apiHeaders(),
+          body: JSON.stringify({ uuid: uuid(), name: "" })
+        });
+        if (!c.ok) throw await failure(c);
+        conversationId = (await c.json()).uuid;
+      },
+      request: function (text) {
+        return {
+          url: "/api/organizations/" + encodeURIComponent(orgId) + "/chat_conversations/" +
+            encodeURIComponent(conversationId) + "/completion",
+          body: JSON.stringify({
+            prompt: text,
+            timezone: "UTC",
+            attachments: [],
+            files: [],
+            rendering_mode: "messages"
+          })
+        };
+      },
+      read: function (response, msg) {
+        return readSse(response, function (name, data) {
+          var j = JSON.parse(data);
+          if (name === "error" || j.type === "error") {
+            throw new Error((j.error && j.error.message) || "error");
+          }
+          if (j.type !== "content_block_delta" || !j.delta) return;
+          if (j.delta.type === "thinking_delta") msg.addReasoning(j.delta.thinking);
+          else if (j.delta.type === "text_delta") msg.addAnswer(j.delta.text);
+        });
+      }
+    },
+
+    ws: {
+      exchange: function (text, msg) {
+        return wsExchange(text, msg);
+      }
+    },
+
+    signed: {
+      request: function (text) {
+        var messages = history.concat([{ role: "user", content: text }]);
+        return {
+          url: "/api/signed/v1/chat/completions",
+          body: JSON.stringify({
+            model: "demo",
+            messages: messages,
+            stream: true,
+            conversation_id: conversationId,
+            client_request_id: uuid(),
+            timestamp: Date.now()
+          })
+        };
+      },
+      sign: signRequest,
+      read: function (response, msg) {
+        return SHAPES.openai.read(response, msg);
+      },
+      after: function (text, msg) {
+        SHAPES.openai.after(text, msg);
+      }
     }
   };
+
+  // ---------------------------------------------------------------- the WebSocket (ws shape)
+
+  // Opens the conversation's socket and authenticates: browsers cannot set headers on a
+  // WebSocket, so the bearer token travels in the first frame (the cookie goes by itself).
+  function openSocket() {
+    return new Promise(function (resolve, reject) {
+      var scheme = location.protocol === "https:" ? "wss:" : "ws:";
+      var ws = new WebSocket(scheme + "//" + location.host + "/api/ws?conversation=" +
+        encodeURIComponent(conversationId));
+      var state = { ws: ws, conversation: conversationId, pending: null };
+      ws.onopen = function () {
+        ws.send(JSON.stringify({ type: "auth", token: localStorage.getItem(TOKEN_KEY) || "" }));
+        resolve(state);
+      };
+      ws.onmessage = function (event) {
+        if (state.pending) state.pending.onFrame(JSON.parse(event.data));
+      };
+      ws.onclose = function (event) {
+        if (socket === state) socket = null;
+        var why = "The connection closed (" + event.code + ")";
+        if (state.pending) state.pending.fail(new Error(why));
+        else reject(new Error(why));
+      };
+      ws.onerror = function () { /* onclose follows */ };
+    });
+  }
+
+  async function wsExchange(text, msg) {
+    if (!socket || socket.conversation !== conversationId) {
+      if (socket) socket.ws.close();
+      socket = await openSocket();
+    }
+    var state = socket;
+    return new Promise(function (resolve, reject) {
+      state.pending = {
+        onFrame: function (j) {
+          if (j.type === "token") msg.addAnswer(j.text);
+          else if (j.type === "done") {
+            state.pending = null;
+            resolve();
+          } else if (j.type === "error") {
+            state.pending = null;
+            reject(new Error(j.message || "error"));
+          }
+        },
+        fail: function (e) {
+          state.pending = null;
+          reject(e);
+        }
+      };
+      state.ws.send(JSON.stringify({
+        type: "chat",
+        id: uuid(),
+        conversation_id: conversationId,
+        prompt: text
+      }));
+    });
+  }
 
   // ---------------------------------------------------------------- sending
 
@@ -536,16 +768,22 @@
     addUserMessage(text);
     var msg = new AssistantMessage();
     try {
-      await ensureConversation();
-      var req = shape.request(text);
-      var response = await fetch(req.url, {
-        method: "POST",
-        credentials: "same-origin",
-        headers: apiHeaders(req.contentType),
-        body: req.body
-      });
-      if (!response.ok) throw await failure(response);
-      await shape.read(response, msg);
+      await (shape.prepare ? shape.prepare() : ensureConversation());
+      if (shape.exchange) {
+        await shape.exchange(text, msg);
+      } else {
+        var req = shape.request(text);
+        var headers = apiHeaders(req.contentType);
+        if (shape.sign) await shape.sign(req, headers);
+        var response = await fetch(req.url, {
+          method: "POST",
+          credentials: "same-origin",
+          headers: headers,
+          body: req.body
+        });
+        if (!response.ok) throw await failure(response);
+        await shape.read(response, msg);
+      }
       msg.finish();
       if (shape.after) shape.after(text, msg);
     } catch (e) {
