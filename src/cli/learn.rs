@@ -87,9 +87,8 @@ fn print_summary(report: &LearnReport) {
     println!("  reply       {}", describe_response(flow));
     if report.verification.ok {
         println!(
-            "  verified    direct replay answered: first token {} ms, whole reply {} ms",
-            report.verification.first_token_ms.unwrap_or_default(),
-            report.verification.latency_ms
+            "  verified    direct replay answered: first token after {} ms",
+            report.verification.first_token_ms.unwrap_or_default()
         );
     } else {
         println!(

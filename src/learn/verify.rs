@@ -1,4 +1,5 @@
-//! Verifying a learned flow: replay it once directly with a second probe. It must yield text.
+//! Verifying a learned flow: replay it once directly with a second probe. It must yield reply
+//! text; the replay stops at the first text, which is all the proof needed.
 //!
 //! A flow whose direct replay fails is still worth keeping: its request carries values the
 //! page computes (a signature, a proof of work, a one-time token), so it is marked as needing
@@ -21,7 +22,7 @@ use crate::session::SessionData;
 #[derive(Debug, Clone)]
 pub struct Verification {
     pub ok: bool,
-    /// From sending the first call to the end of the reply.
+    /// From sending the first call to the first reply text (the replay stops there).
     pub latency_ms: u64,
     /// Until the first text or reasoning.
     pub first_token_ms: Option<u64>,
@@ -82,12 +83,21 @@ pub async fn verify(
                             .first_token_ms
                             .get_or_insert(started.elapsed().as_millis() as u64);
                         verification.text.push_str(&t);
+                        // Reply text proves the replay works; the rest of a long reply would
+                        // only slow the learn down (dropping the stream cancels the call).
+                        if !verification.text.trim().is_empty() {
+                            break;
+                        }
                     }
                     Ok(Delta::Reasoning(t)) => {
                         verification
                             .first_token_ms
                             .get_or_insert(started.elapsed().as_millis() as u64);
                         verification.reasoning.push_str(&t);
+                        // Decoded reasoning proves it as well as text does.
+                        if !verification.reasoning.trim().is_empty() {
+                            break;
+                        }
                     }
                     Ok(Delta::Done) => break,
                     Ok(Delta::Id { .. }) => {}
@@ -97,7 +107,10 @@ pub async fn verify(
                     }
                 }
             }
-            if verification.failure.is_none() && verification.text.trim().is_empty() {
+            if verification.failure.is_none()
+                && verification.text.trim().is_empty()
+                && verification.reasoning.trim().is_empty()
+            {
                 fail(
                     &mut verification,
                     FailureKind::FormatDrift,
