@@ -27,10 +27,35 @@ pub struct Config {
     pub log: String,
     /// Accept `URL: … | Email: … | Password: …` system messages that add accounts on the fly.
     pub allow_inline_credentials: bool,
+    pub limits: LimitSettings,
     pub browser: BrowserSettings,
     pub captcha: CaptchaSettings,
     /// Page-understanding assist: an OpenAI-compatible vision endpoint (off when `url` is empty).
     pub assist: AssistSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitSettings {
+    /// Replies running at once on one account.
+    pub per_account_concurrency: usize,
+    /// Requests waiting for a slot on one account; beyond this, 429.
+    pub per_account_queue: usize,
+    /// Cooldown of an account the site rate-limited without a `Retry-After`.
+    pub rate_limit_cooldown_secs: u64,
+    /// Requests per minute per API key (0: unlimited).
+    pub requests_per_minute_per_key: u32,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        Self {
+            per_account_concurrency: 4,
+            per_account_queue: 64,
+            rate_limit_cooldown_secs: 60,
+            requests_per_minute_per_key: 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -106,6 +131,7 @@ impl Default for Config {
             upstream_idle_timeout_secs: 120,
             log: "info".to_owned(),
             allow_inline_credentials: false,
+            limits: LimitSettings::default(),
             browser: BrowserSettings::default(),
             captcha: CaptchaSettings::default(),
             assist: AssistSettings::default(),
@@ -191,6 +217,17 @@ impl Config {
         }
         if let Some(v) = env("COMPUTETOWER_ALLOW_INLINE_CREDENTIALS") {
             self.allow_inline_credentials = parse("COMPUTETOWER_ALLOW_INLINE_CREDENTIALS", &v)?;
+        }
+        if let Some(v) = env("COMPUTETOWER_PER_ACCOUNT_CONCURRENCY") {
+            self.limits.per_account_concurrency =
+                parse("COMPUTETOWER_PER_ACCOUNT_CONCURRENCY", &v)?;
+        }
+        if let Some(v) = env("COMPUTETOWER_PER_ACCOUNT_QUEUE") {
+            self.limits.per_account_queue = parse("COMPUTETOWER_PER_ACCOUNT_QUEUE", &v)?;
+        }
+        if let Some(v) = env("COMPUTETOWER_REQUESTS_PER_MINUTE_PER_KEY") {
+            self.limits.requests_per_minute_per_key =
+                parse("COMPUTETOWER_REQUESTS_PER_MINUTE_PER_KEY", &v)?;
         }
         if let Some(v) = env("COMPUTETOWER_CAPTCHA_HUMAN_TIMEOUT_SECS") {
             self.captcha.human_timeout_secs = parse("COMPUTETOWER_CAPTCHA_HUMAN_TIMEOUT_SECS", &v)?;

@@ -272,6 +272,10 @@ pub struct ReplayPolicy {
     pub needs_browser: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The lowest browser tier worth trying: 3 when the page computes values per request
+    /// (an in-page `fetch()` of the learned template would lack them), else 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_tier: Option<u8>,
 }
 
 impl ReplayPolicy {

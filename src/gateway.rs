@@ -17,10 +17,15 @@ use std::time::{Duration, Instant};
 use futures_util::{Stream, StreamExt};
 use url::Url;
 
+use crate::account_pool::{AccountPool, Limits, Permit};
+use crate::browser::{LoginRequest, TierRequest};
+use crate::conversations::{Continuation, Conversations, KeyBuilder, key_of};
 use crate::flow::Flow;
 use crate::inline::InlineCredentials;
+use crate::learn::Learner;
+use crate::openai::Role;
 use crate::renew::{RenewError, Renewer};
-use crate::replay::client::{DeltaStream, FailureKind, ReplayError, Replayer, Target};
+use crate::replay::client::{Call, DeltaStream, FailureKind, ReplayError, Replayer, Target};
 use crate::replay::decode::Delta;
 use crate::replay::render::Prompt;
 use crate::store::accounts::Account;
@@ -33,6 +38,11 @@ const SERVICE_TTL: Duration = Duration::from_secs(2);
 /// Attempts per account for network errors (with exponential backoff) and 5xx.
 const NETWORK_ATTEMPTS: u32 = 3;
 const BACKOFF: Duration = Duration::from_millis(100);
+/// How long a flow skips direct replay after the site refused it (anti-bot) or it stopped
+/// fitting the site (while the flow is re-learned).
+const TIER_COOLDOWN: Duration = Duration::from_secs(600);
+/// Budget of a browser tier until the reply starts.
+const BROWSER_TIER_TIMEOUT: Duration = Duration::from_secs(90);
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -84,6 +94,13 @@ pub struct Gateway {
     replayer: Replayer,
     events: EventWriter,
     renewer: Option<Arc<Renewer>>,
+    accounts: AccountPool,
+    conversations: Arc<Conversations>,
+    learner: Option<Arc<Learner>>,
+    /// Flow id → lowest tier worth trying (after an anti-bot refusal or a format drift).
+    tier_floor: moka::future::Cache<String, u8>,
+    /// Services being re-learned in the background.
+    relearning: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     services: moka::future::Cache<String, Arc<ServiceState>>,
 }
 
@@ -95,12 +112,22 @@ impl Gateway {
         replayer: Replayer,
         events: EventWriter,
         renewer: Option<Arc<Renewer>>,
+        learner: Option<Arc<Learner>>,
+        limits: Limits,
     ) -> Self {
         Self {
+            learner,
+            tier_floor: moka::future::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(TIER_COOLDOWN)
+                .build(),
+            relearning: Arc::default(),
+            conversations: Arc::new(Conversations::new(store.clone())),
             store,
             replayer,
             events,
             renewer,
+            accounts: AccountPool::new(limits),
             services: moka::future::Cache::builder()
                 .max_capacity(1024)
                 .time_to_live(SERVICE_TTL)
@@ -118,6 +145,11 @@ impl Gateway {
 
     pub fn renewer(&self) -> Option<&Arc<Renewer>> {
         self.renewer.as_ref()
+    }
+
+    /// Per-account load, queues and cooldowns.
+    pub fn account_loads(&self) -> Vec<crate::account_pool::AccountLoad> {
+        self.accounts.loads()
     }
 
     /// Forgets cached state so the next request reads the store (after an admin change).
@@ -203,6 +235,121 @@ impl Gateway {
         });
         self.services.insert(model.to_owned(), state.clone()).await;
         Ok(state)
+    }
+
+    /// The tier a request on `flow` starts at: 1, unless direct replay is known not to work
+    /// (the flow says so, or it failed recently and the tier-1 cooldown has not passed).
+    async fn start_tier(&self, flow: &Flow) -> u8 {
+        let floor = self.tier_floor.get(&flow.id).await.unwrap_or(1);
+        let minimum = if flow.replay.needs_browser {
+            flow.replay.min_tier.unwrap_or(2).clamp(2, 3)
+        } else {
+            1
+        };
+        floor.max(minimum)
+    }
+
+    /// Skips tiers below `tier` for this flow until the cooldown passes.
+    async fn raise_floor(&self, flow: &Flow, tier: u8) {
+        let current = self.tier_floor.get(&flow.id).await.unwrap_or(1);
+        if tier > current {
+            self.tier_floor.insert(flow.id.clone(), tier).await;
+        }
+    }
+
+    /// Tier 2 (`fetch()` in the account's page) or tier 3 (the site's own UI).
+    async fn browser_tier(
+        &self,
+        tier: u8,
+        candidate: &Candidate,
+        session: &Session,
+        flow: &Arc<Flow>,
+        prompt: &Prompt,
+    ) -> Result<DeltaStream, ReplayError> {
+        let Some(renewer) = &self.renewer else {
+            return Err(ReplayError::Unexpected {
+                call: Call::Chat,
+                kind: FailureKind::Flow,
+                message: "direct replay failed and the browser is not enabled".into(),
+            });
+        };
+        let account = &candidate.account;
+        let password = self
+            .store
+            .account_password(&account.id)
+            .await
+            .ok()
+            .flatten();
+        let request = TierRequest {
+            account_id: account.id.clone(),
+            account_url: account.url.clone(),
+            session: Some(session.data.clone()),
+            login: Some(LoginRequest {
+                account_id: account.id.clone(),
+                url: account.url.clone(),
+                email: account.email.clone(),
+                password,
+                proxy: candidate.proxy.clone(),
+            }),
+            flow: flow.clone(),
+            prompt: prompt.clone(),
+            timeout: BROWSER_TIER_TIMEOUT,
+        };
+        match tier {
+            2 => renewer.pool().inpage(request).await,
+            _ => renewer.pool().ui(request).await,
+        }
+    }
+
+    /// Re-learns the account's service in the background (once at a time per service); the
+    /// next request uses the new flow.
+    fn relearn_in_background(&self, account: &Account) {
+        let Some(learner) = self.learner.clone() else {
+            return;
+        };
+        {
+            let mut running = self.relearning.lock().unwrap_or_else(|e| e.into_inner());
+            if !running.insert(account.service.clone()) {
+                return;
+            }
+        }
+        let account = account.clone();
+        let services = self.services.clone();
+        let relearning = self.relearning.clone();
+        // Detached on purpose: the request that noticed the drift is served by tier 3 and must
+        // not wait for the learn.
+        tokio::spawn(async move {
+            match learner.learn(&account, &|_| {}).await {
+                Ok(report) => tracing::info!(
+                    service = %account.service,
+                    version = report.flow.version,
+                    verified = report.verification.ok,
+                    "re-learned the flow after the site changed"
+                ),
+                Err(e) => {
+                    tracing::warn!(service = %account.service, error = %e, "re-learning failed")
+                }
+            }
+            services.invalidate_all();
+            relearning
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&account.service);
+        });
+    }
+
+    /// The site conversation `prompt` continues, with the new turn alone to send.
+    async fn continuation_of(&self, prompt: &Prompt) -> Option<(Arc<Continuation>, Prompt)> {
+        let (last, earlier) = prompt.messages.split_last()?;
+        if last.0 != Role::User || earlier.is_empty() {
+            return None;
+        }
+        let known = self.conversations.find(&key_of(earlier)).await?;
+        let new_turn = Prompt {
+            messages: vec![last.clone()],
+            model: prompt.model.clone(),
+        };
+        Some((known, new_turn))
     }
 
     /// The service of the account that inline credentials name, creating the account (or
@@ -291,7 +438,7 @@ impl Gateway {
         let started = Instant::now();
         let service = self.service(&prompt.model).await?;
         let name = prompt.model.clone();
-        if service.flow.replay.needs_browser {
+        if service.flow.replay.needs_browser && self.renewer.is_none() {
             let reason = service
                 .flow
                 .replay
@@ -300,7 +447,7 @@ impl Gateway {
                 .unwrap_or_else(|| "direct replay does not work for this site".into());
             return Err(GatewayError::NeedsBrowser {
                 service: name,
-                reason: format!("{reason}; the browser tiers are not available yet"),
+                reason: format!("{reason}; the browser is not enabled on this server"),
             });
         }
         if service.candidates.is_empty() {
@@ -312,8 +459,44 @@ impl Gateway {
         let mut reasons = service.unusable.clone();
         let mut rate_limited: Option<(String, Option<u64>)> = None;
         let no_conversation = BTreeMap::new();
-        for candidate in &service.candidates {
+        let keeps_conversations = keeps_conversations(&service.flow);
+        let continuation = match keeps_conversations {
+            true => self.continuation_of(prompt).await,
+            false => None,
+        };
+        let ids: Vec<&str> = service
+            .candidates
+            .iter()
+            .map(|c| c.account.id.as_str())
+            .collect();
+        let mut order = self.accounts.order(&ids);
+        if let Some((known, _)) = &continuation {
+            // The site conversation lives on one account: try it first.
+            order.sort_by_key(|i| service.candidates[*i].account.id != known.account_id);
+        }
+        for index in order {
+            let candidate = &service.candidates[index];
             let account = &candidate.account;
+            let mut continuing = continuation
+                .as_ref()
+                .filter(|(known, _)| known.account_id == account.id);
+            // Waits in the account's queue when its slots are taken; a full queue or a
+            // cooldown moves on to the next account.
+            let permit = match self.accounts.acquire(&account.id).await {
+                Ok(permit) => permit,
+                Err(busy) => {
+                    let retry_after = busy.retry_after();
+                    rate_limited = Some((busy.to_string(), Some(retry_after)));
+                    self.decide(
+                        request_id,
+                        &name,
+                        &account.id,
+                        FailureKind::RateLimit,
+                        "next_account",
+                    );
+                    continue;
+                }
+            };
             let mut relogged = false;
             let mut session = match &candidate.session {
                 Some(session) => session.clone(),
@@ -328,41 +511,82 @@ impl Gateway {
                     }
                 }
             };
+            let mut tier = self.start_tier(&service.flow).await;
             let mut attempt = 0;
             loop {
                 attempt += 1;
+                let (send, known) = match continuing {
+                    Some((known, new_turn)) => (new_turn, &known.values),
+                    None => (prompt, &no_conversation),
+                };
                 let target = Target {
                     base: &candidate.base,
                     session: &session.data,
                     proxy: candidate.proxy.as_deref(),
-                    conversation: &no_conversation,
+                    conversation: known,
                 };
-                let result = match self.replayer.start(&service.flow, prompt, target).await {
-                    Ok(replay) => {
-                        if replay.jar_changed {
-                            self.keep_rotated_cookies(&session, replay.jar.cookies().to_vec());
-                        }
-                        first_text(replay.deltas).await
-                    }
+                let mut extracted = BTreeMap::new();
+                let started_tier = if tier == 1 {
+                    self.replayer
+                        .start(&service.flow, send, target)
+                        .await
+                        .map(|replay| {
+                            if replay.jar_changed {
+                                self.keep_rotated_cookies(&session, replay.jar.cookies().to_vec());
+                            }
+                            extracted = replay.extracted;
+                            replay.deltas
+                        })
+                } else {
+                    // The browser tiers run the site's own conversation handling: they get
+                    // the whole prompt.
+                    self.browser_tier(tier, candidate, &session, &service.flow, prompt)
+                        .await
+                };
+                let result = match started_tier {
+                    Ok(deltas) => first_text(deltas).await,
                     Err(e) => Err(e),
                 };
                 let error = match result {
                     Ok((head, rest)) => {
+                        self.accounts.record(&account.id, true);
+                        let queue_ms = permit.waited.as_millis() as i64;
+                        let tracker = (keeps_conversations && tier == 1).then(|| {
+                            let mut key = KeyBuilder::default();
+                            for (role, text) in &prompt.messages {
+                                key.push(*role, text);
+                            }
+                            key.open(Role::Assistant);
+                            Tracker {
+                                key,
+                                values: extracted,
+                                account_id: account.id.clone(),
+                                conversations: self.conversations.clone(),
+                            }
+                        });
+                        let detail = match (continuing.is_some(), relogged) {
+                            (true, _) => Some("continued the site conversation".to_owned()),
+                            (false, true) => Some("after a fresh login".to_owned()),
+                            _ => None,
+                        };
                         return Ok(Reply {
                             head,
                             rest,
+                            tracker,
+                            _permit: Some(permit),
                             record: Some(Outcome {
                                 event: ExecutionEvent {
                                     request_id: request_id.to_owned(),
                                     service: name.clone(),
                                     account_id: Some(account.id.clone()),
                                     flow_id: Some(service.flow.id.clone()),
-                                    tier: Some(1),
+                                    tier: Some(i64::from(tier)),
                                     outcome: "ok".into(),
                                     status: Some(200),
                                     ttft_ms: Some(started.elapsed().as_millis() as i64),
                                     latency_ms: None,
-                                    detail: relogged.then(|| "after a fresh login".to_owned()),
+                                    queue_ms: Some(queue_ms),
+                                    detail,
                                 },
                                 started,
                                 writer: self.events.clone(),
@@ -372,7 +596,43 @@ impl Gateway {
                     Err(e) => e,
                 };
                 let kind = error.kind();
-                self.record_failure(request_id, &name, &account.id, &error, started);
+                self.record_failure(request_id, &name, &account.id, &error, started, tier);
+                // Tier fallback first: a refusal of direct replay is not the account's fault.
+                match (tier, kind) {
+                    (1, FailureKind::AntiBot) => {
+                        self.raise_floor(&service.flow, 2).await;
+                        self.decide(request_id, &name, &account.id, kind, "tier_2");
+                        tier = 2;
+                        attempt = 0;
+                        continue;
+                    }
+                    (1, FailureKind::FormatDrift) if self.renewer.is_some() => {
+                        self.raise_floor(&service.flow, 3).await;
+                        self.decide(request_id, &name, &account.id, kind, "tier_3_and_relearn");
+                        self.relearn_in_background(account);
+                        tier = 3;
+                        attempt = 0;
+                        continue;
+                    }
+                    (2, k) if k != FailureKind::RateLimit => {
+                        self.raise_floor(&service.flow, 3).await;
+                        self.decide(request_id, &name, &account.id, kind, "tier_3");
+                        tier = 3;
+                        attempt = 0;
+                        continue;
+                    }
+                    _ => {}
+                }
+                if continuing.is_some()
+                    && matches!(kind, FailureKind::FormatDrift | FailureKind::Upstream)
+                {
+                    // The site no longer knows that conversation: start a new one.
+                    self.decide(request_id, &name, &account.id, kind, "new_conversation");
+                    continuing = None;
+                    attempt = 0;
+                    continue;
+                }
+                self.accounts.record(&account.id, false);
                 match kind {
                     FailureKind::Network if attempt < NETWORK_ATTEMPTS => {
                         self.decide(request_id, &name, &account.id, kind, "retry");
@@ -405,6 +665,8 @@ impl Gateway {
                     FailureKind::RateLimit => {
                         self.decide(request_id, &name, &account.id, kind, "next_account");
                         let retry_after = error.retry_after();
+                        self.accounts
+                            .cool_down(&account.id, retry_after.map(Duration::from_secs));
                         rate_limited = Some((error.to_string(), retry_after));
                         break;
                     }
@@ -452,6 +714,7 @@ impl Gateway {
         account_id: &str,
         error: &ReplayError,
         started: Instant,
+        tier: u8,
     ) {
         tracing::info!(request_id, service, account = account_id, kind = error.kind().as_str(), error = %error, "replay failed");
         self.events.record(Record::Execution(ExecutionEvent {
@@ -459,7 +722,7 @@ impl Gateway {
             service: service.to_owned(),
             account_id: Some(account_id.to_owned()),
             flow_id: None,
-            tier: Some(1),
+            tier: Some(i64::from(tier)),
             outcome: error.kind().as_str().to_owned(),
             status: match error {
                 ReplayError::Status { status, .. } => Some(i64::from(*status)),
@@ -467,6 +730,7 @@ impl Gateway {
             },
             ttft_ms: None,
             latency_ms: Some(started.elapsed().as_millis() as i64),
+            queue_ms: None,
             detail: Some(error.to_string()),
         }));
     }
@@ -487,6 +751,21 @@ impl Gateway {
             action: action.to_owned(),
         });
     }
+}
+
+/// Whether the flow knows the site's conversations: it creates them in a preflight or the
+/// reply names them. Otherwise every request is a new site conversation with the history
+/// flattened into the prompt.
+fn keeps_conversations(flow: &Flow) -> bool {
+    !flow.response.ids.is_empty() || flow.preflight.iter().any(|s| !s.extract.is_empty())
+}
+
+/// Remembers the site conversation when a reply completes.
+struct Tracker {
+    key: KeyBuilder,
+    values: BTreeMap<String, String>,
+    account_id: String,
+    conversations: Arc<Conversations>,
 }
 
 fn is_status(error: &ReplayError) -> bool {
@@ -522,6 +801,10 @@ struct Outcome {
 pub struct Reply {
     head: VecDeque<Delta>,
     rest: DeltaStream,
+    /// Feeds the conversation key as the reply streams (no copy of the reply is kept).
+    tracker: Option<Tracker>,
+    /// The account slot, held until the reply ends or is dropped.
+    _permit: Option<Permit>,
     record: Option<Outcome>,
 }
 
@@ -533,7 +816,9 @@ impl Reply {
     fn finish(&mut self, outcome: &str, detail: Option<String>) {
         if let Some(mut record) = self.record.take() {
             record.event.outcome = outcome.to_owned();
-            record.event.detail = detail;
+            if detail.is_some() {
+                record.event.detail = detail;
+            }
             record.event.latency_ms = Some(record.started.elapsed().as_millis() as i64);
             record.writer.record(Record::Execution(record.event));
         }
@@ -544,23 +829,56 @@ impl Stream for Reply {
     type Item = Result<Delta, ReplayError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if let Some(delta) = self.head.pop_front() {
-            return Poll::Ready(Some(Ok(delta)));
-        }
-        if self.record.is_none() {
+        let item = if let Some(delta) = self.head.pop_front() {
+            Poll::Ready(Some(Ok(delta)))
+        } else if self.record.is_none() {
             return Poll::Ready(None);
-        }
-        let item = self.rest.poll_next_unpin(cx);
+        } else {
+            self.rest.poll_next_unpin(cx)
+        };
         match &item {
-            Poll::Ready(None) | Poll::Ready(Some(Ok(Delta::Done))) => self.finish("ok", None),
+            Poll::Ready(Some(Ok(Delta::Text(text)))) => {
+                if let Some(tracker) = &mut self.tracker {
+                    tracker.key.text(text);
+                }
+            }
+            Poll::Ready(Some(Ok(Delta::Id { name, value }))) => {
+                if let Some(tracker) = &mut self.tracker {
+                    tracker.values.insert(name.clone(), value.clone());
+                }
+            }
+            Poll::Ready(None) | Poll::Ready(Some(Ok(Delta::Done))) => {
+                self.remember_conversation();
+                self.finish("ok", None);
+            }
             Poll::Ready(Some(Err(e))) => {
                 let kind = e.kind().as_str();
                 let detail = e.to_string();
+                self.tracker = None;
                 self.finish(kind, Some(detail));
             }
             _ => {}
         }
         item
+    }
+}
+
+impl Reply {
+    fn remember_conversation(&mut self) {
+        let (Some(tracker), Some(record)) = (self.tracker.take(), self.record.as_ref()) else {
+            return;
+        };
+        let mut key = tracker.key;
+        key.close();
+        tracker.conversations.remember(
+            record.event.request_id.clone(),
+            record.event.service.clone(),
+            key.finish(),
+            Continuation {
+                account_id: tracker.account_id,
+                values: tracker.values,
+            },
+        );
     }
 }
 

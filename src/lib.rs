@@ -2,10 +2,12 @@
 //! calls their own front ends make. `main.rs` only parses the command line; everything else
 //! lives here. See README.md (Architecture) for the map.
 
+pub mod account_pool;
 pub mod api;
 pub mod browser;
 pub mod cli;
 pub mod config;
+pub mod conversations;
 pub mod demo;
 pub mod flow;
 pub mod gateway;

@@ -89,7 +89,7 @@ pub fn replayer(config: &Config) -> Replayer {
 }
 
 pub fn app_state(config: Config, store: Store, events: EventWriter) -> AppState {
-    let keys = api::auth::KeyCheck::new(store.clone());
+    let keys = api::auth::KeyCheck::new(store.clone(), config.limits.requests_per_minute_per_key);
     let renewer = Arc::new(Renewer::new(
         BrowserPool::new(browser_config(&config)),
         store.clone(),
@@ -105,6 +105,12 @@ pub fn app_state(config: Config, store: Store, events: EventWriter) -> AppState 
             replayer(&config),
             events,
             Some(renewer),
+            Some(learner.clone()),
+            crate::account_pool::Limits {
+                per_account: config.limits.per_account_concurrency.max(1),
+                queue: config.limits.per_account_queue,
+                cooldown: Duration::from_secs(config.limits.rate_limit_cooldown_secs),
+            },
         )),
         learner: Some(learner),
         config: Arc::new(config),

@@ -205,6 +205,10 @@ async fn site_failures_map_to_429_502_and_503() {
     assert!(retry_after > 0);
     let json: Value = response.json().await.unwrap();
     assert_eq!(json["error"]["type"], "rate_limit_error");
+    // The account cools down: the next request is refused at once, without calling the site.
+    let (status, json) = post_chat(&server.url, None, chat_body(&model)).await;
+    assert_eq!(status, 429, "{json}");
+    assert!(error_message(&json).contains("cooling down"), "{json}");
 
     // The site expires every session of an account that has no password to log in again
     // with: its 401 marks the session rejected → 503 saying why.
@@ -225,9 +229,15 @@ async fn site_failures_map_to_429_502_and_503() {
     let message = error_message(&json);
     assert!(message.contains("no email or password"), "{json}");
 
-    // The site is down → 502.
-    drop(site);
-    let (status, json) = post_chat(&server.url, None, chat_body(&model)).await;
+    // The site is down → 502 (on a fresh account: the rate-limited one is cooling down).
+    let site3 = demo_site("ndjson", &[]);
+    let data3 = Data::new();
+    let model3 = data3
+        .add_demo_account_cookies_only(&site3.url, "ndjson", "down@example.com")
+        .await;
+    let server3 = data3.serve(&[]);
+    drop(site3);
+    let (status, json) = post_chat(&server3.url, None, chat_body(&model3)).await;
     assert_eq!(status, 502, "{json}");
     assert_eq!(json["error"]["code"], "upstream_unreachable");
 }

@@ -32,6 +32,7 @@ pub fn routes() -> Router<AppState> {
         .route("/admin/flows", get(list_flows).post(import_flow))
         .route("/admin/flows/{id}", get(show_flow).delete(delete_flow))
         .route("/admin/events", get(recent_events))
+        .route("/admin/decisions", get(recent_decisions))
 }
 
 #[derive(Debug, Deserialize)]
@@ -265,4 +266,13 @@ async fn recent_events(
     let limit = query.limit.unwrap_or(100).clamp(1, 1000);
     let events = state.gateway.store().recent_events(limit).await?;
     Ok(Json(json!({ "object": "list", "data": events })).into_response())
+}
+
+async fn recent_decisions(
+    State(state): State<AppState>,
+    Query(query): Query<EventsQuery>,
+) -> Result<Response, ApiError> {
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    let decisions = state.gateway.store().recent_decisions(limit).await?;
+    Ok(Json(json!({ "object": "list", "data": decisions })).into_response())
 }

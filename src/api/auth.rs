@@ -22,11 +22,30 @@ pub struct KeyCheck {
     store: Store,
     by_hash: moka::future::Cache<String, Option<Arc<ApiKey>>>,
     live_count: moka::future::Cache<(), i64>,
+    budgets: Arc<KeyBudgets>,
+}
+
+/// Requests per minute per key (0: unlimited), as token buckets.
+#[derive(Debug, Default)]
+struct KeyBudgets {
+    per_minute: u32,
+    buckets: std::sync::Mutex<std::collections::HashMap<String, Bucket>>,
+}
+
+/// A token bucket refilled continuously at `per_minute / 60` tokens a second.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: tokio::time::Instant,
 }
 
 impl KeyCheck {
-    pub fn new(store: Store) -> Self {
+    pub fn new(store: Store, per_minute: u32) -> Self {
         Self {
+            budgets: Arc::new(KeyBudgets {
+                per_minute,
+                buckets: Default::default(),
+            }),
             store,
             by_hash: moka::future::Cache::builder()
                 .max_capacity(10_000)
@@ -65,6 +84,32 @@ impl KeyCheck {
     }
 }
 
+impl KeyBudgets {
+    /// Takes one request from `key`'s budget; `Err(seconds)` until the next one is allowed.
+    fn take(&self, key: &str) -> Result<(), u64> {
+        if self.per_minute == 0 {
+            return Ok(());
+        }
+        let capacity = f64::from(self.per_minute);
+        let rate = capacity / 60.0;
+        let now = tokio::time::Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let bucket = buckets.entry(key.to_owned()).or_insert(Bucket {
+            tokens: capacity,
+            at: now,
+        });
+        let elapsed = now.duration_since(bucket.at).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * rate).min(capacity);
+        bucket.at = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(((1.0 - bucket.tokens) / rate).ceil().max(1.0) as u64)
+        }
+    }
+}
+
 pub async fn require_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
     // Read what is needed up front: `Request` is not `Sync`, so no reference to it may be
     // held across an await.
@@ -87,7 +132,7 @@ pub async fn require_key(State(state): State<AppState>, request: Request, next: 
 
 async fn check(state: &AppState, path: &str, presented: Option<&str>) -> Result<(), ApiError> {
     let admin = path.starts_with("/admin");
-    if !(admin || path.starts_with("/v1")) {
+    if !(admin || path.starts_with("/v1") || path == "/metrics") {
         return Ok(());
     }
     if !state.keys.any_key_exists().await? {
@@ -106,5 +151,28 @@ async fn check(state: &AppState, path: &str, presented: Option<&str>) -> Result<
             "This key has no admin scope; create one with `computetower keys create --admin`.",
         ));
     }
+    if !admin && let Err(retry_after) = state.keys.budgets.take(&key.id) {
+        return Err(ApiError::key_rate_limited(retry_after));
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_key_over_its_budget_waits_for_the_refill() {
+        let keys = KeyBudgets {
+            per_minute: 2,
+            ..Default::default()
+        };
+        assert!(keys.take("k").is_ok());
+        assert!(keys.take("k").is_ok());
+        let wait = keys.take("k").unwrap_err();
+        assert_eq!(wait, 30);
+        assert!(keys.take("other").is_ok());
+        tokio::time::advance(std::time::Duration::from_secs(30)).await;
+        assert!(keys.take("k").is_ok());
+    }
 }

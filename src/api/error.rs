@@ -79,6 +79,18 @@ impl ApiError {
         Self::new(StatusCode::BAD_GATEWAY, "upstream_error", message)
     }
 
+    /// The API key used up its requests per minute.
+    pub fn key_rate_limited(retry_after: u64) -> Self {
+        let mut error = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            format!("This API key is over its request rate; retry in {retry_after} s."),
+        )
+        .code("rate_limit_exceeded");
+        error.retry_after = Some(retry_after);
+        error
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
     }

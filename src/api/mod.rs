@@ -52,6 +52,7 @@ pub fn router(state: AppState) -> Router {
         ));
     Router::new()
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .route("/v1/models", get(openai::models))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .merge(admin::routes())
@@ -64,6 +65,52 @@ pub fn router(state: AppState) -> Router {
 
 async fn health() -> axum::Json<serde_json::Value> {
     axum::Json(serde_json::json!({ "status": "ok" }))
+}
+
+/// Prometheus text: per-account load, queues and cooldowns, and dropped event records.
+async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) -> Response {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let loads = state.gateway.account_loads();
+    type Series = (
+        &'static str,
+        &'static str,
+        fn(&crate::account_pool::AccountLoad) -> f64,
+    );
+    let series: [Series; 6] = [
+        ("computetower_account_active", "gauge", |l| l.active as f64),
+        ("computetower_account_waiting", "gauge", |l| {
+            l.waiting as f64
+        }),
+        ("computetower_account_served_total", "counter", |l| {
+            l.served as f64
+        }),
+        ("computetower_account_queued_total", "counter", |l| {
+            l.queued_total as f64
+        }),
+        ("computetower_account_cooling_down", "gauge", |l| {
+            f64::from(u8::from(l.cooling_down_secs.is_some()))
+        }),
+        ("computetower_account_health", "gauge", |l| l.health),
+    ];
+    for (name, kind, value) in series {
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for load in &loads {
+            let _ = writeln!(
+                out,
+                "{name}{{account=\"{}\"}} {}",
+                load.account_id,
+                value(load)
+            );
+        }
+    }
+    let _ = writeln!(out, "# TYPE computetower_events_dropped_total counter");
+    let _ = writeln!(
+        out,
+        "computetower_events_dropped_total {}",
+        state.gateway.events().dropped()
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
 async fn not_found() -> Response {

@@ -7,6 +7,10 @@
 //!   chat) and acts on it; `harvest` turns the logged-in page into a [`SessionData`].
 //! - `recorder` captures a page's network traffic (headers with cookies, complete streamed
 //!   bodies, frames); [`BrowserPool::probe`] runs `learn::probe` on an account's chat page.
+//! - The fallback tiers run a flow through the account's logged-in page when direct replay is
+//!   refused: `inpage` (tier 2, [`BrowserPool::inpage`]) makes the flow's calls with `fetch()`
+//!   inside the page, `ui` (tier 3, [`BrowserPool::ui`]) types the prompt into the site's own
+//!   chat box. Both read the reply from the recorder's live feed as it streams.
 //!
 //! Invariants:
 //! - Nothing this module returns or logs carries a password, a cookie value or a token: error
@@ -23,13 +27,18 @@
 mod assist;
 mod captcha;
 mod harvest;
+mod inpage;
 mod login;
 mod pool;
 pub mod recorder;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tier_tests;
+mod ui;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use crate::learn::probe::{ProbeError, ProbeRequest};
@@ -46,6 +55,38 @@ use crate::session::SessionData;
 /// `Network.requestWillBeSentExtraInfo` (see CHROMIUM.md); tungstenite logs whole frames.
 pub const LOG_FILTER_DIRECTIVES: &str =
     "chromiumoxide=warn,chromiumoxide::handler=error,tungstenite=warn,async_tungstenite=warn";
+
+/// One request for a browser tier ([`BrowserPool::inpage`], [`BrowserPool::ui`]).
+#[derive(Clone)]
+pub struct TierRequest {
+    pub account_id: String,
+    /// The account's URL: relative flow URLs resolve against it, and it is the chat page
+    /// opened when the account has no context in this pool yet.
+    pub account_url: String,
+    /// Injected into a new context (cookies, then local and session storage), as a probe does.
+    /// The in-page tier renders session references from the live page's storage and cookies,
+    /// this session filling in what the page lacks.
+    pub session: Option<SessionData>,
+    /// Used if the page turns out to need a login.
+    pub login: Option<LoginRequest>,
+    pub flow: Arc<crate::flow::Flow>,
+    pub prompt: crate::replay::render::Prompt,
+    /// Until the chat call's response starts; also the longest silence within the reply.
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for TierRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TierRequest")
+            .field("account_id", &self.account_id)
+            .field("account_url", &redact_url(&self.account_url))
+            .field("has_session", &self.session.is_some())
+            .field("login", &self.login)
+            .field("flow", &self.flow.id)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
 
 /// How the browser layer runs.
 #[derive(Debug, Clone)]

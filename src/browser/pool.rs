@@ -42,10 +42,13 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::login::{self, Attempt, cdp_error};
-use super::recorder::RawTaps;
-use super::{BrowserConfig, LiveSession, LoginError, LoginOutcome, LoginRequest, PageKind};
+use super::recorder::{RawTaps, Recorder};
+use super::{
+    BrowserConfig, LiveSession, LoginError, LoginOutcome, LoginRequest, PageKind, TierRequest,
+};
 use crate::learn::probe::{self, ProbeError, ProbeOptions, ProbeRequest};
 use crate::learn::recording::Recording;
+use crate::replay::client::{Call, DeltaStream, FailureKind, ReplayError};
 use crate::session::SessionData;
 
 /// Browser-wide flags (CHROMIUM.md): chromiumoxide's defaults minus `--enable-automation`,
@@ -101,8 +104,56 @@ pub(crate) struct PoolShared {
     context_lock: tokio::sync::Mutex<()>,
     context_freed: Notify,
     live: Mutex<HashMap<String, Arc<LiveEntry>>>,
+    /// The browser tiers' pages, per account.
+    work: Mutex<HashMap<String, Arc<AccountWork>>>,
     #[cfg(test)]
     pub(crate) observer: Mutex<Option<Observer>>,
+}
+
+/// Which browser tier a work page serves. Each has its own page in the account's context:
+/// the UI tier reloads its page for every request, which would abort the in-page tier's
+/// fetches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Tier {
+    InPage,
+    Ui,
+}
+
+/// A logged-in chat page kept open for the browser tiers, with a live-only recorder on it.
+pub(crate) struct WorkPage {
+    pub(crate) page: Page,
+    pub(crate) recorder: Recorder,
+    /// The chat page's URL (where a fresh conversation starts).
+    pub(crate) chat_url: String,
+    context: BrowserContextId,
+    generation: u64,
+}
+
+impl Drop for WorkPage {
+    fn drop(&mut self) {
+        let page = self.page.clone();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(5), page.close()).await;
+            });
+        }
+    }
+}
+
+/// An account's work pages. The UI slot's mutex is also the account's UI turn: one typed
+/// conversation at a time, the others queue.
+#[derive(Default)]
+struct AccountWork {
+    inpage: tokio::sync::Mutex<Option<Arc<WorkPage>>>,
+    ui: Arc<tokio::sync::Mutex<Option<Arc<WorkPage>>>>,
+}
+
+/// A work page in use: keeps the account's context from being reaped and, for the UI tier,
+/// holds the account's UI turn. Dropping it releases both.
+pub(crate) struct PageLease {
+    pub(crate) work: Arc<WorkPage>,
+    _turn: Option<tokio::sync::OwnedMutexGuard<Option<Arc<WorkPage>>>>,
+    _lease: ContextLease,
 }
 
 /// One launched Chromium.
@@ -257,6 +308,7 @@ impl BrowserPool {
                 context_lock: tokio::sync::Mutex::new(()),
                 context_freed: Notify::new(),
                 live: Mutex::new(HashMap::new()),
+                work: Mutex::new(HashMap::new()),
                 #[cfg(test)]
                 observer: Mutex::new(None),
             }),
@@ -506,6 +558,211 @@ impl BrowserPool {
         probe::run(page, &running.taps, &options).await
     }
 
+    /// Tier 2: the flow's preflights and chat call run by `fetch()` inside the account's
+    /// logged-in page (see `browser::inpage`).
+    pub async fn inpage(&self, req: TierRequest) -> Result<DeltaStream, ReplayError> {
+        super::inpage::run(self, req).await
+    }
+
+    /// Tier 3: the prompt typed into the site's chat UI; the reply decoded from the recorded
+    /// chat call as it streams, the page's text as a last resort (see `browser::ui`).
+    pub async fn ui(&self, req: TierRequest) -> Result<DeltaStream, ReplayError> {
+        super::ui::run(self, req).await
+    }
+
+    /// The account's work page for `tier`, opened on its chat page (created, injected with
+    /// `req.session` in a new context, logged in with `req.login` as needed, like
+    /// [`BrowserPool::probe`]). With `fresh`, an existing page is reloaded on the chat page
+    /// (a new conversation). The UI tier's lease holds the account's UI turn.
+    pub(crate) async fn work_page(
+        &self,
+        req: &TierRequest,
+        tier: Tier,
+        fresh: bool,
+    ) -> Result<PageLease, ReplayError> {
+        let running = self.ensure_browser().await.map_err(login_to_replay)?;
+        let account = lock(&self.shared.work)
+            .entry(req.account_id.clone())
+            .or_default()
+            .clone();
+        let deadline = Instant::now() + self.shared.config.login_timeout;
+        let (existed, known_proxy, known_chat) = {
+            let contexts = lock(&self.shared.contexts);
+            match contexts
+                .get(&req.account_id)
+                .filter(|c| c.generation == running.generation)
+            {
+                Some(c) => (true, c.proxy.clone(), c.chat_url.clone()),
+                None => (false, None, None),
+            }
+        };
+        let proxy = match &req.login {
+            Some(login) => login.proxy.clone(),
+            None => known_proxy,
+        };
+        let lease = self
+            .acquire_context(&running, &req.account_id, proxy.as_deref(), deadline)
+            .await
+            .map_err(login_to_replay)?;
+        let setup = Setup {
+            running: &running,
+            context: &lease.id,
+            req,
+            inject: if existed { None } else { req.session.as_ref() },
+            chat_url: known_chat.unwrap_or_else(|| req.account_url.clone()),
+            fresh,
+        };
+        match tier {
+            Tier::Ui => {
+                let mut slot = account.ui.clone().lock_owned().await;
+                let work = self.ready_page(&mut slot, &setup).await?;
+                Ok(PageLease {
+                    work,
+                    _turn: Some(slot),
+                    _lease: lease,
+                })
+            }
+            Tier::InPage => {
+                let mut slot = account.inpage.lock().await;
+                let work = self.ready_page(&mut slot, &setup).await?;
+                drop(slot);
+                Ok(PageLease {
+                    work,
+                    _turn: None,
+                    _lease: lease,
+                })
+            }
+        }
+    }
+
+    /// The slot's page if it is still usable (reloaded when `fresh`), else a new one.
+    async fn ready_page(
+        &self,
+        slot: &mut Option<Arc<WorkPage>>,
+        setup: &Setup<'_>,
+    ) -> Result<Arc<WorkPage>, ReplayError> {
+        let running = setup.running;
+        if let Some(work) = slot.as_ref()
+            && work.generation == running.generation
+            && &work.context == setup.context
+        {
+            if !setup.fresh {
+                if login::evaluate_string(&work.page, "location.href")
+                    .await
+                    .is_ok()
+                {
+                    return Ok(work.clone());
+                }
+            } else {
+                let deadline = Instant::now() + self.shared.config.login_timeout;
+                match self
+                    .open_chat(running, &work.page, setup.req, &work.chat_url, deadline)
+                    .await
+                {
+                    Ok(_) => return Ok(work.clone()),
+                    Err(e) if !matches!(e, ProbeError::Crashed(_) | ProbeError::Cdp(_)) => {
+                        return Err(probe_to_replay(e));
+                    }
+                    // The page itself is broken (closed, crashed renderer): a new one.
+                    Err(_) => {}
+                }
+            }
+        }
+        // Dropping the old page closes it.
+        *slot = None;
+        let deadline = Instant::now() + self.shared.config.login_timeout;
+        if let Some(session) = setup.inject {
+            inject_cookies(running, setup.context, session)
+                .await
+                .map_err(probe_to_replay)?;
+        }
+        let page = self
+            .new_page(running, setup.context)
+            .await
+            .map_err(login_to_replay)?;
+        let opened = async {
+            if let Some(session) = setup
+                .inject
+                .filter(|s| !s.local_storage.is_empty() || !s.session_storage.is_empty())
+            {
+                let origin = url::Url::parse(&setup.chat_url)
+                    .map(|u| u.origin().ascii_serialization())
+                    .map_err(|e| ProbeError::Navigation {
+                        url: super::redact_url(&setup.chat_url),
+                        reason: format!("not a valid URL ({e})"),
+                    })?;
+                navigate(&page, &format!("{origin}/"), deadline).await?;
+                restore_storage(&page, session).await?;
+            }
+            let chat_url = self
+                .open_chat(running, &page, setup.req, &setup.chat_url, deadline)
+                .await?;
+            let recorder = Recorder::start_live(&page, &running.taps)
+                .await
+                .map_err(probe::cdp)?;
+            Ok::<_, ProbeError>((chat_url, recorder))
+        }
+        .await;
+        let (chat_url, recorder) = match opened {
+            Ok(opened) => opened,
+            Err(e) => {
+                if !running.is_dead() {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), page.close()).await;
+                }
+                return Err(probe_to_replay(e));
+            }
+        };
+        let work = Arc::new(WorkPage {
+            page,
+            recorder,
+            chat_url,
+            context: setup.context.clone(),
+            generation: running.generation,
+        });
+        *slot = Some(work.clone());
+        Ok(work)
+    }
+
+    /// Opens `chat_url` in `page`; logs in first (in the same context) when it is not a chat
+    /// and `req.login` is given. Returns the chat page's URL.
+    async fn open_chat(
+        &self,
+        running: &Arc<Running>,
+        page: &Page,
+        req: &TierRequest,
+        chat_url: &str,
+        deadline: Instant,
+    ) -> Result<String, ProbeError> {
+        navigate(page, chat_url, deadline).await?;
+        let (kind, url) = wait_for_page(page, deadline).await?;
+        if kind == PageKind::ChatInterface {
+            return Ok(url);
+        }
+        let Some(login) = &req.login else {
+            return Err(ProbeError::NotLoggedIn {
+                url: super::redact_url(&url),
+                kind,
+                screenshot: None,
+            });
+        };
+        tracing::debug!(account = %req.account_id, kind = %kind, "the chat page needs a login first");
+        let outcome = self
+            .login_once(running, login, std::time::Instant::now())
+            .await
+            .map_err(ProbeError::Login)?;
+        let deadline = Instant::now() + self.shared.config.login_timeout;
+        navigate(page, &outcome.chat_url, deadline).await?;
+        let (kind, url) = wait_for_page(page, deadline).await?;
+        if kind != PageKind::ChatInterface {
+            return Err(ProbeError::NotLoggedIn {
+                url: super::redact_url(&url),
+                kind,
+                screenshot: None,
+            });
+        }
+        Ok(url)
+    }
+
     /// The running browser, launched (or relaunched after a crash) as needed.
     async fn ensure_browser(&self) -> Result<Arc<Running>, LoginError> {
         let mut slot = self.shared.browser.lock().await;
@@ -733,6 +990,7 @@ impl BrowserPool {
             live.cancelled.store(true, Ordering::SeqCst);
         }
         lock(&self.shared.contexts).clear();
+        lock(&self.shared.work).clear();
         if let Some(running) = running {
             running.retired.store(true, Ordering::SeqCst);
             running.dispose(true).await;
@@ -1203,5 +1461,61 @@ fn process_alive(pid: u32) -> bool {
             Some('Z' | 'X')
         ),
         Err(_) => false,
+    }
+}
+
+/// What [`BrowserPool::ready_page`] needs to (re)open a work page.
+struct Setup<'a> {
+    running: &'a Arc<Running>,
+    context: &'a BrowserContextId,
+    req: &'a TierRequest,
+    /// The session to inject: only into a context this pool did not have yet.
+    inject: Option<&'a SessionData>,
+    chat_url: String,
+    fresh: bool,
+}
+
+/// A browser-level failure as the replay error the gateway classifies.
+pub(crate) fn login_to_replay(e: LoginError) -> ReplayError {
+    let kind = match &e {
+        LoginError::WrongCredentials { .. } | LoginError::NoCredentials => FailureKind::Auth,
+        LoginError::Captcha { .. } => FailureKind::AntiBot,
+        LoginError::FieldNotFound { .. } | LoginError::Unclassified { .. } => {
+            FailureKind::FormatDrift
+        }
+        _ => FailureKind::Network,
+    };
+    ReplayError::Unexpected {
+        call: Call::Chat,
+        kind,
+        message: format!("browser: {e}"),
+    }
+}
+
+/// A page-level failure of the browser tiers as a replay error.
+pub(crate) fn probe_to_replay(e: ProbeError) -> ReplayError {
+    let kind = match &e {
+        ProbeError::Login(login) => return login_to_replay_ref(login, &e),
+        ProbeError::NotLoggedIn { .. } | ProbeError::Session(_) => FailureKind::Auth,
+        ProbeError::NoComposer { .. } | ProbeError::NotSent { .. } => FailureKind::FormatDrift,
+        _ => FailureKind::Network,
+    };
+    ReplayError::Unexpected {
+        call: Call::Chat,
+        kind,
+        message: format!("browser: {e}"),
+    }
+}
+
+fn login_to_replay_ref(login: &LoginError, outer: &ProbeError) -> ReplayError {
+    let kind = match login {
+        LoginError::WrongCredentials { .. } | LoginError::NoCredentials => FailureKind::Auth,
+        LoginError::Captcha { .. } => FailureKind::AntiBot,
+        _ => FailureKind::Network,
+    };
+    ReplayError::Unexpected {
+        call: Call::Chat,
+        kind,
+        message: format!("browser: {outer}"),
     }
 }

@@ -183,6 +183,17 @@ impl Drop for Recorder {
 impl Recorder {
     /// Attaches to `page`: from when this returns, every request the page makes is recorded.
     pub(crate) async fn start(page: &Page, taps: &RawTaps) -> Result<Recorder, CdpError> {
+        Self::attach(page, taps, true).await
+    }
+
+    /// Attaches to `page` for the live feed only: a request is forgotten once its `Finished`
+    /// or `Failed` went out, so a recorder left on a long-lived page does not grow.
+    /// [`Recorder::exchanges`] then shows only the requests in flight.
+    pub(crate) async fn start_live(page: &Page, taps: &RawTaps) -> Result<Recorder, CdpError> {
+        Self::attach(page, taps, false).await
+    }
+
+    async fn attach(page: &Page, taps: &RawTaps, keep: bool) -> Result<Recorder, CdpError> {
         let raw = taps.tap(page.session_id().as_ref());
         let events = listen(page).await?;
         let (commands, command_rx) = mpsc::unbounded_channel();
@@ -198,6 +209,8 @@ impl Recorder {
             subscribers: subscribers.clone(),
             internal: internal_tx,
             pending: 0,
+            keep,
+            forgotten: std::collections::VecDeque::new(),
         };
         let task = tokio::spawn(state.run(events, raw, internal_rx, command_rx));
         Ok(Recorder {
@@ -418,6 +431,30 @@ fn wants_body(kind: &str) -> bool {
     )
 }
 
+/// The request an input is about.
+fn input_id(input: &Input) -> Option<&str> {
+    Some(match input {
+        Input::WillBeSent(e) => e.request_id.as_ref(),
+        Input::ExtraInfo { id, .. }
+        | Input::PostData { id, .. }
+        | Input::Buffered { id, .. }
+        | Input::Body { id, .. } => id,
+        Input::Response(e) => e.request_id.as_ref(),
+        Input::ResponseExtra(e) => e.request_id.as_ref(),
+        Input::Data(e) => e.request_id.as_ref(),
+        Input::Finished(e) => e.request_id.as_ref(),
+        Input::Failed(e) => e.request_id.as_ref(),
+        Input::SourceMessage(e) => e.request_id.as_ref(),
+        Input::WsCreated(e) => e.request_id.as_ref(),
+        Input::WsRequest(e) => e.request_id.as_ref(),
+        Input::WsResponse(e) => e.request_id.as_ref(),
+        Input::WsSent(e) => e.request_id.as_ref(),
+        Input::WsReceived(e) => e.request_id.as_ref(),
+        Input::WsClosed(e) => e.request_id.as_ref(),
+        Input::WsError(e) => e.request_id.as_ref(),
+    })
+}
+
 struct State {
     page: Page,
     started: std::time::Instant,
@@ -432,7 +469,14 @@ struct State {
     internal: mpsc::UnboundedSender<Input>,
     /// CDP commands started and not answered yet.
     pending: usize,
+    /// Whether closed requests are kept (a recording) or forgotten (a live feed only).
+    keep: bool,
+    /// Recently forgotten request ids: late events for them are ignored.
+    forgotten: std::collections::VecDeque<String>,
 }
+
+/// How many forgotten request ids a live-only recorder remembers.
+const FORGOTTEN: usize = 512;
 
 impl State {
     async fn run(
@@ -510,10 +554,32 @@ impl State {
 
     /// Emits `event` for `id`, or holds it until the request itself was announced.
     fn feed(&mut self, id: &str, event: RecorderEvent) {
+        let closing = matches!(
+            event,
+            RecorderEvent::Finished { .. } | RecorderEvent::Failed { .. }
+        );
         match self.entries.get_mut(id) {
             Some(entry) if !entry.announced => entry.held.push(event),
-            _ => self.emit(event),
+            _ => {
+                self.emit(event);
+                if closing {
+                    self.forget(id);
+                }
+            }
         }
+    }
+
+    /// In a live-only recorder, drops a request whose last feed event went out.
+    fn forget(&mut self, id: &str) {
+        if self.keep {
+            return;
+        }
+        self.entries.remove(id);
+        self.early_extra.remove(id);
+        if self.forgotten.len() >= FORGOTTEN {
+            self.forgotten.pop_front();
+        }
+        self.forgotten.push_back(id.to_owned());
     }
 
     fn announce(&mut self, id: &str) {
@@ -525,6 +591,7 @@ impl State {
         }
         entry.announced = true;
         let held = std::mem::take(&mut entry.held);
+        let closed = entry.closed;
         let request = RecorderEvent::Request {
             id: id.to_owned(),
             method: entry.ex.method.clone(),
@@ -539,6 +606,9 @@ impl State {
         self.emit(request);
         for event in held {
             self.emit(event);
+        }
+        if closed {
+            self.forget(id);
         }
     }
 
@@ -586,6 +656,18 @@ impl State {
     }
 
     fn on_input(&mut self, input: Input) {
+        if !self.keep
+            && let Some(id) = input_id(&input)
+            && self.forgotten.iter().any(|f| f == id)
+        {
+            if matches!(
+                input,
+                Input::PostData { .. } | Input::Buffered { .. } | Input::Body { .. }
+            ) {
+                self.pending = self.pending.saturating_sub(1);
+            }
+            return;
+        }
         match input {
             Input::WillBeSent(e) => self.on_request(&e),
             Input::ExtraInfo { id, headers } => match self.entries.get_mut(&id) {
@@ -858,7 +940,9 @@ impl State {
             }
             previous.ex.finished_ms = Some(at);
             previous.ex.id = format!("{id}#{}", self.done.len() + 1);
-            self.done.push(previous.exchange());
+            if self.keep {
+                self.done.push(previous.exchange());
+            }
         }
         let request = &e.request;
         let mut body: Option<Vec<u8>> = request.post_data_entries.as_ref().map(|entries| {

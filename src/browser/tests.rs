@@ -18,10 +18,10 @@ use crate::flow::{Flow, Transport};
 use crate::learn::recording::{Exchange, Recording};
 use crate::replay::decode::{Decoder, collect_text, decode_all};
 
-static BROWSERS: Semaphore = Semaphore::const_new(2);
+pub(super) static BROWSERS: Semaphore = Semaphore::const_new(2);
 
-struct Site {
-    url: String,
+pub(super) struct Site {
+    pub(super) url: String,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -40,7 +40,7 @@ async fn site(login: LoginPattern, password: &str) -> Site {
     .await
 }
 
-async fn site_with(config: DemoConfig) -> Site {
+pub(super) async fn site_with(config: DemoConfig) -> Site {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
@@ -52,7 +52,7 @@ async fn site_with(config: DemoConfig) -> Site {
     }
 }
 
-fn config(data_dir: &std::path::Path) -> BrowserConfig {
+pub(super) fn config(data_dir: &std::path::Path) -> BrowserConfig {
     BrowserConfig {
         data_dir: data_dir.to_owned(),
         login_timeout: Duration::from_secs(30),
@@ -61,7 +61,7 @@ fn config(data_dir: &std::path::Path) -> BrowserConfig {
     }
 }
 
-fn request(account: &str, site: &Site, password: &str) -> LoginRequest {
+pub(super) fn request(account: &str, site: &Site, password: &str) -> LoginRequest {
     LoginRequest {
         account_id: account.to_owned(),
         url: site.url.clone(),
@@ -71,7 +71,7 @@ fn request(account: &str, site: &Site, password: &str) -> LoginRequest {
     }
 }
 
-const PASSWORD: &str = "demo-password";
+pub(super) const PASSWORD: &str = "demo-password";
 
 fn assert_demo_session(outcome: &LoginOutcome) {
     let sid = outcome
@@ -628,7 +628,7 @@ fn normalized(text: &str) -> String {
         .join(" ")
 }
 
-fn flow_of(shape: Shape) -> Flow {
+pub(super) fn flow_of(shape: Shape) -> Flow {
     let path = format!("{}/flows/demo-{shape}.json", env!("CARGO_MANIFEST_DIR"));
     Flow::from_json(&std::fs::read_to_string(&path).unwrap()).unwrap()
 }

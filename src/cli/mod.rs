@@ -62,6 +62,13 @@ pub enum Command {
         /// How a browser logs in: direct, landing, two-step, open or captcha.
         #[arg(long, default_value = "direct")]
         login: crate::demo::LoginPattern,
+        /// Put a Cloudflare-like anti-bot challenge in front of the API (only the chat page,
+        /// with its clearance token, gets through); `/__demo/anti-bot?on=` toggles it.
+        #[arg(long)]
+        anti_bot: bool,
+        /// Seconds an anti-bot clearance token stays valid.
+        #[arg(long, default_value_t = 60)]
+        clearance_ttl_secs: u64,
     },
     /// Log an account in with the browser and store its session.
     Login {
@@ -137,6 +144,8 @@ async fn dispatch(command: Command, mut config: Config) -> CliResult {
             session_ttl_secs,
             rate_limit,
             login,
+            anti_bot,
+            clearance_ttl_secs,
         } => {
             let listener = tokio::net::TcpListener::bind(bind).await?;
             println!(
@@ -149,6 +158,8 @@ async fn dispatch(command: Command, mut config: Config) -> CliResult {
                 session_ttl: session_ttl_secs.map(std::time::Duration::from_secs),
                 rate_limit,
                 login,
+                anti_bot,
+                clearance_ttl: std::time::Duration::from_secs(clearance_ttl_secs),
                 ..Default::default()
             };
             crate::demo::serve(listener, config).await?;

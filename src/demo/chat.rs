@@ -23,13 +23,19 @@ struct ChatRequest {
     stream: bool,
 }
 
+/// The chat endpoint of `shape` (all but Claude and the WebSocket): 404 unless `shape` is
+/// the one served now.
 pub(crate) async fn handle(
+    shape: Shape,
     State(state): State<Shared>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Response {
-    chat_call(&state, &headers, query.as_deref(), None, &body).await
+    if state.shape() != shape {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    chat_call(shape, &state, &headers, query.as_deref(), None, &body).await
 }
 
 /// The Claude shape's `POST /api/organizations/{org}/chat_conversations/{conversation}/
@@ -40,11 +46,16 @@ pub(crate) async fn handle_claude(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    chat_call(&state, &headers, None, Some((org, conversation)), &body).await
+    if state.shape() != Shape::Claude {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    let ids = Some((org, conversation));
+    chat_call(Shape::Claude, &state, &headers, None, ids, &body).await
 }
 
 /// The shared chat call: checks, parsing, rate limit, reply.
 async fn chat_call(
+    shape: Shape,
     state: &Shared,
     headers: &HeaderMap,
     query: Option<&str>,
@@ -55,7 +66,6 @@ async fn chat_call(
         Ok(found) => found,
         Err(refusal) => return refusal.into_response(),
     };
-    let shape = state.config.shape;
     if shape == Shape::Signed && !signature_ok(state, &session.sign_key, headers, body) {
         // Any failure is the same answer, as real sites give no detail.
         return api_error(
@@ -91,13 +101,15 @@ async fn chat_call(
     }
     let turn = state.next_turn(&request.conversation_id);
     let reply = reply_for_turn(shape, &request.prompt, turn);
+    // Count the reply as streaming from here until its body ends or the client drops it, so
+    // tests can see that a client going away cancels the stream here, and how many ran at
+    // once (a one-piece answer waits for its whole delay in `respond`).
+    let guard = state.streams.start(&session.email);
     let response = respond(shape, state.config.token_delay, &request, &reply).await;
-    // Count the reply as streaming until its body ends or the client drops it, so tests can
-    // see that a client going away cancels the stream here.
     let (parts, body) = response.into_parts();
     let tracked = Tracked {
         inner: body.into_data_stream(),
-        guard: state.streams.start(),
+        guard,
     };
     Response::from_parts(parts, Body::from_stream(tracked))
 }

@@ -23,11 +23,55 @@
 //! - The API answers 401 (no, expired or revoked session; bad bearer), 403 (bad CSRF token),
 //!   404 (unknown conversation), 429 with `Retry-After` (rate limit) and 400 (bad body) with
 //!   `{"error":{"message","code"}}`.
-//! - `/__demo/expire-sessions` and `/__demo/revoke?email=…` let tests break sessions;
-//!   `/__demo/captcha` tells them where to click on the latest captcha challenge.
 //!
 //! The reply is deterministic ([`reply_for`]), so tests compare decoded text with it exactly.
+//!
+//! # Conversations
+//!
+//! The preflight creates a conversation on the server; every chat call naming it again is its
+//! next turn, and replies after the first say so ([`reply_for_turn`]). The server reads only
+//! the conversation id (never a history or a parent id), from where each shape puts it:
+//!
+//! | shape | conversation id from | a later turn sends |
+//! | --- | --- | --- |
+//! | `openai`, `signed` | `POST /api/conversations` → `data.id` | body `conversation_id` (the page also resends the whole `messages` history; only the last user message is read) |
+//! | `patch` | `POST /api/conversations` → `data.id` | body `conversation_id`, plus `parent_message_id` = the assistant message id of the previous reply (the `delta` event with `"o":"add"`, at `v.message.id`); the page sends it, the server does not check it |
+//! | `cumulative` | `POST /api/v2/chats/new` → `data.id` | query `chat_id` (and the same `chat_id` in the body) |
+//! | `ndjson` | `POST /api/conversations` → `data.id` | body `conversation.id` |
+//! | `numbered` | `POST /api/conversations` → `data.id` | body `0.json.conversationId` |
+//! | `json` | `POST /api/conversations` → `data.id` | form field `conversation` |
+//! | `frames` | `POST /api/conversations` → `data.id` | body `conversationId` |
+//! | `claude` | `POST /api/organizations/{org}/chat_conversations` → `uuid` | both ids in the completion path |
+//! | `ws` | `POST /api/conversations` → `data.id` | the same socket (`/api/ws?conversation=ID`), `conversation_id` in each `chat` frame; a new socket for the same id continues it too |
+//!
+//! The chat page keeps one conversation per page load.
+//!
+//! # Test controls (`/__demo/…`)
+//!
+//! - `POST /__demo/expire-sessions`, `POST /__demo/revoke?email=E`: sessions break; every API
+//!   call of theirs then answers 401 `{"error":{"code":"unauthenticated",…}}`, `/chat`
+//!   redirects to the login, and a fresh login works ([`DemoConfig::session_ttl`] expires
+//!   them by age).
+//! - `POST /__demo/rate-limit?email=E&seconds=S`: account `E` gets 429 on every chat call
+//!   for `S` seconds (`seconds=0` lifts it), `Retry-After` = the seconds left, rounded up;
+//!   other accounts are untouched. [`DemoConfig::rate_limit`] is the per-minute limit.
+//! - `POST /__demo/anti-bot?on=true|false` (`GET` reads it), `POST
+//!   /__demo/expire-clearances`: the Cloudflare-like interstitial, see [`antibot`] for the
+//!   exact rule.
+//! - `POST /__demo/shape?to=SHAPE` (`GET` reads it): serves another [`Shape`] from now on.
+//!   Every shape's preflight and chat routes exist, but only the current shape's answer;
+//!   the others 404 like unknown paths (the shared `/api/conversations` preflight stays
+//!   when both shapes use it). The chat page loaded next speaks the new shape. Sessions and
+//!   conversations carry over.
+//! - `GET /__demo/conversations`: `[{"id","turns","email"}]`, oldest first.
+//! - `GET /__demo/stats`: chat replies `{"active","completed","cancelled","max_active",
+//!   "active_by_email":{E:n},"max_active_by_email":{E:n}}` (emails in lower case; a reply
+//!   counts as active from the moment the site starts answering until its body ends or the
+//!   client drops it); `POST /__demo/reset-stats` zeroes the end counts and lowers the
+//!   high-water marks to what streams now.
+//! - `GET /__demo/captcha` tells where to click on the latest captcha challenge.
 
+pub mod antibot;
 mod chat;
 mod site;
 mod state;
@@ -290,6 +334,9 @@ pub const CAPTCHA_BOX: CaptchaBox = CaptchaBox {
 /// Unsolved captcha challenges are forgotten this long after they were shown.
 pub const CAPTCHA_TTL: Duration = Duration::from_secs(10 * 60);
 
+/// How long an anti-bot clearance stays valid unless configured otherwise.
+pub const DEFAULT_CLEARANCE_TTL: Duration = Duration::from_secs(60);
+
 /// How the demo site behaves.
 #[derive(Debug, Clone)]
 pub struct DemoConfig {
@@ -304,6 +351,11 @@ pub struct DemoConfig {
     pub rate_limit: Option<u32>,
     /// Any email logs in with this password.
     pub password: String,
+    /// Whether the anti-bot interstitial starts on (see [`antibot`]; `/__demo/anti-bot`
+    /// toggles it while running).
+    pub anti_bot: bool,
+    /// How long an anti-bot clearance token stays valid after the page registered it.
+    pub clearance_ttl: Duration,
 }
 
 impl Default for DemoConfig {
@@ -315,6 +367,8 @@ impl Default for DemoConfig {
             session_ttl: None,
             rate_limit: None,
             password: "demo-password".to_owned(),
+            anti_bot: false,
+            clearance_ttl: DEFAULT_CLEARANCE_TTL,
         }
     }
 }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{AppendHeaders, Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
@@ -13,8 +13,8 @@ use serde_json::json;
 
 use super::state::{AppState, Challenge, ClickOutcome, Session, SessionProblem};
 use super::{
-    CAPTCHA_BOX, CSRF_HEADER, DEVICE_COOKIE, LoginPattern, SESSION_COOKIE, Shape, TOKEN_KEY, chat,
-    ws,
+    CAPTCHA_BOX, CSRF_HEADER, DEVICE_COOKIE, LoginPattern, SESSION_COOKIE, Shape, TOKEN_KEY,
+    antibot, chat, ws,
 };
 
 const LANDING_HTML: &str = include_str!("assets/landing.html");
@@ -32,7 +32,6 @@ const STYLE_CSS: &str = include_str!("assets/style.css");
 pub(crate) type Shared = Arc<AppState>;
 
 pub(crate) fn routes(state: Shared) -> Router {
-    let shape = state.config.shape;
     let router = Router::new()
         .route("/", get(root))
         .route("/signup", get(signup))
@@ -45,34 +44,93 @@ pub(crate) fn routes(state: Shared) -> Router {
         )
         .route("/logout", get(logout))
         .route("/api/login", post(login_json))
+        .route(antibot::CLEARANCE_PATH, post(antibot::register))
         .route("/chat", get(chat_page))
         .route("/static/chat.js", get(chat_js))
         .route("/static/challenge.js", get(challenge_js))
         .route("/static/style.css", get(style_css))
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }));
-    let router = match shape {
-        Shape::Claude => router
-            .route("/api/organizations", get(organizations))
-            .route(
-                shape.create_conversation_path(),
-                post(create_claude_conversation),
-            )
-            .route(shape.chat_path(), post(chat::handle_claude)),
-        Shape::Ws => router
-            .route(shape.create_conversation_path(), post(create_conversation))
-            .route(shape.chat_path(), get(ws::upgrade)),
-        _ => router
-            .route(shape.create_conversation_path(), post(create_conversation))
-            .route(shape.chat_path(), post(chat::handle)),
-    };
+    // Every shape's preflight and chat routes exist, so that `/__demo/shape` can switch the
+    // shape while running; only the current shape's answer, the others 404 like unknown paths.
+    let mut router = router
+        .route(
+            "/api/organizations",
+            get(|state: State<Shared>, headers: HeaderMap| async move {
+                if state.shape() != Shape::Claude {
+                    return StatusCode::NOT_FOUND.into_response();
+                }
+                organizations(state, headers).await
+            }),
+        )
+        .route(
+            Shape::Claude.create_conversation_path(),
+            post(
+                |state: State<Shared>, org: Path<String>, headers: HeaderMap, body: Bytes| async move {
+                    if state.shape() != Shape::Claude {
+                        return StatusCode::NOT_FOUND.into_response();
+                    }
+                    create_claude_conversation(state, org, headers, body).await
+                },
+            ),
+        );
+    let mut preflights: Vec<&'static str> = Vec::new();
+    for shape in Shape::ALL {
+        let path = shape.create_conversation_path();
+        if shape != Shape::Claude && !preflights.contains(&path) {
+            preflights.push(path);
+            router = router.route(
+                path,
+                post(move |state: State<Shared>, headers: HeaderMap| async move {
+                    if state.shape().create_conversation_path() != path {
+                        return StatusCode::NOT_FOUND.into_response();
+                    }
+                    create_conversation(state, headers).await
+                }),
+            );
+        }
+        router = match shape {
+            Shape::Claude => router.route(shape.chat_path(), post(chat::handle_claude)),
+            Shape::Ws => router.route(shape.chat_path(), get(ws::upgrade)),
+            _ => router.route(
+                shape.chat_path(),
+                post(
+                    move |state: State<Shared>,
+                          headers: HeaderMap,
+                          query: RawQuery,
+                          body: Bytes| {
+                        chat::handle(shape, state, headers, query, body)
+                    },
+                ),
+            ),
+        };
+    }
     router
         .route("/__demo/expire-sessions", post(expire_sessions))
         .route("/__demo/revoke", post(revoke))
         .route("/__demo/captcha", get(latest_captcha))
+        .route("/__demo/rate-limit", post(rate_limit))
+        .route("/__demo/anti-bot", get(anti_bot).post(set_anti_bot))
+        .route("/__demo/expire-clearances", post(expire_clearances))
+        .route("/__demo/shape", get(current_shape).post(set_shape))
+        .route(
+            "/__demo/conversations",
+            get(|State(state): State<Shared>| async move { axum::Json(state.conversations()) }),
+        )
         .route(
             "/__demo/stats",
             get(|State(state): State<Shared>| async move { axum::Json(state.streams.snapshot()) }),
         )
+        .route(
+            "/__demo/reset-stats",
+            post(|State(state): State<Shared>| async move {
+                state.streams.reset();
+                axum::Json(state.streams.snapshot())
+            }),
+        )
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            antibot::guard,
+        ))
         .with_state(state)
 }
 
@@ -565,7 +623,7 @@ async fn chat_page(State(state): State<Shared>, headers: HeaderMap) -> Response 
         }
         None => return Redirect::to("/login").into_response(),
     };
-    let shape = state.config.shape;
+    let shape = state.shape();
     let (user, logout, bootstrap) = if session.anonymous {
         let data = json!({ "token": session.token, "user": { "anonymous": true } });
         let script = format!(
@@ -586,11 +644,24 @@ async fn chat_page(State(state): State<Shared>, headers: HeaderMap) -> Response 
         .replace("{{SHAPE}}", shape.as_str())
         .replace("{{EMAIL}}", &user)
         .replace("{{LOGOUT}}", logout)
+        .replace("{{ANTI_BOT}}", &anti_bot_meta(&state))
         .replace("{{BOOTSTRAP}}", &bootstrap);
     match new_sid {
         Some(sid) => (set_cookies(&sid, &headers), no_store(), Html(page)).into_response(),
         None => (no_store(), Html(page)).into_response(),
     }
+}
+
+/// `<meta name="demo-clearance-ttl">` when the anti-bot check is on: it tells the page's
+/// script to obtain clearance (see [`antibot`]) and how long a token lasts.
+fn anti_bot_meta(state: &AppState) -> String {
+    if !state.anti_bot() {
+        return String::new();
+    }
+    format!(
+        "<meta name=\"demo-clearance-ttl\" content=\"{}\">\n",
+        state.config.clearance_ttl.as_secs()
+    )
 }
 
 /// The signed shape's inline script: the session's signing key cut in four pieces, each
@@ -659,11 +730,11 @@ async fn style_css() -> impl IntoResponse {
 
 /// The "create conversation" preflight: `{"data":{"id":…}}`.
 async fn create_conversation(State(state): State<Shared>, headers: HeaderMap) -> Response {
-    let (sid, _) = match authorize(&state, &headers) {
+    let (sid, session) = match authorize(&state, &headers) {
         Ok(found) => found,
         Err(refusal) => return refusal.into_response(),
     };
-    let id = state.create_conversation(&sid);
+    let id = state.create_conversation(&sid, &session.email);
     let created_at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -730,7 +801,7 @@ async fn create_claude_conversation(
             );
         }
     };
-    let id = state.create_conversation(&sid);
+    let id = state.create_conversation(&sid, &session.email);
     let now = iso_now();
     axum::Json(json!({
         "uuid": id,
@@ -788,4 +859,74 @@ async fn revoke(State(state): State<Shared>, Query(q): Query<RevokeQuery>) -> Re
     };
     let n = state.revoke(email.trim());
     axum::Json(json!({ "revoked": n })).into_response()
+}
+
+#[derive(Deserialize)]
+struct RateLimitQuery {
+    email: Option<String>,
+    seconds: Option<u64>,
+}
+
+/// `POST /__demo/rate-limit?email=E&seconds=S`: every chat call of account `E` gets 429 for
+/// the next `S` seconds (`Retry-After` = the seconds left); `seconds=0` lifts it.
+async fn rate_limit(State(state): State<Shared>, Query(q): Query<RateLimitQuery>) -> Response {
+    let Some(email) = q.email.filter(|e| !e.trim().is_empty()) else {
+        return api_error(StatusCode::BAD_REQUEST, "bad_request", "Missing `email`.");
+    };
+    let Some(seconds) = q.seconds else {
+        return api_error(StatusCode::BAD_REQUEST, "bad_request", "Missing `seconds`.");
+    };
+    state.block(&email, seconds);
+    axum::Json(json!({ "email": email.trim(), "seconds": seconds })).into_response()
+}
+
+#[derive(Deserialize)]
+struct AntiBotQuery {
+    on: Option<bool>,
+}
+
+async fn anti_bot(State(state): State<Shared>) -> Response {
+    axum::Json(json!({ "anti_bot": state.anti_bot() })).into_response()
+}
+
+/// `POST /__demo/anti-bot?on=true|false`: turns the anti-bot check on or off.
+async fn set_anti_bot(State(state): State<Shared>, Query(q): Query<AntiBotQuery>) -> Response {
+    let Some(on) = q.on else {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "Expected `on=true` or `on=false`.",
+        );
+    };
+    state.set_anti_bot(on);
+    axum::Json(json!({ "anti_bot": on })).into_response()
+}
+
+/// `POST /__demo/expire-clearances`: forgets every anti-bot clearance token.
+async fn expire_clearances(State(state): State<Shared>) -> Response {
+    let n = state.expire_clearances();
+    axum::Json(json!({ "expired": n })).into_response()
+}
+
+#[derive(Deserialize)]
+struct ShapeQuery {
+    to: Option<String>,
+}
+
+async fn current_shape(State(state): State<Shared>) -> Response {
+    axum::Json(json!({ "shape": state.shape().as_str() })).into_response()
+}
+
+/// `POST /__demo/shape?to=SHAPE`: serves `SHAPE` from now on (its chat and preflight
+/// routes; the chat page loaded next speaks it). Answers `{"shape", "previous"}`.
+async fn set_shape(State(state): State<Shared>, Query(q): Query<ShapeQuery>) -> Response {
+    let Some(to) = q.to else {
+        return api_error(StatusCode::BAD_REQUEST, "bad_request", "Missing `to`.");
+    };
+    let shape = match to.parse::<Shape>() {
+        Ok(shape) => shape,
+        Err(e) => return api_error(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
+    };
+    let previous = state.set_shape(shape);
+    axum::Json(json!({ "shape": shape.as_str(), "previous": previous.as_str() })).into_response()
 }

@@ -1,15 +1,20 @@
-//! The site's memory: sessions, conversations, rate-limit windows.
+//! The site's memory: sessions, conversations, rate-limit windows, anti-bot clearances, the
+//! current shape and the stream counters.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::{CAPTCHA_BOX, CAPTCHA_TTL, DemoConfig};
+use super::{CAPTCHA_BOX, CAPTCHA_TTL, DemoConfig, Shape};
 
 pub(crate) struct AppState {
     pub config: DemoConfig,
     pub streams: std::sync::Arc<StreamStats>,
+    /// Index in [`Shape::ALL`] of the shape served now (`/__demo/shape` changes it).
+    shape: AtomicUsize,
+    /// Whether the anti-bot interstitial is on (`/__demo/anti-bot` changes it).
+    anti_bot: AtomicBool,
     inner: Mutex<Inner>,
 }
 
@@ -25,6 +30,10 @@ struct Inner {
     challenges: HashMap<String, Challenge>,
     /// Request signatures already accepted (signed shape) → when.
     signatures: HashMap<String, Instant>,
+    /// Email (lower case) → until when `/__demo/rate-limit` holds it at 429.
+    blocked: HashMap<String, Instant>,
+    /// Anti-bot clearance token → when it was registered.
+    clearances: HashMap<String, Instant>,
 }
 
 #[derive(Debug, Clone)]
@@ -69,7 +78,19 @@ const MAX_CHALLENGES: usize = 1000;
 
 struct Conversation {
     session_id: String,
+    email: String,
     turns: u32,
+    created: Instant,
+}
+
+/// What `/__demo/conversations` lists about a conversation.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct ConversationInfo {
+    pub id: String,
+    /// Chat calls answered in it so far.
+    pub turns: u32,
+    /// The email of the session that created it.
+    pub email: String,
 }
 
 /// Why a session is not usable.
@@ -81,17 +102,88 @@ pub(crate) enum SessionProblem {
 
 const WINDOW: Duration = Duration::from_secs(60);
 
+/// Registered anti-bot clearances kept at most (expired ones go first, then the oldest).
+const MAX_CLEARANCES: usize = 10_000;
+
 /// How long a used request signature is remembered: more than twice the timestamp skew the
 /// signed shape accepts, so a signature can never be used again while its timestamp is fresh.
 pub(crate) const SIGNATURE_MEMORY: Duration = Duration::from_secs(90);
 
 impl AppState {
     pub fn new(config: DemoConfig) -> Self {
+        let shape = shape_index(config.shape);
+        let anti_bot = config.anti_bot;
         Self {
             config,
             streams: std::sync::Arc::default(),
+            shape: AtomicUsize::new(shape),
+            anti_bot: AtomicBool::new(anti_bot),
             inner: Mutex::new(Inner::default()),
         }
+    }
+
+    /// The shape served now.
+    pub fn shape(&self) -> Shape {
+        Shape::ALL
+            .get(self.shape.load(Ordering::SeqCst))
+            .copied()
+            .unwrap_or(self.config.shape)
+    }
+
+    /// Serves `shape` from now on; returns the shape served before.
+    pub fn set_shape(&self, shape: Shape) -> Shape {
+        let before = self.shape.swap(shape_index(shape), Ordering::SeqCst);
+        Shape::ALL.get(before).copied().unwrap_or(self.config.shape)
+    }
+
+    /// Whether the anti-bot interstitial is on.
+    pub fn anti_bot(&self) -> bool {
+        self.anti_bot.load(Ordering::SeqCst)
+    }
+
+    pub fn set_anti_bot(&self, on: bool) {
+        self.anti_bot.store(on, Ordering::SeqCst);
+    }
+
+    /// Registers anti-bot clearance `token`, valid for the configured clearance TTL from now.
+    pub fn register_clearance(&self, token: &str) {
+        let now = Instant::now();
+        let ttl = self.config.clearance_ttl;
+        let mut inner = self.lock();
+        if inner.clearances.len() >= MAX_CLEARANCES {
+            inner
+                .clearances
+                .retain(|_, at| now.saturating_duration_since(*at) < ttl);
+        }
+        while inner.clearances.len() >= MAX_CLEARANCES {
+            let oldest = inner
+                .clearances
+                .iter()
+                .min_by_key(|(_, at)| **at)
+                .map(|(t, _)| t.clone());
+            match oldest {
+                Some(oldest) => inner.clearances.remove(&oldest),
+                None => break,
+            };
+        }
+        inner.clearances.insert(token.to_owned(), now);
+    }
+
+    /// Whether `token` is a registered clearance younger than the clearance TTL.
+    pub fn clearance_valid(&self, token: &str) -> bool {
+        let ttl = self.config.clearance_ttl;
+        self.lock()
+            .clearances
+            .get(token)
+            .is_some_and(|at| at.elapsed() < ttl)
+    }
+
+    /// Forgets every clearance; returns how many there were.
+    pub fn expire_clearances(&self) -> usize {
+        let mut inner = self.lock();
+        let n = inner.clearances.len();
+        inner.clearances.clear();
+        n
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -263,17 +355,38 @@ impl AppState {
         before - inner.sessions.len()
     }
 
-    /// Creates a conversation owned by session `sid`; returns its id.
-    pub fn create_conversation(&self, sid: &str) -> String {
+    /// Creates a conversation owned by session `sid` of `email`; returns its id.
+    pub fn create_conversation(&self, sid: &str, email: &str) -> String {
         let id = uuid::Uuid::new_v4().to_string();
         self.lock().conversations.insert(
             id.clone(),
             Conversation {
                 session_id: sid.to_owned(),
+                email: email.to_owned(),
                 turns: 0,
+                created: Instant::now(),
             },
         );
         id
+    }
+
+    /// Every conversation, oldest first.
+    pub fn conversations(&self) -> Vec<ConversationInfo> {
+        let inner = self.lock();
+        let mut all: Vec<(&Instant, ConversationInfo)> = inner
+            .conversations
+            .iter()
+            .map(|(id, c)| {
+                let info = ConversationInfo {
+                    id: id.clone(),
+                    turns: c.turns,
+                    email: c.email.clone(),
+                };
+                (&c.created, info)
+            })
+            .collect();
+        all.sort_by_key(|(created, _)| **created);
+        all.into_iter().map(|(_, info)| info).collect()
     }
 
     /// Whether conversation `id` exists and belongs to session `sid`.
@@ -311,15 +424,34 @@ impl AppState {
         true
     }
 
-    /// Records a chat call of `email` if the rate limit allows it; otherwise returns the
-    /// seconds to wait.
+    /// Holds `email` at 429 for `seconds` from now (0 lifts a hold).
+    pub fn block(&self, email: &str, seconds: u64) {
+        let key = email.trim().to_ascii_lowercase();
+        let mut inner = self.lock();
+        if seconds == 0 {
+            inner.blocked.remove(&key);
+        } else {
+            let until = Instant::now() + Duration::from_secs(seconds);
+            inner.blocked.insert(key, until);
+        }
+    }
+
+    /// Records a chat call of `email` if neither a hold (`/__demo/rate-limit`) nor the rate
+    /// limit stops it; otherwise returns the seconds to wait (at least 1, rounded up).
     pub fn take_rate(&self, email: &str) -> Result<(), u64> {
+        let now = Instant::now();
+        let key = email.to_ascii_lowercase();
+        let mut inner = self.lock();
+        if let Some(until) = inner.blocked.get(&key).copied() {
+            if until > now {
+                return Err(ceil_secs(until - now));
+            }
+            inner.blocked.remove(&key);
+        }
         let Some(limit) = self.config.rate_limit else {
             return Ok(());
         };
-        let now = Instant::now();
-        let mut inner = self.lock();
-        let calls = inner.calls.entry(email.to_ascii_lowercase()).or_default();
+        let calls = inner.calls.entry(key).or_default();
         while calls
             .front()
             .is_some_and(|t| now.duration_since(*t) >= WINDOW)
@@ -331,12 +463,20 @@ impl AppState {
                 .front()
                 .map(|t| WINDOW.saturating_sub(now.duration_since(*t)))
                 .unwrap_or(WINDOW);
-            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            return Err(secs.max(1));
+            return Err(ceil_secs(wait));
         }
         calls.push_back(now);
         Ok(())
     }
+}
+
+/// Whole seconds in `wait`, rounded up, at least 1 (a `Retry-After` value).
+fn ceil_secs(wait: Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+}
+
+fn shape_index(shape: Shape) -> usize {
+    Shape::ALL.iter().position(|s| *s == shape).unwrap_or(0)
 }
 
 fn distance2(a: (u32, u32), b: (u32, u32)) -> f64 {
@@ -351,35 +491,84 @@ pub(crate) fn random_token(len: usize) -> String {
     hex::encode(bytes)
 }
 
-/// Chat reply bodies: how many are streaming, ran to their end, or were dropped early.
+/// Chat replies: how many are streaming, ran to their end, or were dropped early, and the most
+/// that streamed at once, overall and per account.
 #[derive(Debug, Default)]
 pub(crate) struct StreamStats {
     active: AtomicU64,
     completed: AtomicU64,
     cancelled: AtomicU64,
+    /// High-water mark of `active`.
+    max_active: AtomicU64,
+    /// Email (lower case) → (active, high-water mark).
+    by_email: Mutex<BTreeMap<String, (u64, u64)>>,
 }
 
 impl StreamStats {
-    pub fn start(self: &std::sync::Arc<Self>) -> StreamGuard {
-        self.active.fetch_add(1, Ordering::SeqCst);
+    /// Counts a reply to `email` as streaming until the guard is dropped.
+    pub fn start(self: &std::sync::Arc<Self>, email: &str) -> StreamGuard {
+        let now = self.active.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_active.fetch_max(now, Ordering::SeqCst);
+        let email = email.to_ascii_lowercase();
+        {
+            let mut by_email = self.lock_by_email();
+            let entry = by_email.entry(email.clone()).or_default();
+            entry.0 += 1;
+            entry.1 = entry.1.max(entry.0);
+        }
         StreamGuard {
             stats: self.clone(),
+            email,
             finished: false,
         }
     }
 
+    fn lock_by_email(&self) -> MutexGuard<'_, BTreeMap<String, (u64, u64)>> {
+        self.by_email
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// `{active, completed, cancelled, max_active, active_by_email, max_active_by_email}`.
     pub fn snapshot(&self) -> serde_json::Value {
+        let by_email = self.lock_by_email();
+        let active_by_email: serde_json::Map<String, serde_json::Value> = by_email
+            .iter()
+            .filter(|(_, (active, _))| *active > 0)
+            .map(|(email, (active, _))| (email.clone(), (*active).into()))
+            .collect();
+        let max_by_email: serde_json::Map<String, serde_json::Value> = by_email
+            .iter()
+            .map(|(email, (_, max))| (email.clone(), (*max).into()))
+            .collect();
         serde_json::json!({
             "active": self.active.load(Ordering::SeqCst),
             "completed": self.completed.load(Ordering::SeqCst),
             "cancelled": self.cancelled.load(Ordering::SeqCst),
+            "max_active": self.max_active.load(Ordering::SeqCst),
+            "active_by_email": active_by_email,
+            "max_active_by_email": max_by_email,
         })
+    }
+
+    /// Zeroes the end counters and lowers the high-water marks to what streams now.
+    pub fn reset(&self) {
+        let mut by_email = self.lock_by_email();
+        self.completed.store(0, Ordering::SeqCst);
+        self.cancelled.store(0, Ordering::SeqCst);
+        self.max_active
+            .store(self.active.load(Ordering::SeqCst), Ordering::SeqCst);
+        by_email.retain(|_, (active, _)| *active > 0);
+        for (active, max) in by_email.values_mut() {
+            *max = *active;
+        }
     }
 }
 
-/// Held by one reply body; records how it ended when dropped.
+/// Held by one reply; records how it ended when dropped.
 pub(crate) struct StreamGuard {
     stats: std::sync::Arc<StreamStats>,
+    email: String,
     pub finished: bool,
 }
 
@@ -391,6 +580,12 @@ impl Drop for StreamGuard {
             &self.stats.cancelled
         };
         ended.fetch_add(1, Ordering::SeqCst);
+        {
+            let mut by_email = self.stats.lock_by_email();
+            if let Some(entry) = by_email.get_mut(&self.email) {
+                entry.0 = entry.0.saturating_sub(1);
+            }
+        }
         self.stats.active.fetch_sub(1, Ordering::SeqCst);
     }
 }

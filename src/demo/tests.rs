@@ -2715,3 +2715,650 @@ async fn the_signed_flow_fails_direct_replay() {
     let response = send(render(&flow.request, &base, PROMPT, &vars), &cookie).await;
     assert_bad_signature(response).await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Resilience modes: anti-bot, live shape switch, rate-limit holds, conversations, stats
+
+/// POSTs a `/__demo/…` control and returns its JSON answer.
+async fn control(base: &str, path_and_query: &str) -> Value {
+    let response = client()
+        .post(format!("{base}{path_and_query}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "{path_and_query}");
+    response.json().await.unwrap()
+}
+
+async fn demo_get(base: &str, path: &str) -> Value {
+    client()
+        .get(format!("{base}{path}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Registers clearance token `token` the way the chat page does (cookie and body).
+async fn register_clearance(base: &str, token: &str) -> reqwest::Response {
+    client()
+        .post(format!("{base}{}", antibot::CLEARANCE_PATH))
+        .header("cookie", format!("{}={token}", antibot::CLEARANCE_COOKIE))
+        .json(&json!({ "token": token }))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// `browser` with the clearance cookie added to its cookies.
+fn with_clearance_cookie(browser: &Browser, token: &str) -> Browser {
+    Browser {
+        cookie: format!("{}; {}={token}", browser.cookie, antibot::CLEARANCE_COOKIE),
+        ..browser.clone()
+    }
+}
+
+async fn assert_challenge(response: reqwest::Response, what: &str) {
+    assert_eq!(response.status(), StatusCode::FORBIDDEN, "{what}");
+    let headers = response.headers().clone();
+    assert_eq!(headers["cf-mitigated"], "challenge", "{what}");
+    assert!(
+        headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html"),
+        "{what}"
+    );
+    let body = response.text().await.unwrap();
+    assert!(body.contains("Just a moment..."), "{what}: {body}");
+    assert!(body.contains("challenge-platform"), "{what}: {body}");
+}
+
+#[tokio::test]
+async fn anti_bot_challenges_api_calls_without_the_page_clearance() {
+    let shape = Shape::Openai;
+    let base = spawn(DemoConfig {
+        anti_bot: true,
+        ..config(shape)
+    })
+    .await;
+    // The scripts' login and the chat page are not guarded; the page asks for clearance.
+    let plain = Browser::login(&base, "ann@example.com").await;
+    let page = plain
+        .get("/chat")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains(r#"<meta name="demo-clearance-ttl" content="60">"#));
+
+    // Without clearance, the preflight and the chat call get the challenge.
+    assert_challenge(
+        plain
+            .post("/api/conversations")
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap(),
+        "preflight without clearance",
+    )
+    .await;
+    assert_challenge(
+        plain.chat(shape, "any", PROMPT).send().await.unwrap(),
+        "chat without clearance",
+    )
+    .await;
+
+    // The page's registration: the cookie must hold the token.
+    let token = "0123456789abcdef0123456789abcdef";
+    let registered = register_clearance(&base, token).await;
+    assert_eq!(registered.status(), StatusCode::OK);
+    let registered: Value = registered.json().await.unwrap();
+    assert_eq!(registered, json!({ "token": token, "expires_in": 60 }));
+    let no_cookie = client()
+        .post(format!("{base}/api/clearance"))
+        .json(&json!({ "token": token }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        error_of(no_cookie).await,
+        (StatusCode::BAD_REQUEST, "bad_request".into())
+    );
+
+    // Cookie and matching header: passes, the whole way.
+    let cleared = with_clearance_cookie(&plain, token);
+    let conversation = cleared
+        .post("/api/conversations")
+        .header(antibot::CLEARANCE_HEADER, token)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(conversation.status(), StatusCode::OK);
+    let conversation: Value = conversation.json().await.unwrap();
+    let conversation = str_at(&conversation, "/data/id").to_owned();
+    let response = cleared
+        .chat(shape, &conversation, PROMPT)
+        .header(antibot::CLEARANCE_HEADER, token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let (_, content) = decode(shape, &content_type, &response.bytes().await.unwrap());
+    assert_eq!(content, reply_for(shape, PROMPT).content);
+
+    // Cookie and `sec-fetch-site: same-origin` (an in-page fetch()): passes without the header.
+    let response = cleared
+        .chat(shape, &conversation, "hi")
+        .header("sec-fetch-site", "same-origin")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let _ = response.bytes().await.unwrap();
+
+    // Everything else is challenged.
+    let stale = "ffffffffffffffffffffffffffffffff";
+    assert_challenge(
+        cleared
+            .chat(shape, &conversation, "hi")
+            .header(antibot::CLEARANCE_HEADER, stale)
+            .send()
+            .await
+            .unwrap(),
+        "header differing from the cookie",
+    )
+    .await;
+    assert_challenge(
+        cleared
+            .chat(shape, &conversation, "hi")
+            .header("sec-fetch-site", "cross-site")
+            .send()
+            .await
+            .unwrap(),
+        "a cross-site fetch",
+    )
+    .await;
+    assert_challenge(
+        plain
+            .chat(shape, &conversation, "hi")
+            .header(antibot::CLEARANCE_HEADER, token)
+            .header("sec-fetch-site", "same-origin")
+            .send()
+            .await
+            .unwrap(),
+        "header without the cookie",
+    )
+    .await;
+    assert_challenge(
+        with_clearance_cookie(&plain, stale)
+            .chat(shape, &conversation, "hi")
+            .header(antibot::CLEARANCE_HEADER, stale)
+            .send()
+            .await
+            .unwrap(),
+        "an unregistered token",
+    )
+    .await;
+
+    // Expired clearances are challenged (the recorded call replayed later).
+    assert_eq!(
+        control(&base, "/__demo/expire-clearances").await["expired"],
+        1
+    );
+    assert_challenge(
+        cleared
+            .chat(shape, &conversation, "hi")
+            .header(antibot::CLEARANCE_HEADER, token)
+            .send()
+            .await
+            .unwrap(),
+        "an expired token",
+    )
+    .await;
+
+    // Off at runtime: no clearance needed; on again: challenged.
+    assert_eq!(
+        control(&base, "/__demo/anti-bot?on=false").await,
+        json!({ "anti_bot": false })
+    );
+    assert_eq!(demo_get(&base, "/__demo/anti-bot").await["anti_bot"], false);
+    let page = plain
+        .get("/chat")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!page.contains("demo-clearance-ttl"));
+    let response = plain.chat(shape, &conversation, "hi").send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let _ = response.bytes().await.unwrap();
+    control(&base, "/__demo/anti-bot?on=true").await;
+    assert_challenge(
+        plain.chat(shape, &conversation, "hi").send().await.unwrap(),
+        "after turning it on again",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn anti_bot_can_be_turned_on_while_running_and_guards_every_api_path() {
+    let shape = Shape::Ws;
+    let base = spawn(config(shape)).await;
+    let browser = Browser::login(&base, "ann@example.com").await;
+    let conversation = browser.create_conversation(shape).await;
+    control(&base, "/__demo/anti-bot?on=true").await;
+    assert_challenge(
+        browser
+            .get(&format!("/api/ws?conversation={conversation}"))
+            .send()
+            .await
+            .unwrap(),
+        "the WebSocket upgrade",
+    )
+    .await;
+    assert_challenge(
+        browser.get("/api/organizations").send().await.unwrap(),
+        "another shape's path",
+    )
+    .await;
+    assert_challenge(
+        browser
+            .post("/backend-api/conversation")
+            .send()
+            .await
+            .unwrap(),
+        "a /backend-api/ path",
+    )
+    .await;
+    // With clearance, the upgrade request reaches the site (which wants a real upgrade).
+    let token = "abcdefabcdefabcdefabcdefabcdefab";
+    assert_eq!(
+        register_clearance(&base, token).await.status(),
+        StatusCode::OK
+    );
+    let response = with_clearance_cookie(&browser, token)
+        .get(&format!("/api/ws?conversation={conversation}"))
+        .header("sec-fetch-site", "same-origin")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        error_of(response).await,
+        (StatusCode::UPGRADE_REQUIRED, "upgrade_required".into())
+    );
+    // Browsers put no header on a WebSocket: the token may come in the query instead.
+    let cleared = with_clearance_cookie(&browser, token);
+    let response = cleared
+        .get(&format!(
+            "/api/ws?conversation={conversation}&clearance={token}"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UPGRADE_REQUIRED);
+    assert_challenge(
+        cleared
+            .get(&format!(
+                "/api/ws?conversation={conversation}&clearance=ffffffffffffffffffffffffffffffff"
+            ))
+            .send()
+            .await
+            .unwrap(),
+        "a stale token in the query",
+    )
+    .await;
+    // Logins stay open to scripts.
+    json_login(&base, "bob@example.com", PASSWORD)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn clearances_expire_after_their_ttl() {
+    let shape = Shape::Ndjson;
+    let base = spawn(DemoConfig {
+        anti_bot: true,
+        clearance_ttl: Duration::ZERO,
+        ..config(shape)
+    })
+    .await;
+    let browser = Browser::login(&base, "ann@example.com").await;
+    let token = "0123456789abcdef0123456789abcdef";
+    let registered: Value = register_clearance(&base, token).await.json().await.unwrap();
+    assert_eq!(registered["expires_in"], 0);
+    assert_challenge(
+        with_clearance_cookie(&browser, token)
+            .post("/api/conversations")
+            .header(antibot::CLEARANCE_HEADER, token)
+            .header("sec-fetch-site", "same-origin")
+            .send()
+            .await
+            .unwrap(),
+        "an expired token",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn switching_the_shape_moves_the_chat_endpoint_and_the_page() {
+    let base = spawn(config(Shape::Openai)).await;
+    let browser = Browser::login(&base, "ann@example.com").await;
+    let conversation = browser.create_conversation(Shape::Openai).await;
+    let response = browser
+        .chat(Shape::Openai, &conversation, PROMPT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let _ = response.bytes().await.unwrap();
+    // Before the switch, other shapes' endpoints 404.
+    let other = browser
+        .chat(Shape::Patch, &conversation, PROMPT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), StatusCode::NOT_FOUND);
+
+    assert_eq!(
+        control(&base, "/__demo/shape?to=patch").await,
+        json!({ "shape": "patch", "previous": "openai" })
+    );
+    assert_eq!(demo_get(&base, "/__demo/shape").await["shape"], "patch");
+    // The flow learned for openai now 404s; the patch call works, in the same conversation.
+    let old = browser
+        .chat(Shape::Openai, &conversation, PROMPT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(old.status(), StatusCode::NOT_FOUND);
+    let response = browser
+        .chat(Shape::Patch, &conversation, PROMPT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let (_, content) = decode(
+        Shape::Patch,
+        &content_type,
+        &response.bytes().await.unwrap(),
+    );
+    assert_eq!(content, reply_for_turn(Shape::Patch, PROMPT, 2).content);
+    // The next page load speaks the new shape.
+    let page = browser
+        .get("/chat")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains(r#"<meta name="demo-shape" content="patch">"#));
+
+    // A shape with its own preflight: the shared one 404s, the new one works.
+    control(&base, "/__demo/shape?to=cumulative").await;
+    let shared = browser
+        .post("/api/conversations")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(shared.status(), StatusCode::NOT_FOUND);
+    let (_, content) = chat_once(Shape::Cumulative, &browser, PROMPT).await;
+    assert_eq!(content, reply_for(Shape::Cumulative, PROMPT).content);
+
+    // Every shape works after a switch to it.
+    for shape in Shape::ALL {
+        control(&base, &format!("/__demo/shape?to={shape}")).await;
+        let browser = Browser::login(&base, "bob@example.com").await;
+        let (reasoning, content) = chat_once(shape, &browser, PROMPT).await;
+        let expected = reply_for(shape, PROMPT);
+        assert_eq!(content, expected.content, "{shape}");
+        if shape != Shape::Ws {
+            assert_eq!(reasoning, expected.reasoning, "{shape}");
+        }
+    }
+    let unknown = client()
+        .post(format!("{base}/__demo/shape?to=smoke-signals"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        error_of(unknown).await,
+        (StatusCode::BAD_REQUEST, "bad_request".into())
+    );
+}
+
+#[tokio::test]
+async fn a_flow_learned_before_a_shape_switch_fails_after_it() {
+    let flow = Flow::from_json(Shape::Ndjson.flow_file()).unwrap();
+    let base = spawn(config(Shape::Ndjson)).await;
+    let (_, content, _) = replay_flow(&flow, &base, PROMPT).await;
+    assert_eq!(content, reply_for(Shape::Ndjson, PROMPT).content);
+    control(&base, "/__demo/shape?to=numbered").await;
+    let (cookie, vars) = run_preflights(&flow, &base, PROMPT).await;
+    let response = send(render(&flow.request, &base, PROMPT, &vars), &cookie).await;
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn a_rate_limit_hold_gives_one_account_429_with_the_seconds_left() {
+    let shape = Shape::Openai;
+    let base = spawn(config(shape)).await;
+    let ann = Browser::login(&base, "ann@example.com").await;
+    let bob = Browser::login(&base, "bob@example.com").await;
+    let ann_conv = ann.create_conversation(shape).await;
+    let bob_conv = bob.create_conversation(shape).await;
+    assert_eq!(
+        control(&base, "/__demo/rate-limit?email=ANN@example.com&seconds=30").await,
+        json!({ "email": "ANN@example.com", "seconds": 30 })
+    );
+    let response = ann.chat(shape, &ann_conv, "hi").send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((29..=30).contains(&retry), "{retry}");
+    assert_eq!(error_of(response).await.1, "rate_limited");
+    // Only that account.
+    let response = bob.chat(shape, &bob_conv, "hi").send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let _ = response.bytes().await.unwrap();
+    // Lifted with seconds=0; the held call did not count as a turn.
+    control(&base, "/__demo/rate-limit?email=ann@example.com&seconds=0").await;
+    let response = ann.chat(shape, &ann_conv, "hi").send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let (_, content) = decode(shape, &content_type, &response.bytes().await.unwrap());
+    assert_eq!(content, reply_for(shape, "hi").content);
+    let missing = client()
+        .post(format!("{base}/__demo/rate-limit?email=ann@example.com"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn the_same_conversation_counts_turns_and_the_site_lists_them() {
+    let shape = Shape::Openai;
+    let base = spawn(config(shape)).await;
+    let ann = Browser::login(&base, "ann@example.com").await;
+    let first = ann.create_conversation(shape).await;
+    let second = ann.create_conversation(shape).await;
+    for turn in 1..=3 {
+        let response = ann.chat(shape, &first, "again").send().await.unwrap();
+        let content_type = response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let (reasoning, content) = decode(shape, &content_type, &response.bytes().await.unwrap());
+        let expected = reply_for_turn(shape, "again", turn);
+        assert_eq!(content, expected.content);
+        assert_eq!(reasoning, expected.reasoning);
+        if turn > 1 {
+            assert!(content.contains(&format!("turn **{turn}**")));
+        }
+    }
+    let response = ann.chat(shape, &second, "again").send().await.unwrap();
+    let _ = response.bytes().await.unwrap();
+    assert_eq!(
+        demo_get(&base, "/__demo/conversations").await,
+        json!([
+            { "id": first, "turns": 3, "email": "ann@example.com" },
+            { "id": second, "turns": 1, "email": "ann@example.com" },
+        ])
+    );
+}
+
+#[tokio::test]
+async fn patch_continues_with_the_message_id_its_stream_returns() {
+    let shape = Shape::Patch;
+    let base = spawn(config(shape)).await;
+    let ann = Browser::login(&base, "ann@example.com").await;
+    let conversation = ann.create_conversation(shape).await;
+    let mut parent = uuid::Uuid::new_v4().to_string();
+    for turn in 1..=2 {
+        let response = ann
+            .post(shape.chat_path())
+            .json(&json!({
+                "action": "next",
+                "conversation_id": conversation,
+                "parent_message_id": parent,
+                "messages": [{
+                    "id": uuid::Uuid::new_v4().to_string(),
+                    "author": { "role": "user" },
+                    "content": { "content_type": "text", "parts": ["again"] },
+                }],
+                "model": "demo",
+            }))
+            .send()
+            .await
+            .unwrap();
+        let body = response.text().await.unwrap();
+        let (_, content) = decode(shape, "text/event-stream", body.as_bytes());
+        assert_eq!(content, reply_for_turn(shape, "again", turn).content);
+        // The assistant message's id, from the `add` delta: the next turn's parent.
+        let added = sse_events(&body)
+            .into_iter()
+            .filter(|(name, _)| name.as_deref() == Some("delta"))
+            .map(|(_, data)| serde_json::from_str::<Value>(&data).unwrap())
+            .find(|d| d["o"] == "add")
+            .unwrap();
+        assert_eq!(added["v"]["conversation_id"], conversation.as_str());
+        parent = str_at(&added, "/v/message/id").to_owned();
+    }
+}
+
+#[tokio::test]
+async fn stats_keep_high_water_marks_overall_and_per_account() {
+    let shape = Shape::Openai;
+    // With an hour between tokens, every reply stays open until dropped.
+    let base = spawn(DemoConfig {
+        token_delay: Duration::from_secs(3600),
+        ..config(shape)
+    })
+    .await;
+    let ann = Browser::login(&base, "ann@example.com").await;
+    let bob = Browser::login(&base, "bob@example.com").await;
+    let mut open = Vec::new();
+    for (browser, n) in [(&ann, 2), (&bob, 1)] {
+        for _ in 0..n {
+            let conversation = browser.create_conversation(shape).await;
+            let response = browser
+                .chat(shape, &conversation, "hi")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            open.push(response);
+        }
+    }
+    let stats = demo_get(&base, "/__demo/stats").await;
+    assert_eq!(stats["active"], 3, "{stats}");
+    assert_eq!(stats["max_active"], 3, "{stats}");
+    assert_eq!(
+        stats["max_active_by_email"],
+        json!({ "ann@example.com": 2, "bob@example.com": 1 })
+    );
+    assert_eq!(
+        stats["active_by_email"],
+        json!({ "ann@example.com": 2, "bob@example.com": 1 })
+    );
+    drop(open);
+    // The site sees the clients go away; the marks stay.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let stats = loop {
+        let stats = demo_get(&base, "/__demo/stats").await;
+        if stats["active"] == 0 {
+            break stats;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{stats}");
+        tokio::task::yield_now().await;
+    };
+    assert_eq!(stats["cancelled"], 3, "{stats}");
+    assert_eq!(stats["max_active"], 3, "{stats}");
+    assert_eq!(stats["max_active_by_email"]["ann@example.com"], 2);
+    assert_eq!(stats["active_by_email"], json!({}));
+    // A reset lowers the marks to what streams now.
+    let reset = control(&base, "/__demo/reset-stats").await;
+    assert_eq!(reset["max_active"], 0, "{reset}");
+    assert_eq!(reset["cancelled"], 0, "{reset}");
+    assert_eq!(reset["max_active_by_email"], json!({}));
+}
+
+#[tokio::test]
+async fn revoked_and_expired_sessions_get_401_json_everywhere_until_a_fresh_login() {
+    let shape = Shape::Claude;
+    let base = spawn(config(shape)).await;
+    let ann = Browser::login(&base, "ann@example.com").await;
+    let ids = ann.create_conversation(shape).await;
+    control(&base, "/__demo/revoke?email=ann@example.com").await;
+    for response in [
+        ann.get("/api/organizations").send().await.unwrap(),
+        ann.chat(shape, &ids, "hi").send().await.unwrap(),
+    ] {
+        assert!(
+            response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("application/json")
+        );
+        assert_eq!(
+            error_of(response).await,
+            (StatusCode::UNAUTHORIZED, "unauthenticated".into())
+        );
+    }
+    let ann = Browser::login(&base, "ann@example.com").await;
+    let (_, content) = chat_once(shape, &ann, "hi").await;
+    assert_eq!(content, reply_for(shape, "hi").content);
+    control(&base, "/__demo/expire-sessions").await;
+    let response = ann.get("/api/organizations").send().await.unwrap();
+    assert_eq!(
+        error_of(response).await,
+        (StatusCode::UNAUTHORIZED, "unauthenticated".into())
+    );
+    let ann = Browser::login(&base, "ann@example.com").await;
+    let (_, content) = chat_once(shape, &ann, "hi").await;
+    assert_eq!(content, reply_for(shape, "hi").content);
+}

@@ -33,6 +33,9 @@ pub(crate) async fn upgrade(
     Query(query): Query<HashMap<String, String>>,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
+    if state.shape() != Shape::Ws {
+        return StatusCode::NOT_FOUND.into_response();
+    }
     let (sid, session) = match api_session(&state, &headers) {
         Ok(found) => found,
         Err(refusal) => return refusal.into_response(),
@@ -184,7 +187,7 @@ async fn chat_turn(
     let turn = state.next_turn(conversation);
     let reply = reply_for_turn(Shape::Ws, prompt, turn);
     let message_id = uuid::Uuid::new_v4().to_string();
-    let mut guard = state.streams.start();
+    let mut guard = state.streams.start(&session.email);
     socket
         .send(text(json!({
             "type": "start",

@@ -54,9 +54,9 @@ pub const TRAILING: Duration = Duration::from_millis(300);
 /// How often the page is read while waiting.
 const POLL: Duration = Duration::from_millis(100);
 /// After sending, how long before Enter is tried when no request carries the marker.
-const RESEND_AFTER: Duration = Duration::from_secs(3);
+pub(crate) const RESEND_AFTER: Duration = Duration::from_secs(3);
 /// After sending, how long before the probe gives up on seeing a request carrying the marker.
-const SEND_WAIT: Duration = Duration::from_secs(15);
+pub(crate) const SEND_WAIT: Duration = Duration::from_secs(15);
 /// A WebSocket chat call counts as finished after this long without a received frame.
 const SOCKET_QUIET: Duration = Duration::from_secs(1);
 /// How long after the chat call finished a page may take to render any reply at all.
@@ -274,7 +274,7 @@ const STORAGE_JS: &str = r#"(() => {
 })()"#;
 
 /// Shared helpers of the page scripts below.
-const HELPERS_JS: &str = r#"
+pub(crate) const HELPERS_JS: &str = r#"
   const vis = (el) => {
     if (!el || !el.isConnected) return false;
     if (typeof el.checkVisibility === 'function' &&
@@ -296,7 +296,7 @@ const HELPERS_JS: &str = r#"
 
 /// Finds the chat input, remembers it under `window[KEY]`, focuses it and selects its content
 /// (so typing replaces a draft).
-const FIND_COMPOSER_JS: &str = r#"
+pub(crate) const FIND_COMPOSER_JS: &str = r#"
   const cands = [];
   const sel = 'textarea, [contenteditable=""], [contenteditable="true"], [contenteditable="plaintext-only"], [role=textbox], input:not([type]), input[type=text], input[type=search]';
   for (const el of document.querySelectorAll(sel)) {
@@ -335,7 +335,7 @@ const FIND_COMPOSER_JS: &str = r#"
 "#;
 
 /// The chat input's current text.
-const COMPOSER_TEXT_JS: &str = r#"
+pub(crate) const COMPOSER_TEXT_JS: &str = r#"
   const st = window[KEY];
   if (!st || !st.input || !st.input.isConnected) return JSON.stringify(null);
   const el = st.input;
@@ -343,7 +343,7 @@ const COMPOSER_TEXT_JS: &str = r#"
 "#;
 
 /// Types `TEXT` into the input by script (fallback when `Input.insertText` did not land).
-const SET_TEXT_JS: &str = r#"
+pub(crate) const SET_TEXT_JS: &str = r#"
   const st = window[KEY];
   const el = st.input;
   el.focus();
@@ -361,7 +361,7 @@ const SET_TEXT_JS: &str = r#"
 "#;
 
 /// Notes the elements present now and starts observing what is added or changed.
-const WATCH_JS: &str = r#"
+pub(crate) const WATCH_JS: &str = r#"
   const st = window[KEY];
   st.before = new WeakSet(document.querySelectorAll('*'));
   st.touched = new Set();
@@ -380,7 +380,7 @@ const WATCH_JS: &str = r#"
 "#;
 
 /// Finds the send control near the input; returns where to click it.
-const FIND_SEND_JS: &str = r#"
+pub(crate) const FIND_SEND_JS: &str = r#"
   const st = window[KEY];
   const input = st.input;
   const ir = input.getBoundingClientRect();
@@ -421,20 +421,20 @@ const FIND_SEND_JS: &str = r#"
   return JSON.stringify({ found: true, x, y, hit: !!hit && (hit === el || el.contains(hit)) });
 "#;
 
-const FOCUS_JS: &str = r#"
+pub(crate) const FOCUS_JS: &str = r#"
   const st = window[KEY];
   if (st && st.input) st.input.focus();
   return JSON.stringify(true);
 "#;
 
-const CLICK_SEND_JS: &str = r#"
+pub(crate) const CLICK_SEND_JS: &str = r#"
   const st = window[KEY];
   if (st && st.send) st.send.click();
   return JSON.stringify(true);
 "#;
 
 /// Reads the reply (see the module docs). Returns `{found, text, reasoning}`.
-const READ_REPLY_JS: &str = r#"
+pub(crate) const READ_REPLY_JS: &str = r#"
   const st = window[KEY];
   if (!st || !st.before) return JSON.stringify({ found: false });
   const composer = st.input;
@@ -512,7 +512,7 @@ const READ_REPLY_JS: &str = r#"
   return JSON.stringify({ found: true, user: !!user, text: best.text, reasoning: best.reasoning });
 "#;
 
-const CLEANUP_JS: &str = r#"
+pub(crate) const CLEANUP_JS: &str = r#"
   const st = window[KEY];
   if (st && st.obs) st.obs.disconnect();
   delete window[KEY];
@@ -520,8 +520,8 @@ const CLEANUP_JS: &str = r#"
 "#;
 
 #[derive(Debug, Default, Deserialize)]
-struct Found {
-    found: bool,
+pub(crate) struct Found {
+    pub(crate) found: bool,
     #[serde(default)]
     x: f64,
     #[serde(default)]
@@ -530,18 +530,19 @@ struct Found {
     hit: bool,
 }
 
+/// What [`READ_REPLY_JS`] read.
 #[derive(Debug, Default, Clone, PartialEq, Deserialize)]
-struct Rendered {
-    found: bool,
+pub(crate) struct Rendered {
+    pub(crate) found: bool,
     #[serde(default)]
-    text: String,
+    pub(crate) text: String,
     #[serde(default)]
-    reasoning: Option<String>,
+    pub(crate) reasoning: Option<String>,
 }
 
 /// One page script: `body` runs in a function with the helpers, `KEY` and the given
 /// constants bound; it returns a JSON string, parsed here.
-async fn script<T: serde::de::DeserializeOwned>(
+pub(crate) async fn script<T: serde::de::DeserializeOwned>(
     page: &Page,
     key: &str,
     body: &str,
@@ -735,7 +736,8 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 }
 
 /// Clicks the send control; presses Enter when there is none. Returns whether it clicked.
-async fn send(page: &Page, key: &str) -> Result<bool, ProbeError> {
+/// Shared with the UI tier (`browser::ui`).
+pub(crate) async fn send(page: &Page, key: &str) -> Result<bool, ProbeError> {
     let control: Found = script(page, key, FIND_SEND_JS, &[]).await.map_err(cdp)?;
     if !control.found {
         crate::browser::press_key(page, "Enter")

@@ -134,6 +134,7 @@ pub fn apply(flow: &mut Flow, verification: &Verification, suspicious: &[String]
         flow.stats.p95_ms = Some(verification.latency_ms);
         flow.replay.needs_browser = false;
         flow.replay.reason = None;
+        flow.replay.min_tier = None;
         return;
     }
     let failure = verification
@@ -141,6 +142,7 @@ pub fn apply(flow: &mut Flow, verification: &Verification, suspicious: &[String]
         .clone()
         .unwrap_or_else(|| "direct replay failed".into());
     flow.replay.needs_browser = true;
+    flow.replay.min_tier = Some(if suspicious.is_empty() { 2 } else { 3 });
     flow.replay.reason = Some(if suspicious.is_empty() {
         format!("direct replay failed: {failure}")
     } else {

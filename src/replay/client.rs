@@ -27,8 +27,8 @@ use crate::session::{CookieJar, SessionData};
 pub type DeltaStream = Pin<Box<dyn Stream<Item = Result<Delta, ReplayError>> + Send>>;
 
 /// Largest preflight response read, and the most of an error body kept for classification.
-const PREFLIGHT_BODY_LIMIT: usize = 4 * 1024 * 1024;
-const ERROR_EXCERPT: usize = 2048;
+pub(crate) const PREFLIGHT_BODY_LIMIT: usize = 4 * 1024 * 1024;
+pub(crate) const ERROR_EXCERPT: usize = 2048;
 
 /// Which call of a flow failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,6 +155,9 @@ pub struct Target<'a> {
     pub base: &'a Url,
     pub session: &'a SessionData,
     pub proxy: Option<&'a str>,
+    /// Values an earlier exchange of the same site conversation produced (preflight extracts
+    /// and reply ids). A preflight whose extracts are all known is skipped: continuing a
+    /// conversation reuses its id instead of creating a new one.
     pub conversation: &'a BTreeMap<String, String>,
 }
 
@@ -164,6 +167,9 @@ pub struct Replay {
     /// The session's cookies plus what the site set during this replay.
     pub jar: CookieJar,
     pub jar_changed: bool,
+    /// Every preflight value this replay used (known or extracted), to continue the site
+    /// conversation next time.
+    pub extracted: BTreeMap<String, String>,
 }
 
 /// HTTP clients, one per proxy, each with its own connection pool.
@@ -219,9 +225,12 @@ impl Replayer {
         let client = self.client(target.proxy)?;
         let mut jar = CookieJar::new(target.session.cookies.clone());
         let mut jar_changed = false;
-        let mut extracted = BTreeMap::new();
+        let mut extracted = target.conversation.clone();
         let now_ms = now_ms();
         for (index, step) in flow.preflight.iter().enumerate() {
+            if !step.extract.is_empty() && step.extract.keys().all(|k| extracted.contains_key(k)) {
+                continue;
+            }
             let call = Call::Preflight(index);
             let ctx = Context {
                 prompt,
@@ -275,6 +284,7 @@ impl Replayer {
                 deltas,
                 jar,
                 jar_changed,
+                extracted,
             });
         }
         let response = self
@@ -290,6 +300,7 @@ impl Replayer {
             deltas,
             jar,
             jar_changed,
+            extracted,
         })
     }
 
@@ -364,7 +375,7 @@ impl Replayer {
     }
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
@@ -465,7 +476,7 @@ async fn check_status(
 }
 
 /// What an HTTP error status means for the gateway.
-pub(super) fn status_kind(code: u16, challenge: bool, to_login: bool) -> FailureKind {
+pub(crate) fn status_kind(code: u16, challenge: bool, to_login: bool) -> FailureKind {
     match code {
         _ if challenge && matches!(code, 403 | 429 | 503) => FailureKind::AntiBot,
         401 | 403 | 419 | 440 => FailureKind::Auth,
@@ -490,7 +501,7 @@ async fn read_excerpt(mut response: reqwest::Response) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-pub(super) fn looks_like_challenge(body: &str) -> bool {
+pub(crate) fn looks_like_challenge(body: &str) -> bool {
     let lower = body.to_ascii_lowercase();
     [
         "challenge-platform",
@@ -504,7 +515,7 @@ pub(super) fn looks_like_challenge(body: &str) -> bool {
     .any(|marker| lower.contains(marker))
 }
 
-fn classify_html(body: &str) -> (FailureKind, &'static str) {
+pub(crate) fn classify_html(body: &str) -> (FailureKind, &'static str) {
     let lower = body.to_ascii_lowercase();
     if looks_like_challenge(body) {
         (
@@ -526,7 +537,7 @@ fn classify_html(body: &str) -> (FailureKind, &'static str) {
 
 /// A short, human message from an error body: a JSON error message, else nothing (HTML pages
 /// and long bodies are not worth echoing).
-pub(super) fn error_message(body: &str) -> Option<String> {
+pub(crate) fn error_message(body: &str) -> Option<String> {
     let json: Value = serde_json::from_str(body.trim()).ok()?;
     let candidates = [
         "/error/message",
@@ -568,7 +579,7 @@ async fn read_limited(mut response: reqwest::Response, call: Call) -> Result<Vec
     }
 }
 
-fn extract(rule: &Extract, headers: &HeaderMap, body: &[u8]) -> Option<String> {
+pub(crate) fn extract(rule: &Extract, headers: &HeaderMap, body: &[u8]) -> Option<String> {
     let text = |v: &Value| match v {
         Value::String(s) => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),

@@ -26,7 +26,21 @@ pub struct ExecutionEvent {
     pub status: Option<i64>,
     pub ttft_ms: Option<i64>,
     pub latency_ms: Option<i64>,
+    /// Time spent waiting for a slot on the account.
+    pub queue_ms: Option<i64>,
     pub detail: Option<String>,
+}
+
+/// A stored fallback decision.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct Decision {
+    pub request_id: String,
+    pub service: String,
+    pub account_id: Option<String>,
+    pub failure: String,
+    pub action: String,
+    pub detail: Option<String>,
+    pub created_at: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -99,8 +113,8 @@ impl Store {
             match record {
                 Record::Execution(e) => {
                     sqlx::query(
-                        "INSERT INTO execution_events (request_id, service, account_id, flow_id, tier, outcome, status, ttft_ms, latency_ms, detail, created_at)
-                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "INSERT INTO execution_events (request_id, service, account_id, flow_id, tier, outcome, status, ttft_ms, latency_ms, queue_ms, detail, created_at)
+                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     )
                     .bind(&e.request_id)
                     .bind(&e.service)
@@ -111,6 +125,7 @@ impl Store {
                     .bind(e.status)
                     .bind(e.ttft_ms)
                     .bind(e.latency_ms)
+                    .bind(e.queue_ms)
                     .bind(&e.detail)
                     .bind(created_at)
                     .execute(&mut *tx)
@@ -162,6 +177,18 @@ impl Store {
         Ok(())
     }
 
+    /// The newest fallback decisions, newest first: `(request_id, service, account_id, failure,
+    /// action)`.
+    pub async fn recent_decisions(&self, limit: i64) -> Result<Vec<Decision>, StoreError> {
+        Ok(sqlx::query_as::<_, Decision>(
+            "SELECT request_id, service, account_id, failure, action, detail, created_at
+             FROM fallback_decisions ORDER BY id DESC LIMIT ?",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// The newest execution events, newest first.
     pub async fn recent_events(&self, limit: i64) -> Result<Vec<ExecutionEvent>, StoreError> {
         let rows = sqlx::query("SELECT * FROM execution_events ORDER BY id DESC LIMIT ?")
@@ -180,6 +207,7 @@ impl Store {
                     status: row.try_get("status")?,
                     ttft_ms: row.try_get("ttft_ms")?,
                     latency_ms: row.try_get("latency_ms")?,
+                    queue_ms: row.try_get("queue_ms")?,
                     detail: row.try_get("detail")?,
                 })
             })
@@ -207,6 +235,7 @@ mod tests {
                 status: Some(200),
                 ttft_ms: Some(1),
                 latency_ms: Some(2),
+                queue_ms: None,
                 detail: None,
             }));
         }

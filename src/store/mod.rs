@@ -8,6 +8,7 @@
 pub mod accounts;
 pub mod events;
 pub mod flows;
+pub mod history;
 pub mod keys;
 pub mod sessions;
 

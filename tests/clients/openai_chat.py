@@ -66,10 +66,55 @@ def error(client, args):
     return {"status": 200}
 
 
+def conversation(client, args):
+    """Three turns, each resending the whole history; then the same third turn with an edited
+    first message."""
+    history, replies = [], []
+    for turn in args["turns"]:
+        history.append({"role": "user", "content": turn})
+        r = client.chat.completions.create(model=args["model"], messages=history)
+        reply = r.choices[0].message.content
+        replies.append(reply)
+        history.append({"role": "assistant", "content": reply})
+    edited = [dict(m) for m in history[:-1]]
+    edited[0]["content"] = edited[0]["content"] + " (edited)"
+    r = client.chat.completions.create(model=args["model"], messages=edited)
+    return {"replies": replies, "edited": r.choices[0].message.content}
+
+
+def concurrent(client, args):
+    """N streams at once through the async client; what each one received."""
+    import asyncio
+    from openai import AsyncOpenAI
+
+    async def one(aclient, i):
+        try:
+            stream = await aclient.chat.completions.create(
+                model=args["model"],
+                messages=[{"role": "user", "content": f"{args['prompt']} {i}"}],
+                stream=True,
+            )
+            text = ""
+            async for chunk in stream:
+                for choice in chunk.choices:
+                    text += choice.delta.content or ""
+            return {"i": i, "content": text}
+        except openai.APIError as e:
+            return {"i": i, "error": str(e), "status": getattr(e, "status_code", None)}
+
+    async def run():
+        aclient = AsyncOpenAI(base_url=args["base_url"], api_key=args.get("api_key") or "unused",
+                              max_retries=0, timeout=120)
+        return await asyncio.gather(*(one(aclient, i) for i in range(args["n"])))
+
+    return {"results": asyncio.run(run())}
+
+
 def main():
     args = json.loads(sys.argv[1])
     client = OpenAI(base_url=args["base_url"], api_key=args.get("api_key") or "unused", max_retries=0)
-    result = {"chat": chat, "error": error}[args["mode"]](client, args)
+    modes = {"chat": chat, "error": error, "conversation": conversation, "concurrent": concurrent}
+    result = modes[args["mode"]](client, args)
     print(json.dumps(result))
 
 

@@ -2,7 +2,8 @@
 // On send: create a conversation (first message of the page), then call the chat endpoint of
 // the site's wire shape and render the streamed reply as it arrives. The claude shape looks up
 // the organization first (once per page load); the ws shape chats over a WebSocket; the
-// signed shape signs each chat call with a key its inline script hides.
+// signed shape signs each chat call with a key its inline script hides. When the site's
+// anti-bot check is on, every API call carries the page's clearance token (cookie and header).
 (function () {
   "use strict";
 
@@ -50,20 +51,85 @@
   }
 
   function apiHeaders(contentType) {
-    return {
+    return withClearance({
       "content-type": contentType || "application/json",
       "authorization": "Bearer " + (localStorage.getItem(TOKEN_KEY) || ""),
       "x-csrf-token": meta("csrf-token") || ""
-    };
+    });
   }
 
   function getHeaders() {
-    return {
+    return withClearance({
       "accept": "application/json",
       "authorization": "Bearer " + (localStorage.getItem(TOKEN_KEY) || ""),
       "x-csrf-token": meta("csrf-token") || ""
-    };
+    });
   }
+
+  // ---------------------------------------------------------------- anti-bot clearance
+
+  // With the anti-bot check on, the page carries <meta name="demo-clearance-ttl">. The page
+  // then makes up a token, stores it in the demo_clearance cookie, registers it with
+  // POST /api/clearance, and sends it in x-demo-clearance with every API call (in the URL for
+  // the WebSocket, which takes no headers). A token lasts
+  // the meta's seconds, so a fresh one is registered after half of that.
+  var CLEARANCE_COOKIE = "demo_clearance";
+  var clearanceTtlMeta = meta("demo-clearance-ttl");
+  var clearanceOn = clearanceTtlMeta !== null;
+  var clearanceToken = null;
+  var clearanceRenewAt = 0;
+  var clearancePending = null;
+  var clearanceTimer = null;
+  window.__demoClearance = null;
+
+  function randomHex(n) {
+    var b = new Uint8Array(n);
+    window.crypto.getRandomValues(b);
+    return toHex(b);
+  }
+
+  function withClearance(headers) {
+    if (clearanceToken) headers["x-demo-clearance"] = clearanceToken;
+    return headers;
+  }
+
+  function registerClearance() {
+    var token = randomHex(16);
+    document.cookie = CLEARANCE_COOKIE + "=" + token + "; Path=/; SameSite=Lax";
+    clearanceToken = token;
+    window.__demoClearance = token;
+    var pending = fetch("/api/clearance", {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ token: token })
+    }).then(async function (r) {
+      if (!r.ok) throw await failure(r);
+      var j = await r.json();
+      var ttl = typeof j.expires_in === "number" ? j.expires_in : Number(clearanceTtlMeta || 0);
+      var renewIn = Math.max(1000, ttl * 500);
+      clearanceRenewAt = Date.now() + renewIn;
+      if (clearanceTimer) clearTimeout(clearanceTimer);
+      clearanceTimer = setTimeout(function () {
+        registerClearance().catch(function () { /* the next call tries again */ });
+      }, renewIn);
+      return token;
+    }).finally(function () {
+      if (clearancePending === pending) clearancePending = null;
+    });
+    clearancePending = pending;
+    return pending;
+  }
+
+  // Resolves once the page holds a live clearance token (at once when the check is off).
+  function ensureClearance() {
+    if (!clearanceOn) return Promise.resolve(null);
+    if (clearancePending) return clearancePending;
+    if (clearanceToken && Date.now() < clearanceRenewAt) return Promise.resolve(clearanceToken);
+    return registerClearance();
+  }
+
+  if (clearanceOn) registerClearance().catch(function () { /* the first call tries again */ });
 
   // ---------------------------------------------------------------- signing (signed shape)
 
@@ -681,8 +747,10 @@
   function openSocket() {
     return new Promise(function (resolve, reject) {
       var scheme = location.protocol === "https:" ? "wss:" : "ws:";
+      // No header can go on a WebSocket: the clearance token (if any) goes in the URL.
       var ws = new WebSocket(scheme + "//" + location.host + "/api/ws?conversation=" +
-        encodeURIComponent(conversationId));
+        encodeURIComponent(conversationId) +
+        (clearanceToken ? "&clearance=" + encodeURIComponent(clearanceToken) : ""));
       var state = { ws: ws, conversation: conversationId, pending: null };
       ws.onopen = function () {
         ws.send(JSON.stringify({ type: "auth", token: localStorage.getItem(TOKEN_KEY) || "" }));
@@ -736,6 +804,11 @@
   // ---------------------------------------------------------------- sending
 
   async function failure(response) {
+    if (response.status === 403 && response.headers.get("cf-mitigated") === "challenge") {
+      var blocked = new Error("Blocked by the anti-bot check (403)");
+      blocked.challenge = true;
+      return blocked;
+    }
     var message = "Request failed (" + response.status + ")";
     try {
       var j = await response.json();
@@ -763,26 +836,40 @@
     return conversationId;
   }
 
+  async function exchange(shape, text, msg) {
+    await ensureClearance();
+    await (shape.prepare ? shape.prepare() : ensureConversation());
+    if (shape.exchange) {
+      await shape.exchange(text, msg);
+      return;
+    }
+    var req = shape.request(text);
+    var headers = apiHeaders(req.contentType);
+    if (shape.sign) await shape.sign(req, headers);
+    var response = await fetch(req.url, {
+      method: "POST",
+      credentials: "same-origin",
+      headers: headers,
+      body: req.body
+    });
+    if (!response.ok) throw await failure(response);
+    await shape.read(response, msg);
+  }
+
   async function send(text) {
     var shape = SHAPES[SHAPE];
     addUserMessage(text);
     var msg = new AssistantMessage();
     try {
-      await (shape.prepare ? shape.prepare() : ensureConversation());
-      if (shape.exchange) {
-        await shape.exchange(text, msg);
-      } else {
-        var req = shape.request(text);
-        var headers = apiHeaders(req.contentType);
-        if (shape.sign) await shape.sign(req, headers);
-        var response = await fetch(req.url, {
-          method: "POST",
-          credentials: "same-origin",
-          headers: headers,
-          body: req.body
-        });
-        if (!response.ok) throw await failure(response);
-        await shape.read(response, msg);
+      try {
+        await exchange(shape, text, msg);
+      } catch (e) {
+        // The anti-bot check came on after this page loaded: get clearance, then try again
+        // (the challenge comes before the site does anything with the call).
+        if (!(e && e.challenge)) throw e;
+        clearanceOn = true;
+        await registerClearance();
+        await exchange(shape, text, msg);
       }
       msg.finish();
       if (shape.after) shape.after(text, msg);

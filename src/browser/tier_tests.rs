@@ -1,0 +1,332 @@
+//! The browser tiers against the real Chromium and the in-process demo site (see `tests.rs`
+//! for the conventions: one pool per test, at most two Chromiums at once).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::time::Instant;
+
+use super::tests::{BROWSERS, PASSWORD, Site, config, flow_of, request, site_with};
+use super::*;
+use crate::demo::{DemoConfig, Shape, reply_for};
+use crate::openai::Role;
+use crate::replay::client::{Call, DeltaStream, FailureKind, ReplayError};
+use crate::replay::decode::Delta;
+use crate::replay::render::Prompt;
+
+fn tier_request(account: &str, site: &Site, shape: Shape, text: &str) -> TierRequest {
+    TierRequest {
+        account_id: account.to_owned(),
+        account_url: site.url.clone(),
+        session: None,
+        login: Some(request(account, site, PASSWORD)),
+        flow: Arc::new(flow_of(shape)),
+        prompt: Prompt {
+            messages: vec![(Role::User, text.to_owned())],
+            model: "demo".into(),
+        },
+        timeout: Duration::from_secs(20),
+    }
+}
+
+/// Text, reasoning, when the first delta came, when the stream ended.
+struct Collected {
+    text: String,
+    reasoning: String,
+    first: Option<Instant>,
+    end: Instant,
+}
+
+async fn collect(mut stream: DeltaStream) -> Collected {
+    let mut out = Collected {
+        text: String::new(),
+        reasoning: String::new(),
+        first: None,
+        end: Instant::now(),
+    };
+    while let Some(delta) = stream.next().await {
+        match delta.unwrap() {
+            Delta::Text(t) => {
+                out.first.get_or_insert_with(Instant::now);
+                out.text.push_str(&t);
+            }
+            Delta::Reasoning(t) => {
+                out.first.get_or_insert_with(Instant::now);
+                out.reasoning.push_str(&t);
+            }
+            Delta::Id { .. } | Delta::Done => {}
+        }
+    }
+    out.end = Instant::now();
+    out
+}
+
+fn assert_reply(shape: Shape, text: &str, got: &Collected) {
+    let expected = reply_for(shape, text);
+    assert_eq!(got.text, expected.content, "{shape}: text");
+    assert_eq!(
+        got.reasoning,
+        expected.reasoning.unwrap_or_default(),
+        "{shape}: reasoning"
+    );
+}
+
+async fn stats(site: &Site) -> serde_json::Value {
+    crate::demo::http_client()
+        .unwrap()
+        .get(format!("{}__demo/stats", site.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Time to first delta of tier 1 on the same site and session, for comparison.
+async fn tier1_first_delta(
+    site: &Site,
+    session: &crate::session::SessionData,
+    shape: Shape,
+) -> Duration {
+    use crate::replay::client::{Replayer, Target, Timeouts};
+    crate::server::install_tls_provider();
+    let replayer = Replayer::new(Timeouts {
+        connect: Duration::from_secs(5),
+        first_byte: Duration::from_secs(20),
+        idle: Duration::from_secs(20),
+    });
+    let base = url::Url::parse(&site.url).unwrap();
+    let flow = flow_of(shape);
+    let prompt = Prompt {
+        messages: vec![(Role::User, "tier one timing".to_owned())],
+        model: "demo".into(),
+    };
+    let conversation = Default::default();
+    let started = Instant::now();
+    let replay = replayer
+        .start(
+            &flow,
+            &prompt,
+            Target {
+                base: &base,
+                session,
+                proxy: None,
+                conversation: &conversation,
+            },
+        )
+        .await
+        .unwrap();
+    let mut deltas = replay.deltas;
+    while let Some(delta) = deltas.next().await {
+        if matches!(delta.unwrap(), Delta::Text(_) | Delta::Reasoning(_)) {
+            return started.elapsed();
+        }
+    }
+    panic!("tier 1 gave no text");
+}
+
+#[tokio::test]
+async fn tier2_runs_preflights_and_the_chat_call_inside_the_page() {
+    let _slot = BROWSERS.acquire().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pool = BrowserPool::new(config(dir.path()));
+    let mut failures = Vec::new();
+    for shape in [Shape::Openai, Shape::Ndjson, Shape::Claude] {
+        let site = site_with(DemoConfig {
+            shape,
+            ..DemoConfig::default()
+        })
+        .await;
+        let account = format!("inpage-{shape}");
+        let outcome = pool
+            .login(request(&account, &site, PASSWORD))
+            .await
+            .unwrap();
+        for round in 0..2 {
+            let text = format!("In-page {shape} round {round}: héllo «wörld» ✓");
+            let started = Instant::now();
+            let stream = pool
+                .inpage(tier_request(&account, &site, shape, &text))
+                .await;
+            let stream = match stream {
+                Ok(s) => s,
+                Err(e) => {
+                    failures.push(format!("{shape}: {e}"));
+                    continue;
+                }
+            };
+            let got = collect(stream).await;
+            eprintln!(
+                "tier 2 {shape} round {round}: first delta {:?}, complete {:?}",
+                got.first.map(|f| f - started),
+                got.end - started
+            );
+            assert_reply(shape, &text, &got);
+        }
+        let tier1 = tier1_first_delta(&site, &outcome.session, shape).await;
+        eprintln!("tier 1 {shape}: first delta {tier1:?}");
+    }
+    // Signed: the signature is computed by the page's own script over the body; a fetch with
+    // the flow's stale one is refused.
+    let site = site_with(DemoConfig {
+        shape: Shape::Signed,
+        ..DemoConfig::default()
+    })
+    .await;
+    pool.login(request("inpage-signed", &site, PASSWORD))
+        .await
+        .unwrap();
+    let error = pool
+        .inpage(tier_request(
+            "inpage-signed",
+            &site,
+            Shape::Signed,
+            "sign me",
+        ))
+        .await
+        .err()
+        .expect("a stale signature is refused");
+    pool.shutdown().await;
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert!(
+        matches!(
+            error,
+            ReplayError::Status {
+                call: Call::Chat,
+                status: 403,
+                kind: FailureKind::Auth,
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("signature"), "{error}");
+}
+
+#[tokio::test]
+async fn dropping_a_tier2_stream_cancels_the_sites_call() {
+    let _slot = BROWSERS.acquire().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let site = site_with(DemoConfig {
+        token_delay: Duration::from_millis(50),
+        ..DemoConfig::default()
+    })
+    .await;
+    let pool = BrowserPool::new(config(dir.path()));
+    let mut req = tier_request("dropper", &site, Shape::Openai, "cancel me midway");
+    // No login beforehand: the tier logs in itself.
+    req.session = None;
+    let mut stream = pool.inpage(req).await.unwrap();
+    loop {
+        let delta = stream.next().await.unwrap().unwrap();
+        if matches!(delta, Delta::Reasoning(_) | Delta::Text(_)) {
+            break;
+        }
+    }
+    let before = stats(&site).await;
+    assert_eq!(before["active"], 1, "{before}");
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let now = stats(&site).await;
+        if now["active"] == 0 {
+            break now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the site call is still running: {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    pool.shutdown().await;
+    assert_eq!(after["cancelled"], 1, "{after}");
+    assert_eq!(after["completed"], 0, "{after}");
+}
+
+#[tokio::test]
+async fn tier3_types_into_the_signed_site_and_streams_the_recorded_reply() {
+    let _slot = BROWSERS.acquire().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let site = site_with(DemoConfig {
+        shape: Shape::Signed,
+        token_delay: Duration::from_millis(50),
+        ..DemoConfig::default()
+    })
+    .await;
+    let pool = BrowserPool::new(config(dir.path()));
+    pool.login(request("typist", &site, PASSWORD))
+        .await
+        .unwrap();
+    let text = "Typed by the UI tier: grüße ✓";
+    let started = Instant::now();
+    let stream = pool
+        .ui(tier_request("typist", &site, Shape::Signed, text))
+        .await;
+    let got = collect(stream.unwrap()).await;
+    let first = got.first.expect("a first delta");
+    eprintln!(
+        "tier 3 signed (50 ms tokens): first delta {:?}, complete {:?}",
+        first - started,
+        got.end - started
+    );
+    assert_reply(Shape::Signed, text, &got);
+    assert!(
+        got.end - first > Duration::from_secs(1),
+        "the first delta came only {:?} before the end",
+        got.end - first
+    );
+    // Two more, concurrently: they queue for the account's UI and each gets its own
+    // conversation (a first-turn reply).
+    let a = pool.ui(tier_request("typist", &site, Shape::Signed, "queued one"));
+    let b = pool.ui(tier_request("typist", &site, Shape::Signed, "queued two"));
+    let (a, b) = tokio::join!(async { collect(a.await.unwrap()).await }, async {
+        collect(b.await.unwrap()).await
+    });
+    pool.shutdown().await;
+    assert_reply(Shape::Signed, "queued one", &a);
+    assert_reply(Shape::Signed, "queued two", &b);
+}
+
+#[tokio::test]
+async fn tier3_on_openai_and_websocket_sites() {
+    let _slot = BROWSERS.acquire().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pool = BrowserPool::new(config(dir.path()));
+    let mut failures = Vec::new();
+    for shape in [Shape::Openai, Shape::Ws] {
+        let site = site_with(DemoConfig {
+            shape,
+            ..DemoConfig::default()
+        })
+        .await;
+        let account = format!("ui-{shape}");
+        pool.login(request(&account, &site, PASSWORD))
+            .await
+            .unwrap();
+        for round in 0..2 {
+            let text = format!("UI tier {shape} round {round}");
+            let started = Instant::now();
+            match pool.ui(tier_request(&account, &site, shape, &text)).await {
+                Ok(stream) => {
+                    let got = collect(stream).await;
+                    eprintln!(
+                        "tier 3 {shape} round {round}: first delta {:?}, complete {:?}",
+                        got.first.map(|f| f - started),
+                        got.end - started
+                    );
+                    let expected = reply_for(shape, &text);
+                    if got.text != expected.content
+                        || got.reasoning != expected.reasoning.unwrap_or_default()
+                    {
+                        failures.push(format!("{shape} round {round}: {:?}", got.text));
+                    }
+                }
+                Err(e) => failures.push(format!("{shape} round {round}: {e}")),
+            }
+        }
+    }
+    pool.shutdown().await;
+    assert!(failures.is_empty(), "{failures:#?}");
+}

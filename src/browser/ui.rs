@@ -1,0 +1,436 @@
+//! Tier 3: the prompt typed into the site's own chat UI, the reply read from the network.
+//!
+//! How it works:
+//! - The account has a UI work page (`pool::Tier::Ui`) with a live-only [`Recorder`]. Its
+//!   mutex is the account's UI turn: one typed conversation at a time; concurrent requests
+//!   for the same account queue. Each request reloads the chat page (a new site
+//!   conversation, so earlier turns never leak in), logging in if it has to.
+//! - The composer, the send control and the reply are found as the probe finds them
+//!   (`learn::probe`'s page scripts); the flattened prompt ([`Prompt::flattened`]) is typed
+//!   with `Input.insertText` (set by script if that did not land), then sent (click, or
+//!   Enter; Enter again if no chat call shows up within a few seconds).
+//! - The chat call is the first request after sending whose method is the flow's and whose
+//!   URL path matches the flow's URL template (a segment with a placeholder matches any
+//!   segment), or whose body carries the typed text; for a WebSocket flow, also a socket
+//!   whose sent frame carries the typed text. Its body chunks (received frames) from the
+//!   recorder's live feed go into the flow's decoder as they arrive.
+//! - Last resort, when no such call is seen within [`DOM_AFTER`] but the page shows a reply
+//!   growing: the page's reply text is streamed (its growth as `Delta::Text`, reasoning as
+//!   `Delta::Reasoning`) until it has not changed for [`DOM_STABLE`]. That text is the
+//!   rendered one (markdown already turned into text), so it is not byte-exact.
+//! - Dropping the stream releases the UI turn; the page is reloaded by the next request.
+//!
+//! [`Prompt::flattened`]: crate::replay::render::Prompt::flattened
+//! [`Recorder`]: super::recorder::Recorder
+
+use std::time::Duration;
+
+use chromiumoxide::Page;
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::inpage::{self, Keep};
+use super::pool::{BrowserPool, Tier, probe_to_replay};
+use super::recorder::RecorderEvent;
+use super::{TierRequest, is_connection};
+use crate::flow::{Flow, Transport};
+use crate::learn::probe::{self, Found, Rendered};
+use crate::replay::client::{Call, DeltaStream, FailureKind, ReplayError};
+use crate::replay::decode::Delta;
+
+/// The page property the probe scripts keep their state under.
+const KEY: &str = "__ct_ui";
+/// How long after sending without a chat call before the page's own text is looked at.
+pub const DOM_AFTER: Duration = Duration::from_secs(3);
+/// How long the page's reply text must stay unchanged to count as complete (DOM fallback).
+pub const DOM_STABLE: Duration = Duration::from_secs(2);
+/// How often the page is read while waiting.
+const POLL: Duration = Duration::from_millis(100);
+
+pub(super) async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStream, ReplayError> {
+    let lease = pool.work_page(&req, Tier::Ui, true).await?;
+    let page = lease.work.page.clone();
+    let text = req.prompt.flattened();
+    let found: Found = probe::script(&page, KEY, probe::FIND_COMPOSER_JS, &[])
+        .await
+        .map_err(page_error)?;
+    if !found.found {
+        return Err(ReplayError::Unexpected {
+            call: Call::Chat,
+            kind: FailureKind::FormatDrift,
+            message: "could not find the chat input on the page".into(),
+        });
+    }
+    super::insert_text(&page, &text).await.map_err(page_error)?;
+    let typed: Option<String> = probe::script(&page, KEY, probe::COMPOSER_TEXT_JS, &[])
+        .await
+        .map_err(page_error)?;
+    if typed.as_deref().map(normalize) != Some(normalize(&text)) {
+        tracing::debug!("Input.insertText did not reach the chat input; setting it by script");
+        probe::script::<bool>(&page, KEY, probe::SET_TEXT_JS, &[("TEXT", &text)])
+            .await
+            .map_err(page_error)?;
+    }
+    probe::script::<bool>(&page, KEY, probe::WATCH_JS, &[])
+        .await
+        .map_err(page_error)?;
+    let mut feed = lease.work.recorder.subscribe();
+    let clicked = probe::send(&page, KEY).await.map_err(probe_to_replay)?;
+    let sent_at = Instant::now();
+    let matcher = Matcher::new(&req.flow, &text);
+    let mut resent = !clicked;
+    let mut tick = tokio::time::interval(POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut chat: Option<String> = None;
+    let deadline = sent_at + req.timeout;
+    loop {
+        tokio::select! {
+            event = feed.recv() => {
+                let Some(event) = event else {
+                    return Err(ReplayError::Network {
+                        call: Call::Chat,
+                        message: "the browser stopped reporting the page's network traffic".into(),
+                    });
+                };
+                match event {
+                    RecorderEvent::Request { id, method, url, body, .. }
+                        if chat.is_none() && matcher.request(&method, &url, body.as_deref()) =>
+                    {
+                        chat = Some(id);
+                    }
+                    RecorderEvent::Frame { id, frame }
+                        if chat.is_none()
+                            && frame.sent
+                            && matcher.socket
+                            && matcher.carries(frame.payload.as_bytes()) =>
+                    {
+                        // An open socket: its answer frames follow.
+                        let events = inpage::forward(feed, id, Vec::new());
+                        return Ok(inpage::reply_stream(events, &req.flow.response, req.timeout, None, Box::new(lease)));
+                    }
+                    RecorderEvent::Response { id, status, headers } if chat.as_ref() == Some(&id) => {
+                        let ok = if matcher.socket { status == 101 } else { (200..300).contains(&status) };
+                        if !ok {
+                            let excerpt = excerpt(&mut feed, &id).await;
+                            return Err(inpage::status_error(Call::Chat, status, &headers, &excerpt));
+                        }
+                        let mut decoded = inpage::reply_stream(
+                            inpage::forward(feed, id, Vec::new()),
+                            &req.flow.response,
+                            req.timeout,
+                            None,
+                            Box::new(()),
+                        );
+                        // The site may have changed its format (that is often why tier 3 is
+                        // serving): when the flow's decoder cannot read the call, the page's
+                        // own rendering of the reply is what remains.
+                        let first = decoded.next().await;
+                        if let Some(Err(ReplayError::Decode(reason))) = &first {
+                            tracing::info!(%reason, "the chat call no longer fits the flow; streaming the page's text");
+                            drop(decoded);
+                            return Ok(dom_stream(page.clone(), text, req.timeout, Box::new(lease)));
+                        }
+                        let keep: inpage::Keep = Box::new(lease);
+                        return Ok(futures_util::stream::iter(first)
+                            .chain(decoded)
+                            .map(move |item| {
+                                let _held = &keep;
+                                item
+                            })
+                            .boxed());
+                    }
+                    RecorderEvent::Failed { id, error } if chat.as_ref() == Some(&id) => {
+                        return Err(ReplayError::Network {
+                            call: Call::Chat,
+                            message: format!("the page's chat call failed: {error}"),
+                        });
+                    }
+                    _ => {}
+                }
+            }
+            _ = tick.tick() => {
+                let now = Instant::now();
+                if chat.is_some() {
+                    if now >= deadline {
+                        return Err(ReplayError::Network {
+                            call: Call::Chat,
+                            message: format!("the page's chat call got no response within {} s", req.timeout.as_secs()),
+                        });
+                    }
+                    continue;
+                }
+                if !resent && now >= sent_at + probe::RESEND_AFTER {
+                    resent = true;
+                    tracing::debug!("no chat call after clicking send; pressing Enter");
+                    let _ = probe::script::<bool>(&page, KEY, probe::FOCUS_JS, &[]).await;
+                    super::press_key(&page, "Enter").await.map_err(page_error)?;
+                }
+                if now >= sent_at + DOM_AFTER {
+                    let rendered = read_reply(&page, &text).await?;
+                    if rendered.found && !rendered.text.trim().is_empty() {
+                        tracing::debug!("no chat call seen; streaming the page's own text");
+                        return Ok(dom_stream(page.clone(), text, req.timeout, Box::new(lease)));
+                    }
+                }
+                if now >= deadline {
+                    return Err(ReplayError::Unexpected {
+                        call: Call::Chat,
+                        kind: FailureKind::FormatDrift,
+                        message: "the prompt was typed and sent, but the page made no chat call and showed no reply".into(),
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn page_error(e: chromiumoxide::error::CdpError) -> ReplayError {
+    ReplayError::Network {
+        call: Call::Chat,
+        message: if is_connection(&e) {
+            "lost the connection to Chromium".into()
+        } else {
+            "the chat page could not be driven (it may be navigating)".into()
+        },
+    }
+}
+
+fn normalize(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The start of an error body (see `inpage::status_error`), within two seconds.
+async fn excerpt(feed: &mut mpsc::Receiver<RecorderEvent>, id: &str) -> Vec<u8> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut body = Vec::new();
+    while body.len() < crate::replay::client::ERROR_EXCERPT {
+        match tokio::time::timeout_at(deadline, feed.recv()).await {
+            Ok(Some(RecorderEvent::Data { id: rid, bytes })) if rid == id => {
+                body.extend_from_slice(&bytes)
+            }
+            Ok(Some(
+                RecorderEvent::Finished { id: rid } | RecorderEvent::Failed { id: rid, .. },
+            )) if rid == id => {
+                break;
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => break,
+        }
+    }
+    body
+}
+
+/// Tells the flow's chat call among the page's requests (see the module docs).
+struct Matcher {
+    method: String,
+    /// The template's path segments; `None` stands for any one segment.
+    path: Vec<Option<String>>,
+    /// The typed text as it may appear in a body: raw, and JSON-escaped.
+    needles: Vec<Vec<u8>>,
+    socket: bool,
+}
+
+impl Matcher {
+    fn new(flow: &Flow, text: &str) -> Matcher {
+        let mut needles = vec![text.as_bytes().to_vec()];
+        let escaped = serde_json::to_string(text).unwrap_or_default();
+        let escaped = escaped.trim_matches('"');
+        if escaped != text {
+            needles.push(escaped.as_bytes().to_vec());
+        }
+        Matcher {
+            method: flow.request.method.to_ascii_uppercase(),
+            path: template_path(&flow.request.url),
+            needles,
+            socket: flow.response.transport == Transport::Websocket,
+        }
+    }
+
+    fn request(&self, method: &str, url: &str, body: Option<&[u8]>) -> bool {
+        let path_matches = method.eq_ignore_ascii_case(&self.method) && self.path_matches(url);
+        path_matches || body.is_some_and(|b| self.carries(b))
+    }
+
+    fn carries(&self, haystack: &[u8]) -> bool {
+        self.needles.iter().any(|needle| {
+            !needle.is_empty()
+                && haystack
+                    .windows(needle.len())
+                    .any(|w| w == needle.as_slice())
+        })
+    }
+
+    fn path_matches(&self, url: &str) -> bool {
+        let Ok(parsed) = url::Url::parse(url) else {
+            return false;
+        };
+        let segments: Vec<&str> = parsed.path().split('/').collect();
+        segments.len() == self.path.len()
+            && segments
+                .iter()
+                .zip(&self.path)
+                .all(|(seen, wanted)| wanted.as_deref().is_none_or(|w| w == *seen))
+    }
+}
+
+/// The path of a flow URL template (absolute or relative), split into segments; a segment
+/// holding a placeholder becomes a wildcard.
+fn template_path(template: &str) -> Vec<Option<String>> {
+    let mut rest = template;
+    if let Some(i) = rest.find("://") {
+        rest = &rest[i + 3..];
+        rest = rest.find('/').map_or("/", |j| &rest[j..]);
+    }
+    let path = rest.split(['?', '#']).next().unwrap_or_default();
+    let path = if path.starts_with('/') {
+        path.to_owned()
+    } else {
+        format!("/{path}")
+    };
+    path.split('/')
+        .map(|segment| (!segment.contains("{{")).then(|| segment.to_owned()))
+        .collect()
+}
+
+async fn read_reply(page: &Page, typed: &str) -> Result<Rendered, ReplayError> {
+    let marker: String = normalize(typed).chars().take(80).collect();
+    match probe::script(
+        page,
+        KEY,
+        probe::READ_REPLY_JS,
+        &[("PROBE", typed), ("MARKER", &marker)],
+    )
+    .await
+    {
+        Ok(rendered) => Ok(rendered),
+        Err(e) if is_connection(&e) => Err(page_error(e)),
+        // A navigation in progress.
+        Err(_) => Ok(Rendered::default()),
+    }
+}
+
+/// The last resort: the page's reply text as it grows (see the module docs).
+fn dom_stream(page: Page, typed: String, idle: Duration, keep: Keep) -> DeltaStream {
+    struct State {
+        page: Page,
+        typed: String,
+        text: String,
+        reasoning: String,
+        changed_at: Instant,
+        idle: Duration,
+        ended: bool,
+        tick: tokio::time::Interval,
+        _keep: Keep,
+    }
+    let mut tick = tokio::time::interval(POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let state = State {
+        page,
+        typed,
+        text: String::new(),
+        reasoning: String::new(),
+        changed_at: Instant::now(),
+        idle,
+        ended: false,
+        tick,
+        _keep: keep,
+    };
+    futures_util::stream::unfold(state, |mut s| async move {
+        if s.ended {
+            return None;
+        }
+        loop {
+            s.tick.tick().await;
+            let rendered = match read_reply(&s.page, &s.typed).await {
+                Ok(r) => r,
+                Err(e) => {
+                    s.ended = true;
+                    return Some((Err(e), s));
+                }
+            };
+            let now = Instant::now();
+            let text = rendered.text.trim().to_owned();
+            let reasoning = rendered.reasoning.unwrap_or_default().trim().to_owned();
+            // Only growth can be passed on; a re-rendered prefix is waited out.
+            if reasoning.len() > s.reasoning.len() && reasoning.starts_with(&s.reasoning) {
+                let piece = reasoning[s.reasoning.len()..].to_owned();
+                s.reasoning = reasoning;
+                s.changed_at = now;
+                return Some((Ok(Delta::Reasoning(piece)), s));
+            }
+            if text.len() > s.text.len() && text.starts_with(&s.text) {
+                let piece = text[s.text.len()..].to_owned();
+                s.text = text;
+                s.changed_at = now;
+                return Some((Ok(Delta::Text(piece)), s));
+            }
+            if text != s.text && !text.is_empty() {
+                s.changed_at = now;
+            }
+            if !s.text.is_empty() && now >= s.changed_at + DOM_STABLE {
+                s.ended = true;
+                return Some((Ok(Delta::Done), s));
+            }
+            if now >= s.changed_at + s.idle {
+                s.ended = true;
+                return Some((
+                    Err(ReplayError::Body(format!(
+                        "the page's reply did not change for {} s",
+                        s.idle.as_secs()
+                    ))),
+                    s,
+                ));
+            }
+        }
+    })
+    .boxed()
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn template_paths_match_with_placeholders_as_wildcards() {
+        let m = Matcher {
+            method: "POST".into(),
+            path: template_path(
+                "/api/organizations/{{preflight.org_id}}/chat_conversations/{{preflight.conversation_id}}/completion",
+            ),
+            needles: vec![b"hi there".to_vec()],
+            socket: false,
+        };
+        assert!(m.request(
+            "POST",
+            "http://h/api/organizations/o1/chat_conversations/c2/completion?x=1",
+            None
+        ));
+        assert!(!m.request(
+            "GET",
+            "http://h/api/organizations/o1/chat_conversations/c2/completion",
+            None
+        ));
+        assert!(!m.request(
+            "POST",
+            "http://h/api/organizations/o1/chat_conversations",
+            None
+        ));
+        assert!(m.request("POST", "http://h/other", Some(b"{\"q\":\"hi there\"}")));
+        assert_eq!(
+            template_path("https://x.example/api/ws?conversation={{preflight.c}}"),
+            vec![Some(String::new()), Some("api".into()), Some("ws".into())]
+        );
+    }
+
+    #[test]
+    fn typed_text_is_found_json_escaped() {
+        let flow = Flow::from_json(
+            r#"{"service":"s","request":{"url":"/x"},"response":{"transport":"sse","text":{"path":"/t","mode":"delta"}}}"#,
+        )
+        .unwrap();
+        let m = Matcher::new(&flow, "line one\nsays \"hi\"");
+        assert!(m.carries(br#"{"content":"line one\nsays \"hi\""}"#));
+        assert!(!m.carries(b"line one"));
+    }
+}

@@ -1,0 +1,184 @@
+//! Continuing a site's own conversation when an OpenAI client resends a history that extends
+//! an earlier exchange.
+//!
+//! A finished reply is remembered under a hash of the whole exchange (the request's messages
+//! plus the reply text, hashed as it streams — the reply is never buffered for this). A later
+//! request whose messages, minus the new user turn, hash to that key continues the same site
+//! conversation on the same account, sending only the new turn. An edited history hashes to
+//! nothing known and starts a new conversation.
+//!
+//! Invariant: the remembered values (conversation ids, and whatever preflight values the
+//! exchange used, which may include tokens) are stored sealed.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::openai::Role;
+use crate::store::Store;
+
+/// How long a conversation can be continued from memory; the store keeps it longer.
+const CACHE_TTL: Duration = Duration::from_secs(3600);
+
+/// Where a site conversation stands after an exchange.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Continuation {
+    pub account_id: String,
+    /// Preflight values and reply ids of the exchange (see `replay::client::Target`).
+    pub values: BTreeMap<String, String>,
+}
+
+/// Builds the key of a conversation, message by message.
+#[derive(Clone)]
+pub struct KeyBuilder(Sha256);
+
+impl Default for KeyBuilder {
+    fn default() -> Self {
+        Self(Sha256::new())
+    }
+}
+
+impl KeyBuilder {
+    pub fn push(&mut self, role: Role, text: &str) {
+        self.open(role);
+        self.text(text);
+        self.close();
+    }
+
+    /// Starts a message whose text arrives in pieces.
+    pub fn open(&mut self, role: Role) {
+        self.0.update(role.label().as_bytes());
+        self.0.update([0]);
+    }
+
+    pub fn text(&mut self, piece: &str) {
+        self.0.update(piece.as_bytes());
+    }
+
+    pub fn close(&mut self) {
+        self.0.update([0, 0]);
+    }
+
+    pub fn finish(self) -> String {
+        hex::encode(self.0.finalize())
+    }
+}
+
+/// The key of a message list.
+pub fn key_of(messages: &[(Role, String)]) -> String {
+    let mut key = KeyBuilder::default();
+    for (role, text) in messages {
+        key.push(*role, text);
+    }
+    key.finish()
+}
+
+pub struct Conversations {
+    store: Store,
+    cache: moka::future::Cache<String, Arc<Continuation>>,
+}
+
+impl Conversations {
+    pub fn new(store: Store) -> Self {
+        Self {
+            store,
+            cache: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(CACHE_TTL)
+                .build(),
+        }
+    }
+
+    /// The conversation whose exchange hashed to `key`, from memory or the store.
+    pub async fn find(&self, key: &str) -> Option<Arc<Continuation>> {
+        if let Some(found) = self.cache.get(key).await {
+            return Some(found);
+        }
+        match self.store.find_continuation(key).await {
+            Ok(Some(found)) => {
+                let found = Arc::new(found);
+                self.cache.insert(key.to_owned(), found.clone()).await;
+                Some(found)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read a remembered conversation");
+                None
+            }
+        }
+    }
+
+    /// Remembers an exchange; the store write happens off the reply's path.
+    pub fn remember(
+        self: &Arc<Self>,
+        request_id: String,
+        service: String,
+        key: String,
+        continuation: Continuation,
+    ) {
+        let this = self.clone();
+        // Detached on purpose: the reply is complete, and losing this write only means the
+        // next turn starts a new site conversation.
+        tokio::spawn(async move {
+            let continuation = Arc::new(continuation);
+            this.cache.insert(key.clone(), continuation.clone()).await;
+            if let Err(e) = this
+                .store
+                .save_continuation(&request_id, &service, &key, &continuation)
+                .await
+            {
+                tracing::warn!(error = %e, "could not store a conversation");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streamed_pieces_hash_like_the_whole_message() {
+        let mut streamed = KeyBuilder::default();
+        streamed.push(Role::User, "hi");
+        streamed.open(Role::Assistant);
+        streamed.text("hel");
+        streamed.text("lo");
+        streamed.close();
+        let whole = key_of(&[
+            (Role::User, "hi".to_owned()),
+            (Role::Assistant, "hello".to_owned()),
+        ]);
+        assert_eq!(streamed.finish(), whole);
+        let edited = key_of(&[
+            (Role::User, "hi!".to_owned()),
+            (Role::Assistant, "hello".to_owned()),
+        ]);
+        assert_ne!(edited, whole);
+    }
+
+    #[tokio::test]
+    async fn remembered_conversations_survive_the_cache() {
+        let (_dir, store) = crate::store::testing::store().await;
+        let conversations = Arc::new(Conversations::new(store.clone()));
+        let continuation = Continuation {
+            account_id: "a_1".into(),
+            values: [("conversation_id".to_owned(), "c-secret-42".to_owned())].into(),
+        };
+        store
+            .save_continuation("r1", "svc", "k1", &continuation)
+            .await
+            .unwrap();
+        let raw: Vec<u8> = sqlx::query_scalar("SELECT site_conversation FROM chat_history")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert!(!raw.windows(9).any(|w| w == b"c-secret-"), "stored sealed");
+        let found = conversations.find("k1").await.unwrap();
+        assert_eq!(*found, continuation);
+        assert!(conversations.find("k2").await.is_none());
+    }
+}

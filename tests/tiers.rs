@@ -1,0 +1,248 @@
+//! The browser fallback tiers with real Chromium, through the official openai SDK: an
+//! anti-bot layer sends requests to tier 2 (and tier 1 is not retried during the cooldown), a
+//! page-signed API is served by tier 3 streaming from the network capture, and a site that
+//! changes its API is served by tier 3 while the flow is re-learned, then by tier 1 again.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Data, PASSWORD, demo_site, eventually, http, post_chat};
+use computetower::demo::{Shape, reply_for};
+use eventsource_stream::Eventsource;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+async fn get_json(url: String) -> Value {
+    http().get(url).send().await.unwrap().json().await.unwrap()
+}
+
+fn ask(model: &str, text: &str) -> String {
+    json!({"model": model, "messages": [{"role": "user", "content": text}]}).to_string()
+}
+
+/// Account from URL + credentials; the flow learned with the CLI.
+fn learned_account(data: &Data, site: &str, name: &str) {
+    data.ok(
+        &[
+            "account",
+            "add",
+            "--url",
+            site,
+            "--name",
+            name,
+            "--email",
+            "tiers@example.com",
+            "--password-stdin",
+        ],
+        Some(&format!("{PASSWORD}\n")),
+    );
+    let out = data.cli(&["learn", name], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Text as a page shows markdown: markup gone, whitespace collapsed.
+fn rendered(text: &str) -> String {
+    text.replace(['*', '`'], "")
+        .lines()
+        .map(|l| l.trim().trim_start_matches("- "))
+        .collect::<Vec<_>>()
+        .join(" ")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn tiers_of(events: &Value) -> Vec<(i64, String)> {
+    events["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .map(|e| {
+            (
+                e["tier"].as_i64().unwrap_or(0),
+                e["outcome"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn anti_bot_mode_is_served_by_tier_2_and_tier_1_waits_out_its_cooldown() {
+    let site = demo_site("ndjson", &["--anti-bot"]);
+    let data = Data::new();
+    // The hand-written flow carries no clearance: direct replay meets the challenge page.
+    data.ok(
+        &[
+            "account",
+            "add",
+            "--url",
+            &site.url,
+            "--name",
+            "guarded",
+            "--email",
+            "bot@example.com",
+            "--password-stdin",
+        ],
+        Some(&format!("{PASSWORD}\n")),
+    );
+    let flow = common::repo().join("flows/demo-ndjson.json");
+    data.ok(
+        &[
+            "flows",
+            "import",
+            flow.to_str().unwrap(),
+            "--service",
+            "guarded",
+        ],
+        None,
+    );
+    let server = data.serve(&[]);
+    for text in ["one", "two"] {
+        let (status, body) = post_chat(&server.url, None, ask("guarded", text)).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body["choices"][0]["message"]["content"],
+            reply_for(Shape::Ndjson, text).content
+        );
+    }
+    let events = get_json(format!("{}/admin/events", server.url)).await;
+    let tiers = tiers_of(&events);
+    // The first request met the challenge at tier 1, then tier 2 served it; the second went
+    // straight to tier 2.
+    assert_eq!(
+        tiers.first(),
+        Some(&(1, "anti_bot".to_owned())),
+        "{tiers:?}"
+    );
+    assert_eq!(
+        tiers.iter().filter(|(t, _)| *t == 1).count(),
+        1,
+        "{tiers:?}"
+    );
+    assert_eq!(
+        tiers.iter().filter(|t| **t == (2, "ok".to_owned())).count(),
+        2,
+        "{tiers:?}"
+    );
+    let decisions = get_json(format!("{}/admin/decisions", server.url)).await;
+    assert!(
+        decisions["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["failure"] == "anti_bot" && d["action"] == "tier_2"),
+        "{decisions}"
+    );
+}
+
+#[tokio::test]
+async fn the_signed_shape_streams_from_tier_3_before_the_site_finishes() {
+    let site = demo_site("signed", &["--token-delay-ms", "40"]);
+    let data = Data::new();
+    learned_account(&data, &site.url, "signed");
+    let server = data.serve(&[]);
+    let started = Instant::now();
+    let response = http()
+        .post(format!("{}/v1/chat/completions", server.url))
+        .json(&json!({"model": "signed", "stream": true,
+            "messages": [{"role": "user", "content": "sign this"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut events = response.bytes_stream().eventsource();
+    let (mut content, mut reasoning) = (String::new(), String::new());
+    let mut first_token = None;
+    while let Some(event) = events.next().await {
+        let event = event.unwrap();
+        if event.data == "[DONE]" {
+            break;
+        }
+        let chunk: Value = serde_json::from_str(&event.data).unwrap();
+        assert!(chunk.get("error").is_none(), "{chunk}");
+        let delta = &chunk["choices"][0]["delta"];
+        for (field, out) in [
+            ("content", &mut content),
+            ("reasoning_content", &mut reasoning),
+        ] {
+            if let Some(text) = delta[field].as_str().filter(|t| !t.is_empty()) {
+                first_token.get_or_insert_with(|| started.elapsed());
+                out.push_str(text);
+            }
+        }
+    }
+    let total = started.elapsed();
+    let expected = reply_for(Shape::Signed, "sign this");
+    assert_eq!(content, expected.content);
+    assert_eq!(Some(reasoning), expected.reasoning);
+    // The site takes ~40 ms per token for ~150 tokens: the first token must come long
+    // before the end, i.e. streamed from the capture, not read off the finished page.
+    let first_token = first_token.unwrap();
+    assert!(
+        total - first_token > Duration::from_secs(2),
+        "first token at {first_token:?}, end at {total:?}"
+    );
+    let events = get_json(format!("{}/admin/events", server.url)).await;
+    assert!(
+        tiers_of(&events).contains(&(3, "ok".to_owned())),
+        "{events}"
+    );
+}
+
+#[tokio::test]
+async fn a_site_that_changes_its_api_is_served_by_tier_3_then_relearned() {
+    let site = demo_site("ndjson", &[]);
+    let data = Data::new();
+    learned_account(&data, &site.url, "changing");
+    let server = data.serve(&[]);
+    let (status, _) = post_chat(&server.url, None, ask("changing", "before")).await;
+    assert_eq!(status, 200);
+    let switched = http()
+        .post(format!("{}/__demo/shape?to=numbered", site.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(switched.status(), 200);
+    // The learned call now 404s: tier 3 answers through the site's own page. Its new wire
+    // format does not fit the old decoder, so the text is the page's rendering of the reply.
+    let (status, body) = post_chat(&server.url, None, ask("changing", "during")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        rendered(body["choices"][0]["message"]["content"].as_str().unwrap()),
+        rendered(&reply_for(Shape::Numbered, "during").content)
+    );
+    // Meanwhile the flow is re-learned in the background.
+    eventually(WAIT, "the re-learned flow", || async {
+        let flows = get_json(format!("{}/admin/flows", server.url)).await;
+        let flow = flows["data"].as_array()?.first()?.clone();
+        (flow["version"].as_u64()? >= 2 && flow["response"]["transport"] == "numbered_lines")
+            .then_some(())
+    })
+    .await;
+    let (status, body) = post_chat(&server.url, None, ask("changing", "after")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        reply_for(Shape::Numbered, "after").content
+    );
+    let tiers = tiers_of(&get_json(format!("{}/admin/events", server.url)).await);
+    assert_eq!(tiers.last(), Some(&(1, "ok".to_owned())), "{tiers:?}");
+    assert!(tiers.contains(&(3, "ok".to_owned())), "{tiers:?}");
+    let decisions = get_json(format!("{}/admin/decisions", server.url)).await;
+    assert!(
+        decisions["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["action"] == "tier_3_and_relearn"),
+        "{decisions}"
+    );
+}
