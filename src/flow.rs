@@ -370,7 +370,8 @@ impl Flow {
 
 pub const REDACTED: &str = "<redacted>";
 
-fn is_sensitive_header(name: &str) -> bool {
+/// Whether a header name suggests it carries a credential.
+pub fn is_sensitive_header(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
     [
         "authorization",

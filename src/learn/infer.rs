@@ -545,7 +545,7 @@ impl<'r> Learner<'r> {
                 }
                 Plan::Keep => {
                     let unexplained = is_high_entropy(rest) || is_id_like(rest);
-                    if is_sensitive_header(&name) && unexplained {
+                    if crate::flow::is_sensitive_header(&name) && unexplained {
                         push_unique(
                             &mut self.suspicious,
                             format!(
@@ -1020,23 +1020,6 @@ fn is_browser_managed(name: &str) -> bool {
                 | "purpose"
                 | "x-client-data"
         )
-}
-
-/// Header names that carry credentials (the same words `flow` masks).
-fn is_sensitive_header(name: &str) -> bool {
-    [
-        "authorization",
-        "cookie",
-        "token",
-        "csrf",
-        "xsrf",
-        "secret",
-        "api-key",
-        "apikey",
-        "session",
-    ]
-    .iter()
-    .any(|word| name.contains(word))
 }
 
 /// `Bearer abc` → (`Bearer `, `abc`); anything else → (``, value).
