@@ -70,7 +70,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let state = app_state(config, store.clone(), events);
     let app = api::router(state);
     announce(addr);
-    axum::serve(listener, app)
+    axum::serve(no_delay(listener), app)
         .with_graceful_shutdown(shutdown_signal())
         .await?;
     // Flush queued events before the store closes (bounded, so shutdown cannot hang).
@@ -150,6 +150,18 @@ pub fn browser_config(config: &Config) -> BrowserConfig {
         headless: b.headless,
         max_session: Duration::from_secs(b.max_session_hours * 3600),
     }
+}
+
+/// Turns Nagle's algorithm off on every accepted connection: a reply is written in small
+/// pieces (headers, then chunks), and with Nagle on, a piece can wait ~40 ms for the client's
+/// delayed ACK — far more than everything else the proxy adds.
+pub fn no_delay(
+    listener: TcpListener,
+) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    })
 }
 
 /// The line tests and scripts wait for; printed on stdout and flushed.

@@ -129,6 +129,7 @@ pub async fn run(args: DemoArgs, mut config: Config) -> CliResult {
     let listener = tokio::net::TcpListener::bind(args.bind).await?;
     let addr = listener.local_addr()?;
     let app = crate::api::router(state.clone());
+    let listener = crate::server::no_delay(listener);
     tokio::spawn(async move { axum::serve(listener, app).await });
     eprintln!("    http://{addr}/v1  (model `{service}`)");
 
