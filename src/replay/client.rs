@@ -591,7 +591,7 @@ pub(crate) fn extract(rule: &Extract, headers: &HeaderMap, body: &[u8]) -> Optio
             json.pointer(pointer).and_then(text)
         }
         Extract::Regex { regex } => {
-            let re = regex::Regex::new(regex).ok()?;
+            let re = compiled(regex)?;
             let body = String::from_utf8_lossy(body);
             re.captures(&body)
                 .and_then(|c| c.get(1).or_else(|| c.get(0)))
@@ -602,6 +602,23 @@ pub(crate) fn extract(rule: &Extract, headers: &HeaderMap, body: &[u8]) -> Optio
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned),
     }
+}
+
+/// A flow's extract regex, compiled once: compiling it costs more than the rest of an extract.
+fn compiled(pattern: &str) -> Option<regex::Regex> {
+    static CACHE: std::sync::OnceLock<Mutex<HashMap<String, Option<regex::Regex>>>> =
+        std::sync::OnceLock::new();
+    let mut cache = CACHE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if cache.len() > 1024 {
+        cache.clear();
+    }
+    cache
+        .entry(pattern.to_owned())
+        .or_insert_with(|| regex::Regex::new(pattern).ok())
+        .clone()
 }
 
 /// Ends a body that stays silent longer than `idle` with an error.
