@@ -6,7 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Data, MASTER_KEY, PASSWORD, demo_site, error_message, eventually, http, post_chat};
+use common::{
+    Data, MASTER_KEY, PASSWORD, ask, demo_site, error_message, eventually, http, post_chat,
+};
 use computetower::demo::{Shape, reply_for};
 use serde_json::{Value, json};
 
@@ -39,10 +41,6 @@ async fn admin_login(server: &str, account: &str) -> (u16, Value) {
         .await
         .unwrap();
     (response.status().as_u16(), response.json().await.unwrap())
-}
-
-fn ask(model: &str, text: &str) -> String {
-    json!({"model": model, "messages": [{"role": "user", "content": text}]}).to_string()
 }
 
 #[tokio::test]

@@ -6,16 +6,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Data, demo_site, error_message, eventually, http, post_chat, sdk};
+use common::{Data, ask, demo_site, error_message, eventually, http, post_chat, sdk};
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn chat_body(model: &str) -> String {
-    json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}).to_string()
-}
 
 #[tokio::test]
 async fn malformed_requests_get_400_with_the_field_named() {
@@ -77,7 +73,7 @@ async fn malformed_requests_get_400_with_the_field_named() {
         }
     }
     // The server is still healthy and serving.
-    let (status, json) = post_chat(&server.url, None, chat_body(&model)).await;
+    let (status, json) = post_chat(&server.url, None, ask(&model, "hi")).await;
     assert_eq!(status, 200, "{json}");
     assert!(!server.stderr().contains("panicked"));
 }
@@ -141,16 +137,16 @@ async fn api_keys_guard_v1_and_admin() {
         .to_owned();
     assert!(user_key.starts_with("ct-") && user_key != admin_key);
     let server = data.serve(&[]);
-    let (status, json) = post_chat(&server.url, None, chat_body(&model)).await;
+    let (status, json) = post_chat(&server.url, None, ask(&model, "hi")).await;
     assert_eq!(status, 401, "{json}");
     assert_eq!(json["error"]["code"], "invalid_api_key");
-    let (status, _) = post_chat(&server.url, Some("ct-wrong"), chat_body(&model)).await;
+    let (status, _) = post_chat(&server.url, Some("ct-wrong"), ask(&model, "hi")).await;
     assert_eq!(status, 401);
     let report = sdk(json!({
         "base_url": format!("{}/v1", server.url), "api_key": "ct-wrong", "model": model, "prompt": "x", "mode": "error"
     }));
     assert_eq!(report["type"], "AuthenticationError", "{report}");
-    let (status, json) = post_chat(&server.url, Some(&user_key), chat_body(&model)).await;
+    let (status, json) = post_chat(&server.url, Some(&user_key), ask(&model, "hi")).await;
     assert_eq!(status, 200, "{json}");
     let admin = |key: &str| {
         http()
@@ -186,13 +182,13 @@ async fn site_failures_map_to_429_502_and_503() {
         .add_demo_account(&site.url, "ndjson", "rl@example.com")
         .await;
     let server = data.serve(&[]);
-    let (status, json) = post_chat(&server.url, None, chat_body(&model)).await;
+    let (status, json) = post_chat(&server.url, None, ask(&model, "hi")).await;
     assert_eq!(status, 200, "{json}");
     // The site's 429 (one call a minute) passes through with Retry-After.
     let response = http()
         .post(format!("{}/v1/chat/completions", server.url))
         .header("content-type", "application/json")
-        .body(chat_body(&model))
+        .body(ask(&model, "hi"))
         .send()
         .await
         .unwrap();
@@ -206,7 +202,7 @@ async fn site_failures_map_to_429_502_and_503() {
     let json: Value = response.json().await.unwrap();
     assert_eq!(json["error"]["type"], "rate_limit_error");
     // The account cools down: the next request is refused at once, without calling the site.
-    let (status, json) = post_chat(&server.url, None, chat_body(&model)).await;
+    let (status, json) = post_chat(&server.url, None, ask(&model, "hi")).await;
     assert_eq!(status, 429, "{json}");
     assert!(error_message(&json).contains("cooling down"), "{json}");
 
@@ -223,7 +219,7 @@ async fn site_failures_map_to_429_502_and_503() {
         .send()
         .await
         .unwrap();
-    let (status, json) = post_chat(&server2.url, None, chat_body(&model2)).await;
+    let (status, json) = post_chat(&server2.url, None, ask(&model2, "hi")).await;
     assert_eq!(status, 503, "{json}");
     assert_eq!(json["error"]["code"], "no_usable_account");
     let message = error_message(&json);
@@ -237,7 +233,7 @@ async fn site_failures_map_to_429_502_and_503() {
         .await;
     let server3 = data3.serve(&[]);
     drop(site3);
-    let (status, json) = post_chat(&server3.url, None, chat_body(&model3)).await;
+    let (status, json) = post_chat(&server3.url, None, ask(&model3, "hi")).await;
     assert_eq!(status, 502, "{json}");
     assert_eq!(json["error"]["code"], "upstream_unreachable");
 }
@@ -268,7 +264,7 @@ async fn account_without_session_is_503() {
         None,
     );
     let server = data.serve(&[]);
-    let (status, json) = post_chat(&server.url, None, chat_body("nosession")).await;
+    let (status, json) = post_chat(&server.url, None, ask("nosession", "hi")).await;
     assert_eq!(status, 503, "{json}");
     // It has no session, so the browser tries to log in, and says why that failed.
     assert!(error_message(&json).contains("login to account"), "{json}");

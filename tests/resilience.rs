@@ -4,17 +4,9 @@
 
 mod common;
 
-use common::{Data, demo_site, error_message, http, post_chat, sdk};
+use common::{Data, ask, demo_site, error_message, get_json, http, post_chat, sdk};
 use computetower::demo::{Shape, reply_for, reply_for_turn};
-use serde_json::{Value, json};
-
-async fn get_json(url: String) -> Value {
-    http().get(url).send().await.unwrap().json().await.unwrap()
-}
-
-fn ask(model: &str, text: &str) -> String {
-    json!({"model": model, "messages": [{"role": "user", "content": text}]}).to_string()
-}
+use serde_json::json;
 
 #[tokio::test]
 async fn a_rate_limited_account_hands_over_to_the_next_then_429() {

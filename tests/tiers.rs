@@ -7,21 +7,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Data, PASSWORD, demo_site, eventually, http, post_chat};
+use common::{Data, PASSWORD, ask, demo_site, eventually, get_json, http, post_chat};
 use computetower::demo::{Shape, reply_for};
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(120);
-
-async fn get_json(url: String) -> Value {
-    http().get(url).send().await.unwrap().json().await.unwrap()
-}
-
-fn ask(model: &str, text: &str) -> String {
-    json!({"model": model, "messages": [{"role": "user", "content": text}]}).to_string()
-}
 
 /// Account from URL + credentials; the flow learned with the CLI.
 fn learned_account(data: &Data, site: &str, name: &str) {

@@ -46,13 +46,6 @@ pub struct Decision {
 #[derive(Debug, Clone)]
 pub enum Record {
     Execution(ExecutionEvent),
-    History {
-        request_id: String,
-        service: String,
-        account_id: Option<String>,
-        prompt_tokens: i64,
-        completion_tokens: i64,
-    },
     /// A fallback decision: what failed and what was done about it.
     Decision {
         request_id: String,
@@ -127,26 +120,6 @@ impl Store {
                     .bind(e.latency_ms)
                     .bind(e.queue_ms)
                     .bind(&e.detail)
-                    .bind(created_at)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                Record::History {
-                    request_id,
-                    service,
-                    account_id,
-                    prompt_tokens,
-                    completion_tokens,
-                } => {
-                    sqlx::query(
-                        "INSERT INTO chat_history (request_id, service, account_id, prompt_tokens, completion_tokens, created_at)
-                         VALUES (?, ?, ?, ?, ?, ?)",
-                    )
-                    .bind(request_id)
-                    .bind(service)
-                    .bind(account_id)
-                    .bind(prompt_tokens)
-                    .bind(completion_tokens)
                     .bind(created_at)
                     .execute(&mut *tx)
                     .await?;

@@ -360,3 +360,13 @@ pub fn error_message(body: &Value) -> String {
     }
     error["message"].as_str().unwrap().to_owned()
 }
+
+/// A chat completion body with one user message.
+pub fn ask(model: &str, text: &str) -> String {
+    serde_json::json!({"model": model, "messages": [{"role": "user", "content": text}]}).to_string()
+}
+
+/// GETs a JSON document (admin endpoints, the demo site's controls).
+pub async fn get_json(url: String) -> Value {
+    http().get(url).send().await.unwrap().json().await.unwrap()
+}
