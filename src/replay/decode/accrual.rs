@@ -10,6 +10,7 @@ use serde_json::Value;
 use super::markup::Markup;
 use super::patch::{Patch, PatchTarget};
 use super::pointer::Pointer;
+use super::select::Selection;
 use super::{DecodeError, Delta};
 use crate::flow::{Accrual, ErrorRule, ReasoningRule, ResponseSpec, Signal};
 
@@ -242,6 +243,8 @@ pub(super) struct Engine {
     ids: Vec<(String, Pointer, bool)>,
     /// Whether events must be JSON (a non-JSON event is then `Malformed`).
     json_required: bool,
+    /// The parts of each event the rules read.
+    selection: Selection,
     finished_done: bool,
     stopped: bool,
 }
@@ -292,19 +295,39 @@ impl Engine {
                 ));
             }
         }
+        let patch = Patch::new(targets);
+        let done: Vec<Condition> = spec.done.iter().map(Condition::from_signal).collect();
+        let errors: Vec<ErrorCheck> = spec.error.iter().map(ErrorCheck::new).collect();
+        let ids: Vec<(String, Pointer, bool)> = spec
+            .ids
+            .iter()
+            .map(|(name, path)| (name.clone(), Pointer::parse(path), false))
+            .collect();
+        // Patches address whatever the event names, so they need all of it.
+        let selection = if patch.has_targets() {
+            Selection::Everything
+        } else {
+            let rules = std::iter::once(&text).chain(reasoning.as_ref());
+            Selection::of(
+                rules
+                    .map(|r| &r.pointer)
+                    .chain(output.flag.as_ref().map(|f| &f.pointer))
+                    .chain(ids.iter().map(|(_, p, _)| p))
+                    .chain(done.iter().filter_map(|c| c.pointer.as_ref()))
+                    .chain(errors.iter().filter_map(|e| e.when.pointer.as_ref()))
+                    .chain(errors.iter().filter_map(|e| e.message.as_ref())),
+            )
+        };
         Self {
             text,
             reasoning,
             output,
-            patch: Patch::new(targets),
-            done: spec.done.iter().map(Condition::from_signal).collect(),
-            errors: spec.error.iter().map(ErrorCheck::new).collect(),
-            ids: spec
-                .ids
-                .iter()
-                .map(|(name, path)| (name.clone(), Pointer::parse(path), false))
-                .collect(),
+            patch,
+            done,
+            errors,
+            ids,
             json_required,
+            selection,
             finished_done: false,
             stopped: false,
         }
@@ -340,7 +363,7 @@ impl Engine {
             self.finish_done(out);
             return Ok(());
         }
-        let value = match serde_json::from_str::<Value>(data) {
+        let value = match self.selection.parse(data) {
             Ok(value) => Some(value),
             Err(_) if !self.json_required => None,
             Err(e) => {

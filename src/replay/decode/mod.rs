@@ -27,6 +27,7 @@ mod framing;
 mod markup;
 mod patch;
 mod pointer;
+mod select;
 
 #[cfg(test)]
 mod tests;
