@@ -23,6 +23,9 @@ pub struct Config {
     pub upstream_first_byte_timeout_secs: u64,
     /// Longest silence in the middle of a streamed reply, in seconds.
     pub upstream_idle_timeout_secs: u64,
+    /// How long a session-wide preflight value (a CSRF token read from a page) is reused
+    /// before it is fetched again, in seconds; 0 fetches it on every request.
+    pub preflight_reuse_secs: u64,
     /// `tracing` filter, e.g. `info` or `computetower=debug`.
     pub log: String,
     /// Accept `URL: … | Email: … | Password: …` system messages that add accounts on the fly.
@@ -129,6 +132,7 @@ impl Default for Config {
             upstream_connect_timeout_secs: 10,
             upstream_first_byte_timeout_secs: 120,
             upstream_idle_timeout_secs: 120,
+            preflight_reuse_secs: 300,
             log: "info".to_owned(),
             allow_inline_credentials: false,
             limits: LimitSettings::default(),
@@ -211,6 +215,9 @@ impl Config {
         }
         if let Some(v) = env("COMPUTETOWER_UPSTREAM_IDLE_TIMEOUT_SECS") {
             self.upstream_idle_timeout_secs = parse("COMPUTETOWER_UPSTREAM_IDLE_TIMEOUT_SECS", &v)?;
+        }
+        if let Some(v) = env("COMPUTETOWER_PREFLIGHT_REUSE_SECS") {
+            self.preflight_reuse_secs = parse("COMPUTETOWER_PREFLIGHT_REUSE_SECS", &v)?;
         }
         if let Some(v) = env("COMPUTETOWER_LOG") {
             self.log = v;

@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 
 use crate::openai::Role;
 use crate::store::Store;
+use crate::store::events::{EventWriter, Record};
 
 /// How long a conversation can be continued from memory; the store keeps it longer.
 const CACHE_TTL: Duration = Duration::from_secs(3600);
@@ -78,13 +79,15 @@ pub fn key_of(messages: &[(Role, String)]) -> String {
 
 pub struct Conversations {
     store: Store,
+    writer: EventWriter,
     cache: moka::future::Cache<String, Arc<Continuation>>,
 }
 
 impl Conversations {
-    pub fn new(store: Store) -> Self {
+    pub fn new(store: Store, writer: EventWriter) -> Self {
         Self {
             store,
+            writer,
             cache: moka::future::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(CACHE_TTL)
@@ -111,7 +114,8 @@ impl Conversations {
         }
     }
 
-    /// Remembers an exchange; the store write happens off the reply's path.
+    /// Remembers an exchange; the store write is batched by the event writer, off the
+    /// reply's path.
     pub fn remember(
         self: &Arc<Self>,
         request_id: String,
@@ -119,20 +123,17 @@ impl Conversations {
         key: String,
         continuation: Continuation,
     ) {
-        let this = self.clone();
-        // Detached on purpose: the reply is complete, and losing this write only means the
-        // next turn starts a new site conversation.
-        tokio::spawn(async move {
-            let continuation = Arc::new(continuation);
-            this.cache.insert(key.clone(), continuation.clone()).await;
-            if let Err(e) = this
-                .store
-                .save_continuation(&request_id, &service, &key, &continuation)
-                .await
-            {
-                tracing::warn!(error = %e, "could not store a conversation");
-            }
+        let continuation = Arc::new(continuation);
+        self.writer.record(Record::Conversation {
+            request_id,
+            service,
+            key: key.clone(),
+            continuation: continuation.clone(),
         });
+        let cache = self.cache.clone();
+        // Detached: the reply is complete; the cache makes the next turn independent of the
+        // batched write. Losing both only means the next turn starts a new site conversation.
+        tokio::spawn(async move { cache.insert(key, continuation).await });
     }
 }
 
@@ -163,7 +164,8 @@ mod tests {
     #[tokio::test]
     async fn remembered_conversations_survive_the_cache() {
         let (_dir, store) = crate::store::testing::store().await;
-        let conversations = Arc::new(Conversations::new(store.clone()));
+        let (writer, _task) = EventWriter::start(store.clone());
+        let conversations = Arc::new(Conversations::new(store.clone(), writer));
         let continuation = Continuation {
             account_id: "a_1".into(),
             values: [("conversation_id".to_owned(), "c-secret-42".to_owned())].into(),

@@ -122,7 +122,7 @@ impl Gateway {
                 .time_to_live(TIER_COOLDOWN)
                 .build(),
             relearning: Arc::default(),
-            conversations: Arc::new(Conversations::new(store.clone())),
+            conversations: Arc::new(Conversations::new(store.clone(), events.clone())),
             store,
             replayer,
             events,
@@ -524,6 +524,7 @@ impl Gateway {
                     session: &session.data,
                     proxy: candidate.proxy.as_deref(),
                     conversation: known,
+                    session_id: Some(&session.id),
                 };
                 let mut extracted = BTreeMap::new();
                 let started_tier = if tier == 1 {

@@ -86,6 +86,7 @@ pub fn replayer(config: &Config) -> Replayer {
         first_byte: Duration::from_secs(config.upstream_first_byte_timeout_secs),
         idle: Duration::from_secs(config.upstream_idle_timeout_secs),
     })
+    .reusing_preflights(Duration::from_secs(config.preflight_reuse_secs))
 }
 
 pub fn app_state(config: Config, store: Store, events: EventWriter) -> AppState {

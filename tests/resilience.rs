@@ -189,3 +189,48 @@ async fn an_api_key_over_its_rate_gets_429() {
     assert_eq!(status, 429, "{body}");
     assert!(error_message(&body).contains("API key"), "{body}");
 }
+
+#[tokio::test]
+async fn a_session_wide_preflight_is_reused_and_read_again_when_stale() {
+    let site = demo_site("openai", &[]);
+    let data = Data::new();
+    let model = data
+        .add_demo_account(&site.url, "openai", "csrf@example.com")
+        .await;
+    let server = data.serve(&[]);
+    let pages = || async { get_json(format!("{}/__demo/stats", site.url)).await["pages"].clone() };
+    let answer = |question: &'static str| {
+        let url = server.url.clone();
+        let model = model.clone();
+        async move {
+            let (status, body) = post_chat(&url, None, ask(&model, question)).await;
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(
+                body["choices"][0]["message"]["content"],
+                reply_for(Shape::Openai, question).content
+            );
+        }
+    };
+    http()
+        .post(format!("{}/__demo/reset-stats", site.url))
+        .send()
+        .await
+        .unwrap();
+    // The flow reads the CSRF token from the chat page, then creates a conversation: the
+    // page is read for the first request only.
+    answer("one").await;
+    answer("two").await;
+    answer("three").await;
+    assert_eq!(pages().await, 1);
+    // The site rotates the token: the next request fails with the reused one, reads the page
+    // again and still answers.
+    let rotated = http()
+        .post(format!("{}/__demo/rotate-csrf", site.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rotated.status(), 200);
+    answer("four").await;
+    answer("five").await;
+    assert_eq!(pages().await, 2);
+}

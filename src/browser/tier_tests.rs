@@ -114,6 +114,7 @@ async fn tier1_first_delta(
                 session,
                 proxy: None,
                 conversation: &conversation,
+                session_id: None,
             },
         )
         .await

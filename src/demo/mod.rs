@@ -52,6 +52,8 @@
 //!   call of theirs then answers 401 `{"error":{"code":"unauthenticated",…}}`, `/chat`
 //!   redirects to the login, and a fresh login works ([`DemoConfig::session_ttl`] expires
 //!   them by age).
+//! - `POST /__demo/rotate-csrf`: every session gets a new CSRF token; calls with the old one
+//!   get 403 `csrf_failed` until the chat page is read again.
 //! - `POST /__demo/rate-limit?email=E&seconds=S`: account `E` gets 429 on every chat call
 //!   for `S` seconds (`seconds=0` lifts it), `Retry-After` = the seconds left, rounded up;
 //!   other accounts are untouched. [`DemoConfig::rate_limit`] is the per-minute limit.
@@ -65,7 +67,8 @@
 //!   conversations carry over.
 //! - `GET /__demo/conversations`: `[{"id","turns","email"}]`, oldest first.
 //! - `GET /__demo/stats`: chat replies `{"active","completed","cancelled","max_active",
-//!   "active_by_email":{E:n},"max_active_by_email":{E:n}}` (emails in lower case; a reply
+//!   "pages","active_by_email":{E:n},"max_active_by_email":{E:n}}` (`pages`: chat pages
+//!   served to a session; emails in lower case; a reply
 //!   counts as active from the moment the site starts answering until its body ends or the
 //!   client drops it); `POST /__demo/reset-stats` zeroes the end counts and lowers the
 //!   high-water marks to what streams now.

@@ -106,6 +106,12 @@ pub(crate) fn routes(state: Shared) -> Router {
     }
     router
         .route("/__demo/expire-sessions", post(expire_sessions))
+        .route(
+            "/__demo/rotate-csrf",
+            post(|State(state): State<Shared>| async move {
+                axum::Json(json!({ "rotated": state.rotate_csrf() }))
+            }),
+        )
         .route("/__demo/revoke", post(revoke))
         .route("/__demo/captcha", get(latest_captcha))
         .route("/__demo/rate-limit", post(rate_limit))
@@ -623,6 +629,7 @@ async fn chat_page(State(state): State<Shared>, headers: HeaderMap) -> Response 
         }
         None => return Redirect::to("/login").into_response(),
     };
+    state.streams.page();
     let shape = state.shape();
     let (user, logout, bootstrap) = if session.anonymous {
         let data = json!({ "token": session.token, "user": { "anonymous": true } });

@@ -337,6 +337,16 @@ impl AppState {
     }
 
     /// Marks every session expired; returns how many there were.
+    /// Gives every session a new CSRF token, as sites do now and then: pages read before
+    /// carry a stale one.
+    pub fn rotate_csrf(&self) -> usize {
+        let mut inner = self.lock();
+        for session in inner.sessions.values_mut() {
+            session.csrf = random_token(16);
+        }
+        inner.sessions.len()
+    }
+
     pub fn expire_all(&self) -> usize {
         let mut inner = self.lock();
         for session in inner.sessions.values_mut() {
@@ -500,6 +510,8 @@ pub(crate) struct StreamStats {
     cancelled: AtomicU64,
     /// High-water mark of `active`.
     max_active: AtomicU64,
+    /// Chat pages served (each one a read of the CSRF token, by a browser or a preflight).
+    pages: AtomicU64,
     /// Email (lower case) → (active, high-water mark).
     by_email: Mutex<BTreeMap<String, (u64, u64)>>,
 }
@@ -529,7 +541,12 @@ impl StreamStats {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// `{active, completed, cancelled, max_active, active_by_email, max_active_by_email}`.
+    /// Counts a chat page served.
+    pub fn page(&self) {
+        self.pages.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// `{active, completed, cancelled, max_active, pages, active_by_email, max_active_by_email}`.
     pub fn snapshot(&self) -> serde_json::Value {
         let by_email = self.lock_by_email();
         let active_by_email: serde_json::Map<String, serde_json::Value> = by_email
@@ -546,6 +563,7 @@ impl StreamStats {
             "completed": self.completed.load(Ordering::SeqCst),
             "cancelled": self.cancelled.load(Ordering::SeqCst),
             "max_active": self.max_active.load(Ordering::SeqCst),
+            "pages": self.pages.load(Ordering::SeqCst),
             "active_by_email": active_by_email,
             "max_active_by_email": max_by_email,
         })
@@ -556,6 +574,7 @@ impl StreamStats {
         let mut by_email = self.lock_by_email();
         self.completed.store(0, Ordering::SeqCst);
         self.cancelled.store(0, Ordering::SeqCst);
+        self.pages.store(0, Ordering::SeqCst);
         self.max_active
             .store(self.active.load(Ordering::SeqCst), Ordering::SeqCst);
         by_email.retain(|_, (active, _)| *active > 0);

@@ -57,6 +57,8 @@ pub async fn verify(
         session,
         proxy,
         conversation: &conversation,
+        // A new flow is checked against the site as it is now, not against reused values.
+        session_id: None,
     };
     let started = Instant::now();
     let mut verification = Verification {

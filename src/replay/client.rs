@@ -20,6 +20,7 @@ use url::Url;
 
 use super::decode::{self, DecodeError, Delta};
 use super::render::{self, Context, Prompt, RenderError, Rendered};
+use super::reuse::Reused;
 use crate::flow::{Extract, Flow, Transport};
 use crate::session::{CookieJar, SessionData};
 
@@ -159,6 +160,20 @@ pub struct Target<'a> {
     /// and reply ids). A preflight whose extracts are all known is skipped: continuing a
     /// conversation reuses its id instead of creating a new one.
     pub conversation: &'a BTreeMap<String, String>,
+    /// The stored session's id: session-wide preflight values are reused under it (`None`
+    /// runs every preflight).
+    pub session_id: Option<&'a str>,
+}
+
+/// One run's view of the reused preflight values.
+struct Reuse<'a> {
+    reused: &'a Reused,
+    session: &'a str,
+    steps: &'a [bool],
+    /// Whether stored values may be read (`false` on the run after a failure).
+    read: bool,
+    /// Whether this run used a stored value.
+    used: bool,
 }
 
 /// A started replay: the chat call answered 2xx and its body is being decoded.
@@ -176,6 +191,8 @@ pub struct Replay {
 pub struct Replayer {
     timeouts: Timeouts,
     clients: Mutex<HashMap<String, reqwest::Client>>,
+    /// Session-wide preflight values (`None`: every preflight runs on every request).
+    reused: Option<Reused>,
 }
 
 impl Replayer {
@@ -183,7 +200,14 @@ impl Replayer {
         Self {
             timeouts,
             clients: Mutex::new(HashMap::new()),
+            reused: None,
         }
+    }
+
+    /// Reuses the values of session-wide preflights for `ttl` (see `replay::reuse`).
+    pub fn reusing_preflights(mut self, ttl: Duration) -> Self {
+        self.reused = (!ttl.is_zero()).then(|| Reused::new(ttl));
+        self
     }
 
     fn client(&self, proxy: Option<&str>) -> Result<reqwest::Client, ReplayError> {
@@ -216,11 +240,52 @@ impl Replayer {
 
     /// Runs the preflights and sends the chat call. Returns once the chat call's response
     /// headers are in; the body is decoded as the returned stream is polled.
+    ///
+    /// When the run reused preflight values and fails for a reason a stale value could
+    /// cause, the values are forgotten and the flow runs once more with fresh preflights.
     pub async fn start(
         &self,
         flow: &Flow,
         prompt: &Prompt,
         target: Target<'_>,
+    ) -> Result<Replay, ReplayError> {
+        let reuse = match (&self.reused, target.session_id) {
+            (Some(reused), Some(session)) => {
+                let steps = reused.steps(flow);
+                steps.contains(&true).then_some((reused, session, steps))
+            }
+            _ => None,
+        };
+        let Some((reused, session, steps)) = reuse else {
+            return self.run(flow, prompt, target, None).await;
+        };
+        let mut reuse = Reuse {
+            reused,
+            session,
+            steps: &steps,
+            read: true,
+            used: false,
+        };
+        match self.run(flow, prompt, target, Some(&mut reuse)).await {
+            Err(e)
+                if reuse.used
+                    && !matches!(e.kind(), FailureKind::Network | FailureKind::RateLimit) =>
+            {
+                tracing::debug!(flow = %flow.id, error = %e, "reused preflight values failed; running the preflights again");
+                reused.forget(session, flow);
+                reuse.read = false;
+                self.run(flow, prompt, target, Some(&mut reuse)).await
+            }
+            result => result,
+        }
+    }
+
+    async fn run(
+        &self,
+        flow: &Flow,
+        prompt: &Prompt,
+        target: Target<'_>,
+        mut reuse: Option<&mut Reuse<'_>>,
     ) -> Result<Replay, ReplayError> {
         let client = self.client(target.proxy)?;
         let mut jar = CookieJar::new(target.session.cookies.clone());
@@ -229,6 +294,14 @@ impl Replayer {
         let now_ms = now_ms();
         for (index, step) in flow.preflight.iter().enumerate() {
             if !step.extract.is_empty() && step.extract.keys().all(|k| extracted.contains_key(k)) {
+                continue;
+            }
+            let reusable = reuse.as_ref().is_some_and(|r| r.steps[index]);
+            if let Some(reuse) = reuse.as_mut().filter(|r| reusable && r.read)
+                && let Some(values) = reuse.reused.get(reuse.session, flow, index)
+            {
+                extracted.extend(values.iter().map(|(k, v)| (k.clone(), v.clone())));
+                reuse.used = true;
                 continue;
             }
             let call = Call::Preflight(index);
@@ -248,6 +321,7 @@ impl Replayer {
             let response = check_status(response, call, None).await?;
             let headers = response.headers().clone();
             let body = read_limited(response, call).await?;
+            let mut values = BTreeMap::new();
             for (name, rule) in &step.extract {
                 let value =
                     extract(rule, &headers, &body).ok_or_else(|| ReplayError::Unexpected {
@@ -255,8 +329,12 @@ impl Replayer {
                         kind: FailureKind::FormatDrift,
                         message: format!("its response has no `{name}` where the flow expects it"),
                     })?;
-                extracted.insert(name.clone(), value);
+                values.insert(name.clone(), value);
             }
+            if let Some(reuse) = reuse.as_ref().filter(|_| reusable) {
+                reuse.reused.put(reuse.session, flow, index, values.clone());
+            }
+            extracted.extend(values);
         }
         let ctx = Context {
             prompt,

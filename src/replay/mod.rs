@@ -4,4 +4,5 @@
 pub mod client;
 pub mod decode;
 pub mod render;
+pub mod reuse;
 pub mod websocket;

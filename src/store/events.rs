@@ -1,4 +1,5 @@
-//! Execution events and chat history, written off the request path.
+//! Execution events, fallback decisions and remembered conversations, written off the
+//! request path.
 //!
 //! A request hands its record to [`EventWriter`], which batches inserts in one transaction
 //! per burst: the hot path never waits on SQLite. When the queue is full the record is
@@ -12,6 +13,7 @@ use sqlx::Row;
 use tokio::sync::mpsc;
 
 use super::{Store, StoreError, now};
+use crate::conversations::Continuation;
 
 /// One request's outcome, as stored in `execution_events`.
 #[derive(Debug, Clone, Serialize)]
@@ -53,6 +55,13 @@ pub enum Record {
         account_id: Option<String>,
         failure: String,
         action: String,
+    },
+    /// A finished exchange's site conversation (sealed when written).
+    Conversation {
+        request_id: String,
+        service: String,
+        key: String,
+        continuation: Arc<Continuation>,
     },
 }
 
@@ -143,6 +152,15 @@ impl Store {
                     .bind(created_at)
                     .execute(&mut *tx)
                     .await?;
+                }
+                Record::Conversation {
+                    request_id,
+                    service,
+                    key,
+                    continuation,
+                } => {
+                    self.insert_continuation(&mut tx, request_id, service, key, continuation)
+                        .await?;
                 }
             }
         }

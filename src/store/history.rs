@@ -20,6 +20,20 @@ impl Store {
         key: &str,
         continuation: &Continuation,
     ) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        self.insert_continuation(&mut conn, request_id, service, key, continuation)
+            .await
+    }
+
+    /// Inserts on `conn`, so the event writer can batch it with other records.
+    pub(super) async fn insert_continuation(
+        &self,
+        conn: &mut sqlx::SqliteConnection,
+        request_id: &str,
+        service: &str,
+        key: &str,
+        continuation: &Continuation,
+    ) -> Result<(), StoreError> {
         let json = serde_json::to_vec(&continuation.values)
             .map_err(|e| StoreError::Invalid(format!("conversation: {e}")))?;
         let sealed = self.vault.seal(place(request_id), &json);
@@ -33,7 +47,7 @@ impl Store {
         .bind(key)
         .bind(sealed)
         .bind(now())
-        .execute(&self.pool)
+        .execute(&mut *conn)
         .await?;
         Ok(())
     }
