@@ -263,6 +263,8 @@ async fn recent_events(
     State(state): State<AppState>,
     Query(query): Query<EventsQuery>,
 ) -> Result<Response, ApiError> {
+    // Records are written in batches: show the ones already handed to the writer.
+    state.gateway.events().flush().await;
     let limit = query.limit.unwrap_or(100).clamp(1, 1000);
     let events = state.gateway.store().recent_events(limit).await?;
     Ok(Json(json!({ "object": "list", "data": events })).into_response())
@@ -272,6 +274,8 @@ async fn recent_decisions(
     State(state): State<AppState>,
     Query(query): Query<EventsQuery>,
 ) -> Result<Response, ApiError> {
+    // Records are written in batches: show the ones already handed to the writer.
+    state.gateway.events().flush().await;
     let limit = query.limit.unwrap_or(100).clamp(1, 1000);
     let decisions = state.gateway.store().recent_decisions(limit).await?;
     Ok(Json(json!({ "object": "list", "data": decisions })).into_response())

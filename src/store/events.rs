@@ -2,7 +2,7 @@
 //! request path.
 //!
 //! A request hands its record to [`EventWriter`], which batches inserts in one transaction
-//! per burst: the hot path never waits on SQLite. When the queue is full the record is
+//! per 50 ms window (or 256 records): the hot path never waits on SQLite. When the queue is full the record is
 //! dropped and counted, rather than slowing requests down.
 
 use std::sync::Arc;
@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 use sqlx::Row;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::{Store, StoreError, now};
 use crate::conversations::Continuation;
@@ -67,26 +67,71 @@ pub enum Record {
 
 const QUEUE: usize = 4096;
 const BATCH: usize = 256;
+/// How long a batch gathers records before it is written.
+const WINDOW: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Queues records for a background task that writes them in batches.
 #[derive(Debug, Clone)]
 pub struct EventWriter {
-    tx: mpsc::Sender<Record>,
+    tx: mpsc::Sender<Message>,
     dropped: Arc<AtomicU64>,
+}
+
+#[derive(Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "records are nearly every message; boxing would allocate once per request"
+)]
+enum Message {
+    Record(Record),
+    /// Write what is queued now, then answer.
+    Flush(oneshot::Sender<()>),
 }
 
 impl EventWriter {
     /// Starts the writer task. It ends when every `EventWriter` clone is dropped, after
     /// writing what is queued.
     pub fn start(store: Store) -> (Self, tokio::task::JoinHandle<()>) {
-        let (tx, mut rx) = mpsc::channel::<Record>(QUEUE);
+        let (tx, mut rx) = mpsc::channel::<Message>(QUEUE);
         let handle = tokio::spawn(async move {
-            let mut batch = Vec::with_capacity(BATCH);
-            while rx.recv_many(&mut batch, BATCH).await > 0 {
-                if let Err(e) = store.write_records(&batch).await {
-                    tracing::warn!(error = %e, records = batch.len(), "could not store events");
+            let mut messages = Vec::with_capacity(BATCH);
+            let mut records = Vec::with_capacity(BATCH);
+            let mut flushes = Vec::new();
+            while rx.recv_many(&mut messages, BATCH).await > 0 {
+                // Gather what arrives over a short window: one transaction per window
+                // instead of one per request (each costs round trips to SQLite's thread).
+                let window = tokio::time::Instant::now() + WINDOW;
+                let mut seen = 0;
+                loop {
+                    let flush = messages[seen..]
+                        .iter()
+                        .any(|m| matches!(m, Message::Flush(_)));
+                    seen = messages.len();
+                    if flush || messages.len() >= BATCH {
+                        break;
+                    }
+                    let room = BATCH - messages.len();
+                    let more = rx.recv_many(&mut messages, room);
+                    match tokio::time::timeout_at(window, more).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
                 }
-                batch.clear();
+                for message in messages.drain(..) {
+                    match message {
+                        Message::Record(record) => records.push(record),
+                        Message::Flush(done) => flushes.push(done),
+                    }
+                }
+                if !records.is_empty()
+                    && let Err(e) = store.write_records(&records).await
+                {
+                    tracing::warn!(error = %e, records = records.len(), "could not store events");
+                }
+                records.clear();
+                for done in flushes.drain(..) {
+                    let _ = done.send(());
+                }
             }
         });
         let writer = Self {
@@ -97,8 +142,17 @@ impl EventWriter {
     }
 
     pub fn record(&self, record: Record) {
-        if self.tx.try_send(record).is_err() {
+        if self.tx.try_send(Message::Record(record)).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Waits until every record queued before this call is written (for readers that must
+    /// see them, such as `/admin/events`).
+    pub async fn flush(&self) {
+        let (done, written) = oneshot::channel();
+        if self.tx.send(Message::Flush(done)).await.is_ok() {
+            let _ = written.await;
         }
     }
 
@@ -235,5 +289,24 @@ mod tests {
         let events = store.recent_events(1000).await.unwrap();
         assert_eq!(events.len(), 300);
         assert_eq!(events[0].request_id, "r299");
+    }
+
+    #[tokio::test]
+    async fn a_flush_returns_once_the_queued_records_are_readable() {
+        let (_dir, store) = store().await;
+        let (writer, _task) = EventWriter::start(store.clone());
+        for i in 0..3 {
+            writer.record(Record::Decision {
+                request_id: format!("r{i}"),
+                service: "svc".into(),
+                account_id: None,
+                failure: "network".into(),
+                action: "retry".into(),
+            });
+        }
+        writer.flush().await;
+        let decisions = store.recent_decisions(10).await.unwrap();
+        assert_eq!(decisions.len(), 3);
+        assert_eq!(decisions[0].request_id, "r2");
     }
 }
