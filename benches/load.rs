@@ -1,5 +1,6 @@
 //! Load harness (`cargo bench --bench load [-- --quick]`): added latency, open-loop
-//! throughput, memory, tiers and learning time of the release binary, against the demo site.
+//! throughput, memory, tiers, memory per browser account and learning time of the release
+//! binary, against the demo site.
 //!
 //! Everything runs in one process tree on loopback addresses only:
 //! - demo sites (`computetower demo-site --shape openai`) with a realistic token delay
@@ -64,7 +65,7 @@ const TIER_HEADER: &str = "x-computetower-tier";
 #[derive(Clone, Debug)]
 struct Opts {
     quick: bool,
-    /// Phases to run (all when empty): latency, throughput, memory, tiers, learn.
+    /// Phases to run (all when empty): latency, throughput, memory, tiers, accounts, learn.
     only: Vec<String>,
     litellm: bool,
 }
@@ -465,6 +466,8 @@ struct Head {
     chunked: bool,
     length: Option<usize>,
     close: bool,
+    /// The tier ComputeTower says served the reply (`x-computetower-tier`).
+    tier: Option<u8>,
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -523,6 +526,7 @@ impl Conn {
             chunked: false,
             length: None,
             close: false,
+            tier: None,
         };
         for line in lines {
             let Some((name, value)) = line.split_once(':') else {
@@ -533,6 +537,7 @@ impl Conn {
                 "content-length" => head.length = value.parse().ok(),
                 "transfer-encoding" => head.chunked = value.eq_ignore_ascii_case("chunked"),
                 "connection" => head.close = value.eq_ignore_ascii_case("close"),
+                TIER_HEADER => head.tier = value.parse().ok(),
                 _ => {}
             }
         }
@@ -548,28 +553,29 @@ impl Conn {
     ) -> std::io::Result<bool> {
         if head.chunked {
             loop {
-                let line_end = loop {
+                // Offsets are relative to `pos`: `fill` may move the unread bytes to the front.
+                let line_len = loop {
                     if let Some(at) = find(&self.buf[self.pos..], b"\r\n") {
-                        break self.pos + at;
+                        break at;
                     }
                     self.fill().await?;
                 };
-                let size_text = String::from_utf8_lossy(&self.buf[self.pos..line_end]);
+                let size_text = String::from_utf8_lossy(&self.buf[self.pos..self.pos + line_len]);
                 let size =
                     usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
                         .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))?;
                 if size == 0 {
                     // Final chunk: no trailers expected, just the closing CRLF.
-                    while self.buf.len() < line_end + 4 {
+                    while self.buf.len() < self.pos + line_len + 4 {
                         self.fill().await?;
                     }
-                    self.pos = line_end + 4;
+                    self.pos += line_len + 4;
                     return Ok(true);
                 }
-                while self.buf.len() < line_end + 2 + size + 2 {
+                while self.buf.len() < self.pos + line_len + 2 + size + 2 {
                     self.fill().await?;
                 }
-                let start = line_end + 2;
+                let start = self.pos + line_len + 2;
                 self.pos = start + size + 2;
                 if !sink(&self.buf[start..start + size], self.read_at) {
                     return Ok(false);
@@ -822,6 +828,8 @@ struct StreamSample {
     total_us: f64,
     tokens: usize,
     gaps_us: Vec<f64>,
+    /// The tier the response header named.
+    tier: Option<u8>,
 }
 
 /// Whether an SSE event's JSON carries a content or reasoning token.
@@ -838,8 +846,9 @@ fn has_token(data: &[u8]) -> bool {
     })
 }
 
-/// Reads an SSE stream: token times relative to `t0`.
-async fn read_stream(conn: &mut Conn, t0: Instant) -> std::io::Result<(u16, Vec<f64>, bool)> {
+/// Reads an SSE stream: its head, token times relative to `t0`, and whether the connection
+/// can be reused.
+async fn read_stream(conn: &mut Conn, t0: Instant) -> std::io::Result<(Head, Vec<f64>, bool)> {
     let head = conn.head().await?;
     let mut tokens = Vec::with_capacity(256);
     let mut line = Vec::with_capacity(512);
@@ -863,7 +872,8 @@ async fn read_stream(conn: &mut Conn, t0: Instant) -> std::io::Result<(u16, Vec<
             true
         })
         .await?;
-    Ok((head.status, tokens, reusable && !head.close && done))
+    let reusable = reusable && !head.close && done;
+    Ok((head, tokens, reusable))
 }
 
 async fn one_stream(
@@ -877,7 +887,7 @@ async fn one_stream(
         }
         let c = conn.as_mut().expect("connected");
         let t0 = Instant::now();
-        let (status, tokens, reusable) = match target {
+        let (head, tokens, reusable) = match target {
             StreamTarget::Direct { request } | StreamTarget::Proxy { request } => {
                 c.stream.write_all(request).await?;
                 read_stream(c, t0).await?
@@ -891,15 +901,18 @@ async fn one_stream(
             }
         };
         let total = t0.elapsed().as_secs_f64() * 1e6;
-        Ok::<_, std::io::Error>((status, tokens, reusable, total))
+        Ok::<_, std::io::Error>((head, tokens, reusable, total))
     };
     match tokio::time::timeout(Duration::from_secs(60), run).await {
-        Ok(Ok((status, tokens, reusable, total))) => {
+        Ok(Ok((head, tokens, reusable, total))) => {
             if !reusable {
                 *conn = None;
             }
-            if status != 200 || tokens.is_empty() {
-                return StreamSample::default();
+            if head.status != 200 || tokens.is_empty() {
+                return StreamSample {
+                    tier: head.tier,
+                    ..StreamSample::default()
+                };
             }
             StreamSample {
                 ok: true,
@@ -907,6 +920,7 @@ async fn one_stream(
                 total_us: total,
                 tokens: tokens.len(),
                 gaps_us: tokens.windows(2).map(|w| w[1] - w[0]).collect(),
+                tier: head.tier,
             }
         }
         _ => {
@@ -1386,7 +1400,8 @@ struct Report {
     throughput: Vec<(String, Vec<Step>)>,
     memory: Vec<(String, u64, u64)>,
     bytes_per_stream: Option<(f64, usize)>,
-    tiers: Vec<(String, f64, f64, usize)>,
+    tiers: Vec<TierStats>,
+    accounts: Vec<AccountsRow>,
     learn: Vec<(String, f64, String, Option<bool>)>,
 }
 
@@ -1556,11 +1571,10 @@ impl Report {
             md.push('\n');
         }
         if !self.tiers.is_empty() {
-            md.push_str("**Tiers** (same shape, one stream at a time, ms):\n\n| tier | TTFT p50 | total p50 | n |\n| --- | ---: | ---: | ---: |\n");
-            for (tier, ttft, total, n) in &self.tiers {
-                let _ = writeln!(md, "| {tier} | {} | {} | {n} |", ms(*ttft), ms(*total));
-            }
-            md.push('\n');
+            tiers_markdown(&mut md, &self.tiers);
+        }
+        if !self.accounts.is_empty() {
+            accounts_markdown(&mut md, &self.accounts);
         }
         if !self.learn.is_empty() {
             md.push_str("**Learning** (demo site, openai shape, 20 ms per token, release build):\n\n| run | wall s | steps | verified |\n| --- | ---: | --- | --- |\n");
@@ -1605,7 +1619,19 @@ impl Report {
             })).collect::<Vec<_>>(),
             "memory_kib": self.memory.iter().map(|(l, rss, pss)| json!({"state": l, "rss": rss, "pss": pss})).collect::<Vec<_>>(),
             "bytes_per_stream": self.bytes_per_stream.map(|b| b.0),
-            "tiers": self.tiers.iter().map(|(t, ttft, total, n)| json!({"tier": t, "ttft_us": ttft, "total_us": total, "n": n})).collect::<Vec<_>>(),
+            "tiers": self.tiers.iter().map(|t| json!({
+                "tier": t.tier, "n": t.ttft.len(), "errors": t.errors, "wrong_tier": t.wrong_tier,
+                "first": t.first.map(|(ttft, total)| json!({"ttft_us": ttft, "total_us": total})),
+                "ttft_us": {"p50": percentile(&t.ttft, 50.0), "p95": percentile(&t.ttft, 95.0)},
+                "total_us": {"p50": percentile(&t.total, 50.0), "p95": percentile(&t.total, 95.0)},
+            })).collect::<Vec<_>>(),
+            "accounts": self.accounts.iter().map(|a| json!({
+                "accounts": a.accounts, "state": a.state.label(), "chromium_processes": a.processes,
+                "chromium_rss_kib": a.chromium_rss, "chromium_pss_kib": a.chromium_pss,
+                "serve_rss_kib": a.serve_rss, "serve_pss_kib": a.serve_pss,
+            })).collect::<Vec<_>>(),
+            "extra_per_account_pss_kib": per_account_kib(&self.accounts)
+                .map(|(whole, context, page)| json!({"whole": whole, "context": context, "page": page})),
             "learn": self.learn.iter().map(|(l, s, steps, v)| json!({"run": l, "secs": s, "steps": steps, "verified": v})).collect::<Vec<_>>(),
         })
     }
@@ -1882,7 +1908,14 @@ async fn run(opts: &Opts, report: &mut Report) -> Result<(), String> {
     }
 
     if opts.wants("tiers") {
-        tiers_phase(server.addr(), report).await;
+        tiers_phase(server.addr(), opts, report).await;
+    }
+
+    if opts.wants("accounts") {
+        eprintln!("accounts: logging in 1 to {ACCOUNTS} accounts …");
+        if let Err(e) = accounts_phase(&fast.url, report).await {
+            report.note(format!("accounts skipped or failed: {e}"));
+        }
     }
 
     if opts.wants("learn") {
@@ -1896,7 +1929,7 @@ async fn run(opts: &Opts, report: &mut Report) -> Result<(), String> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 4. Tiers — kept apart on purpose: tiers 2 and 3 are wired in by the browser-tier work.
+// 4. Tiers and accounts: the browser tiers, and what each account costs in Chromium.
 
 /// The tiers `GET /health` says the server supports (`{"tiers": [1, 2, 3]}`); tier 1 only
 /// when it says nothing.
@@ -1915,7 +1948,37 @@ async fn server_tiers(addr: SocketAddr) -> Vec<u64> {
         .unwrap_or_else(|| vec![1])
 }
 
-async fn tiers_phase(addr: SocketAddr, report: &mut Report) {
+/// One tier's forced streams.
+#[derive(Default)]
+struct TierStats {
+    tier: u64,
+    /// The tier's first request, kept out of the percentiles: for tiers 2 and 3 it opens the
+    /// account's page (tier 2's also launches Chromium).
+    first: Option<(f64, f64)>,
+    ttft: Vec<f64>,
+    total: Vec<f64>,
+    errors: usize,
+    /// Answers that named another tier (counted in `errors` too).
+    wrong_tier: usize,
+}
+
+impl TierStats {
+    fn add(&mut self, sample: StreamSample, first: bool) {
+        if sample.tier.is_some_and(|t| u64::from(t) != self.tier) {
+            self.wrong_tier += 1;
+            self.errors += 1;
+        } else if !sample.ok {
+            self.errors += 1;
+        } else if first {
+            self.first = Some((sample.ttft_us, sample.total_us));
+        } else {
+            self.ttft.push(sample.ttft_us);
+            self.total.push(sample.total_us);
+        }
+    }
+}
+
+async fn tiers_phase(addr: SocketAddr, opts: &Opts, report: &mut Report) {
     let tiers = server_tiers(addr).await;
     if !tiers.iter().any(|t| *t == 2 || *t == 3) {
         report.note(
@@ -1924,28 +1987,335 @@ async fn tiers_phase(addr: SocketAddr, report: &mut Report) {
         );
         return;
     }
-    // One stream at a time per tier, forced by a request header (TIER_HEADER); same shape
-    // and site as the latency phase.
-    for tier in tiers {
-        let tier_text = tier.to_string();
-        let request = proxy_request(addr, "demo-openai", true, &[(TIER_HEADER, &tier_text)]);
-        let target = StreamTarget::Proxy { request };
-        let mut conn = None;
-        let (mut ttft, mut total) = (Vec::new(), Vec::new());
-        let runs = if tier == 1 { 20 } else { 5 };
-        for _ in 0..runs {
-            let sample = one_stream(&target, &mut conn, addr).await;
-            if sample.ok {
-                ttft.push(sample.ttft_us);
-                total.push(sample.total_us);
-            }
+    // One stream at a time, forced by TIER_HEADER, on the latency phase's site and shape;
+    // interleaved over the tiers per request so machine noise hits them alike.
+    let targets: Vec<StreamTarget> = tiers
+        .iter()
+        .map(|tier| StreamTarget::Proxy {
+            request: proxy_request(
+                addr,
+                "demo-openai",
+                true,
+                &[(TIER_HEADER, &tier.to_string())],
+            ),
+        })
+        .collect();
+    let mut conns: Vec<Option<Conn>> = tiers.iter().map(|_| None).collect();
+    let mut stats: Vec<TierStats> = tiers
+        .iter()
+        .map(|&tier| TierStats {
+            tier,
+            ..TierStats::default()
+        })
+        .collect();
+    let rounds = if opts.quick { 5 } else { 20 };
+    eprintln!("tiers: {tiers:?}, a first request each, then {rounds} interleaved rounds …");
+    for round in 0..=rounds {
+        for (i, target) in targets.iter().enumerate() {
+            let sample = one_stream(target, &mut conns[i], addr).await;
+            stats[i].add(sample, round == 0);
         }
-        let n = ttft.len();
-        report.tiers.push((
-            format!("tier {tier}"),
-            percentile(&sorted(ttft), 50.0),
-            percentile(&sorted(total), 50.0),
-            n,
-        ));
     }
+    for s in &mut stats {
+        s.ttft = sorted(std::mem::take(&mut s.ttft));
+        s.total = sorted(std::mem::take(&mut s.total));
+        eprintln!(
+            "  tier {}: n {} err {} TTFT p50 {} ms, total p50 {} ms",
+            s.tier,
+            s.ttft.len(),
+            s.errors,
+            ms(percentile(&s.ttft, 50.0)),
+            ms(percentile(&s.total, 50.0))
+        );
+    }
+    report.tiers = stats;
+}
+
+fn tiers_markdown(md: &mut String, tiers: &[TierStats]) {
+    let _ = writeln!(
+        md,
+        "**Tiers** (forced with `{TIER_HEADER}`; the latency phase's site, {TOKEN_DELAY_MS} ms per \
+         token, openai shape; one stream at a time, interleaved over the tiers; ms). The first \
+         request of each tier is apart: for tiers 2 and 3 it opens the account's page, and \
+         tier 2's launches Chromium.\n"
+    );
+    md.push_str("| tier | first: TTFT | first: total | n (err) | TTFT p50 | TTFT p95 | total p50 | total p95 |\n");
+    md.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    for t in tiers {
+        let (first_ttft, first_total) = t.first.unwrap_or((f64::NAN, f64::NAN));
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} ({}) | {} | {} | {} | {} |",
+            t.tier,
+            ms(first_ttft),
+            ms(first_total),
+            t.ttft.len(),
+            t.errors,
+            ms(percentile(&t.ttft, 50.0)),
+            ms(percentile(&t.ttft, 95.0)),
+            ms(percentile(&t.total, 50.0)),
+            ms(percentile(&t.total, 95.0)),
+        );
+    }
+    let p50 = |tier: u64| {
+        tiers
+            .iter()
+            .find(|t| t.tier == tier)
+            .map(|t| percentile(&t.ttft, 50.0))
+            .filter(|v| v.is_finite() && *v > 0.0)
+    };
+    if let (Some(one), Some(three)) = (p50(1), p50(3)) {
+        let _ = writeln!(
+            md,
+            "\nTier 1's TTFT p50 is {:.1}× lower than tier 3's (target ≥ 50×).",
+            three / one
+        );
+    }
+    if let Some(t) = tiers.iter().find(|t| t.wrong_tier > 0) {
+        let _ = writeln!(
+            md,
+            "\nTier {}: {} answers named another tier.",
+            t.tier, t.wrong_tier
+        );
+    }
+    md.push('\n');
+}
+
+/// Accounts logged in, one after another, in the accounts phase.
+const ACCOUNTS: usize = 4;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum AccountState {
+    /// Chromium not started yet.
+    None,
+    /// Logged in: the account's browser context is kept, the login page closed.
+    LoggedIn,
+    /// After one tier-2 request: the account's work page stays open for the next one.
+    Serving,
+}
+
+impl AccountState {
+    fn label(self) -> &'static str {
+        match self {
+            AccountState::None => "no account logged in (no Chromium)",
+            AccountState::LoggedIn => "logged in (context kept, login page closed)",
+            AccountState::Serving => "after a tier-2 request (its page kept open)",
+        }
+    }
+}
+
+struct AccountsRow {
+    accounts: usize,
+    state: AccountState,
+    processes: usize,
+    chromium_rss: u64,
+    chromium_pss: u64,
+    serve_rss: u64,
+    serve_pss: u64,
+}
+
+/// `pid`'s descendants (children, grandchildren …), from `/proc/*/stat`.
+fn descendants(pid: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|p| {
+            let text = read(&format!("/proc/{p}/stat"));
+            let rest = &text[text.rfind(')')? + 2..];
+            Some((p, rest.split_whitespace().nth(1)?.parse().ok()?))
+        })
+        .collect();
+    let mut found = vec![pid];
+    // Bounded: a tree is at most as deep as the process count.
+    for _ in 0..parents.len() {
+        let more: Vec<u32> = parents
+            .iter()
+            .filter(|(p, pp)| found.contains(pp) && !found.contains(p))
+            .map(|(p, _)| *p)
+            .collect();
+        if more.is_empty() {
+            break;
+        }
+        found.extend(more);
+    }
+    found.remove(0);
+    found
+}
+
+/// Process count, summed VmRSS and summed Pss (KiB) of the Chromium processes under `serve`.
+/// Summed RSS counts shared pages once per process; PSS splits them, so it adds up.
+fn chromium_tree_kib(serve: u32) -> (usize, u64, u64) {
+    let mut total = (0, 0, 0);
+    for pid in descendants(serve) {
+        let cmdline = read(&format!("/proc/{pid}/cmdline"));
+        if !cmdline.contains("chrom") {
+            continue;
+        }
+        let (rss, pss) = memory_kib(pid);
+        total.0 += 1;
+        total.1 += rss;
+        total.2 += pss;
+    }
+    total
+}
+
+/// PSS (KiB, Chromium's tree plus `serve`) of each step, by account count and state.
+fn total_pss(rows: &[AccountsRow], accounts: usize, state: AccountState) -> Option<f64> {
+    rows.iter()
+        .find(|r| r.accounts == accounts && r.state == state)
+        .map(|r| (r.chromium_pss + r.serve_pss) as f64)
+}
+
+/// Average PSS (KiB) an account adds from the second on: `(whole, context, page)`. Whole:
+/// from one serving account to the next; context: its login, after the previous account's
+/// page was open; page: its first tier-2 request. The first account also pays for Chromium.
+fn per_account_kib(rows: &[AccountsRow]) -> Option<(f64, f64, f64)> {
+    use AccountState::{LoggedIn, Serving};
+    let avg = |f: &dyn Fn(usize) -> Option<f64>| {
+        let v: Vec<f64> = (2..=ACCOUNTS).filter_map(f).collect();
+        (!v.is_empty()).then(|| mean(&v))
+    };
+    Some((
+        avg(&|n| Some(total_pss(rows, n, Serving)? - total_pss(rows, n - 1, Serving)?))?,
+        avg(&|n| Some(total_pss(rows, n, LoggedIn)? - total_pss(rows, n - 1, Serving)?))?,
+        avg(&|n| Some(total_pss(rows, n, Serving)? - total_pss(rows, n, LoggedIn)?))?,
+    ))
+}
+
+/// One request to `serve`: status and JSON body.
+async fn admin_call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Result<Value, String> {
+    let request = http_request(
+        method,
+        addr,
+        path,
+        &[("content-type", "application/json")],
+        body,
+    );
+    let mut conn = Conn::connect(addr).await.map_err(|e| e.to_string())?;
+    let (status, body, _) = tokio::time::timeout(Duration::from_secs(120), conn.call(&request))
+        .await
+        .map_err(|_| format!("{method} {path} timed out"))?
+        .map_err(|e| e.to_string())?;
+    let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    if !(200..300).contains(&status) {
+        return Err(format!("{method} {path} answered {status}: {json}"));
+    }
+    Ok(json)
+}
+
+/// A fresh `serve` logs in 1, then 2 … ACCOUNTS accounts of the demo site (each its own
+/// service), and after each, serves one tier-2 request on it. After each step: the memory of
+/// Chromium's process tree and of `serve`.
+async fn accounts_phase(site: &str, report: &mut Report) -> Result<(), String> {
+    let chrome = std::env::var("COMPUTETOWER_CHROME").unwrap_or("/usr/bin/chromium".into());
+    if !Path::new(&chrome).exists() {
+        return Err(format!("no browser at {chrome}"));
+    }
+    let data = Data::new();
+    let server = data.serve()?;
+    let (addr, pid) = (server.addr(), server.pid());
+    let flow = std::fs::read_to_string(format!("{REPO}/flows/demo-openai.json"))
+        .map_err(|e| e.to_string())?;
+    let mut rows = Vec::new();
+    let mut measure = |accounts: usize, state: AccountState| {
+        let (processes, chromium_rss, chromium_pss) = chromium_tree_kib(pid);
+        let (serve_rss, serve_pss) = memory_kib(pid);
+        eprintln!(
+            "  {accounts} accounts, {}: {processes} Chromium processes, RSS {} MiB, PSS {} MiB; serve RSS {} MiB",
+            state.label(),
+            mib(chromium_rss),
+            mib(chromium_pss),
+            mib(serve_rss)
+        );
+        rows.push(AccountsRow {
+            accounts,
+            state,
+            processes,
+            chromium_rss,
+            chromium_pss,
+            serve_rss,
+            serve_pss,
+        });
+    };
+    measure(0, AccountState::None);
+    // Time for a page's memory to settle after it loaded (renderers keep allocating briefly).
+    let settle = Duration::from_millis(750);
+    for n in 1..=ACCOUNTS {
+        let service = format!("account{n}");
+        let account = json!({"url": site, "name": service,
+            "email": format!("{service}@example.com"), "password": PASSWORD});
+        let account = admin_call(addr, "POST", "/admin/accounts", &account.to_string()).await?;
+        let id = account["id"]
+            .as_str()
+            .ok_or(format!("no account id in {account}"))?
+            .to_owned();
+        admin_call(
+            addr,
+            "POST",
+            &format!("/admin/flows?service={service}"),
+            &flow,
+        )
+        .await?;
+        admin_call(addr, "POST", &format!("/admin/accounts/{id}/login"), "{}").await?;
+        tokio::time::sleep(settle).await;
+        measure(n, AccountState::LoggedIn);
+        let target = StreamTarget::Proxy {
+            request: proxy_request(addr, &service, true, &[(TIER_HEADER, "2")]),
+        };
+        let sample = one_stream(&target, &mut None, addr).await;
+        if !sample.ok || sample.tier != Some(2) {
+            return Err(format!(
+                "{service}: the tier-2 request failed (tier {:?}); server log:\n{}",
+                sample.tier,
+                server.stderr_tail()
+            ));
+        }
+        tokio::time::sleep(settle).await;
+        measure(n, AccountState::Serving);
+    }
+    report.accounts = rows;
+    Ok(())
+}
+
+fn accounts_markdown(md: &mut String, rows: &[AccountsRow]) {
+    let _ = writeln!(
+        md,
+        "**Accounts** (a fresh `serve`; demo-site accounts logged in one after another with \
+         `POST /admin/accounts/{{id}}/login`, then one tier-2 request each; Chromium is every \
+         process under `serve` whose command line names it; MiB):\n"
+    );
+    md.push_str("| accounts | state | Chromium processes | Chromium RSS (sum) | Chromium PSS | serve RSS | serve PSS |\n");
+    md.push_str("| ---: | --- | ---: | ---: | ---: | ---: | ---: |\n");
+    for r in rows {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            r.accounts,
+            r.state.label(),
+            r.processes,
+            mib(r.chromium_rss),
+            mib(r.chromium_pss),
+            mib(r.serve_rss),
+            mib(r.serve_pss),
+        );
+    }
+    if let Some((whole, context, page)) = per_account_kib(rows) {
+        let _ = writeln!(
+            md,
+            "\nExtra per account (PSS of Chromium's tree plus `serve`, averaged over accounts 2 \
+             to {ACCOUNTS}): **{:.1} MiB** (target ≤ 50 MiB): {:.1} MiB for its logged-in \
+             context, {:.1} MiB for the page a tier-2 request opens and keeps.",
+            whole / 1024.0,
+            context / 1024.0,
+            page / 1024.0
+        );
+    }
+    md.push('\n');
 }

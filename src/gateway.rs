@@ -434,11 +434,31 @@ impl Gateway {
 
     /// Starts a reply. Returns once the site's first text (or its end) has arrived, so any
     /// failure before that is an error here, not a broken stream.
-    pub async fn chat(&self, prompt: &Prompt, request_id: &str) -> Result<Reply, GatewayError> {
+    ///
+    /// `forced_tier` (1, 2 or 3; the API's `x-computetower-tier` header) runs that tier alone:
+    /// no tier fallback, and no tier cooldown is raised for other requests, so comparing the
+    /// tiers on one flow measures each of them and leaves the normal routing as it was.
+    /// Retries, re-login and account hand-over still apply within the tier.
+    pub async fn chat(
+        &self,
+        prompt: &Prompt,
+        request_id: &str,
+        forced_tier: Option<u8>,
+    ) -> Result<Reply, GatewayError> {
         let started = Instant::now();
         let service = self.service(&prompt.model).await?;
         let name = prompt.model.clone();
-        if service.flow.replay.needs_browser && self.renewer.is_none() {
+        if let Some(tier) = forced_tier.filter(|t| *t >= 2)
+            && self.renewer.is_none()
+        {
+            return Err(GatewayError::NeedsBrowser {
+                service: name,
+                reason: format!(
+                    "tier {tier} was asked for, and the browser is not enabled on this server"
+                ),
+            });
+        }
+        if forced_tier.is_none() && service.flow.replay.needs_browser && self.renewer.is_none() {
             let reason = service
                 .flow
                 .replay
@@ -511,7 +531,10 @@ impl Gateway {
                     }
                 }
             };
-            let mut tier = self.start_tier(&service.flow).await;
+            let mut tier = match forced_tier {
+                Some(tier) => tier,
+                None => self.start_tier(&service.flow).await,
+            };
             let mut attempt = 0;
             loop {
                 attempt += 1;
@@ -573,6 +596,7 @@ impl Gateway {
                         return Ok(Reply {
                             head,
                             rest,
+                            tier,
                             tracker,
                             _permit: Some(permit),
                             record: Some(Outcome {
@@ -600,6 +624,7 @@ impl Gateway {
                 self.record_failure(request_id, &name, &account.id, &error, started, tier);
                 // Tier fallback first: a refusal of direct replay is not the account's fault.
                 match (tier, kind) {
+                    _ if forced_tier.is_some() => {}
                     (1, FailureKind::AntiBot) => {
                         self.raise_floor(&service.flow, 2).await;
                         self.decide(request_id, &name, &account.id, kind, "tier_2");
@@ -802,6 +827,8 @@ struct Outcome {
 pub struct Reply {
     head: VecDeque<Delta>,
     rest: DeltaStream,
+    /// The tier that serves it (1 direct replay, 2 in-page `fetch()`, 3 the site's UI).
+    tier: u8,
     /// Feeds the conversation key as the reply streams (no copy of the reply is kept).
     tracker: Option<Tracker>,
     /// The account slot, held until the reply ends or is dropped.
@@ -812,6 +839,11 @@ pub struct Reply {
 impl Reply {
     pub fn account_id(&self) -> Option<&str> {
         self.record.as_ref()?.event.account_id.as_deref()
+    }
+
+    /// The tier that serves this reply; unlike the record, known until the reply is dropped.
+    pub fn tier(&self) -> u8 {
+        self.tier
     }
 
     fn finish(&mut self, outcome: &str, detail: Option<String>) {

@@ -2,18 +2,22 @@
 //! anti-bot layer sends requests to tier 2 (and tier 1 is not retried during the cooldown), a
 //! page-signed API is served by tier 3 streaming from the network capture, and a site that
 //! changes its API is served by tier 3 while the flow is re-learned, then by tier 1 again.
+//! The `x-computetower-tier` header forces one tier, with no fallback.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Data, PASSWORD, ask, demo_site, eventually, get_json, http, post_chat};
+use common::{
+    Data, PASSWORD, ask, demo_site, error_message, eventually, get_json, http, post_chat,
+};
 use computetower::demo::{Shape, reply_for};
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(120);
+const TIER_HEADER: &str = "x-computetower-tier";
 
 /// Account from URL + credentials; the flow learned with the CLI.
 fn learned_account(data: &Data, site: &str, name: &str) {
@@ -133,6 +137,24 @@ async fn anti_bot_mode_is_served_by_tier_2_and_tier_1_waits_out_its_cooldown() {
             .any(|d| d["failure"] == "anti_bot" && d["action"] == "tier_2"),
         "{decisions}"
     );
+    // Forcing tier 1 skips the cooldown and the fallback: the refusal is the answer.
+    let response = http()
+        .post(format!("{}/v1/chat/completions", server.url))
+        .header(TIER_HEADER, "1")
+        .json(&serde_json::from_str::<Value>(&ask("guarded", "three")).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 502);
+    let body: Value = response.json().await.unwrap();
+    error_message(&body);
+    assert_eq!(body["error"]["code"], "upstream_challenge", "{body}");
+    let tiers = eventually(WAIT, "the forced request's event", || async {
+        let tiers = tiers_of(&get_json(format!("{}/admin/events", server.url)).await);
+        (tiers.len() == 4).then_some(tiers)
+    })
+    .await;
+    assert_eq!(tiers[3], (1, "anti_bot".to_owned()), "{tiers:?}");
 }
 
 #[tokio::test]
@@ -237,4 +259,102 @@ async fn a_site_that_changes_its_api_is_served_by_tier_3_then_relearned() {
             .any(|d| d["action"] == "tier_3_and_relearn"),
         "{decisions}"
     );
+}
+
+/// Sends `text` to `model` with the tier forced; returns the tier the response header names
+/// and the reply's content (streamed or not).
+async fn forced(
+    server: &str,
+    model: &str,
+    tier: &str,
+    text: &str,
+    stream: bool,
+) -> (String, String) {
+    let response = http()
+        .post(format!("{server}/v1/chat/completions"))
+        .header(TIER_HEADER, tier)
+        .json(&json!({"model": model, "stream": stream,
+            "messages": [{"role": "user", "content": text}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "tier {tier}");
+    let served = response.headers()[TIER_HEADER].to_str().unwrap().to_owned();
+    if !stream {
+        let body: Value = response.json().await.unwrap();
+        let content = body["choices"][0]["message"]["content"].as_str().unwrap();
+        return (served, content.to_owned());
+    }
+    let mut events = response.bytes_stream().eventsource();
+    let mut content = String::new();
+    while let Some(event) = events.next().await {
+        let event = event.unwrap();
+        if event.data == "[DONE]" {
+            break;
+        }
+        let chunk: Value = serde_json::from_str(&event.data).unwrap();
+        assert!(chunk.get("error").is_none(), "{chunk}");
+        if let Some(text) = chunk["choices"][0]["delta"]["content"].as_str() {
+            content.push_str(text);
+        }
+    }
+    (served, content)
+}
+
+#[tokio::test]
+async fn a_forced_tier_serves_the_request_and_health_lists_the_tiers() {
+    let site = demo_site("openai", &[]);
+    let data = Data::new();
+    let model = data
+        .add_demo_account(&site.url, "openai", "force@example.com")
+        .await;
+    let server = data.serve(&[]);
+    let health = get_json(format!("{}/health", server.url)).await;
+    assert_eq!(health["tiers"], json!([1, 2, 3]), "{health}");
+    // A value that names no tier is the client's mistake, in OpenAI's shape.
+    for bad in ["0", "4", "abc"] {
+        let response = http()
+            .post(format!("{}/v1/chat/completions", server.url))
+            .header(TIER_HEADER, bad)
+            .json(&serde_json::from_str::<Value>(&ask(&model, "x")).unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{bad}");
+        let body: Value = response.json().await.unwrap();
+        assert!(error_message(&body).contains(TIER_HEADER), "{body}");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(body["error"]["param"], TIER_HEADER);
+    }
+    // The same tier-1 flow, served by each tier in turn (streamed and not), with the site's
+    // exact reply.
+    for (tier, text, stream) in [
+        ("1", "direct", false),
+        ("2", "in the page", false),
+        ("3", "through the UI", true),
+        ("2", "in the page, streamed", true),
+    ] {
+        let (served, content) = forced(&server.url, &model, tier, text, stream).await;
+        assert_eq!(served, tier, "{text}");
+        assert_eq!(content, reply_for(Shape::Openai, text).content, "{text}");
+    }
+    // An unforced request names its tier too.
+    let response = http()
+        .post(format!("{}/v1/chat/completions", server.url))
+        .json(&serde_json::from_str::<Value>(&ask(&model, "unforced")).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()[TIER_HEADER], "1");
+    response.bytes().await.unwrap();
+    let tiers = eventually(WAIT, "five recorded events", || async {
+        let tiers = tiers_of(&get_json(format!("{}/admin/events", server.url)).await);
+        (tiers.len() == 5).then_some(tiers)
+    })
+    .await;
+    let ok = |t: i64| (t, "ok".to_owned());
+    assert_eq!(tiers, [ok(1), ok(2), ok(3), ok(2), ok(1)]);
+    let decisions = get_json(format!("{}/admin/decisions", server.url)).await;
+    assert_eq!(decisions["data"], json!([]), "no fallback: {decisions}");
 }

@@ -63,8 +63,15 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn health() -> axum::Json<serde_json::Value> {
-    axum::Json(serde_json::json!({ "status": "ok" }))
+/// Liveness, and the tiers this server can run: 2 and 3 need the browser.
+async fn health(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> axum::Json<serde_json::Value> {
+    let tiers: &[u8] = match state.gateway.renewer() {
+        Some(_) => &[1, 2, 3],
+        None => &[1],
+    };
+    axum::Json(serde_json::json!({ "status": "ok", "tiers": tiers }))
 }
 
 /// Prometheus text: per-account load, queues and cooldowns, and dropped event records.
@@ -119,4 +126,88 @@ async fn not_found() -> Response {
 
 async fn method_not_allowed() -> Response {
     ApiError::method_not_allowed().into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::store::accounts::NewAccount;
+
+    async fn json_of(response: Response) -> serde_json::Value {
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    /// A server without a browser offers tier 1 alone, and a forced browser tier is refused
+    /// with a reason instead of being tried.
+    #[tokio::test]
+    async fn without_a_browser_only_tier_1_is_offered() {
+        let (_dir, store) = crate::store::testing::store().await;
+        store
+            .add_account(NewAccount {
+                url: "http://127.0.0.1:9/".into(),
+                service: Some("site".into()),
+                email: None,
+                password: None,
+                proxy: None,
+            })
+            .await
+            .unwrap();
+        let mut flow =
+            crate::flow::Flow::from_json(include_str!("../../flows/demo-openai.json")).unwrap();
+        flow.service = "site".into();
+        store.save_flow(flow).await.unwrap();
+        let (events, _writer) = crate::store::events::EventWriter::start(store.clone());
+        let config = Config::default();
+        let gateway = Gateway::new(
+            store.clone(),
+            crate::server::replayer(&config),
+            events,
+            None,
+            None,
+            crate::account_pool::Limits {
+                per_account: 1,
+                queue: 1,
+                cooldown: Duration::from_secs(1),
+            },
+        );
+        let app = router(AppState {
+            config: Arc::new(config),
+            gateway: Arc::new(gateway),
+            learner: None,
+            keys: auth::KeyCheck::new(store, 0),
+        });
+        let health = app
+            .clone()
+            .oneshot(Request::get("/health").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(json_of(health).await["tiers"], serde_json::json!([1]));
+        let chat = Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .header(openai::TIER_HEADER, "2")
+            .body(Body::from(
+                r#"{"model":"site","messages":[{"role":"user","content":"hi"}]}"#,
+            ))
+            .unwrap();
+        let response = app.oneshot(chat).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = json_of(response).await;
+        assert_eq!(body["error"]["code"], "needs_browser", "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("tier 2"),
+            "{body}"
+        );
+    }
 }

@@ -27,6 +27,10 @@ use crate::openai::{
 use crate::replay::decode::Delta;
 use crate::replay::render::Prompt;
 
+/// Request header that forces a tier (`1`, `2` or `3`, no fallback); the response header of
+/// the same name says which tier served the reply.
+pub const TIER_HEADER: &str = "x-computetower-tier";
+
 /// A comment line sent while the site is silent (a long thinking phase), so proxies and
 /// clients do not time the stream out.
 const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(15);
@@ -121,11 +125,31 @@ fn prompt_from(request: &ChatRequest) -> Result<Prompt, ApiError> {
     })
 }
 
+/// The tier the request forces, if any. Checked before the body is read, so a bad value
+/// costs nothing.
+fn forced_tier(headers: &HeaderMap) -> Result<Option<u8>, ApiError> {
+    let Some(value) = headers.get(TIER_HEADER) else {
+        return Ok(None);
+    };
+    match value.to_str().map(str::trim) {
+        Ok("1") => Ok(Some(1)),
+        Ok("2") => Ok(Some(2)),
+        Ok("3") => Ok(Some(3)),
+        _ => Err(ApiError::bad_request(format!(
+            "Invalid `{TIER_HEADER}` header: it must be 1 (direct replay), 2 (fetch() in the \
+             site's page) or 3 (the site's own chat UI)."
+        ))
+        .param(TIER_HEADER)
+        .code("invalid_tier")),
+    }
+}
+
 pub async fn chat_completions(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let forced_tier = forced_tier(&headers)?;
     let bytes = read_body(body, &headers, state.config.max_body_bytes).await?;
     let mut request: ChatRequest = parse_json(&bytes)?;
     // Taken out first, so the password is never logged, stored or sent to a site.
@@ -141,7 +165,11 @@ pub async fn chat_completions(
     }
     let prompt = prompt_from(&request)?;
     let request_id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
-    let reply = state.gateway.chat(&prompt, &request_id).await?;
+    let reply = state
+        .gateway
+        .chat(&prompt, &request_id, forced_tier)
+        .await?;
+    let tier = header::HeaderValue::from(u16::from(reply.tier()));
     let include_reasoning = request.include_reasoning.unwrap_or(true);
     let created = crate::store::now();
     if request.stream.unwrap_or(false) {
@@ -171,6 +199,7 @@ pub async fn chat_completions(
         );
         // Tells buffering reverse proxies (nginx) to pass chunks through at once.
         headers.insert("x-accel-buffering", header::HeaderValue::from_static("no"));
+        headers.insert(TIER_HEADER, tier);
         return Ok(response);
     }
     let (content, reasoning) = collect(reply, &request.model).await?;
@@ -192,7 +221,12 @@ pub async fn chat_completions(
         }],
         usage: Usage::new(count_prompt_tokens(&prompt.messages), completion_tokens),
     };
-    Ok((StatusCode::OK, axum::Json(completion)).into_response())
+    Ok((
+        StatusCode::OK,
+        [(TIER_HEADER, tier)],
+        axum::Json(completion),
+    )
+        .into_response())
 }
 
 async fn collect(mut reply: Reply, service: &str) -> Result<(String, String), ApiError> {
@@ -332,6 +366,24 @@ mod tests {
         assert_eq!(err.code, Some("invalid_json"));
         let err = parse_json::<ChatRequest>(br#"{"model":"m"}"#).unwrap_err();
         assert!(err.message.contains("messages"), "{err}");
+    }
+
+    #[test]
+    fn the_tier_header_takes_1_2_or_3() {
+        let with = |v: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(TIER_HEADER, v.parse().unwrap());
+            forced_tier(&headers)
+        };
+        assert_eq!(forced_tier(&HeaderMap::new()).unwrap(), None);
+        assert_eq!(with("1").unwrap(), Some(1));
+        assert_eq!(with("3").unwrap(), Some(3));
+        for bad in ["0", "4", "abc", ""] {
+            let err = with(bad).unwrap_err();
+            assert_eq!(err.status, StatusCode::BAD_REQUEST);
+            assert_eq!(err.param.as_deref(), Some(TIER_HEADER));
+            assert!(err.message.contains(TIER_HEADER), "{err}");
+        }
     }
 
     #[test]
