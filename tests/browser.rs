@@ -329,3 +329,52 @@ async fn inline_credentials_add_the_account_and_log_in() {
     assert!(listed.contains("inline@example.com"), "{listed}");
     assert!(!server.stderr().contains(PASSWORD));
 }
+
+/// Processes whose parent is `parent` and whose command line names Chromium.
+fn chromium_children(parent: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // `pid (comm) state ppid …`: the comm may hold spaces, so split after its `)`.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if ppid == Some(parent) && String::from_utf8_lossy(&cmdline).contains("chromium") {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Running (a zombie nobody reaps has exited).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| Some(stat.rsplit_once(')')?.1.split_whitespace().next()? != "Z"))
+        .unwrap_or(false)
+}
+
+#[tokio::test]
+async fn chromium_exits_when_the_server_is_killed() {
+    let site = demo_site("openai", &[]);
+    let data = Data::new();
+    let account = add_account(&data, &site.url, "openai", "guarded", Some("g@example.com"));
+    let mut server = data.serve(&[]);
+    let (status, body) = admin_login(&server.url, &account).await;
+    assert_eq!(status, 200, "{body}");
+    let browsers = chromium_children(server.child.id());
+    assert!(
+        !browsers.is_empty(),
+        "the login ran in a Chromium started by serve"
+    );
+    // SIGKILL: the server gets no chance to close the browser itself.
+    server.kill();
+    eventually(LOGIN_WAIT, "Chromium to exit with the server", || async {
+        browsers.iter().all(|pid| !alive(*pid)).then_some(())
+    })
+    .await;
+}

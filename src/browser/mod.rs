@@ -26,6 +26,7 @@
 
 mod assist;
 mod captcha;
+pub mod guard;
 mod harvest;
 mod inpage;
 mod login;

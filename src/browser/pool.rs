@@ -41,6 +41,7 @@ use tokio::sync::{Notify, RwLock, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::guard;
 use super::login::{self, Attempt, cdp_error};
 use super::recorder::{RawTaps, Recorder};
 use super::{
@@ -1319,8 +1320,12 @@ async fn launch(config: &BrowserConfig, generation: u64) -> Result<Arc<Running>,
         .map_err(|e| {
             LoginError::Launch(format!("cannot create {}: {e}", user_data_dir.display()))
         })?;
-    let mut builder = chromiumoxide::BrowserConfig::builder()
-        .chrome_executable(&config.chrome)
+    let mut builder = chromiumoxide::BrowserConfig::builder();
+    builder = match guard::launcher(&config.chrome) {
+        Some((launcher, (key, value))) => builder.chrome_executable(launcher).env(key, value),
+        None => builder.chrome_executable(&config.chrome),
+    };
+    builder = builder
         .user_data_dir(&user_data_dir)
         .disable_default_args()
         .args(CHROME_ARGS.iter().copied())
