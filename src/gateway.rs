@@ -435,6 +435,9 @@ impl Gateway {
     /// Starts a reply. Returns once the site's first text (or its end) has arrived, so any
     /// failure before that is an error here, not a broken stream.
     ///
+    /// The rare paths (browser tiers, re-login) are boxed: an awaited future is stored inline
+    /// in this one, which every request holds until its first token.
+    ///
     /// `forced_tier` (1, 2 or 3; the API's `x-computetower-tier` header) runs that tier alone:
     /// no tier fallback, and no tier cooldown is raised for other requests, so comparing the
     /// tiers on one flow measures each of them and leaves the normal routing as it was.
@@ -522,10 +525,7 @@ impl Gateway {
                 Some(session) => session.clone(),
                 None => {
                     relogged = true;
-                    match self
-                        .relogin(request_id, account, None, &mut reasons)
-                        .await?
-                    {
+                    match Box::pin(self.relogin(request_id, account, None, &mut reasons)).await? {
                         Some(session) => session,
                         None => continue,
                     }
@@ -564,7 +564,7 @@ impl Gateway {
                 } else {
                     // The browser tiers run the site's own conversation handling: they get
                     // the whole prompt.
-                    self.browser_tier(tier, candidate, &session, &service.flow, prompt)
+                    Box::pin(self.browser_tier(tier, candidate, &session, &service.flow, prompt))
                         .await
                 };
                 let result = match started_tier {
@@ -668,13 +668,17 @@ impl Gateway {
                         self.decide(request_id, &name, &account.id, kind, "retry");
                     }
                     FailureKind::Auth => {
-                        self.store.mark_session_rejected(&session.id).await?;
+                        Box::pin(self.store.mark_session_rejected(&session.id)).await?;
                         self.services.invalidate(&name).await;
                         if !relogged {
                             relogged = true;
-                            if let Some(fresh) = self
-                                .relogin(request_id, account, Some(&session), &mut reasons)
-                                .await?
+                            if let Some(fresh) = Box::pin(self.relogin(
+                                request_id,
+                                account,
+                                Some(&session),
+                                &mut reasons,
+                            ))
+                            .await?
                             {
                                 session = fresh;
                                 attempt = 0;

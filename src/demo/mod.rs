@@ -450,7 +450,11 @@ pub fn router(config: DemoConfig) -> axum::Router {
 
 /// Serves the site on `listener` until the task is dropped or the listener fails.
 pub async fn serve(listener: tokio::net::TcpListener, config: DemoConfig) -> std::io::Result<()> {
-    axum::serve(crate::server::no_delay(listener), router(config)).await
+    axum::serve(
+        crate::server::no_delay(listener),
+        router(config).into_make_service(),
+    )
+    .await
 }
 
 /// What a login leaves in the browser: cookies and `localStorage` entries.

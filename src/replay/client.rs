@@ -350,13 +350,14 @@ impl Replayer {
             }
         })?;
         if flow.response.transport == Transport::Websocket {
-            let deltas = super::websocket::open(
+            // Boxed: a WebSocket handshake's future is large, and most flows never take it.
+            let deltas = Box::pin(super::websocket::open(
                 rendered,
                 target.session,
                 &jar,
                 &flow.response,
                 self.timeouts,
-            )
+            ))
             .await?;
             return Ok(Replay {
                 deltas,
