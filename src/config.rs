@@ -68,6 +68,8 @@ pub struct BrowserSettings {
     pub max_contexts: usize,
     /// An account context unused this long is closed.
     pub idle_timeout_secs: u64,
+    /// A tier 2/3 page unused this long is closed; the context (and the login) stays.
+    pub page_idle_secs: u64,
     /// How credentials are typed: `paste`, `fast` or `human`.
     pub typing: String,
     /// Per-key delay range for `human` typing, in milliseconds.
@@ -84,6 +86,7 @@ impl Default for BrowserSettings {
         Self {
             max_contexts: 8,
             idle_timeout_secs: 600,
+            page_idle_secs: 60,
             typing: "paste".to_owned(),
             human_delay_ms: [40, 160],
             login_timeout_secs: 60,
@@ -218,6 +221,9 @@ impl Config {
         }
         if let Some(v) = env("COMPUTETOWER_PREFLIGHT_REUSE_SECS") {
             self.preflight_reuse_secs = parse("COMPUTETOWER_PREFLIGHT_REUSE_SECS", &v)?;
+        }
+        if let Some(v) = env("COMPUTETOWER_BROWSER_PAGE_IDLE_SECS") {
+            self.browser.page_idle_secs = parse("COMPUTETOWER_BROWSER_PAGE_IDLE_SECS", &v)?;
         }
         if let Some(v) = env("COMPUTETOWER_LOG") {
             self.log = v;

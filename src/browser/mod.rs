@@ -100,6 +100,8 @@ pub struct BrowserConfig {
     pub max_contexts: usize,
     /// An account context unused this long is closed.
     pub idle_timeout: Duration,
+    /// A tier 2/3 work page unused this long is closed (its context, and so the login, stays).
+    pub page_idle_timeout: Duration,
     /// How credentials are typed.
     pub typing: TypingMode,
     /// Budget of one login attempt (time spent waiting for a human on a captcha excluded).
@@ -121,6 +123,7 @@ impl Default for BrowserConfig {
             data_dir: PathBuf::from("./data"),
             max_contexts: 8,
             idle_timeout: Duration::from_secs(600),
+            page_idle_timeout: Duration::from_secs(60),
             typing: TypingMode::Paste,
             login_timeout: Duration::from_secs(60),
             captcha: CaptchaConfig::default(),

@@ -128,6 +128,18 @@ pub(crate) struct WorkPage {
     pub(crate) chat_url: String,
     context: BrowserContextId,
     generation: u64,
+    /// When the page last finished (or started) serving a request.
+    last_used: Mutex<Instant>,
+}
+
+impl WorkPage {
+    fn touch(&self) {
+        *lock(&self.last_used) = Instant::now();
+    }
+
+    fn idle_for(&self) -> Duration {
+        lock(&self.last_used).elapsed()
+    }
 }
 
 impl Drop for WorkPage {
@@ -155,6 +167,13 @@ pub(crate) struct PageLease {
     pub(crate) work: Arc<WorkPage>,
     _turn: Option<tokio::sync::OwnedMutexGuard<Option<Arc<WorkPage>>>>,
     _lease: ContextLease,
+}
+
+impl Drop for PageLease {
+    fn drop(&mut self) {
+        // Idle time counts from the end of the request.
+        self.work.touch();
+    }
 }
 
 /// One launched Chromium.
@@ -652,6 +671,7 @@ impl BrowserPool {
                     .await
                     .is_ok()
                 {
+                    work.touch();
                     return Ok(work.clone());
                 }
             } else {
@@ -660,7 +680,10 @@ impl BrowserPool {
                     .open_chat(running, &work.page, setup.req, &work.chat_url, deadline)
                     .await
                 {
-                    Ok(_) => return Ok(work.clone()),
+                    Ok(_) => {
+                        work.touch();
+                        return Ok(work.clone());
+                    }
                     Err(e) if !matches!(e, ProbeError::Crashed(_) | ProbeError::Cdp(_)) => {
                         return Err(probe_to_replay(e));
                     }
@@ -719,6 +742,7 @@ impl BrowserPool {
             chat_url,
             context: setup.context.clone(),
             generation: running.generation,
+            last_used: Mutex::new(Instant::now()),
         });
         *slot = Some(work.clone());
         Ok(work)
@@ -1023,6 +1047,17 @@ impl BrowserPool {
         lock(&self.shared.contexts).len()
     }
 
+    /// Work pages currently kept open (a slot in use counts as open).
+    #[cfg(test)]
+    pub(crate) fn work_page_count(&self) -> usize {
+        let accounts: Vec<Arc<AccountWork>> = lock(&self.shared.work).values().cloned().collect();
+        accounts
+            .iter()
+            .flat_map(|a| [&a.inpage, &*a.ui])
+            .filter(|slot| slot.try_lock().map_or(true, |page| page.is_some()))
+            .count()
+    }
+
     /// The PID of the running Chromium, if any (for crash-recovery tests).
     pub async fn browser_pid(&self) -> Option<u32> {
         let slot = self.shared.browser.lock().await;
@@ -1249,12 +1284,12 @@ async fn wait_for_page(page: &Page, deadline: Instant) -> Result<(PageKind, Stri
     }
 }
 
-/// Closes contexts unused for `idle_timeout`. Ends with the browser or the pool.
+/// Closes contexts unused for `idle_timeout` and work pages unused for `page_idle_timeout`.
+/// Ends with the browser or the pool.
 async fn reap_idle(shared: Weak<PoolShared>, running: Arc<Running>) {
     let period = match shared.upgrade() {
-        Some(s) => {
-            (s.config.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(30))
-        }
+        Some(s) => (s.config.idle_timeout.min(s.config.page_idle_timeout) / 4)
+            .clamp(Duration::from_millis(50), Duration::from_secs(30)),
         None => return,
     };
     let mut tick = tokio::time::interval(period);
@@ -1287,6 +1322,26 @@ async fn reap_idle(shared: Weak<PoolShared>, running: Arc<Running>) {
         for id in expired {
             tracing::debug!("closing an idle browser context");
             dispose_context(&running, id).await;
+        }
+        // A page costs a renderer process (tens of MiB): closed sooner than its context,
+        // which is cheap and keeps the login.
+        let page_idle = shared.config.page_idle_timeout;
+        let accounts: Vec<Arc<AccountWork>> = lock(&shared.work).values().cloned().collect();
+        for account in accounts {
+            for slot in [&account.inpage, &*account.ui] {
+                let Ok(mut page) = slot.try_lock() else {
+                    continue;
+                };
+                // Only the slot holds it: no request is using it.
+                let unused = page
+                    .as_ref()
+                    .is_some_and(|w| Arc::strong_count(w) == 1 && w.idle_for() >= page_idle);
+                if unused {
+                    tracing::debug!("closing an idle work page");
+                    // Dropping the last handle closes the page.
+                    page.take();
+                }
+            }
         }
         drop(shared);
     }

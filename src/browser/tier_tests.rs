@@ -331,3 +331,35 @@ async fn tier3_on_openai_and_websocket_sites() {
     pool.shutdown().await;
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+#[tokio::test]
+async fn an_idle_work_page_is_closed_and_its_context_kept() {
+    let _slot = BROWSERS.acquire().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let site = site_with(DemoConfig::default()).await;
+    let pool = BrowserPool::new(BrowserConfig {
+        page_idle_timeout: Duration::from_millis(300),
+        ..config(dir.path())
+    });
+    let text = "close my page later";
+    let got = collect(
+        pool.inpage(tier_request("idler", &site, Shape::Openai, text))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_reply(Shape::Openai, text, &got);
+    assert_eq!(pool.work_page_count(), 1, "kept for the next request");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pool.work_page_count() > 0 {
+        assert!(Instant::now() < deadline, "the idle page was not closed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(pool.context_count(), 1, "the context (and its login) stays");
+    // The next request opens a page in the same context, without logging in again.
+    let mut again = tier_request("idler", &site, Shape::Openai, "and again");
+    again.login = None;
+    let got = collect(pool.inpage(again).await.unwrap()).await;
+    assert_reply(Shape::Openai, "and again", &got);
+    pool.shutdown().await;
+}
