@@ -1400,7 +1400,8 @@ struct Report {
     throughput: Vec<(String, Vec<Step>)>,
     memory: Vec<(String, u64, u64)>,
     bytes_per_stream: Option<(f64, usize)>,
-    tiers: Vec<TierStats>,
+    /// Per site: (model, token delay in ms, the tiers' figures).
+    tiers: Vec<(&'static str, u64, Vec<TierStats>)>,
     accounts: Vec<AccountsRow>,
     learn: Vec<(String, f64, String, Option<bool>)>,
 }
@@ -1570,8 +1571,8 @@ impl Report {
             }
             md.push('\n');
         }
-        if !self.tiers.is_empty() {
-            tiers_markdown(&mut md, &self.tiers);
+        for (model, delay_ms, tiers) in &self.tiers {
+            tiers_markdown(&mut md, model, *delay_ms, tiers);
         }
         if !self.accounts.is_empty() {
             accounts_markdown(&mut md, &self.accounts);
@@ -1619,11 +1620,14 @@ impl Report {
             })).collect::<Vec<_>>(),
             "memory_kib": self.memory.iter().map(|(l, rss, pss)| json!({"state": l, "rss": rss, "pss": pss})).collect::<Vec<_>>(),
             "bytes_per_stream": self.bytes_per_stream.map(|b| b.0),
-            "tiers": self.tiers.iter().map(|t| json!({
-                "tier": t.tier, "n": t.ttft.len(), "errors": t.errors, "wrong_tier": t.wrong_tier,
-                "first": t.first.map(|(ttft, total)| json!({"ttft_us": ttft, "total_us": total})),
-                "ttft_us": {"p50": percentile(&t.ttft, 50.0), "p95": percentile(&t.ttft, 95.0)},
-                "total_us": {"p50": percentile(&t.total, 50.0), "p95": percentile(&t.total, 95.0)},
+            "tiers": self.tiers.iter().map(|(model, delay_ms, tiers)| json!({
+                "model": model, "token_delay_ms": delay_ms,
+                "tiers": tiers.iter().map(|t| json!({
+                    "tier": t.tier, "n": t.ttft.len(), "errors": t.errors, "wrong_tier": t.wrong_tier,
+                    "first": t.first.map(|(ttft, total)| json!({"ttft_us": ttft, "total_us": total})),
+                    "ttft_us": {"p50": percentile(&t.ttft, 50.0), "p95": percentile(&t.ttft, 95.0)},
+                    "total_us": {"p50": percentile(&t.total, 50.0), "p95": percentile(&t.total, 95.0)},
+                })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
             "accounts": self.accounts.iter().map(|a| json!({
                 "accounts": a.accounts, "state": a.state.label(), "chromium_processes": a.processes,
@@ -1987,17 +1991,21 @@ async fn tiers_phase(addr: SocketAddr, opts: &Opts, report: &mut Report) {
         );
         return;
     }
-    // One stream at a time, forced by TIER_HEADER, on the latency phase's site and shape;
-    // interleaved over the tiers per request so machine noise hits them alike.
+    // The latency phase's site (its own think time is in every tier's TTFT alike), then the
+    // 0 ms site, where the TTFT is what each tier itself adds.
+    for (model, delay_ms) in [("demo-openai", TOKEN_DELAY_MS), ("fast", 0)] {
+        let stats = tiers_on(addr, model, &tiers, opts).await;
+        report.tiers.push((model, delay_ms, stats));
+    }
+}
+
+/// One stream at a time on `model`, forced by TIER_HEADER; interleaved over the tiers per
+/// request so machine noise hits them alike.
+async fn tiers_on(addr: SocketAddr, model: &str, tiers: &[u64], opts: &Opts) -> Vec<TierStats> {
     let targets: Vec<StreamTarget> = tiers
         .iter()
         .map(|tier| StreamTarget::Proxy {
-            request: proxy_request(
-                addr,
-                "demo-openai",
-                true,
-                &[(TIER_HEADER, &tier.to_string())],
-            ),
+            request: proxy_request(addr, model, true, &[(TIER_HEADER, &tier.to_string())]),
         })
         .collect();
     let mut conns: Vec<Option<Conn>> = tiers.iter().map(|_| None).collect();
@@ -2009,7 +2017,9 @@ async fn tiers_phase(addr: SocketAddr, opts: &Opts, report: &mut Report) {
         })
         .collect();
     let rounds = if opts.quick { 5 } else { 20 };
-    eprintln!("tiers: {tiers:?}, a first request each, then {rounds} interleaved rounds …");
+    eprintln!(
+        "tiers on {model}: {tiers:?}, a first request each, then {rounds} interleaved rounds …"
+    );
     for round in 0..=rounds {
         for (i, target) in targets.iter().enumerate() {
             let sample = one_stream(target, &mut conns[i], addr).await;
@@ -2028,16 +2038,16 @@ async fn tiers_phase(addr: SocketAddr, opts: &Opts, report: &mut Report) {
             ms(percentile(&s.total, 50.0))
         );
     }
-    report.tiers = stats;
+    stats
 }
 
-fn tiers_markdown(md: &mut String, tiers: &[TierStats]) {
+fn tiers_markdown(md: &mut String, model: &str, delay_ms: u64, tiers: &[TierStats]) {
     let _ = writeln!(
         md,
-        "**Tiers** (forced with `{TIER_HEADER}`; the latency phase's site, {TOKEN_DELAY_MS} ms per \
-         token, openai shape; one stream at a time, interleaved over the tiers; ms). The first \
-         request of each tier is apart: for tiers 2 and 3 it opens the account's page, and \
-         tier 2's launches Chromium.\n"
+        "**Tiers, site at {delay_ms} ms per token** (model `{model}`, forced with \
+         `{TIER_HEADER}`, openai shape; one stream at a time, interleaved over the tiers; ms). \
+         The first request of each tier is apart: for tiers 2 and 3 it opens the account's \
+         page (on the first site, tier 2's also launches Chromium).\n"
     );
     md.push_str("| tier | first: TTFT | first: total | n (err) | TTFT p50 | TTFT p95 | total p50 | total p95 |\n");
     md.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
@@ -2067,7 +2077,7 @@ fn tiers_markdown(md: &mut String, tiers: &[TierStats]) {
     if let (Some(one), Some(three)) = (p50(1), p50(3)) {
         let _ = writeln!(
             md,
-            "\nTier 1's TTFT p50 is {:.1}× lower than tier 3's (target ≥ 50×).",
+            "\nTier 1's TTFT p50 is {:.1}× lower than tier 3's here (target ≥ 50×).",
             three / one
         );
     }
