@@ -392,7 +392,13 @@ impl Data {
     /// `serve` on port 0. The per-account limits (4 replies at once, 64 queued by default)
     /// are lifted: the harness measures the proxy, not the account policy.
     fn serve(&self) -> Result<Proc, String> {
+        self.serve_with(&[])
+    }
+
+    /// As [`Data::serve`], with extra environment.
+    fn serve_with(&self, env: &[(&str, &str)]) -> Result<Proc, String> {
         let mut cmd = self.command();
+        cmd.envs(env.iter().copied());
         cmd.args(["serve", "--bind", "127.0.0.1:0"])
             .env("COMPUTETOWER_PER_ACCOUNT_CONCURRENCY", "100000")
             .env("COMPUTETOWER_PER_ACCOUNT_QUEUE", "100000");
@@ -1634,6 +1640,7 @@ impl Report {
                 "chromium_rss_kib": a.chromium_rss, "chromium_pss_kib": a.chromium_pss,
                 "serve_rss_kib": a.serve_rss, "serve_pss_kib": a.serve_pss,
             })).collect::<Vec<_>>(),
+            "idle_per_account_pss_kib": idle_per_account_kib(&self.accounts),
             "extra_per_account_pss_kib": per_account_kib(&self.accounts)
                 .map(|(whole, context, page)| json!({"whole": whole, "context": context, "page": page})),
             "learn": self.learn.iter().map(|(l, s, steps, v)| json!({"run": l, "secs": s, "steps": steps, "verified": v})).collect::<Vec<_>>(),
@@ -1882,18 +1889,30 @@ async fn run(opts: &Opts, report: &mut Report) -> Result<(), String> {
 
     if opts.wants("memory") {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let (rss0, pss0) = memory_kib(pid);
+        let (rss, pss) = memory_kib(pid);
         report
             .memory
-            .push(("idle, after the load phases".into(), rss0, pss0));
+            .push(("the load phases' `serve`, idle after them".into(), rss, pss));
+        // A fresh `serve` (same data dir) for the per-stream cost: after the throughput
+        // phase the allocator holds freed memory that new streams would reuse unseen.
+        let fresh = data.serve()?;
+        let fresh_pid = fresh.pid();
+        // Warm-up: lazy state (token counter, connection pools) is not a per-stream cost.
+        let (warm, _) = open_streams(fresh.addr(), "slow", 20).await;
+        drop(warm);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (rss0, pss0) = memory_kib(fresh_pid);
+        report
+            .memory
+            .push(("fresh `serve`, after 20 warm-up streams".into(), rss0, pss0));
         let n = 1000;
         eprintln!("memory: opening {n} streams …");
-        let (conns, open) = open_streams(server.addr(), "slow", n).await;
+        let (conns, open) = open_streams(fresh.addr(), "slow", n).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let (rss1, pss1) = memory_kib(pid);
+        let (rss1, pss1) = memory_kib(fresh_pid);
         report
             .memory
-            .push((format!("{open} open streams"), rss1, pss1));
+            .push((format!("fresh `serve`, {open} open streams"), rss1, pss1));
         if open > 0 {
             report.bytes_per_stream = Some((
                 (rss1.saturating_sub(rss0)) as f64 * 1024.0 / open as f64,
@@ -1905,10 +1924,11 @@ async fn run(opts: &Opts, report: &mut Report) -> Result<(), String> {
         }
         drop(conns);
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let (rss2, pss2) = memory_kib(pid);
+        let (rss2, pss2) = memory_kib(fresh_pid);
         report
             .memory
-            .push(("2 s after closing them".into(), rss2, pss2));
+            .push(("fresh `serve`, 2 s after closing them".into(), rss2, pss2));
+        drop(fresh);
     }
 
     if opts.wants("tiers") {
@@ -1994,14 +2014,20 @@ async fn tiers_phase(addr: SocketAddr, opts: &Opts, report: &mut Report) {
     // The latency phase's site (its own think time is in every tier's TTFT alike), then the
     // 0 ms site, where the TTFT is what each tier itself adds.
     for (model, delay_ms) in [("demo-openai", TOKEN_DELAY_MS), ("fast", 0)] {
-        let stats = tiers_on(addr, model, &tiers, opts).await;
+        // A reply on the 20 ms site lasts ~3 s: fewer rounds there keep quick mode quick.
+        let rounds = match (opts.quick, delay_ms) {
+            (true, 0) => 5,
+            (true, _) => 3,
+            (false, _) => 20,
+        };
+        let stats = tiers_on(addr, model, &tiers, rounds).await;
         report.tiers.push((model, delay_ms, stats));
     }
 }
 
 /// One stream at a time on `model`, forced by TIER_HEADER; interleaved over the tiers per
 /// request so machine noise hits them alike.
-async fn tiers_on(addr: SocketAddr, model: &str, tiers: &[u64], opts: &Opts) -> Vec<TierStats> {
+async fn tiers_on(addr: SocketAddr, model: &str, tiers: &[u64], rounds: usize) -> Vec<TierStats> {
     let targets: Vec<StreamTarget> = tiers
         .iter()
         .map(|tier| StreamTarget::Proxy {
@@ -2016,7 +2042,6 @@ async fn tiers_on(addr: SocketAddr, model: &str, tiers: &[u64], opts: &Opts) -> 
             ..TierStats::default()
         })
         .collect();
-    let rounds = if opts.quick { 5 } else { 20 };
     eprintln!(
         "tiers on {model}: {tiers:?}, a first request each, then {rounds} interleaved rounds …"
     );
@@ -2102,6 +2127,8 @@ enum AccountState {
     LoggedIn,
     /// After one tier-2 request: the account's work page stays open for the next one.
     Serving,
+    /// The work pages closed by the idle timeout: only the contexts stay.
+    PagesClosed,
 }
 
 impl AccountState {
@@ -2110,6 +2137,7 @@ impl AccountState {
             AccountState::None => "no account logged in (no Chromium)",
             AccountState::LoggedIn => "logged in (context kept, login page closed)",
             AccountState::Serving => "after a tier-2 request (its page kept open)",
+            AccountState::PagesClosed => "every page idle past `page_idle_secs` (closed)",
         }
     }
 }
@@ -2229,11 +2257,18 @@ async fn accounts_phase(site: &str, report: &mut Report) -> Result<(), String> {
         return Err(format!("no browser at {chrome}"));
     }
     let data = Data::new();
-    let server = data.serve()?;
+    // Pages idle this long are closed, so the phase can show the steady state too; longer
+    // than the login loop takes, so every account's page is still open when it is measured.
+    let page_idle = Duration::from_secs(25);
+    let server = data.serve_with(&[(
+        "COMPUTETOWER_BROWSER_PAGE_IDLE_SECS",
+        &page_idle.as_secs().to_string(),
+    )])?;
     let (addr, pid) = (server.addr(), server.pid());
     let flow = std::fs::read_to_string(format!("{REPO}/flows/demo-openai.json"))
         .map_err(|e| e.to_string())?;
     let mut rows = Vec::new();
+    // Returns the number of Chromium processes.
     let mut measure = |accounts: usize, state: AccountState| {
         let (processes, chromium_rss, chromium_pss) = chromium_tree_kib(pid);
         let (serve_rss, serve_pss) = memory_kib(pid);
@@ -2253,8 +2288,10 @@ async fn accounts_phase(site: &str, report: &mut Report) -> Result<(), String> {
             serve_rss,
             serve_pss,
         });
+        processes
     };
     measure(0, AccountState::None);
+    let mut logged_in = 0;
     // Time for a page's memory to settle after it loaded (renderers keep allocating briefly).
     let settle = Duration::from_millis(750);
     for n in 1..=ACCOUNTS {
@@ -2275,7 +2312,7 @@ async fn accounts_phase(site: &str, report: &mut Report) -> Result<(), String> {
         .await?;
         admin_call(addr, "POST", &format!("/admin/accounts/{id}/login"), "{}").await?;
         tokio::time::sleep(settle).await;
-        measure(n, AccountState::LoggedIn);
+        logged_in = measure(n, AccountState::LoggedIn);
         let target = StreamTarget::Proxy {
             request: proxy_request(addr, &service, true, &[(TIER_HEADER, "2")]),
         };
@@ -2290,6 +2327,14 @@ async fn accounts_phase(site: &str, report: &mut Report) -> Result<(), String> {
         tokio::time::sleep(settle).await;
         measure(n, AccountState::Serving);
     }
+    // The reaper closes each page once it has been idle for `page_idle`: wait for the
+    // renderer processes to go (at most 60 s), then measure what the accounts keep.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while chromium_tree_kib(pid).0 > logged_in && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tokio::time::sleep(settle).await;
+    measure(ACCOUNTS, AccountState::PagesClosed);
     report.accounts = rows;
     Ok(())
 }
@@ -2327,5 +2372,22 @@ fn accounts_markdown(md: &mut String, rows: &[AccountsRow]) {
             page / 1024.0
         );
     }
+    if let Some(idle) = idle_per_account_kib(rows) {
+        let _ = writeln!(
+            md,
+            "\nOnce the pages are closed (`page_idle_secs`), each account past the first keeps \
+             **{:.1} MiB** (PSS of accounts {ACCOUNTS} with closed pages minus 1 logged in, over \
+             {}); a browser-tier request opens its page again.",
+            idle / 1024.0,
+            ACCOUNTS - 1
+        );
+    }
     md.push('\n');
+}
+
+/// Steady-state cost of an account: its context, its pages closed.
+fn idle_per_account_kib(rows: &[AccountsRow]) -> Option<f64> {
+    let closed = total_pss(rows, ACCOUNTS, AccountState::PagesClosed)?;
+    let first = total_pss(rows, 1, AccountState::LoggedIn)?;
+    Some((closed - first) / (ACCOUNTS - 1) as f64)
 }
