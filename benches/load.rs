@@ -2312,7 +2312,11 @@ async fn accounts_phase(site: &str, report: &mut Report) -> Result<(), String> {
         .await?;
         admin_call(addr, "POST", &format!("/admin/accounts/{id}/login"), "{}").await?;
         tokio::time::sleep(settle).await;
-        logged_in = measure(n, AccountState::LoggedIn);
+        let processes = measure(n, AccountState::LoggedIn);
+        if n == 1 {
+            // Contexts add no process: with every page closed, this many remain.
+            logged_in = processes;
+        }
         let target = StreamTarget::Proxy {
             request: proxy_request(addr, &service, true, &[(TIER_HEADER, "2")]),
         };
