@@ -317,6 +317,8 @@ fn dom_stream(page: Page, typed: String, idle: Duration, keep: Keep) -> DeltaStr
         typed: String,
         text: String,
         reasoning: String,
+        /// The page's text at the last poll (`text` is what was passed on).
+        seen: String,
         changed_at: Instant,
         idle: Duration,
         ended: bool,
@@ -330,6 +332,7 @@ fn dom_stream(page: Page, typed: String, idle: Duration, keep: Keep) -> DeltaStr
         typed,
         text: String::new(),
         reasoning: String::new(),
+        seen: String::new(),
         changed_at: Instant::now(),
         idle,
         ended: false,
@@ -361,13 +364,18 @@ fn dom_stream(page: Page, typed: String, idle: Duration, keep: Keep) -> DeltaStr
             }
             if text.len() > s.text.len() && text.starts_with(&s.text) {
                 let piece = text[s.text.len()..].to_owned();
+                s.seen.clone_from(&text);
                 s.text = text;
                 s.changed_at = now;
                 return Some((Ok(Delta::Text(piece)), s));
             }
-            if text != s.text && !text.is_empty() {
+            // A re-rendered text that no longer extends what was passed on still counts as
+            // a change while it changes, so the reply ends once the page settles rather than
+            // never (compared with what was passed on, it would differ on every poll).
+            if text != s.seen && !text.is_empty() {
                 s.changed_at = now;
             }
+            s.seen = text;
             if !s.text.is_empty() && now >= s.changed_at + DOM_STABLE {
                 s.ended = true;
                 return Some((Ok(Delta::Done), s));

@@ -324,7 +324,11 @@ where
 
 pub fn http() -> reqwest::Client {
     computetower::server::install_tls_provider();
-    reqwest::Client::new()
+    // A hung request fails its test instead of the whole run.
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(180))
+        .build()
+        .unwrap()
 }
 
 /// POSTs a chat completion body as raw bytes; returns status, headers and JSON body.
