@@ -48,7 +48,9 @@ const TOKEN_DELAY_MS: u64 = 20;
 /// Token delay of the site behind the open streams of the memory phase.
 const SLOW_TOKEN_DELAY_MS: u64 = 1000;
 /// Open-loop rates tried in order, per target, until the target fails one.
-const RATES: &[u32] = &[25, 50, 100, 250, 500, 1000, 1500, 2000, 3000, 4000, 6000, 8000];
+const RATES: &[u32] = &[
+    25, 50, 100, 250, 500, 1000, 1500, 2000, 3000, 4000, 6000, 8000,
+];
 /// A rate is sustained when at most this share of requests fail …
 const MAX_ERROR_RATE: f64 = 0.01;
 /// … the p99 latency is at most this …
