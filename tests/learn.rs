@@ -8,35 +8,14 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{Data, PASSWORD, demo_site, sdk};
+use common::{Data, demo_site, sdk};
 use computetower::demo::{Shape, reply_for};
 use computetower::flow::Flow;
 use serde_json::json;
 
 /// Adds an account from URL + email + password only, and learns it with the CLI.
 fn learn(data: &Data, site: &str, name: &str) -> String {
-    data.ok(
-        &[
-            "account",
-            "add",
-            "--url",
-            site,
-            "--name",
-            name,
-            "--email",
-            "learn@example.com",
-            "--password-stdin",
-        ],
-        Some(&format!("{PASSWORD}\n")),
-    );
-    let out = data.cli(&["learn", name], None);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "learn failed: {}\n{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    data.learn_account(site, name, "learn@example.com")
 }
 
 fn stored_flow(data: &Data, name: &str) -> Flow {

@@ -19,30 +19,6 @@ use serde_json::{Value, json};
 const WAIT: Duration = Duration::from_secs(120);
 const TIER_HEADER: &str = "x-computetower-tier";
 
-/// Account from URL + credentials; the flow learned with the CLI.
-fn learned_account(data: &Data, site: &str, name: &str) {
-    data.ok(
-        &[
-            "account",
-            "add",
-            "--url",
-            site,
-            "--name",
-            name,
-            "--email",
-            "tiers@example.com",
-            "--password-stdin",
-        ],
-        Some(&format!("{PASSWORD}\n")),
-    );
-    let out = data.cli(&["learn", name], None);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Text as a page shows markdown: markup gone, whitespace collapsed.
 fn rendered(text: &str) -> String {
     text.replace(['*', '`'], "")
@@ -161,7 +137,7 @@ async fn anti_bot_mode_is_served_by_tier_2_and_tier_1_waits_out_its_cooldown() {
 async fn the_signed_shape_streams_from_tier_3_before_the_site_finishes() {
     let site = demo_site("signed", &["--token-delay-ms", "40"]);
     let data = Data::new();
-    learned_account(&data, &site.url, "signed");
+    data.learn_account(&site.url, "signed", "tiers@example.com");
     let server = data.serve(&[]);
     let started = Instant::now();
     let response = http()
@@ -215,7 +191,7 @@ async fn the_signed_shape_streams_from_tier_3_before_the_site_finishes() {
 async fn a_site_that_changes_its_api_is_served_by_tier_3_then_relearned() {
     let site = demo_site("ndjson", &[]);
     let data = Data::new();
-    learned_account(&data, &site.url, "changing");
+    data.learn_account(&site.url, "changing", "tiers@example.com");
     let server = data.serve(&[]);
     let (status, _) = post_chat(&server.url, None, ask("changing", "before")).await;
     assert_eq!(status, 200);

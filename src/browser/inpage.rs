@@ -441,7 +441,7 @@ fn feed_closed(call: Call) -> ReplayError {
 }
 
 /// The start of an error body, for classification; whatever arrived within [`EXCERPT_WAIT`].
-async fn collect_excerpt(feed: &mut mpsc::Receiver<RecorderEvent>, id: &str) -> Vec<u8> {
+pub(super) async fn collect_excerpt(feed: &mut mpsc::Receiver<RecorderEvent>, id: &str) -> Vec<u8> {
     let deadline = Instant::now() + EXCERPT_WAIT;
     let mut body = Vec::new();
     while body.len() < ERROR_EXCERPT {

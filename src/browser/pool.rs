@@ -469,26 +469,37 @@ impl BrowserPool {
         }
     }
 
+    /// What the pool knows of the account's context in this browser: whether it exists,
+    /// the proxy to use (the login's, else the context's) and the chat page's URL.
+    fn known_context(
+        &self,
+        running: &Running,
+        account_id: &str,
+        login: Option<&LoginRequest>,
+    ) -> (bool, Option<String>, Option<String>) {
+        let contexts = lock(&self.shared.contexts);
+        let known = contexts
+            .get(account_id)
+            .filter(|c| c.generation == running.generation);
+        let proxy = match login {
+            Some(login) => login.proxy.clone(),
+            None => known.and_then(|c| c.proxy.clone()),
+        };
+        (
+            known.is_some(),
+            proxy,
+            known.and_then(|c| c.chat_url.clone()),
+        )
+    }
+
     async fn probe_once(
         &self,
         running: &Arc<Running>,
         req: &ProbeRequest,
     ) -> Result<Recording, ProbeError> {
         let deadline = Instant::now() + self.shared.config.login_timeout;
-        let (existed, known_proxy, known_chat) = {
-            let contexts = lock(&self.shared.contexts);
-            match contexts
-                .get(&req.account_id)
-                .filter(|c| c.generation == running.generation)
-            {
-                Some(c) => (true, c.proxy.clone(), c.chat_url.clone()),
-                None => (false, None, None),
-            }
-        };
-        let proxy = match &req.login {
-            Some(login) => login.proxy.clone(),
-            None => known_proxy,
-        };
+        let (existed, proxy, known_chat) =
+            self.known_context(running, &req.account_id, req.login.as_ref());
         let chat_url = req
             .chat_url
             .clone()
@@ -606,20 +617,8 @@ impl BrowserPool {
             .or_default()
             .clone();
         let deadline = Instant::now() + self.shared.config.login_timeout;
-        let (existed, known_proxy, known_chat) = {
-            let contexts = lock(&self.shared.contexts);
-            match contexts
-                .get(&req.account_id)
-                .filter(|c| c.generation == running.generation)
-            {
-                Some(c) => (true, c.proxy.clone(), c.chat_url.clone()),
-                None => (false, None, None),
-            }
-        };
-        let proxy = match &req.login {
-            Some(login) => login.proxy.clone(),
-            None => known_proxy,
-        };
+        let (existed, proxy, known_chat) =
+            self.known_context(&running, &req.account_id, req.login.as_ref());
         let lease = self
             .acquire_context(&running, &req.account_id, proxy.as_deref(), deadline)
             .await

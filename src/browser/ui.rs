@@ -27,7 +27,6 @@ use std::time::Duration;
 
 use chromiumoxide::Page;
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::inpage::{self, Keep};
@@ -112,7 +111,7 @@ pub(super) async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStr
                     RecorderEvent::Response { id, status, headers } if chat.as_ref() == Some(&id) => {
                         let ok = if matcher.socket { status == 101 } else { (200..300).contains(&status) };
                         if !ok {
-                            let excerpt = excerpt(&mut feed, &id).await;
+                            let excerpt = inpage::collect_excerpt(&mut feed, &id).await;
                             return Err(inpage::status_error(Call::Chat, status, &headers, &excerpt));
                         }
                         let mut decoded = inpage::reply_stream(
@@ -198,27 +197,6 @@ fn page_error(e: chromiumoxide::error::CdpError) -> ReplayError {
 
 fn normalize(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-/// The start of an error body (see `inpage::status_error`), within two seconds.
-async fn excerpt(feed: &mut mpsc::Receiver<RecorderEvent>, id: &str) -> Vec<u8> {
-    let deadline = Instant::now() + Duration::from_secs(2);
-    let mut body = Vec::new();
-    while body.len() < crate::replay::client::ERROR_EXCERPT {
-        match tokio::time::timeout_at(deadline, feed.recv()).await {
-            Ok(Some(RecorderEvent::Data { id: rid, bytes })) if rid == id => {
-                body.extend_from_slice(&bytes)
-            }
-            Ok(Some(
-                RecorderEvent::Finished { id: rid } | RecorderEvent::Failed { id: rid, .. },
-            )) if rid == id => {
-                break;
-            }
-            Ok(Some(_)) => {}
-            Ok(None) | Err(_) => break,
-        }
-    }
-    body
 }
 
 /// Tells the flow's chat call among the page's requests (see the module docs).

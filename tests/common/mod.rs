@@ -171,6 +171,26 @@ impl Data {
         String::from_utf8(out.stdout).unwrap()
     }
 
+    /// Adds an account from URL + `email` + password only, and learns its flow with the CLI;
+    /// returns what `learn` printed.
+    pub fn learn_account(&self, site: &str, name: &str, email: &str) -> String {
+        self.ok(
+            &[
+                "account",
+                "add",
+                "--url",
+                site,
+                "--name",
+                name,
+                "--email",
+                email,
+                "--password-stdin",
+            ],
+            Some(&format!("{PASSWORD}\n")),
+        );
+        self.ok(&["learn", name], None)
+    }
+
     /// Starts `serve` on port 0 with `env` added.
     pub fn serve(&self, env: &[(&str, &str)]) -> Proc {
         let mut cmd = self.command();
