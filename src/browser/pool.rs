@@ -559,32 +559,15 @@ impl BrowserPool {
             navigate(page, &format!("{origin}/"), deadline).await?;
             restore_storage(page, session).await?;
         }
-        navigate(page, chat_url, deadline).await?;
-        let (mut kind, mut url) = wait_for_page(page, deadline).await?;
-        if kind != PageKind::ChatInterface {
-            let Some(login) = &req.login else {
-                return Err(ProbeError::NotLoggedIn {
-                    url: super::redact_url(&url),
-                    kind,
-                    screenshot: None,
-                });
-            };
-            tracing::debug!(account = %req.account_id, kind = %kind, "the chat page needs a login first");
-            let outcome = self
-                .login_once(running, login, std::time::Instant::now())
-                .await
-                .map_err(ProbeError::Login)?;
-            let deadline = Instant::now() + self.shared.config.login_timeout;
-            navigate(page, &outcome.chat_url, deadline).await?;
-            (kind, url) = wait_for_page(page, deadline).await?;
-            if kind != PageKind::ChatInterface {
-                return Err(ProbeError::NotLoggedIn {
-                    url: super::redact_url(&url),
-                    kind,
-                    screenshot: None,
-                });
-            }
-        }
+        self.open_chat(
+            running,
+            page,
+            &req.account_id,
+            req.login.as_ref(),
+            chat_url,
+            deadline,
+        )
+        .await?;
         let options = ProbeOptions::for_request(req);
         probe::run(page, &running.taps, &options).await
     }
@@ -676,7 +659,14 @@ impl BrowserPool {
             } else {
                 let deadline = Instant::now() + self.shared.config.login_timeout;
                 match self
-                    .open_chat(running, &work.page, setup.req, &work.chat_url, deadline)
+                    .open_chat(
+                        running,
+                        &work.page,
+                        &setup.req.account_id,
+                        setup.req.login.as_ref(),
+                        &work.chat_url,
+                        deadline,
+                    )
                     .await
                 {
                     Ok(_) => {
@@ -718,7 +708,14 @@ impl BrowserPool {
                 restore_storage(&page, session).await?;
             }
             let chat_url = self
-                .open_chat(running, &page, setup.req, &setup.chat_url, deadline)
+                .open_chat(
+                    running,
+                    &page,
+                    &setup.req.account_id,
+                    setup.req.login.as_ref(),
+                    &setup.chat_url,
+                    deadline,
+                )
                 .await?;
             let recorder = Recorder::start_live(&page, &running.taps)
                 .await
@@ -748,12 +745,13 @@ impl BrowserPool {
     }
 
     /// Opens `chat_url` in `page`; logs in first (in the same context) when it is not a chat
-    /// and `req.login` is given. Returns the chat page's URL.
+    /// and `login` is given. Returns the chat page's URL.
     async fn open_chat(
         &self,
         running: &Arc<Running>,
         page: &Page,
-        req: &TierRequest,
+        account_id: &str,
+        login: Option<&LoginRequest>,
         chat_url: &str,
         deadline: Instant,
     ) -> Result<String, ProbeError> {
@@ -762,14 +760,14 @@ impl BrowserPool {
         if kind == PageKind::ChatInterface {
             return Ok(url);
         }
-        let Some(login) = &req.login else {
+        let Some(login) = login else {
             return Err(ProbeError::NotLoggedIn {
                 url: super::redact_url(&url),
                 kind,
                 screenshot: None,
             });
         };
-        tracing::debug!(account = %req.account_id, kind = %kind, "the chat page needs a login first");
+        tracing::debug!(account = %account_id, kind = %kind, "the chat page needs a login first");
         let outcome = self
             .login_once(running, login, std::time::Instant::now())
             .await
