@@ -32,7 +32,7 @@ pub(crate) use self::events::{Event, Input, escape_token, frame_text, input_of, 
 pub(crate) use self::normalize::normalize;
 use crate::flow::{Accrual, ErrorRule, ReasoningRule, ResponseSpec, Signal, TextRule, Transport};
 use crate::learn::recording::Exchange;
-use crate::replay::decode::{Decoder, collect_text, decode_all};
+use crate::replay::decode::{Decoder, collect_text, decode_all, is_op_list};
 
 /// Why no decoder could be inferred. Messages are meant for the user; they never quote
 /// response bytes (which may hold tokens).
@@ -782,7 +782,9 @@ impl PathCollector {
                 };
                 let o = op.get("o").and_then(Value::as_str).unwrap_or("");
                 let Some(v) = op.get("v") else { return };
-                let batch = o.eq_ignore_ascii_case("patch") || o.eq_ignore_ascii_case("batch");
+                let batch = o.eq_ignore_ascii_case("patch")
+                    || o.eq_ignore_ascii_case("batch")
+                    || (p.is_none() && !op.contains_key("o") && is_op_list(v));
                 if batch {
                     self.ops(v, &path);
                     return;

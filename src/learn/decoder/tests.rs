@@ -164,6 +164,25 @@ data: [DONE]\n\n";
 }
 
 #[test]
+fn batches_without_a_path_of_their_own_keep_the_last_words() {
+    let body = include_bytes!("../../../tests/fixtures/responses/chatgpt_batch.txt");
+    let spec = infer_response(
+        &exchange("text/event-stream", body),
+        "Batched hello, there at the end!",
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        spec.text,
+        rule(
+            "/message/content/parts/0",
+            Accrual::AppendPatch,
+            Some("delta")
+        )
+    );
+}
+
+#[test]
 fn websocket_messages() {
     let mut chat = exchange("", b"");
     chat.response_body = None;

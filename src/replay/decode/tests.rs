@@ -125,6 +125,30 @@ fn chatgpt() -> Case {
     }
 }
 
+/// Newer patch streams batch operations as `{"v": [ops]}` with no `p` or `o` of their own:
+/// a batch, not a continuation whose value is a list (the last words of a reply travel so).
+fn chatgpt_batch() -> Case {
+    Case {
+        name: "chatgpt_batch",
+        spec: spec(json!({
+            "transport": "sse",
+            "text": {"path": "/message/content/parts/0", "mode": "append_patch", "event": "delta"},
+            "done": [{"data": "[DONE]"}],
+            "ids": {"message": "/v/message/id"}
+        })),
+        body: include_bytes!("../../../tests/fixtures/responses/chatgpt_batch.txt").to_vec(),
+        expected: Ok(vec![
+            id("message", "msg-2"),
+            text("Batched"),
+            text(" hello"),
+            text(", there"),
+            text(" at the end"),
+            text("!"),
+            Delta::Done,
+        ]),
+    }
+}
+
 fn deepseek() -> Case {
     Case {
         name: "deepseek",
@@ -321,6 +345,7 @@ fn cases() -> Vec<Case> {
     vec![
         openai(),
         chatgpt(),
+        chatgpt_batch(),
         deepseek(),
         qwen(),
         ndjson(),
