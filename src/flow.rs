@@ -215,8 +215,29 @@ pub enum ReasoningRule {
         #[serde(default)]
         sticky: bool,
     },
-    /// Reasoning is marked up inside the text (`<think>…</think>`).
-    Markup { open: String, close: String },
+    /// Reasoning is marked up inside the text: `<think>…</think>`, or Open WebUI's
+    /// `<details type="reasoning" done="…">` (an `open` without `>` runs on to the next `>`,
+    /// attributes included).
+    Markup {
+        open: String,
+        close: String,
+        /// A `<summary>…</summary>` inside the reasoning is its heading, not its text.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        summary: bool,
+        /// Every line of the reasoning is quoted (`> `); the quote marks are not text.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        quoted: bool,
+        /// Tags around the answer (`<answer>…</answer>`), not part of it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        answer: Option<Tags>,
+    },
+}
+
+/// An opening and a closing tag.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tags {
+    pub open: String,
+    pub close: String,
 }
 
 /// A condition on one event.
@@ -493,6 +514,7 @@ mod tests {
             r#"{"field":{"path":"/r","mode":"delta"}}"#,
             r#"{"flag":{"path":"/phase","equals":"think","sticky":true}}"#,
             r#"{"markup":{"open":"<think>","close":"</think>"}}"#,
+            r#"{"markup":{"open":"<details type=\"reasoning\"","close":"</details>","summary":true,"quoted":true,"answer":{"open":"<answer>","close":"</answer>"}}}"#,
         ] {
             let parsed: ReasoningRule = serde_json::from_str(rule).unwrap();
             let again: ReasoningRule =

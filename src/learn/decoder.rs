@@ -30,7 +30,9 @@ use serde_json::Value;
 
 pub(crate) use self::events::{Event, Input, escape_token, frame_text, input_of, scalars, strings};
 pub(crate) use self::normalize::normalize;
-use crate::flow::{Accrual, ErrorRule, ReasoningRule, ResponseSpec, Signal, TextRule, Transport};
+use crate::flow::{
+    Accrual, ErrorRule, ReasoningRule, ResponseSpec, Signal, Tags, TextRule, Transport,
+};
 use crate::learn::recording::Exchange;
 use crate::replay::decode::{Decoder, collect_text, decode_all, is_op_list};
 
@@ -475,6 +477,17 @@ impl Search<'_> {
                     mode,
                     event: event.clone(),
                 };
+                // A cumulative stream of marked-up text moves its closing tags as it grows, so
+                // no value extends the previous one: its last value is the whole text.
+                let last = pieces.iter().rev().find(|p| !p.is_empty()).copied();
+                if let Some(last) = last
+                    && pieces.len() > 1
+                    && last.contains("</")
+                    && last != cumulative
+                    && last != delta
+                {
+                    out.push(reading(rule(Accrual::Cumulative), last.to_owned()));
+                }
                 if cumulative != delta {
                     out.push(reading(rule(Accrual::Cumulative), cumulative));
                 }
@@ -578,17 +591,16 @@ impl Search<'_> {
                 }
             }
         }
-        for (open, close) in markup_candidates(&reading.text) {
+        for rule in markup_rules(&reading.text) {
             let mut with = spec.clone();
-            with.reasoning = Some(ReasoningRule::Markup {
-                open: open.clone(),
-                close: close.clone(),
-            });
+            with.reasoning = Some(rule);
             if run(&with, self.input).is_some_and(|d| self.target.accepts(&d, true)) {
-                return Some((
-                    with,
-                    format!("reasoning: marked up inside the text as {open}…{close}"),
-                ));
+                let note = with
+                    .reasoning
+                    .as_ref()
+                    .map(describe_markup)
+                    .unwrap_or_default();
+                return Some((with, note));
             }
         }
         None
@@ -935,6 +947,77 @@ fn markup_candidates(text: &str) -> Vec<(String, String)> {
         }
     }
     out
+}
+
+/// Markup rules worth trying on a text that holds reasoning and reply: every tag pair as
+/// the reasoning's, the most specific reading first. The comparison with the page ignores
+/// quote marks at line starts, so a rule that drops them must be tried before one that keeps
+/// them; a `<summary>` and answer tags (other pairs) are tried when the text has them.
+fn markup_rules(text: &str) -> Vec<ReasoningRule> {
+    let pairs = markup_candidates(text);
+    let has_summary = text.contains("<summary");
+    let has_quotes = text.lines().any(|line| line.trim_start().starts_with('>'));
+    let mut out = Vec::new();
+    for (open, close) in &pairs {
+        if open.starts_with("<summary") {
+            continue;
+        }
+        let mut answers: Vec<Option<Tags>> = pairs
+            .iter()
+            .filter(|(o, c)| o != open && c != close && o.ends_with('>') && o != "<summary>")
+            .map(|(o, c)| {
+                Some(Tags {
+                    open: o.clone(),
+                    close: c.clone(),
+                })
+            })
+            .collect();
+        answers.push(None);
+        for answer in answers {
+            for summary in [has_summary, false] {
+                for quoted in [has_quotes, false] {
+                    let rule = ReasoningRule::Markup {
+                        open: open.clone(),
+                        close: close.clone(),
+                        summary,
+                        quoted,
+                        answer: answer.clone(),
+                    };
+                    if !out.contains(&rule) {
+                        out.push(rule);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn describe_markup(rule: &ReasoningRule) -> String {
+    let ReasoningRule::Markup {
+        open,
+        close,
+        summary,
+        quoted,
+        answer,
+    } = rule
+    else {
+        return String::new();
+    };
+    let mut note = format!("reasoning: marked up inside the text as {open}…{close}");
+    if *summary {
+        note.push_str(", its <summary> a heading");
+    }
+    if *quoted {
+        note.push_str(", its lines quoted with `> `");
+    }
+    if let Some(answer) = answer {
+        note.push_str(&format!(
+            "; the answer inside {}…{}",
+            answer.open, answer.close
+        ));
+    }
+    note
 }
 
 /// The first `name="value"` (or bare `name`) of a tag's attribute text.

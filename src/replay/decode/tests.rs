@@ -328,6 +328,51 @@ fn markup() -> Case {
     }
 }
 
+/// Open WebUI's markup in a delta stream: summary, quote prefixes and answer tags dropped,
+/// whitespace at the block edges too.
+fn open_webui() -> Case {
+    Case {
+        name: "open_webui",
+        spec: spec(json!({
+            "transport": "sse",
+            "text": {"path": "/choices/0/delta/content", "mode": "delta"},
+            "reasoning": {"markup": {"open": "<details type=\"reasoning\"", "close": "</details>",
+                "summary": true, "quoted": true, "answer": {"open": "<answer>", "close": "</answer>"}}},
+            "done": [{"data": "[DONE]"}]
+        })),
+        body: include_bytes!("../../../tests/fixtures/responses/openwebui_details.txt").to_vec(),
+        expected: Ok(vec![
+            thought("First I"),
+            thought(" read it."),
+            thought("\nThen I answer."),
+            text("Hello"),
+            text(" there, friend."),
+            Delta::Done,
+        ]),
+    }
+}
+
+/// Cumulative events of `<think>` markup whose closing tag moves: one clean piece per event.
+fn cumulative_think() -> Case {
+    let reasoning = ["Two", " and", " two", " make", " four."].map(thought);
+    let answer = ["The", " answer", " is", " 4."].map(text);
+    Case {
+        name: "cumulative_think",
+        spec: spec(json!({
+            "transport": "sse",
+            "text": {"path": "/text", "mode": "cumulative"},
+            "reasoning": {"markup": {"open": "<think>", "close": "</think>"}},
+            "done": [{"path": "/done", "equals": true}]
+        })),
+        body: include_bytes!("../../../tests/fixtures/responses/cumulative_think.txt").to_vec(),
+        expected: Ok(reasoning
+            .into_iter()
+            .chain(answer)
+            .chain([Delta::Done])
+            .collect()),
+    }
+}
+
 fn inband_error() -> Case {
     Case {
         name: "inband_error",
@@ -354,6 +399,8 @@ fn cases() -> Vec<Case> {
         length_prefixed_error(),
         single_json(),
         markup(),
+        open_webui(),
+        cumulative_think(),
         inband_error(),
     ]
 }
