@@ -69,6 +69,10 @@ pub enum Command {
         /// Seconds an anti-bot clearance token stays valid.
         #[arg(long, default_value_t = 60)]
         clearance_ttl_secs: u64,
+        /// The page signs every chat call (as the `signed` shape does) and the site refuses
+        /// any call without a fresh signature, whatever the shape.
+        #[arg(long)]
+        signed: bool,
     },
     /// Log an account in with the browser and store its session.
     Login {
@@ -146,6 +150,7 @@ async fn dispatch(command: Command, mut config: Config) -> CliResult {
             login,
             anti_bot,
             clearance_ttl_secs,
+            signed,
         } => {
             let listener = tokio::net::TcpListener::bind(bind).await?;
             println!(
@@ -160,6 +165,7 @@ async fn dispatch(command: Command, mut config: Config) -> CliResult {
                 login,
                 anti_bot,
                 clearance_ttl: std::time::Duration::from_secs(clearance_ttl_secs),
+                signed,
                 ..Default::default()
             };
             crate::demo::serve(listener, config).await?;

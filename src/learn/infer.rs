@@ -343,6 +343,7 @@ impl<'r> Learner<'r> {
                 page: Some(self.url_of_page()),
                 ..UiHints::default()
             }),
+            follow_up: None,
             replay: ReplayPolicy::default(),
             stats: FlowStats::default(),
         };
