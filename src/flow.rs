@@ -395,7 +395,7 @@ impl Flow {
             .chain(follow_up)
     }
 
-    fn templates_mut(&mut self) -> impl Iterator<Item = &mut HttpTemplate> {
+    pub fn templates_mut(&mut self) -> impl Iterator<Item = &mut HttpTemplate> {
         let follow_up = self.follow_up.iter_mut().flat_map(|f| {
             std::iter::once(&mut f.request).chain(f.preflight.iter_mut().map(|s| &mut s.http))
         });

@@ -28,13 +28,15 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
 
-pub(crate) use self::events::{Event, Input, escape_token, frame_text, input_of, scalars, strings};
+pub(crate) use self::events::{
+    Event, Input, escape_token, frame_text, input_of, scalars, split as split_events, strings,
+};
 pub(crate) use self::normalize::normalize;
 use crate::flow::{
     Accrual, ErrorRule, ReasoningRule, ResponseSpec, Signal, Tags, TextRule, Transport,
 };
 use crate::learn::recording::Exchange;
-use crate::replay::decode::{Decoder, collect_text, decode_all, is_op_list};
+use crate::replay::decode::{Decoder, Delta, collect_text, decode_all, is_op_list};
 
 /// Why no decoder could be inferred. Messages are meant for the user; they never quote
 /// response bytes (which may hold tokens).
@@ -218,9 +220,19 @@ impl Target {
     }
 }
 
+/// The deltas the replay decoder reads out of an exchange's recorded response with `spec`
+/// (`None` when there is no response or the spec does not fit it).
+pub(crate) fn decode_exchange(spec: &ResponseSpec, exchange: &Exchange) -> Option<Vec<Delta>> {
+    deltas(spec, &input_of(exchange)?)
+}
+
 /// Runs the replay decoder over the recorded response: (text, reasoning), or `None` when the
 /// spec does not fit the bytes.
 fn run(spec: &ResponseSpec, input: &Input) -> Option<(String, String)> {
+    Some(collect_text(&deltas(spec, input)?))
+}
+
+fn deltas(spec: &ResponseSpec, input: &Input) -> Option<Vec<Delta>> {
     let deltas = match input {
         Input::Body(body) => decode_all(spec, body).ok()?,
         Input::Messages(messages) => {
@@ -233,7 +245,7 @@ fn run(spec: &ResponseSpec, input: &Input) -> Option<(String, String)> {
             out
         }
     };
-    Some(collect_text(&deltas))
+    Some(deltas)
 }
 
 fn bare_spec(transport: Transport, rule: TextRule) -> ResponseSpec {
@@ -1242,38 +1254,79 @@ fn ids(search: &Search<'_>, spec: &ResponseSpec, hints: &Hints) -> BTreeMap<Stri
         .filter(|v| !is_echo(v))
         .collect();
     let mut out = BTreeMap::new();
-    let conversation = early.iter().find_map(|value| {
-        strings(value)
+    let fresh_id = |path: &str, s: &str| {
+        id_named(path)
+            && s.chars().count() >= 6
+            && !s.contains(char::is_whitespace)
+            && !hints.request_values.iter().any(|r| r == s)
+            && !hints.conversation_values.iter().any(|r| r == s)
+    };
+    // The conversation: a value the request took from a preflight; else, when no call made
+    // it before (the first chat call does), an id whose key names a conversation.
+    let conversation = early
+        .iter()
+        .find_map(|value| {
+            strings(value)
+                .into_iter()
+                .find(|(_, s)| hints.conversation_values.iter().any(|c| c == s))
+                .map(|(path, _)| path)
+        })
+        .or_else(|| {
+            early.iter().find_map(|value| {
+                strings(value)
+                    .into_iter()
+                    .find(|(path, s)| fresh_id(path, s) && names_conversation(path))
+                    .map(|(path, _)| path)
+            })
+        });
+    // The message: in the first event with other id-named leaves, one whose path names a
+    // message or response first, then a UUID (sites thread replies by UUIDs), else the first
+    // in document order.
+    let message = early.iter().find_map(|value| {
+        let candidates: Vec<(String, &str)> = strings(value)
             .into_iter()
-            .find(|(_, s)| hints.conversation_values.iter().any(|c| c == s))
-            .map(|(path, _)| path)
+            .filter(|(path, s)| fresh_id(path, s) && Some(path) != conversation.as_ref())
+            .collect();
+        let rank = |(path, s): &(String, &str)| {
+            (
+                !names_message(path),
+                !crate::learn::infer::values::is_uuid(s),
+            )
+        };
+        candidates
+            .iter()
+            .enumerate()
+            .min_by_key(|(i, c)| (rank(c), *i))
+            .map(|(_, (path, _))| path.clone())
     });
     if let Some(path) = conversation {
         out.insert("conversation_id".to_owned(), path);
     }
-    // The first event with id-named leaves; among them a UUID first (sites thread
-    // replies by UUIDs), else the first in document order.
-    let message = early.iter().find_map(|value| {
-        let candidates: Vec<(String, &str)> = strings(value)
-            .into_iter()
-            .filter(|(path, s)| {
-                id_named(path)
-                    && s.chars().count() >= 6
-                    && !s.contains(char::is_whitespace)
-                    && !hints.request_values.iter().any(|r| r == s)
-                    && !hints.conversation_values.iter().any(|r| r == s)
-            })
-            .collect();
-        let uuid = candidates
-            .iter()
-            .find(|(_, s)| crate::learn::infer::values::is_uuid(s))
-            .map(|(path, _)| path.clone());
-        uuid.or_else(|| candidates.first().map(|(path, _)| path.clone()))
-    });
     if let Some(path) = message {
         out.insert("message_id".to_owned(), path);
     }
     out
+}
+
+/// Whether the last key of `path` names a conversation (`conversation_id`, `chatId`,
+/// `thread_id`).
+fn names_conversation(path: &str) -> bool {
+    let key = path
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    ["conversation", "chat", "thread", "dialog"]
+        .iter()
+        .any(|word| key.contains(word))
+}
+
+/// Whether `path` names a message or a response (`/message/id`, `response_id`, `msgId`).
+fn names_message(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    ["message", "msg", "response", "reply", "answer", "turn"]
+        .iter()
+        .any(|word| lower.contains(word))
 }
 
 /// Whether the last key of `path` names an id (`id`, `message_id`, `messageId`, `uuid`).

@@ -19,6 +19,7 @@
 //!   templated.
 //! - **The response** is `decoder`'s job.
 
+mod follow_up;
 pub(crate) mod provenance;
 #[cfg(test)]
 mod tests;
@@ -47,6 +48,10 @@ pub struct Learned {
     /// Per-request values that could not be explained (possible signatures, proof-of-work,
     /// one-time tokens). Values themselves are never quoted.
     pub suspicious: Vec<String>,
+    /// The chat call's index in the recording's exchanges.
+    pub(crate) chat_index: usize,
+    /// (extract name, the value it had in the recording) of every preflight value.
+    pub(crate) observed: Vec<(String, String)>,
 }
 
 /// Why no flow could be inferred. Messages are for the user and never quote cookie values or
@@ -80,9 +85,13 @@ pub fn infer(recording: &Recording, service: &str) -> Result<Learned, InferError
         return Err(InferError::NoMarker);
     }
     let page = Url::parse(&recording.page_url).map_err(|_| InferError::BadPageUrl)?;
-    let learner = Learner::new(recording, page);
+    let learner = Learner::new(recording, page.clone());
     let chat = learner.find_chat_call()?;
-    learner.build(chat, service)
+    let mut learned = learner.build(chat, service)?;
+    if let Some(second) = recording.follow_up.as_deref() {
+        follow_up::learn(recording, second, page, &mut learned);
+    }
+    Ok(learned)
 }
 
 /// Where a preflight step comes from.
@@ -145,6 +154,10 @@ struct Learner<'r> {
     fresh_uuids: Vec<(String, String)>,
     notes: Vec<String>,
     suspicious: Vec<String>,
+    /// (extract name, value) of every preflight value planned.
+    observed: Vec<(String, String)>,
+    /// Templating a later turn: what the first turn left to reuse, and what was found.
+    follow_up: Option<follow_up::Context>,
 }
 
 impl<'r> Learner<'r> {
@@ -162,6 +175,8 @@ impl<'r> Learner<'r> {
             fresh_uuids: Vec::new(),
             notes: Vec::new(),
             suspicious: Vec::new(),
+            observed: Vec::new(),
+            follow_up: None,
         }
     }
 
@@ -197,11 +212,13 @@ impl<'r> Learner<'r> {
     /// The chat call: a marker carrier whose response yields the reply; else a later
     /// exchange whose response does (the marker then travelled in a preflight).
     fn find_chat_call(&self) -> Result<Chosen, InferError> {
+        // A navigation carrying the probe is the page's form submitted natively (the page
+        // reloaded): never the chat call.
         let carriers: Vec<usize> = self
             .exchanges()
             .iter()
             .enumerate()
-            .filter(|(_, e)| self.carries_marker(e))
+            .filter(|(_, e)| !follow_up::is_navigation(e) && self.carries_marker(e))
             .map(|(i, _)| i)
             .collect();
         let Some(&first) = carriers.first() else {
@@ -274,6 +291,53 @@ impl<'r> Learner<'r> {
                 " in an earlier call".to_owned()
             }
         ));
+        let (request, preflight) = self.template_calls(&chosen);
+
+        let mut hints = self.default_hints(chat_exchange);
+        hints.conversation_values = self.preflight_values.clone();
+        let found = decoder::infer_response_with(
+            chat_exchange,
+            &self.recording.rendered_reply,
+            self.recording.rendered_reasoning.as_deref(),
+            &hints,
+        )
+        .map_err(|e| InferError::NoReply {
+            call: describe_call(chat_exchange),
+            reason: lowercase_first(&e.to_string()),
+        })?;
+        self.notes.extend(found.notes);
+        let mut flow = Flow {
+            id: String::new(),
+            service: service.to_owned(),
+            name: "chat".to_owned(),
+            version: 1,
+            origin: Some(self.page.origin().ascii_serialization()),
+            preflight,
+            request,
+            response: found.spec,
+            ui: Some(UiHints {
+                page: Some(self.url_of_page()),
+                ..UiHints::default()
+            }),
+            follow_up: None,
+            replay: ReplayPolicy::default(),
+            stats: FlowStats::default(),
+        };
+        flow.validate()
+            .map_err(|e| InferError::Invalid(e.to_string()))?;
+        drop_literal_secrets(&mut flow, &mut self.suspicious);
+        Ok(Learned {
+            flow,
+            notes: self.notes,
+            suspicious: self.suspicious,
+            chat_index: chosen.index,
+            observed: self.observed,
+        })
+    }
+
+    /// Templates the chat call of `chosen` and the preflights it needs (its carriers, and the
+    /// calls its values came from, recursively), in the order the page made them.
+    fn template_calls(&mut self, chosen: &Chosen) -> (HttpTemplate, Vec<Step>) {
         self.templating_chat = true;
         let request = self.template(chosen.index);
         self.templating_chat = false;
@@ -293,20 +357,6 @@ impl<'r> Learner<'r> {
             let template = self.template(index);
             templates.insert(index, template);
         }
-
-        let mut hints = self.default_hints(chat_exchange);
-        hints.conversation_values = self.preflight_values.clone();
-        let found = decoder::infer_response_with(
-            chat_exchange,
-            &self.recording.rendered_reply,
-            self.recording.rendered_reasoning.as_deref(),
-            &hints,
-        )
-        .map_err(|e| InferError::NoReply {
-            call: describe_call(chat_exchange),
-            reason: lowercase_first(&e.to_string()),
-        })?;
-        self.notes.extend(found.notes);
 
         let steps = std::mem::take(&mut self.steps);
         let mut preflight = Vec::new();
@@ -330,48 +380,7 @@ impl<'r> Learner<'r> {
                 extract: plan.extract,
             });
         }
-        let mut flow = Flow {
-            id: String::new(),
-            service: service.to_owned(),
-            name: "chat".to_owned(),
-            version: 1,
-            origin: Some(self.page.origin().ascii_serialization()),
-            preflight,
-            request,
-            response: found.spec,
-            ui: Some(UiHints {
-                page: Some(self.url_of_page()),
-                ..UiHints::default()
-            }),
-            follow_up: None,
-            replay: ReplayPolicy::default(),
-            stats: FlowStats::default(),
-        };
-        flow.validate()
-            .map_err(|e| InferError::Invalid(e.to_string()))?;
-        let secrets = flow.literal_secrets();
-        if !secrets.is_empty() {
-            // Never ship a literal credential: drop those headers, say so.
-            let templates = std::iter::once(&mut flow.request)
-                .chain(flow.preflight.iter_mut().map(|s| &mut s.http));
-            for http in templates {
-                http.headers.retain(|name, _| !secrets.contains(name));
-            }
-            for name in secrets {
-                push_unique(
-                    &mut self.suspicious,
-                    format!(
-                        "header `{name}` holds a credential found in no storage, cookie or \
-                         earlier response; it was left out of the flow"
-                    ),
-                );
-            }
-        }
-        Ok(Learned {
-            flow,
-            notes: self.notes,
-            suspicious: self.suspicious,
-        })
+        (request, preflight)
     }
 
     fn url_of_page(&self) -> String {
@@ -411,6 +420,11 @@ impl<'r> Learner<'r> {
             if let Some(messages) = &mut messages {
                 self.template_json(index, frames_at, messages, &mut slots);
             }
+            let messages = messages.map(|m| {
+                let (m, s) = self.with_socket_prefix(exchange, m, std::mem::take(&mut slots));
+                slots = s;
+                m
+            });
             (BodyKind::Json, messages)
         } else {
             self.template_body(index, exchange, at, &mut slots)
@@ -654,6 +668,9 @@ impl<'r> Learner<'r> {
                     .and_then(Value::as_array)
                     .map_or(0, Vec::len);
                 if count > 1 {
+                    if let Some(context) = &mut self.follow_up {
+                        context.resends_history = true;
+                    }
                     self.notes.push(format!(
                         "the request resends the conversation: `{list}` is an OpenAI-like \
                          message list ({count} messages)"
@@ -716,6 +733,13 @@ impl<'r> Learner<'r> {
                 }
                 Value::Number(n) => {
                     let Some(number) = n.as_f64() else { continue };
+                    if let Some(source) = self.counter(&pointer, number) {
+                        if let Some(slot) = body.pointer_mut(&pointer) {
+                            *slot = Value::from(0);
+                        }
+                        slots.insert(pointer.clone(), source);
+                        continue;
+                    }
                     if let Some(unit) = timestamp_unit(number, self.expected_ms(at)) {
                         if let Some(slot) = body.pointer_mut(&pointer) {
                             *slot = Value::from(0);
@@ -789,6 +813,11 @@ impl<'r> Learner<'r> {
                 describe_call(&self.exchanges()[index])
             ));
             return Plan::Prompt;
+        }
+        if self.follow_up.is_some()
+            && let Some(plan) = self.plan_from_first_turn(index, at, value, spot)
+        {
+            return plan;
         }
         if (is_id_like(value) || is_high_entropy(value))
             && let Some(origin) = self.sources.find(value, index, at)
@@ -881,6 +910,9 @@ impl<'r> Learner<'r> {
             }
         };
         let name = self.extract_name(key, &extract, &hint);
+        if !self.observed.iter().any(|(n, _)| *n == name) {
+            self.observed.push((name.clone(), value.to_owned()));
+        }
         if let StepKey::Exchange(index) = key
             && !self.steps.contains_key(&key)
         {
@@ -939,6 +971,26 @@ impl<'r> Learner<'r> {
         }
         self.names.insert(name.clone(), (key, extract.clone()));
         name
+    }
+}
+
+/// Never ships a literal credential: drops those headers and says so.
+fn drop_literal_secrets(flow: &mut Flow, suspicious: &mut Vec<String>) {
+    let secrets = flow.literal_secrets();
+    if secrets.is_empty() {
+        return;
+    }
+    for http in flow.templates_mut() {
+        http.headers.retain(|name, _| !secrets.contains(name));
+    }
+    for name in secrets {
+        push_unique(
+            suspicious,
+            format!(
+                "header `{name}` holds a credential found in no storage, cookie or earlier \
+                 response; it was left out of the flow"
+            ),
+        );
     }
 }
 

@@ -728,6 +728,8 @@ async fn probe_page(
         rendered_reasoning: rendered.reasoning.map(|r| r.trim().to_owned()),
         storage: storage.1,
         exchanges,
+        sent_ms: None,
+        follow_up: None,
     })
 }
 
