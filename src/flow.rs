@@ -142,6 +142,45 @@ pub struct FollowUp {
     pub resends_history: bool,
 }
 
+impl FollowUp {
+    /// The values of the previous exchange a later turn renders with: all of them but those
+    /// its own preflights extract (those steps run, or reuse their session-wide values, rather
+    /// than being skipped as already known).
+    pub fn carried(&self, values: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+        let own: Vec<&String> = self
+            .preflight
+            .iter()
+            .flat_map(|s| s.extract.keys())
+            .collect();
+        values
+            .iter()
+            .filter(|(name, _)| !own.contains(name))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// The names of the previous exchange's values it sends (`conversation.NAME`).
+    pub fn uses(&self) -> Vec<String> {
+        let mut text = serde_json::to_string(&self.request).unwrap_or_default();
+        for step in &self.preflight {
+            text.push_str(&serde_json::to_string(&step.http).unwrap_or_default());
+        }
+        let mut names = Vec::new();
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find("conversation.") {
+            rest = &rest[at + "conversation.".len()..];
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            if !name.is_empty() && !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        names
+    }
+}
+
 /// The key, in the values remembered of a site conversation, of how many turns it has had.
 /// (`#` cannot start a preflight or id name.)
 pub const TURNS: &str = "#turns";

@@ -107,9 +107,18 @@ pub(crate) struct PoolShared {
     live: Mutex<HashMap<String, Arc<LiveEntry>>>,
     /// The browser tiers' pages, per account.
     work: Mutex<HashMap<String, Arc<AccountWork>>>,
+    /// Told what a page holds after a probe or a browser-tier page load (see
+    /// [`BrowserPool::set_harvest_hook`]).
+    harvest_hook: Mutex<Option<HarvestHook>>,
     #[cfg(test)]
     pub(crate) observer: Mutex<Option<Observer>>,
 }
+
+/// Receives (account id, session material) harvested from an account's page after it ran:
+/// pages write storage after login (a token stored when the chat page loads), and flows
+/// refer to it.
+pub type HarvestHook =
+    Arc<dyn Fn(String, SessionData) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>;
 
 /// Which browser tier a work page serves. Each has its own page in the account's context:
 /// the UI tier reloads its page for every request, which would abort the in-page tier's
@@ -329,9 +338,49 @@ impl BrowserPool {
                 context_freed: Notify::new(),
                 live: Mutex::new(HashMap::new()),
                 work: Mutex::new(HashMap::new()),
+                harvest_hook: Mutex::new(None),
                 #[cfg(test)]
                 observer: Mutex::new(None),
             }),
+        }
+    }
+
+    /// Where failure screenshots (and the learner's saved recordings) go.
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.shared.config.data_dir
+    }
+
+    /// Sets what is told the session material of an account's page after a probe (awaited
+    /// before the probe returns) and after a browser tier loaded its page (not awaited).
+    pub fn set_harvest_hook(&self, hook: HarvestHook) {
+        *lock(&self.shared.harvest_hook) = Some(hook);
+    }
+
+    /// Harvests `page` and hands the result to the hook. Failures only cost a fresher session.
+    async fn reharvest(
+        &self,
+        running: &Running,
+        context: &BrowserContextId,
+        page: &Page,
+        account_id: &str,
+        wait: bool,
+    ) {
+        let Some(hook) = lock(&self.shared.harvest_hook).clone() else {
+            return;
+        };
+        match super::harvest::harvest(running, context, page).await {
+            Ok(harvested) => {
+                let told = hook(account_id.to_owned(), harvested.session);
+                if wait {
+                    told.await;
+                } else {
+                    // Detached: a browser-tier reply must not wait for a store write.
+                    tokio::spawn(told);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(account = %account_id, error = %e, "could not harvest the page")
+            }
         }
     }
 
@@ -517,6 +566,10 @@ impl BrowserPool {
         let mut result = self
             .probe_on_page(running, &page, req, &chat_url, inject)
             .await;
+        if result.is_ok() {
+            self.reharvest(running, &lease.id, &page, &req.account_id, true)
+                .await;
+        }
         if let Err(error) = &mut result
             && error.wants_screenshot()
             && !running.is_dead()
@@ -671,6 +724,14 @@ impl BrowserPool {
                 {
                     Ok(_) => {
                         work.touch();
+                        self.reharvest(
+                            running,
+                            setup.context,
+                            &work.page,
+                            &setup.req.account_id,
+                            false,
+                        )
+                        .await;
                         return Ok(work.clone());
                     }
                     Err(e) if !matches!(e, ProbeError::Crashed(_) | ProbeError::Cdp(_)) => {
@@ -732,6 +793,8 @@ impl BrowserPool {
                 return Err(probe_to_replay(e));
             }
         };
+        self.reharvest(running, setup.context, &page, &setup.req.account_id, false)
+            .await;
         let work = Arc::new(WorkPage {
             page,
             recorder,

@@ -75,10 +75,19 @@ pub(super) async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStr
         .await
         .map_err(page_error)?;
     let mut feed = lease.work.recorder.subscribe();
-    let clicked = probe::send(&page, KEY).await.map_err(probe_to_replay)?;
+    let needle: String = text
+        .trim()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .take(60)
+        .collect();
+    let mut sending = probe::Sending::start(&page, KEY, &text, &needle)
+        .await
+        .map_err(probe_to_replay)?;
     let sent_at = Instant::now();
     let matcher = Matcher::new(&req.flow, &text);
-    let mut resent = !clicked;
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut chat: Option<String> = None;
@@ -93,6 +102,12 @@ pub(super) async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStr
                     });
                 };
                 match event {
+                    // The page itself is being replaced (a form submitted natively).
+                    RecorderEvent::Request { resource_type, .. }
+                        if resource_type.eq_ignore_ascii_case("document") =>
+                    {
+                        sending.navigated();
+                    }
                     RecorderEvent::Request { id, method, url, body, .. }
                         if chat.is_none() && matcher.request(&method, &url, body.as_deref()) =>
                     {
@@ -159,12 +174,7 @@ pub(super) async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStr
                     }
                     continue;
                 }
-                if !resent && now >= sent_at + probe::RESEND_AFTER {
-                    resent = true;
-                    tracing::debug!("no chat call after clicking send; pressing Enter");
-                    let _ = probe::script::<bool>(&page, KEY, probe::FOCUS_JS, &[]).await;
-                    super::press_key(&page, "Enter").await.map_err(page_error)?;
-                }
+                sending.check(&page, now).await.map_err(probe_to_replay)?;
                 if now >= sent_at + DOM_AFTER {
                     let rendered = read_reply(&page, &text).await?;
                     if rendered.found && !rendered.text.trim().is_empty() {
@@ -207,6 +217,10 @@ struct Matcher {
     /// The typed text as it may appear in a body: raw, and JSON-escaped.
     needles: Vec<Vec<u8>>,
     socket: bool,
+    /// The flow's chat call carries the prompt. When a preflight does (the prompt travels
+    /// in a "new chat" call), the call carrying the typed text is that preflight, and only
+    /// the path tells the chat call.
+    prompt_in_chat: bool,
 }
 
 impl Matcher {
@@ -222,12 +236,13 @@ impl Matcher {
             path: template_path(&flow.request.url),
             needles,
             socket: flow.response.transport == Transport::Websocket,
+            prompt_in_chat: carries_prompt(&flow.request),
         }
     }
 
     fn request(&self, method: &str, url: &str, body: Option<&[u8]>) -> bool {
         let path_matches = method.eq_ignore_ascii_case(&self.method) && self.path_matches(url);
-        path_matches || body.is_some_and(|b| self.carries(b))
+        path_matches || (self.prompt_in_chat && body.is_some_and(|b| self.carries(b)))
     }
 
     fn carries(&self, haystack: &[u8]) -> bool {
@@ -250,6 +265,19 @@ impl Matcher {
                 .zip(&self.path)
                 .all(|(seen, wanted)| wanted.as_deref().is_none_or(|w| w == *seen))
     }
+}
+
+/// Whether a call template sends the prompt (a prompt-like slot, or a `{{prompt}}`
+/// placeholder in its URL, headers or body).
+fn carries_prompt(http: &crate::flow::HttpTemplate) -> bool {
+    let prompt_like = |source: &str| matches!(source, "prompt" | "last_user" | "messages");
+    http.slots.values().any(|s| prompt_like(s))
+        || http.url.contains("{{prompt}}")
+        || http.headers.values().any(|v| v.contains("{{prompt}}"))
+        || http
+            .body
+            .as_ref()
+            .is_some_and(|b| b.to_string().contains("{{prompt}}"))
 }
 
 /// The path of a flow URL template (absolute or relative), split into segments; a segment
@@ -386,6 +414,7 @@ mod unit {
             ),
             needles: vec![b"hi there".to_vec()],
             socket: false,
+            prompt_in_chat: true,
         };
         assert!(m.request(
             "POST",
@@ -407,6 +436,20 @@ mod unit {
             template_path("https://x.example/api/ws?conversation={{preflight.c}}"),
             vec![Some(String::new()), Some("api".into()), Some("ws".into())]
         );
+    }
+
+    #[test]
+    fn with_the_prompt_in_a_preflight_only_the_path_tells_the_chat_call() {
+        let flow = Flow::from_json(
+            r#"{"service":"s","preflight":[{"url":"/new","body":{"q":""},"slots":{"/q":"prompt"},
+                "extract":{"c":"/id"}}],
+                "request":{"url":"/stream/{{preflight.c}}","body":{"c":""},"slots":{"/c":"preflight.c"}},
+                "response":{"transport":"sse","text":{"path":"/t","mode":"delta"}}}"#,
+        )
+        .unwrap();
+        let m = Matcher::new(&flow, "hi there");
+        assert!(!m.request("POST", "http://h/new", Some(br#"{"q":"hi there"}"#)));
+        assert!(m.request("POST", "http://h/stream/c1", None));
     }
 
     #[test]

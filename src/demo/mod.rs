@@ -431,6 +431,10 @@ pub struct DemoConfig {
     /// Every chat call is signed by the page like the signed shape's (whatever the shape), and
     /// refused without a fresh signature: only the browser tiers can use the site.
     pub signed: bool,
+    /// The page shows this after every reply, as if it were part of it (a site whose page
+    /// renders more than its API sends: no reading of the wire yields what it shows, so
+    /// learning it fails).
+    pub render_suffix: Option<String>,
 }
 
 impl Default for DemoConfig {
@@ -445,6 +449,7 @@ impl Default for DemoConfig {
             anti_bot: false,
             clearance_ttl: DEFAULT_CLEARANCE_TTL,
             signed: false,
+            render_suffix: None,
         }
     }
 }

@@ -663,6 +663,12 @@ async fn chat_page(State(state): State<Shared>, headers: HeaderMap) -> Response 
     if state.config.signed {
         metas.push_str("<meta name=\"demo-signed\" content=\"1\">\n");
     }
+    if let Some(suffix) = &state.config.render_suffix {
+        metas.push_str(&format!(
+            "<meta name=\"demo-render-suffix\" content=\"{}\">\n",
+            escape_html(suffix)
+        ));
+    }
     let page = CHAT_HTML
         .replace("{{CSRF}}", &escape_html(&session.csrf))
         .replace("{{SHAPE}}", shape.as_str())

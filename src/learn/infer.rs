@@ -52,6 +52,8 @@ pub struct Learned {
     pub(crate) chat_index: usize,
     /// (extract name, the value it had in the recording) of every preflight value.
     pub(crate) observed: Vec<(String, String)>,
+    /// Exchange index → the names the flow extracts from it (its preflight steps).
+    pub(crate) uses: BTreeMap<usize, Vec<String>>,
 }
 
 /// Why no flow could be inferred. Messages are for the user and never quote cookie values or
@@ -92,6 +94,97 @@ pub fn infer(recording: &Recording, service: &str) -> Result<Learned, InferError
         follow_up::learn(recording, second, page, &mut learned);
     }
     Ok(learned)
+}
+
+/// Why each recorded call was or was not taken, one line per call, in the recording's order
+/// (`computetower learn --explain`). Never quotes bodies or header values.
+pub fn explain(recording: &Recording) -> Vec<String> {
+    let learned = infer(recording, "explain").ok();
+    let reply = recording.rendered_reply.as_str();
+    let reasoning = recording.rendered_reasoning.as_deref();
+    let marker = recording.marker.as_str();
+    let first_carrier = recording
+        .exchanges
+        .iter()
+        .position(|e| !follow_up::is_navigation(e) && exchange_carries(e, marker));
+    let mut out = Vec::new();
+    for (i, exchange) in recording.exchanges.iter().enumerate() {
+        let call = format!("{:>3}. {}", i + 1, describe_call(exchange));
+        let carries = exchange_carries(exchange, marker);
+        let kind = exchange.resource_type.to_ascii_lowercase();
+        let verdict = if learned.as_ref().is_some_and(|l| l.chat_index == i) {
+            "taken: the chat call, its response reads as the reply".to_owned()
+        } else if let Some(names) = learned.as_ref().and_then(|l| l.uses.get(&i)) {
+            format!(
+                "taken: a preflight{}, the flow reads {} from it",
+                if carries { " carrying the probe" } else { "" },
+                names
+                    .iter()
+                    .map(|n| format!("`{n}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        } else if follow_up::is_navigation(exchange) {
+            if carries {
+                "not taken: a page load carrying the probe (the page's form was submitted \
+                 natively), never a chat call"
+                    .to_owned()
+            } else {
+                "not taken: a page load".to_owned()
+            }
+        } else if matches!(
+            kind.as_str(),
+            "script" | "stylesheet" | "image" | "font" | "media" | "manifest"
+        ) {
+            "not taken: a static resource".to_owned()
+        } else if first_carrier.is_none_or(|f| i < f) && !carries {
+            if learned.is_some() {
+                "not taken: nothing the chat call sends came from it".to_owned()
+            } else {
+                "not taken: made before the call carrying the probe (no chat call was found to \
+                 need it)"
+                    .to_owned()
+            }
+        } else if decoder::input_of(exchange).is_none() {
+            "not taken: no response to read a reply from".to_owned()
+        } else {
+            match decoder::infer_response_with(exchange, reply, reasoning, &Hints::default()) {
+                Ok(_) => {
+                    "not taken: its response reads as the reply too, but another call was chosen"
+                        .to_owned()
+                }
+                Err(e) => format!(
+                    "not taken{}: {}",
+                    if carries {
+                        " (it carries the probe)"
+                    } else {
+                        ""
+                    },
+                    lowercase_first(&e.to_string())
+                ),
+            }
+        };
+        out.push(format!("{call}: {verdict}"));
+    }
+    out
+}
+
+/// Whether the exchange's URL, body or sent frames carry `marker`.
+fn exchange_carries(exchange: &Exchange, marker: &str) -> bool {
+    let url = percent_encoding::percent_decode_str(&exchange.url.replace('+', " "))
+        .decode_utf8_lossy()
+        .into_owned();
+    url.contains(marker)
+        || exchange
+            .request_body
+            .as_ref()
+            .is_some_and(|b| String::from_utf8_lossy(&b.0).contains(marker))
+        || exchange
+            .frames
+            .iter()
+            .filter(|f| f.sent)
+            .filter_map(frame_text)
+            .any(|t| t.contains(marker))
 }
 
 /// Where a preflight step comes from.
@@ -185,21 +278,7 @@ impl<'r> Learner<'r> {
     }
 
     fn carries_marker(&self, exchange: &Exchange) -> bool {
-        let marker = self.recording.marker.as_str();
-        let url = percent_encoding::percent_decode_str(&exchange.url.replace('+', " "))
-            .decode_utf8_lossy()
-            .into_owned();
-        url.contains(marker)
-            || exchange
-                .request_body
-                .as_ref()
-                .is_some_and(|b| String::from_utf8_lossy(&b.0).contains(marker))
-            || exchange
-                .frames
-                .iter()
-                .filter(|f| f.sent)
-                .filter_map(frame_text)
-                .any(|t| t.contains(marker))
+        exchange_carries(exchange, &self.recording.marker)
     }
 
     fn default_hints(&self, exchange: &Exchange) -> Hints {
@@ -332,6 +411,17 @@ impl<'r> Learner<'r> {
             suspicious: self.suspicious,
             chat_index: chosen.index,
             observed: self.observed,
+            uses: self
+                .names
+                .iter()
+                .filter_map(|(name, (key, _))| match key {
+                    StepKey::Exchange(i) => Some((*i, name.clone())),
+                    StepKey::Page => None,
+                })
+                .fold(BTreeMap::new(), |mut uses, (i, name)| {
+                    uses.entry(i).or_insert_with(Vec::new).push(name);
+                    uses
+                }),
         })
     }
 

@@ -80,6 +80,9 @@ pub struct ProbeRequest {
     pub probe_text: Option<String>,
     /// Budget from sending the probe to the complete reply.
     pub timeout: Duration,
+    /// Send a second probe in the same conversation once the reply is complete, recorded as
+    /// [`Recording::follow_up`] (it shows what a later turn carries).
+    pub follow_up: bool,
 }
 
 impl std::fmt::Debug for ProbeRequest {
@@ -91,6 +94,7 @@ impl std::fmt::Debug for ProbeRequest {
             .field("login", &self.login)
             .field("has_probe_text", &self.probe_text.is_some())
             .field("timeout", &self.timeout)
+            .field("follow_up", &self.follow_up)
             .finish()
     }
 }
@@ -104,6 +108,7 @@ impl ProbeRequest {
             login: None,
             probe_text: None,
             timeout: Duration::from_secs(60),
+            follow_up: false,
         }
     }
 }
@@ -225,6 +230,11 @@ pub fn default_probe(marker: &str) -> String {
     format!("Reply with a short greeting. {marker}")
 }
 
+/// The second probe, sent in the same conversation to see what a later turn carries.
+pub fn follow_up_probe(marker: &str) -> String {
+    format!("And once more, briefly. {marker}")
+}
+
 /// What the page-level probe needs.
 pub(crate) struct ProbeOptions {
     /// The message to type (it contains `marker`).
@@ -232,6 +242,9 @@ pub(crate) struct ProbeOptions {
     pub marker: String,
     /// Budget from sending to the complete reply.
     pub timeout: Duration,
+    /// A second message (and its marker) to send in the same conversation once the reply is
+    /// complete.
+    pub follow_up: Option<(String, String)>,
 }
 
 impl ProbeOptions {
@@ -243,10 +256,15 @@ impl ProbeOptions {
             Some(text) => format!("{} {marker}", text.trim_end()),
             None => default_probe(&marker),
         };
+        let follow_up = req.follow_up.then(|| {
+            let marker = new_marker();
+            (follow_up_probe(&marker), marker)
+        });
         ProbeOptions {
             probe,
             marker,
             timeout: req.timeout,
+            follow_up,
         }
     }
 }
@@ -579,7 +597,6 @@ async fn probe_page(
     options: &ProbeOptions,
     key: &str,
 ) -> Result<Recording, ProbeError> {
-    let marker = options.marker.as_str();
     let found: Found = script(page, key, FIND_COMPOSER_JS, &[])
         .await
         .map_err(cdp)?;
@@ -592,26 +609,113 @@ async fn probe_page(
     }
     let storage = snapshot_storage(page).await?;
     let recorder = Recorder::start(page, taps).await.map_err(cdp)?;
+    // Taken once the recorder runs, so no earlier than its time 0: what started after a
+    // send has a recording time after it.
+    let origin = Instant::now();
     let mut feed = recorder.subscribe();
-
-    crate::browser::insert_text(page, &options.probe)
-        .await
-        .map_err(cdp)?;
-    let typed: Option<String> = script(page, key, COMPOSER_TEXT_JS, &[])
-        .await
-        .map_err(cdp)?;
-    if !typed.is_some_and(|t| t.contains(marker)) {
-        tracing::debug!("Input.insertText did not reach the chat input; setting it by script");
-        script::<bool>(page, key, SET_TEXT_JS, &[("TEXT", &options.probe)])
+    let first = converse(
+        page,
+        key,
+        &mut feed,
+        &options.probe,
+        &options.marker,
+        options.timeout,
+        Until::Complete,
+    )
+    .await?;
+    let second = match &options.follow_up {
+        Some((probe, marker)) => {
+            let sent = Instant::now();
+            match converse(
+                page,
+                key,
+                &mut feed,
+                probe,
+                marker,
+                FOLLOW_UP_TIMEOUT,
+                Until::Shown,
+            )
             .await
-            .map_err(cdp)?;
+            {
+                Ok(reply) => Some((probe, marker, reply, sent)),
+                Err(e) => {
+                    // One probe is all a flow needs; later turns then start new conversations.
+                    tracing::info!(error = %e, "the second probe was not answered");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    if second.is_none() {
+        // A capture window, not synchronisation: pages often report usage or fetch a title
+        // right after the reply, and those calls belong to the recording.
+        tokio::time::sleep(TRAILING).await;
     }
-    script::<bool>(page, key, WATCH_JS, &[])
-        .await
-        .map_err(cdp)?;
-    let clicked = send(page, key).await?;
-    let sent_at = Instant::now();
-    let deadline = sent_at + options.timeout;
+    let all = recorder.stop().await;
+    let page_url = page.url().await.ok().flatten().unwrap_or(storage.0);
+    let (exchanges, follow_up) = match second {
+        Some((probe, marker, reply, sent)) => {
+            let sent_ms = sent.duration_since(origin).as_secs_f64() * 1000.0;
+            let (first_half, second_half) = Recording::split_exchanges(all, sent_ms);
+            let follow_up = Recording {
+                page_url: page_url.clone(),
+                marker: marker.clone(),
+                probe: probe.clone(),
+                rendered_reply: reply.text.trim().to_owned(),
+                rendered_reasoning: reply.reasoning.map(|r| r.trim().to_owned()),
+                storage: storage.1.clone(),
+                exchanges: second_half,
+                sent_ms: Some(sent_ms),
+                follow_up: None,
+            };
+            (first_half, Some(Box::new(follow_up)))
+        }
+        None => (all, None),
+    };
+    Ok(Recording {
+        page_url,
+        marker: options.marker.clone(),
+        probe: options.probe.clone(),
+        rendered_reply: first.text.trim().to_owned(),
+        rendered_reasoning: first.reasoning.map(|r| r.trim().to_owned()),
+        storage: storage.1,
+        exchanges,
+        sent_ms: None,
+        follow_up,
+    })
+}
+
+/// How long the second probe may take to show the start of its reply.
+const FOLLOW_UP_TIMEOUT: Duration = Duration::from_secs(20);
+/// A request started after the probe that has shown no activity for this long no longer
+/// holds the probe back (a long-lived channel of the page, not the reply).
+const IN_FLIGHT_QUIET: Duration = Duration::from_millis(1500);
+
+/// When a probe's exchange is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Until {
+    /// The reply is complete: the call carrying the probe and every call after it are done,
+    /// and the rendered reply has been stable for [`STABLE_FOR`].
+    Complete,
+    /// The reply has started to show (a follow-up needs what the requests carry, not the
+    /// whole reply).
+    Shown,
+}
+
+/// Types `text` into the composer, sends it, and waits for the reply (see [`Until`]).
+async fn converse(
+    page: &Page,
+    key: &str,
+    feed: &mut tokio::sync::mpsc::Receiver<RecorderEvent>,
+    text: &str,
+    marker: &str,
+    timeout: Duration,
+    until: Until,
+) -> Result<Rendered, ProbeError> {
+    type_message(page, key, text, marker).await?;
+    let mut sending = Sending::start(page, key, text, marker).await?;
+    let deadline = Instant::now() + timeout;
 
     let mut chat: Option<String> = None;
     let mut socket = false;
@@ -619,7 +723,8 @@ async fn probe_page(
     let mut finished_at: Option<Instant> = None;
     let mut failure: Option<String> = None;
     let mut last_frame: Option<Instant> = None;
-    let mut resent = !clicked;
+    // Requests started after the one carrying the probe, not yet finished: id → last activity.
+    let mut in_flight: BTreeMap<String, Instant> = BTreeMap::new();
     let mut rendered = Rendered::default();
     let mut changed_at = Instant::now();
     let mut tick = tokio::time::interval(POLL);
@@ -630,37 +735,64 @@ async fn probe_page(
                 let Some(event) = event else {
                     return Err(ProbeError::Crashed("the recorder stopped".into()));
                 };
+                let now = Instant::now();
                 match event {
-                    RecorderEvent::Request { id, url, body, .. } if chat.is_none() => {
-                        let in_body = body.as_deref().is_some_and(|b| contains(b, marker.as_bytes()));
-                        if url.contains(marker) || in_body {
-                            chat = Some(id);
+                    RecorderEvent::Request { id, url, body, resource_type, .. } => {
+                        let navigation = resource_type.eq_ignore_ascii_case("document");
+                        if navigation {
+                            // The page itself is being replaced (a form submitted natively).
+                            sending.navigated();
+                        } else if chat.is_none() {
+                            let in_body = body.as_deref().is_some_and(|b| contains(b, marker.as_bytes()));
+                            if url.contains(marker) || in_body {
+                                chat = Some(id);
+                            }
+                        } else {
+                            in_flight.insert(id, now);
                         }
                     }
                     RecorderEvent::Frame { id, frame } => {
+                        if let Some(seen) = in_flight.get_mut(&id) {
+                            *seen = now;
+                        }
                         if chat.is_none() && frame.sent && frame.payload.contains(marker) {
                             chat = Some(id);
                             socket = true;
                         } else if chat.as_ref() == Some(&id) && !frame.sent {
-                            last_frame = Some(Instant::now());
+                            last_frame = Some(now);
                         }
                     }
-                    RecorderEvent::Response { id, status: s, .. } if chat.as_ref() == Some(&id) => {
-                        status = Some(s);
+                    RecorderEvent::Response { id, status: s, .. } => {
+                        if chat.as_ref() == Some(&id) {
+                            status = Some(s);
+                        }
+                        if let Some(seen) = in_flight.get_mut(&id) {
+                            *seen = now;
+                        }
                     }
-                    RecorderEvent::Finished { id } if chat.as_ref() == Some(&id) => {
-                        finished_at.get_or_insert_with(Instant::now);
+                    RecorderEvent::Data { id, .. } => {
+                        if let Some(seen) = in_flight.get_mut(&id) {
+                            *seen = now;
+                        }
                     }
-                    RecorderEvent::Failed { id, error } if chat.as_ref() == Some(&id) => {
-                        failure = Some(error);
-                        finished_at.get_or_insert_with(Instant::now);
+                    RecorderEvent::Finished { id } => {
+                        if chat.as_ref() == Some(&id) {
+                            finished_at.get_or_insert(now);
+                        }
+                        in_flight.remove(&id);
                     }
-                    _ => {}
+                    RecorderEvent::Failed { id, error } => {
+                        if chat.as_ref() == Some(&id) {
+                            failure = Some(error);
+                            finished_at.get_or_insert(now);
+                        }
+                        in_flight.remove(&id);
+                    }
                 }
             }
             _ = tick.tick() => {
                 let now = Instant::now();
-                let current: Rendered = match script(page, key, READ_REPLY_JS, &[("PROBE", &options.probe), ("MARKER", marker)]).await {
+                let current: Rendered = match script(page, key, READ_REPLY_JS, &[("PROBE", text), ("MARKER", marker)]).await {
                     Ok(r) => r,
                     Err(e) if crate::browser::is_connection(&e) => return Err(cdp(e)),
                     // A navigation in progress (some sites move to the conversation's URL).
@@ -671,19 +803,16 @@ async fn probe_page(
                     changed_at = now;
                 }
                 if chat.is_none() {
-                    if !resent && now >= sent_at + RESEND_AFTER {
-                        resent = true;
-                        tracing::debug!("no request carried the probe after clicking send; pressing Enter");
-                        let _ = script::<bool>(page, key, FOCUS_JS, &[]).await;
-                        crate::browser::press_key(page, "Enter").await.map_err(cdp)?;
-                    } else if now >= sent_at + SEND_WAIT {
-                        return Err(ProbeError::NotSent { screenshot: None });
-                    }
+                    sending.check(page, now).await?;
                 }
                 if socket && finished_at.is_none()
                     && last_frame.is_some_and(|t| now >= t + SOCKET_QUIET)
                 {
                     finished_at = Some(now);
+                }
+                let shown = rendered.found && !rendered.text.trim().is_empty();
+                if until == Until::Shown && chat.is_some() && shown {
+                    break;
                 }
                 if let Some(done) = finished_at {
                     if let Some(reason) = &failure {
@@ -692,11 +821,14 @@ async fn probe_page(
                     if let Some(s) = status.filter(|s| *s >= 400) {
                         return Err(ProbeError::Rejected { status: s, screenshot: None });
                     }
+                    // The reply may stream from a later call (the one carrying the probe only
+                    // created the conversation): wait for those to end too.
+                    let streaming = in_flight.values().any(|seen| now < *seen + IN_FLIGHT_QUIET);
                     let settled = now >= done + STABLE_FOR && now >= changed_at + STABLE_FOR;
-                    if settled && rendered.found && !rendered.text.trim().is_empty() {
+                    if settled && !streaming && shown {
                         break;
                     }
-                    if now >= done + RENDER_WAIT {
+                    if now >= done + RENDER_WAIT && !streaming {
                         tracing::warn!("the chat call finished but no rendered reply was found on the page");
                         break;
                     }
@@ -708,38 +840,188 @@ async fn probe_page(
                         (Some(_), Some(_)) => "waiting for the rendered reply to settle",
                     };
                     return Err(ProbeError::Timeout {
-                        stage: format!("after {} s {stage}", options.timeout.as_secs()),
+                        stage: format!("after {} s {stage}", timeout.as_secs()),
                         screenshot: None,
                     });
                 }
             }
         }
     }
-    // A capture window, not synchronisation: pages often report usage or fetch a title right
-    // after the reply, and those calls belong to the recording.
-    tokio::time::sleep(TRAILING).await;
-    let exchanges = recorder.stop().await;
-    let page_url = page.url().await.ok().flatten().unwrap_or(storage.0);
-    Ok(Recording {
-        page_url,
-        marker: options.marker.clone(),
-        probe: options.probe.clone(),
-        rendered_reply: rendered.text.trim().to_owned(),
-        rendered_reasoning: rendered.reasoning.map(|r| r.trim().to_owned()),
-        storage: storage.1,
-        exchanges,
-        sent_ms: None,
-        follow_up: None,
-    })
+    Ok(rendered)
+}
+
+/// Finds the composer (again: pages re-render it), types `text` into it, and starts watching
+/// the page for the reply.
+async fn type_message(page: &Page, key: &str, text: &str, marker: &str) -> Result<(), ProbeError> {
+    let found: Found = script(page, key, FIND_COMPOSER_JS, &[])
+        .await
+        .map_err(cdp)?;
+    if !found.found {
+        let url = page.url().await.ok().flatten().unwrap_or_default();
+        return Err(ProbeError::NoComposer {
+            url: redact_url(&url),
+            screenshot: None,
+        });
+    }
+    crate::browser::insert_text(page, text).await.map_err(cdp)?;
+    let typed: Option<String> = script(page, key, COMPOSER_TEXT_JS, &[])
+        .await
+        .map_err(cdp)?;
+    if !typed.is_some_and(|t| t.contains(marker)) {
+        tracing::debug!("Input.insertText did not reach the chat input; setting it by script");
+        script::<bool>(page, key, SET_TEXT_JS, &[("TEXT", text)])
+            .await
+            .map_err(cdp)?;
+    }
+    script::<bool>(page, key, WATCH_JS, &[])
+        .await
+        .map_err(cdp)?;
+    Ok(())
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
 
+/// How long a send may take before the text counts as lost: the page navigated, or the text
+/// left the input, and no request carried it.
+const LOST_AFTER: Duration = Duration::from_millis(1200);
+/// How long the page may take to show its composer again after a navigation.
+const COMPOSER_BACK: Duration = Duration::from_secs(10);
+
+/// A typed message being sent, and what to do when it does not go: shared by the probe and
+/// the UI tier (`browser::ui`).
+///
+/// The send control is clicked (Enter when there is none). While no request carries the
+/// text, every poll checks the page: when it navigated (the click submitted the form
+/// natively and reloaded it: the page's state is gone) or the text left the input, for
+/// [`LOST_AFTER`], the composer is found again on the page, the text retyped and sent with
+/// Enter; when the text is still in the input after [`RESEND_AFTER`] (the click landed before
+/// the page's handler was ready), Enter is pressed. After [`SEND_WAIT`] without a request,
+/// it gives up.
+pub(crate) struct Sending {
+    key: String,
+    text: String,
+    needle: String,
+    sent_at: Instant,
+    /// Enter was pressed (after the click) or the text was retyped: no second chance.
+    resent: bool,
+    retyped: bool,
+    navigated: bool,
+    lost_at: Option<Instant>,
+}
+
+impl Sending {
+    /// Clicks the send control (Enter when there is none). `needle` is what shows the text is
+    /// still in the input (the probe's marker; the UI tier's text itself).
+    pub(crate) async fn start(
+        page: &Page,
+        key: &str,
+        text: &str,
+        needle: &str,
+    ) -> Result<Sending, ProbeError> {
+        let clicked = send(page, key).await?;
+        Ok(Sending {
+            key: key.to_owned(),
+            text: text.to_owned(),
+            needle: needle.to_owned(),
+            sent_at: Instant::now(),
+            resent: !clicked,
+            retyped: false,
+            navigated: false,
+            lost_at: None,
+        })
+    }
+
+    /// The page started loading a new document since the send.
+    pub(crate) fn navigated(&mut self) {
+        self.navigated = true;
+    }
+
+    /// One poll while no request carried the text: re-sends or gives up as the type docs say.
+    pub(crate) async fn check(&mut self, page: &Page, now: Instant) -> Result<(), ProbeError> {
+        let key = self.key.clone();
+        let in_input: Option<String> = script(page, &key, COMPOSER_TEXT_JS, &[])
+            .await
+            .unwrap_or(None);
+        let still_typed = in_input
+            .as_deref()
+            .is_some_and(|t| t.contains(&self.needle));
+        // The page's state is gone with its document.
+        let reloaded = in_input.is_none() && self.navigated;
+        if !still_typed {
+            let lost_at = *self.lost_at.get_or_insert(now);
+            if !self.retyped && (reloaded || now >= lost_at + LOST_AFTER) {
+                tracing::debug!(
+                    reloaded,
+                    "the message left the page without a request carrying it; typing it again"
+                );
+                self.retype(page).await?;
+                return Ok(());
+            }
+        } else {
+            self.lost_at = None;
+            if !self.resent && now >= self.sent_at + RESEND_AFTER {
+                self.resent = true;
+                tracing::debug!(
+                    "no request carried the message after clicking send; pressing Enter"
+                );
+                let _ = script::<bool>(page, &key, FOCUS_JS, &[]).await;
+                crate::browser::press_key(page, "Enter")
+                    .await
+                    .map_err(cdp)?;
+            }
+        }
+        if now >= self.sent_at + SEND_WAIT {
+            return Err(ProbeError::NotSent { screenshot: None });
+        }
+        Ok(())
+    }
+
+    /// Waits for the composer, types the text again and sends it with Enter.
+    async fn retype(&mut self, page: &Page) -> Result<(), ProbeError> {
+        self.retyped = true;
+        self.resent = true;
+        let deadline = Instant::now() + COMPOSER_BACK;
+        let key = self.key.clone();
+        loop {
+            let found: Found = script(page, &key, FIND_COMPOSER_JS, &[])
+                .await
+                .unwrap_or_default();
+            if found.found {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(ProbeError::NotSent { screenshot: None });
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        crate::browser::insert_text(page, &self.text)
+            .await
+            .map_err(cdp)?;
+        let typed: Option<String> = script(page, &key, COMPOSER_TEXT_JS, &[])
+            .await
+            .map_err(cdp)?;
+        if !typed.is_some_and(|t| t.contains(&self.needle)) {
+            script::<bool>(page, &key, SET_TEXT_JS, &[("TEXT", &self.text)])
+                .await
+                .map_err(cdp)?;
+        }
+        script::<bool>(page, &key, WATCH_JS, &[])
+            .await
+            .map_err(cdp)?;
+        crate::browser::press_key(page, "Enter")
+            .await
+            .map_err(cdp)?;
+        self.sent_at = Instant::now();
+        self.navigated = false;
+        self.lost_at = None;
+        Ok(())
+    }
+}
+
 /// Clicks the send control; presses Enter when there is none. Returns whether it clicked.
-/// Shared with the UI tier (`browser::ui`).
-pub(crate) async fn send(page: &Page, key: &str) -> Result<bool, ProbeError> {
+async fn send(page: &Page, key: &str) -> Result<bool, ProbeError> {
     let control: Found = script(page, key, FIND_SEND_JS, &[]).await.map_err(cdp)?;
     if !control.found {
         crate::browser::press_key(page, "Enter")

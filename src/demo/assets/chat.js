@@ -17,6 +17,8 @@
   var WRAPPED_TOKEN_KEY = "userToken";
   // Every chat call is signed when the site says so (the signed shape always is).
   var SIGNED = SHAPE === "signed" || meta("demo-signed") !== null;
+  // A test control: the page shows more than the reply it was sent.
+  var RENDER_SUFFIX = meta("demo-render-suffix");
 
   var messagesEl = document.getElementById("messages");
   var form = document.getElementById("composer");
@@ -341,7 +343,8 @@
         this.details.querySelector("summary").textContent = "Thought";
       }
     }
-    this.answerEl.innerHTML = renderMarkdown(this.answer);
+    this.answerEl.innerHTML = renderMarkdown(this.answer) +
+      (RENDER_SUFFIX && this.answer ? "<p>" + escapeHtml(RENDER_SUFFIX) + "</p>" : "");
     scrollDown();
   };
 
