@@ -367,6 +367,40 @@ async fn a_failed_learn_leaves_a_redacted_recording_and_a_clear_message() {
     assert!(computetower::learn::infer::infer(&recording, "quirky").is_err());
 }
 
+/// Tier 3 types into the page with the probe's sending code: a send control that submits the
+/// form natively the first time (the page reloads, the typed text is gone) is retyped and
+/// sent with Enter there too.
+#[tokio::test]
+async fn tier_3_retypes_a_message_the_page_lost_in_a_reload() {
+    let site = demo_site("fragile", &[]);
+    let data = Data::new();
+    learn(&data, &site.url, "fragile");
+    let server = data.serve(&[]);
+    let pages_before = get_json(format!("{}/__demo/stats", site.url)).await["pages"]
+        .as_u64()
+        .unwrap();
+    let response = common::http()
+        .post(format!("{}/v1/chat/completions", server.url))
+        .header("x-computetower-tier", "3")
+        .json(&json!({"model": "fragile",
+            "messages": [{"role": "user", "content": "typed into the page"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-computetower-tier"], "3");
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        reply_for(Shape::Fragile, "typed into the page").content
+    );
+    // The tier's page loaded the chat, and loaded it again after the native submission.
+    let pages = get_json(format!("{}/__demo/stats", site.url)).await["pages"]
+        .as_u64()
+        .unwrap();
+    assert!(pages >= pages_before + 2, "{pages_before} → {pages}");
+}
+
 #[tokio::test]
 async fn relearning_keeps_the_previous_version() {
     let site = demo_site("ndjson", &[]);

@@ -851,6 +851,39 @@ async fn live_shapes_infer_like_the_hand_written_flows() {
     }
 }
 
+/// Every recording kept in the fixtures, saved ones included (a failed learn saves one; a
+/// developer drops it here), must infer a flow that reads the rendered reply from its own
+/// bytes. A recording that fails is a failing test in milliseconds.
+#[test]
+fn every_saved_recording_infers_a_flow_that_reads_its_reply() {
+    let mut names: Vec<String> = std::fs::read_dir(fixtures_dir())
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".json") && !n.starts_with("hand-") && n != "demo-driver.json")
+        .collect();
+    names.sort();
+    assert!(names.len() >= Shape::ALL.len(), "{names:?}");
+    let mut failures = Vec::new();
+    for name in names {
+        let recording = load_recording(&name).unwrap();
+        let learned = match infer(&recording, "saved") {
+            Ok(learned) => learned,
+            Err(e) => {
+                failures.push(format!("{name}: {e}"));
+                continue;
+            }
+        };
+        let decoded = decode_recorded(
+            &learned.flow.response,
+            &recording.exchanges[learned.chat_index],
+        );
+        if normalize(&decoded.0) != normalize(&recording.rendered_reply) {
+            failures.push(format!("{name}: the flow reads another reply"));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
 /// A hand-written recording with what its flow must hold.
 #[derive(Debug, Deserialize)]
 struct HandFixture {
