@@ -613,6 +613,7 @@ async fn probe_page(
     // send has a recording time after it.
     let origin = Instant::now();
     let mut feed = recorder.subscribe();
+    let started = Instant::now();
     let first = converse(
         page,
         key,
@@ -623,6 +624,10 @@ async fn probe_page(
         Until::Complete,
     )
     .await?;
+    tracing::debug!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "probe: the first reply is complete"
+    );
     let second = match &options.follow_up {
         Some((probe, marker)) => {
             let sent = Instant::now();
@@ -652,6 +657,11 @@ async fn probe_page(
         // right after the reply, and those calls belong to the recording.
         tokio::time::sleep(TRAILING).await;
     }
+    tracing::debug!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        follow_up = second.is_some(),
+        "probe: recording done"
+    );
     let all = recorder.stop().await;
     let page_url = page.url().await.ok().flatten().unwrap_or(storage.0);
     let (exchanges, follow_up) = match second {
@@ -698,8 +708,8 @@ enum Until {
     /// The reply is complete: the call carrying the probe and every call after it are done,
     /// and the rendered reply has been stable for [`STABLE_FOR`].
     Complete,
-    /// The reply has started to show (a follow-up needs what the requests carry, not the
-    /// whole reply).
+    /// The reply has started to show, its text or the reasoning before it (a follow-up needs
+    /// what the requests carry, not the whole reply).
     Shown,
 }
 
@@ -713,8 +723,14 @@ async fn converse(
     timeout: Duration,
     until: Until,
 ) -> Result<Rendered, ProbeError> {
+    let typing = Instant::now();
     type_message(page, key, text, marker).await?;
     let mut sending = Sending::start(page, key, text, marker).await?;
+    let sent_at = Instant::now();
+    tracing::debug!(
+        typing_ms = typing.elapsed().as_millis() as u64,
+        "probe: typed and sent"
+    );
     let deadline = Instant::now() + timeout;
 
     let mut chat: Option<String> = None;
@@ -745,6 +761,7 @@ async fn converse(
                         } else if chat.is_none() {
                             let in_body = body.as_deref().is_some_and(|b| contains(b, marker.as_bytes()));
                             if url.contains(marker) || in_body {
+                                tracing::debug!(after_ms = sent_at.elapsed().as_millis() as u64, "probe: a request carries it");
                                 chat = Some(id);
                             }
                         } else {
@@ -777,6 +794,7 @@ async fn converse(
                     }
                     RecorderEvent::Finished { id } => {
                         if chat.as_ref() == Some(&id) {
+                            tracing::debug!(after_ms = sent_at.elapsed().as_millis() as u64, "probe: the request carrying it finished");
                             finished_at.get_or_insert(now);
                         }
                         in_flight.remove(&id);
@@ -811,7 +829,10 @@ async fn converse(
                     finished_at = Some(now);
                 }
                 let shown = rendered.found && !rendered.text.trim().is_empty();
-                if until == Until::Shown && chat.is_some() && shown {
+                // The page shows the reply coming (its text, or the reasoning before it).
+                let coming = shown
+                    || rendered.found && rendered.reasoning.as_deref().is_some_and(|r| !r.trim().is_empty());
+                if until == Until::Shown && chat.is_some() && coming {
                     break;
                 }
                 if let Some(done) = finished_at {
