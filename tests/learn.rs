@@ -10,6 +10,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use common::{Data, demo_site, get_json, sdk};
 use computetower::demo::{Shape, reply_for, reply_for_turn};
@@ -399,6 +400,82 @@ async fn tier_3_retypes_a_message_the_page_lost_in_a_reload() {
         .as_u64()
         .unwrap();
     assert!(pages >= pages_before + 2, "{pages_before} → {pages}");
+}
+
+/// A page that stores its token only when the chat page loads: a session taken before that
+/// lacks it (tier 1 could not render the flow); once a browser tier has run the page, the
+/// stored session has it and tier 1 answers.
+#[tokio::test]
+async fn a_browser_tier_s_page_load_completes_the_stored_session() {
+    let site = demo_site("think", &[]);
+    let data = Data::new();
+    computetower::server::install_tls_provider();
+    let login = computetower::demo::json_login(&site.url, "late@example.com", common::PASSWORD)
+        .await
+        .unwrap();
+    let host = url::Url::parse(&site.url)
+        .unwrap()
+        .host_str()
+        .unwrap()
+        .to_owned();
+    // The cookies alone, as a login leaves them: no token in storage yet.
+    let state = json!({
+        "cookies": login.cookies.iter().map(|(n, v)| json!({
+            "name": n, "value": v, "domain": host, "path": "/", "expires": -1,
+            "httpOnly": true, "secure": false, "sameSite": "Lax"
+        })).collect::<Vec<_>>(),
+        "origins": [],
+    });
+    let file = data.path().join("state.json");
+    std::fs::write(&file, state.to_string()).unwrap();
+    // No password: a new login cannot fill the gap, only a page load can.
+    data.ok(
+        &[
+            "account",
+            "add",
+            "--url",
+            &site.url,
+            "--name",
+            "demo-think",
+            "--cookies",
+            file.to_str().unwrap(),
+        ],
+        None,
+    );
+    let flow = common::repo().join("flows/demo-think.json");
+    data.ok(&["flows", "import", flow.to_str().unwrap()], None);
+    let server = data.serve(&[]);
+    let ask = |tier: &'static str| {
+        common::http()
+            .post(format!("{}/v1/chat/completions", server.url))
+            .header("x-computetower-tier", tier)
+            .json(&json!({"model": "demo-think",
+                "messages": [{"role": "user", "content": "late token"}]}))
+            .send()
+    };
+    let stored_keys = || async {
+        let sessions = get_json(format!("{}/admin/sessions", server.url)).await;
+        sessions["data"][0]["local_storage"].clone()
+    };
+    assert_eq!(stored_keys().await, json!([]), "nothing stored at login");
+    let through_the_page = ask("3").await.unwrap();
+    assert_eq!(through_the_page.status(), 200);
+    let _ = through_the_page.bytes().await.unwrap();
+    // The page's storage reaches the store right after its load (written off the reply's path).
+    common::eventually(
+        Duration::from_secs(30),
+        "the page's token in the store",
+        || async {
+            let keys = stored_keys().await;
+            (keys == json!(["userToken"])).then_some(())
+        },
+    )
+    .await;
+    let answered: serde_json::Value = ask("1").await.unwrap().json().await.unwrap();
+    assert_eq!(
+        answered["choices"][0]["message"]["content"],
+        reply_for(Shape::Think, "late token").content
+    );
 }
 
 #[tokio::test]
