@@ -1,6 +1,7 @@
 //! Settings: embedded defaults, then `computetower.toml` (or `--config`), then `COMPUTETOWER_*`
 //! environment variables. Unknown keys are rejected with their name.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -35,6 +36,16 @@ pub struct Config {
     pub captcha: CaptchaSettings,
     /// Page-understanding assist: an OpenAI-compatible vision endpoint (off when `url` is empty).
     pub assist: AssistSettings,
+    /// Per-service settings, by service name (`[services.example]`).
+    pub services: BTreeMap<String, ServiceSettings>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceSettings {
+    /// Origins besides the account's own that the service's flows may call with the
+    /// account's session (an API on another host of the same site, say).
+    pub allowed_origins: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -142,6 +153,7 @@ impl Default for Config {
             browser: BrowserSettings::default(),
             captcha: CaptchaSettings::default(),
             assist: AssistSettings::default(),
+            services: BTreeMap::new(),
         }
     }
 }
@@ -257,6 +269,13 @@ impl Config {
 
     pub fn database_path(&self) -> PathBuf {
         self.data_dir.join("computetower.db")
+    }
+
+    /// The origins the operator allows `service`'s flows to call besides the account's own.
+    pub fn allowed_origins(&self, service: &str) -> &[String] {
+        self.services
+            .get(service)
+            .map_or(&[], |s| s.allowed_origins.as_slice())
     }
 
     pub fn key_file(&self) -> PathBuf {

@@ -24,6 +24,7 @@ use crate::flow::Flow;
 use crate::inline::InlineCredentials;
 use crate::learn::Learner;
 use crate::openai::Role;
+use crate::pinning::Pins;
 use crate::renew::{RenewError, Renewer};
 use crate::replay::client::{Call, DeltaStream, FailureKind, ReplayError, Replayer, Target};
 use crate::replay::decode::Delta;
@@ -78,6 +79,8 @@ struct Candidate {
     base: Url,
     session: Option<Session>,
     proxy: Option<String>,
+    /// The origins the flow's calls may reach with this account's session.
+    pins: Pins,
 }
 
 #[derive(Debug)]
@@ -102,6 +105,8 @@ pub struct Gateway {
     /// Services being re-learned in the background.
     relearning: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     services: moka::future::Cache<String, Arc<ServiceState>>,
+    /// Service → origins the operator allows besides the account's (`[services.X]`).
+    allowed_origins: BTreeMap<String, Vec<String>>,
 }
 
 impl Gateway {
@@ -132,7 +137,14 @@ impl Gateway {
                 .max_capacity(1024)
                 .time_to_live(SERVICE_TTL)
                 .build(),
+            allowed_origins: BTreeMap::new(),
         }
+    }
+
+    /// Origins, per service, that flows may call besides the account's own.
+    pub fn with_allowed_origins(mut self, origins: BTreeMap<String, Vec<String>>) -> Self {
+        self.allowed_origins = origins;
+        self
     }
 
     pub fn store(&self) -> &Store {
@@ -187,6 +199,14 @@ impl Gateway {
             .active_flow(model)
             .await?
             .ok_or_else(|| GatewayError::NoFlow(model.to_owned()))?;
+        let mut extra_origins = self.store.trusted_flow_origins(&flow.id).await?;
+        extra_origins.extend(
+            self.allowed_origins
+                .get(model)
+                .into_iter()
+                .flatten()
+                .cloned(),
+        );
         let now = crate::store::now();
         let mut ready = Vec::new();
         let mut need_login = Vec::new();
@@ -208,18 +228,21 @@ impl Gateway {
                 None => Some("it has no session"),
             };
             let proxy = self.store.account_proxy(&account.id).await?;
+            let pins = Pins::new(&base, extra_origins.iter().map(String::as_str));
             match problem {
                 None => ready.push(Arc::new(Candidate {
                     account,
                     base,
                     session,
                     proxy,
+                    pins,
                 })),
                 Some(_) if self.renewer.is_some() => need_login.push(Arc::new(Candidate {
                     account,
                     base,
                     session: None,
                     proxy,
+                    pins,
                 })),
                 Some(problem) => unusable.push(format!(
                     "account {}: {problem}; log in again (`computetower login {}`) or import cookies",
@@ -292,6 +315,7 @@ impl Gateway {
                 proxy: candidate.proxy.clone(),
             }),
             flow: flow.clone(),
+            pins: candidate.pins.clone(),
             prompt: prompt.clone(),
             timeout: BROWSER_TIER_TIMEOUT,
         };
@@ -508,8 +532,14 @@ impl Gateway {
             let permit = match self.accounts.acquire(&account.id).await {
                 Ok(permit) => permit,
                 Err(busy) => {
+                    // When every account is busy, the soonest one decides the Retry-After.
                     let retry_after = busy.retry_after();
-                    rate_limited = Some((busy.to_string(), Some(retry_after)));
+                    if rate_limited
+                        .as_ref()
+                        .is_none_or(|(_, r)| r.is_none_or(|r| retry_after < r))
+                    {
+                        rate_limited = Some((busy.to_string(), Some(retry_after)));
+                    }
                     self.decide(
                         request_id,
                         &name,
@@ -548,6 +578,7 @@ impl Gateway {
                     proxy: candidate.proxy.as_deref(),
                     conversation: known,
                     session_id: Some(&session.id),
+                    pins: &candidate.pins,
                 };
                 let mut extracted = BTreeMap::new();
                 let started_tier = if tier == 1 {

@@ -14,6 +14,7 @@ pub mod gateway;
 pub mod inline;
 pub mod learn;
 pub mod openai;
+pub mod pinning;
 pub mod renew;
 pub mod replay;
 pub mod server;

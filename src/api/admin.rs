@@ -240,7 +240,8 @@ async fn import_flow(
     if let Some(service) = query.service {
         flow.service = service;
     }
-    let flow = state.gateway.store().save_flow(flow).await?;
+    let allowed = state.config.allowed_origins(&flow.service).to_vec();
+    let flow = state.gateway.store().import_flow(flow, &allowed).await?;
     state.gateway.invalidate();
     Ok((StatusCode::CREATED, Json(flow.redacted())).into_response())
 }

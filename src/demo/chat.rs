@@ -122,9 +122,11 @@ fn rate_limited(state: &Shared, email: &str) -> Option<Response> {
             "rate_limited",
             &format!("You are sending messages too fast. Try again in {seconds} seconds."),
         );
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        let value = state
+            .retry_after_text(email)
+            .and_then(|text| HeaderValue::from_str(&text).ok())
+            .unwrap_or_else(|| HeaderValue::from(seconds));
+        response.headers_mut().insert(header::RETRY_AFTER, value);
         response
     })
 }

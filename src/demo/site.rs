@@ -872,10 +872,12 @@ async fn revoke(State(state): State<Shared>, Query(q): Query<RevokeQuery>) -> Re
 struct RateLimitQuery {
     email: Option<String>,
     seconds: Option<u64>,
+    retry_after: Option<String>,
 }
 
-/// `POST /__demo/rate-limit?email=E&seconds=S`: every chat call of account `E` gets 429 for
-/// the next `S` seconds (`Retry-After` = the seconds left); `seconds=0` lifts it.
+/// `POST /__demo/rate-limit?email=E&seconds=S[&retry_after=TEXT]`: every chat call of account
+/// `E` gets 429 for the next `S` seconds (`Retry-After` = the seconds left, or `TEXT` as is);
+/// `seconds=0` lifts it.
 async fn rate_limit(State(state): State<Shared>, Query(q): Query<RateLimitQuery>) -> Response {
     let Some(email) = q.email.filter(|e| !e.trim().is_empty()) else {
         return api_error(StatusCode::BAD_REQUEST, "bad_request", "Missing `email`.");
@@ -883,7 +885,7 @@ async fn rate_limit(State(state): State<Shared>, Query(q): Query<RateLimitQuery>
     let Some(seconds) = q.seconds else {
         return api_error(StatusCode::BAD_REQUEST, "bad_request", "Missing `seconds`.");
     };
-    state.block(&email, seconds);
+    state.block(&email, seconds, q.retry_after);
     axum::Json(json!({ "email": email.trim(), "seconds": seconds })).into_response()
 }
 

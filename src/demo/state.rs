@@ -32,6 +32,8 @@ struct Inner {
     signatures: HashMap<String, Instant>,
     /// Email (lower case) → until when `/__demo/rate-limit` holds it at 429.
     blocked: HashMap<String, Instant>,
+    /// `Retry-After` values sent verbatim instead of the seconds left (`/__demo/rate-limit`).
+    retry_after_text: HashMap<String, String>,
     /// Anti-bot clearance token → when it was registered.
     clearances: HashMap<String, Instant>,
 }
@@ -434,16 +436,34 @@ impl AppState {
         true
     }
 
-    /// Holds `email` at 429 for `seconds` from now (0 lifts a hold).
-    pub fn block(&self, email: &str, seconds: u64) {
+    /// Holds `email` at 429 for `seconds` from now (0 lifts a hold); `retry_after`, when
+    /// given, is sent as the `Retry-After` header verbatim (as a misbehaving site might).
+    pub fn block(&self, email: &str, seconds: u64, retry_after: Option<String>) {
         let key = email.trim().to_ascii_lowercase();
         let mut inner = self.lock();
         if seconds == 0 {
             inner.blocked.remove(&key);
+            inner.retry_after_text.remove(&key);
         } else {
-            let until = Instant::now() + Duration::from_secs(seconds);
-            inner.blocked.insert(key, until);
+            let now = Instant::now();
+            // A century stands for "longer than this process lives" without overflowing.
+            let until = now
+                .checked_add(Duration::from_secs(seconds))
+                .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86400));
+            inner.blocked.insert(key.clone(), until);
+            match retry_after {
+                Some(text) => inner.retry_after_text.insert(key, text),
+                None => inner.retry_after_text.remove(&key),
+            };
         }
+    }
+
+    /// The verbatim `Retry-After` set for `email`'s hold, if any.
+    pub fn retry_after_text(&self, email: &str) -> Option<String> {
+        self.lock()
+            .retry_after_text
+            .get(&email.to_ascii_lowercase())
+            .cloned()
     }
 
     /// Records a chat call of `email` if neither a hold (`/__demo/rate-limit`) nor the rate

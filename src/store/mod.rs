@@ -80,7 +80,34 @@ impl Store {
         sqlx::migrate!("./migrations").run(&pool).await?;
         let store = Self { pool, vault };
         store.check_key().await?;
+        store.strip_url_credentials().await?;
         Ok(store)
+    }
+
+    /// Account URLs are refused with a `user:pass@` part now; rows stored before that lose
+    /// it here, so it is neither kept unsealed, listed, nor sent as Basic auth.
+    async fn strip_url_credentials(&self) -> Result<(), StoreError> {
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT id, url FROM accounts WHERE url LIKE '%@%'")
+                .fetch_all(&self.pool)
+                .await?;
+        for (id, text) in rows {
+            let Ok(mut url) = url::Url::parse(&text) else {
+                continue;
+            };
+            if url.username().is_empty() && url.password().is_none() {
+                continue;
+            }
+            let _ = url.set_username("");
+            let _ = url.set_password(None);
+            sqlx::query("UPDATE accounts SET url = ? WHERE id = ?")
+                .bind(url.as_str())
+                .bind(&id)
+                .execute(&self.pool)
+                .await?;
+            tracing::warn!(account = %id, "removed a user name and password from the account URL; give them with `account update --email … --password-stdin`");
+        }
+        Ok(())
     }
 
     async fn check_key(&self) -> Result<(), StoreError> {
@@ -160,5 +187,25 @@ mod tests {
         );
         // The right key still opens it: nothing was lost.
         Store::open(&path, Vault::from_key(&[1; 32])).await.unwrap();
+    }
+
+    /// An account URL stored with `user:pass@` before such URLs were refused loses them on
+    /// the next open: neither kept in clear, listed, nor sent as Basic auth.
+    #[tokio::test]
+    async fn credentials_in_stored_account_urls_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = Store::open(&path, Vault::from_key(&[1; 32])).await.unwrap();
+        sqlx::query(
+            "INSERT INTO accounts (id, service, url, created_at, updated_at)
+             VALUES ('a_1', 's', 'https://me:hunter2@chat.example.com/app', 0, 0)",
+        )
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        store.close().await;
+        let store = Store::open(&path, Vault::from_key(&[1; 32])).await.unwrap();
+        let accounts = store.accounts().await.unwrap();
+        assert_eq!(accounts[0].url, "https://chat.example.com/app");
     }
 }
