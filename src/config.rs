@@ -87,6 +87,9 @@ pub struct BrowserSettings {
     pub human_delay_ms: [u64; 2],
     /// Longest a whole login may take.
     pub login_timeout_secs: u64,
+    /// Longest a browser tier (2 or 3) waits for the site's reply to start, and the longest
+    /// silence within it.
+    pub tier_timeout_secs: u64,
     /// Cap on a harvested session's lifetime.
     pub max_session_hours: u64,
     pub headless: bool,
@@ -101,6 +104,7 @@ impl Default for BrowserSettings {
             typing: "paste".to_owned(),
             human_delay_ms: [40, 160],
             login_timeout_secs: 60,
+            tier_timeout_secs: 90,
             max_session_hours: 24,
             headless: true,
         }
@@ -236,6 +240,9 @@ impl Config {
         }
         if let Some(v) = env("COMPUTETOWER_BROWSER_PAGE_IDLE_SECS") {
             self.browser.page_idle_secs = parse("COMPUTETOWER_BROWSER_PAGE_IDLE_SECS", &v)?;
+        }
+        if let Some(v) = env("COMPUTETOWER_BROWSER_TIER_TIMEOUT_SECS") {
+            self.browser.tier_timeout_secs = parse("COMPUTETOWER_BROWSER_TIER_TIMEOUT_SECS", &v)?;
         }
         if let Some(v) = env("COMPUTETOWER_LOG") {
             self.log = v;

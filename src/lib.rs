@@ -20,4 +20,5 @@ pub mod replay;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod tier_floor;
 pub mod vault;

@@ -15,6 +15,10 @@ pub(crate) struct AppState {
     shape: AtomicUsize,
     /// Whether the anti-bot interstitial is on (`/__demo/anti-bot` changes it).
     anti_bot: AtomicBool,
+    /// Chat calls left to answer with an unexpected HTML page (`/__demo/garbage`).
+    garbage: AtomicUsize,
+    /// Replies left to cut short, without their end marker (`/__demo/truncate`).
+    truncate: AtomicUsize,
     inner: Mutex<Inner>,
 }
 
@@ -120,6 +124,8 @@ impl AppState {
             streams: std::sync::Arc::default(),
             shape: AtomicUsize::new(shape),
             anti_bot: AtomicBool::new(anti_bot),
+            garbage: AtomicUsize::new(0),
+            truncate: AtomicUsize::new(0),
             inner: Mutex::new(Inner::default()),
         }
     }
@@ -139,6 +145,30 @@ impl AppState {
     }
 
     /// Whether the anti-bot interstitial is on.
+    /// The next `count` chat calls get an unexpected page instead of a reply.
+    pub fn set_garbage(&self, count: usize) {
+        self.garbage.store(count, Ordering::SeqCst);
+    }
+
+    /// Whether this chat call gets garbage (using up one of the count).
+    pub fn take_garbage(&self) -> bool {
+        self.garbage
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    /// The next `count` replies stop after a few pieces, without their end marker.
+    pub fn set_truncate(&self, count: usize) {
+        self.truncate.store(count, Ordering::SeqCst);
+    }
+
+    /// Whether this reply is cut short (using up one of the count).
+    pub fn take_truncate(&self) -> bool {
+        self.truncate
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
     pub fn anti_bot(&self) -> bool {
         self.anti_bot.load(Ordering::SeqCst)
     }

@@ -137,6 +137,7 @@ impl From<DecodeError> for ReplayError {
             DecodeError::Upstream(m) => ReplayError::InBand(m),
             DecodeError::Malformed(m) => ReplayError::Decode(m),
             DecodeError::Body(m) => ReplayError::Body(m),
+            DecodeError::Truncated => ReplayError::Body(DecodeError::Truncated.to_string()),
         }
     }
 }

@@ -125,6 +125,13 @@ impl Data {
         }
     }
 
+    /// A data dir inside `parent` (a small filesystem a test mounted, say).
+    pub fn in_dir(parent: &Path) -> Data {
+        Data {
+            dir: tempfile::tempdir_in(parent).unwrap(),
+        }
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
