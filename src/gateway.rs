@@ -603,7 +603,7 @@ impl Gateway {
                         .await
                         .map(|replay| {
                             if replay.jar_changed {
-                                self.keep_rotated_cookies(&session, replay.jar.cookies().to_vec());
+                                self.keep_rotated_cookies(&session, replay.jar.cookies());
                             }
                             extracted = replay.extracted;
                             replay.deltas

@@ -454,7 +454,7 @@ impl Replayer {
             headers.insert(reqwest::header::USER_AGENT, ua);
         }
         if let Some(cookie) = jar
-            .header_for(&rendered.url, crate::store::now())
+            .header_for(&rendered.url)
             .and_then(|c| HeaderValue::from_str(&c).ok())
         {
             headers.insert(reqwest::header::COOKIE, cookie);
@@ -509,11 +509,10 @@ fn describe_reqwest_error(e: &reqwest::Error) -> String {
 }
 
 fn absorb_cookies(jar: &mut CookieJar, response: &reqwest::Response) -> bool {
-    let now = crate::store::now();
     let mut changed = false;
     for value in response.headers().get_all(reqwest::header::SET_COOKIE) {
         if let Ok(text) = value.to_str() {
-            changed |= jar.absorb(text, response.url(), now);
+            changed |= jar.absorb(text, response.url());
         }
     }
     changed
