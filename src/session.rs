@@ -266,7 +266,11 @@ impl CookieJar {
                 Some(Cookie {
                     name: c.name().to_owned(),
                     value: c.value().to_owned(),
-                    domain: if host_only { domain } else { format!(".{domain}") },
+                    domain: if host_only {
+                        domain
+                    } else {
+                        format!(".{domain}")
+                    },
                     path: String::from(&c.path),
                     expires: match c.expires {
                         cookie_store::CookieExpiration::AtUtc(at) => Some(at.unix_timestamp()),
@@ -435,7 +439,11 @@ mod tests {
         assert_eq!(jar.header_for(&api).as_deref(), Some("wide=1"));
         assert!(jar.absorb("secret=1; Path=/; Secure", &site));
         let plain = Url::parse("http://chat.example.com/").unwrap();
-        assert!(!jar.header_for(&plain).unwrap_or_default().contains("secret"));
+        assert!(
+            !jar.header_for(&plain)
+                .unwrap_or_default()
+                .contains("secret")
+        );
         // Max-Age wins over Expires, whichever comes first.
         assert!(jar.absorb(
             "m=1; Path=/; Expires=Wed, 21 Oct 2015 07:28:00 GMT; Max-Age=60",
@@ -449,7 +457,10 @@ mod tests {
             sort_pairs(&again.header_for(&site).unwrap()),
             sort_pairs(&jar.header_for(&site).unwrap())
         );
-        assert!(kept.iter().any(|c| c.name == "wide" && c.domain == ".example.com"));
+        assert!(
+            kept.iter()
+                .any(|c| c.name == "wide" && c.domain == ".example.com")
+        );
     }
 
     #[test]
