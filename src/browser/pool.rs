@@ -628,13 +628,15 @@ impl BrowserPool {
     /// Tier 2: the flow's preflights and chat call run by `fetch()` inside the account's
     /// logged-in page (see `browser::inpage`).
     pub async fn inpage(&self, req: TierRequest) -> Result<DeltaStream, ReplayError> {
-        super::inpage::run(self, req).await
+        let running = self.ensure_browser().await.map_err(login_to_replay)?;
+        dies_with(&running, super::inpage::run(self, req)).await
     }
 
     /// Tier 3: the prompt typed into the site's chat UI; the reply decoded from the recorded
     /// chat call as it streams, the page's text as a last resort (see `browser::ui`).
     pub async fn ui(&self, req: TierRequest) -> Result<DeltaStream, ReplayError> {
-        super::ui::run(self, req).await
+        let running = self.ensure_browser().await.map_err(login_to_replay)?;
+        dies_with(&running, super::ui::run(self, req)).await
     }
 
     /// The account's work page for `tier`, opened on its chat page (created, injected with
@@ -998,6 +1000,15 @@ impl BrowserPool {
             .build()
             .map_err(LoginError::Cdp)?;
         page.execute(ua).await.map_err(cdp_error)?;
+        // A proxy that wants a login gets it from the page's auth handling (it answers the
+        // proxy's 407 challenge; Chromium takes no credentials in the proxy setting).
+        let credentials = lock(&self.shared.contexts)
+            .values()
+            .find(|c| &c.id == context)
+            .and_then(|c| c.proxy.as_deref().and_then(proxy_credentials));
+        if let Some(credentials) = credentials {
+            page.authenticate(credentials).await.map_err(cdp_error)?;
+        }
         Ok(page)
     }
 
@@ -1167,10 +1178,44 @@ async fn create_context(
 ) -> Result<BrowserContextId, LoginError> {
     let mut params = CreateBrowserContextParams::builder().dispose_on_detach(true);
     if let Some(proxy) = proxy {
-        params = params.proxy_server(proxy);
+        let server = proxy_server(proxy)
+            .ok_or_else(|| LoginError::Launch("the account's proxy URL is not usable".into()))?;
+        // `<-loopback>`: Chromium otherwise talks to loopback sites directly, and every call
+        // an account makes goes through its proxy.
+        params = params.proxy_server(server).proxy_bypass_list("<-loopback>");
     }
     let reply = running.execute(params.build()).await.map_err(cdp_error)?;
     Ok(reply.browser_context_id)
+}
+
+/// The proxy as Chromium takes it: `scheme://host:port`, with no path (a trailing `/` makes
+/// it refuse the proxy with `ERR_NO_SUPPORTED_PROXIES`) and no credentials (answered through
+/// CDP, see [`proxy_credentials`]).
+fn proxy_server(proxy: &str) -> Option<String> {
+    let url = url::Url::parse(proxy).ok()?;
+    let host = match url.host()? {
+        url::Host::Ipv6(ip) => format!("[{ip}]"),
+        host => host.to_string(),
+    };
+    let port = url.port_or_known_default()?;
+    Some(format!("{}://{host}:{port}", url.scheme()))
+}
+
+/// The user and password in a proxy URL, if any.
+fn proxy_credentials(proxy: &str) -> Option<chromiumoxide::auth::Credentials> {
+    let url = url::Url::parse(proxy).ok()?;
+    if url.username().is_empty() {
+        return None;
+    }
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    Some(chromiumoxide::auth::Credentials {
+        username: decode(url.username()),
+        password: decode(url.password().unwrap_or_default()),
+    })
 }
 
 async fn dispose_context(running: &Running, id: BrowserContextId) {
@@ -1566,6 +1611,69 @@ async fn drain_handler(
     dead.send_replace(true);
     // Dropping the handler fails every command still waiting for an answer right away.
     drop(handler);
+}
+
+/// A browser tier's start and reply that fail as soon as `running` is known dead, instead of
+/// waiting out their timeouts. The error is a network failure, so before the first token the
+/// gateway retries it (on a relaunched browser); after it, the client sees an error event.
+async fn dies_with(
+    running: &Running,
+    start: impl std::future::Future<Output = Result<DeltaStream, ReplayError>>,
+) -> Result<DeltaStream, ReplayError> {
+    let mut dead = running.dead.clone();
+    let stream = tokio::select! {
+        result = start => result?,
+        _ = dead.wait_for(|d| *d) => return Err(browser_died()),
+    };
+    let died = Box::pin(async move {
+        // An error means the sender is gone, which only happens once the browser is.
+        let _ = dead.wait_for(|d| *d).await;
+    });
+    Ok(Box::pin(DiesWith {
+        inner: Some(stream),
+        died,
+    }))
+}
+
+fn browser_died() -> ReplayError {
+    ReplayError::Network {
+        call: crate::replay::client::Call::Chat,
+        message: "the browser died during the reply".into(),
+    }
+}
+
+/// See [`dies_with`].
+struct DiesWith {
+    inner: Option<DeltaStream>,
+    died: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+}
+
+impl futures_util::Stream for DiesWith {
+    type Item = Result<crate::replay::decode::Delta, ReplayError>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        // The reply first: what the browser sent before it died still goes out.
+        match inner.as_mut().poll_next(cx) {
+            Poll::Ready(None) => {
+                self.inner = None;
+                return Poll::Ready(None);
+            }
+            Poll::Ready(item) => return Poll::Ready(item),
+            Poll::Pending => {}
+        }
+        if self.died.as_mut().poll(cx).is_ready() {
+            self.inner = None;
+            return Poll::Ready(Some(Err(browser_died())));
+        }
+        Poll::Pending
+    }
 }
 
 /// Whether `pid` is a live process (not gone, not a zombie waiting to be reaped).
