@@ -4,7 +4,9 @@
 //! It behaves on the wire like real chat sites do, in one of several [`Shape`]s (OpenAI-like
 //! SSE deltas, ChatGPT-like JSON patches, Qwen-like cumulative SSE, NDJSON, tRPC-like numbered
 //! lines, a plain JSON answer, Connect-like length-prefixed frames, Claude-like ids in the path
-//! with Anthropic SSE events, a WebSocket, signed anti-replay requests), behind one of several
+//! with Anthropic SSE events, a WebSocket, signed anti-replay requests, the prompt in a tRPC
+//! create call, path-less patch batches, Open WebUI and `<think>` reasoning markup, a send that
+//! reloads the page), behind one of several
 //! [`LoginPattern`]s (a login form, a landing page, a two-step form, no login, a captcha).
 //! Whatever the shape:
 //! - An account's URL is the site root; from there a browser reaches `/chat` by generic means.
@@ -19,7 +21,11 @@
 //!   Some shapes differ: [`Shape::Claude`] fetches the organization first and puts both ids in
 //!   the path; [`Shape::Ws`] chats over a WebSocket (bearer token in the first frame);
 //!   [`Shape::Signed`] signs each chat call with a per-session key hidden in an inline script,
-//!   and refuses stale or reused signatures (403 `bad_signature`).
+//!   and refuses stale or reused signatures (403 `bad_signature`), as every shape does with
+//!   [`DemoConfig::signed`]; [`Shape::Newchat`] sends the first message in its create call;
+//!   [`Shape::Batch`] and [`Shape::Details`] make no create call (the first chat call makes the
+//!   conversation); [`Shape::Think`]'s login stores no token, its chat page does when it
+//!   loads; [`Shape::Fragile`]'s page lets its form submit natively the first time.
 //! - The API answers 401 (no, expired or revoked session; bad bearer), 403 (bad CSRF token),
 //!   404 (unknown conversation), 429 with `Retry-After` (rate limit) and 400 (bad body) with
 //!   `{"error":{"message","code"}}`.

@@ -4,7 +4,10 @@
 //! - **The chat call** is the exchange whose request (URL, body, or a sent WebSocket frame)
 //!   carries the probe's marker and whose response yields the rendered reply (checked with
 //!   `decoder`). When the marker travels in one call and the reply comes back from a later
-//!   one, the later one is the chat call and the carrier becomes a preflight.
+//!   one, the later one is the chat call and the carrier becomes a preflight (with the
+//!   `prompt` slot). A page load carrying the marker (a form submitted natively) is never it.
+//! - **Later turns** are `follow_up`'s job: a second probe in the same conversation, templated
+//!   with the first exchange's values as one more source.
 //! - **Templates.** In the chat call and every preflight, each value is explained, in order:
 //!   the probe (→ the `prompt` slot, or `messages` for an OpenAI-like `{role, content}` list);
 //!   a value that first appeared in an earlier response (→ `{{preflight.NAME}}`, that

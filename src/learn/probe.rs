@@ -10,10 +10,13 @@
 //! - The send control, looked for after typing (many sites enable it only then): a visible,
 //!   enabled button in the input's form or near it whose text, aria-label, title, test id or
 //!   class reads like send/submit/arrow, or the submit button of the input's form; controls
-//!   that read like attach/voice/stop/settings are excluded. None: Enter is pressed. If no
-//!   request carries the marker shortly after a click, Enter is pressed once more.
-//! - The chat call: the first request whose URL or body, or WebSocket frame sent, contains the
-//!   marker (from the recorder's live feed).
+//!   that read like attach/voice/stop/settings are excluded. None: Enter is pressed.
+//! - A send that does not go ([`Sending`], shared with the UI tier): when the page navigates
+//!   (the click submitted the form natively) or the text leaves the input with no request
+//!   carrying it, the composer is found again, the text retyped and sent with Enter; when the
+//!   text is still in the input a few seconds after the click, Enter is pressed.
+//! - The call carrying the probe: the first request whose URL or body, or WebSocket frame
+//!   sent, contains the marker (from the recorder's live feed); a page load never is.
 //! - The reply: a `MutationObserver` installed just before sending notes every element added
 //!   or changed. The user's own message is the first (in document order), outermost new
 //!   element whose text contains the marker and is at most a little longer than the probe (a
@@ -24,9 +27,14 @@
 //!   / title / test id mentions reasoning / thinking / thought, inside the reply (their
 //!   summary or header excluded); it is left out of `rendered_reply`, as are buttons,
 //!   scripts, `aria-hidden` and screen-reader-only text.
-//! - Done: the chat call finished (for a WebSocket: no frame received for a second) and the
-//!   rendered reply has not changed for [`STABLE_FOR`]; then the recording goes on for
-//!   [`TRAILING`] to catch the requests a page makes right after a reply.
+//! - Done: the call carrying the probe finished (for a WebSocket: no frame received for a
+//!   second), so did every call started after it (the reply may stream from a later call),
+//!   and the rendered reply has not changed for [`STABLE_FOR`].
+//! - The follow-up: a second probe typed into the same conversation right after, recorded
+//!   until the page shows its reply coming ([`Until::Shown`]). One recorder captures both; the
+//!   recording is split where the second was sent ([`Recording::split_exchanges`]). Without
+//!   a follow-up the recording goes on for [`TRAILING`] to catch the requests a page makes
+//!   right after a reply.
 //!
 //! Invariants: typed text and storage values are never logged; the page's global namespace
 //! gets one property, named after the marker, removed at the end.
@@ -726,23 +734,12 @@ async fn converse(
     let typing = Instant::now();
     type_message(page, key, text, marker).await?;
     let mut sending = Sending::start(page, key, text, marker).await?;
-    let sent_at = Instant::now();
     tracing::debug!(
         typing_ms = typing.elapsed().as_millis() as u64,
         "probe: typed and sent"
     );
+    let mut progress = Progress::new(marker);
     let deadline = Instant::now() + timeout;
-
-    let mut chat: Option<String> = None;
-    let mut socket = false;
-    let mut status: Option<u16> = None;
-    let mut finished_at: Option<Instant> = None;
-    let mut failure: Option<String> = None;
-    let mut last_frame: Option<Instant> = None;
-    // Requests started after the one carrying the probe, not yet finished: id → last activity.
-    let mut in_flight: BTreeMap<String, Instant> = BTreeMap::new();
-    let mut rendered = Rendered::default();
-    let mut changed_at = Instant::now();
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -751,62 +748,7 @@ async fn converse(
                 let Some(event) = event else {
                     return Err(ProbeError::Crashed("the recorder stopped".into()));
                 };
-                let now = Instant::now();
-                match event {
-                    RecorderEvent::Request { id, url, body, resource_type, .. } => {
-                        let navigation = resource_type.eq_ignore_ascii_case("document");
-                        if navigation {
-                            // The page itself is being replaced (a form submitted natively).
-                            sending.navigated();
-                        } else if chat.is_none() {
-                            let in_body = body.as_deref().is_some_and(|b| contains(b, marker.as_bytes()));
-                            if url.contains(marker) || in_body {
-                                tracing::debug!(after_ms = sent_at.elapsed().as_millis() as u64, "probe: a request carries it");
-                                chat = Some(id);
-                            }
-                        } else {
-                            in_flight.insert(id, now);
-                        }
-                    }
-                    RecorderEvent::Frame { id, frame } => {
-                        if let Some(seen) = in_flight.get_mut(&id) {
-                            *seen = now;
-                        }
-                        if chat.is_none() && frame.sent && frame.payload.contains(marker) {
-                            chat = Some(id);
-                            socket = true;
-                        } else if chat.as_ref() == Some(&id) && !frame.sent {
-                            last_frame = Some(now);
-                        }
-                    }
-                    RecorderEvent::Response { id, status: s, .. } => {
-                        if chat.as_ref() == Some(&id) {
-                            status = Some(s);
-                        }
-                        if let Some(seen) = in_flight.get_mut(&id) {
-                            *seen = now;
-                        }
-                    }
-                    RecorderEvent::Data { id, .. } => {
-                        if let Some(seen) = in_flight.get_mut(&id) {
-                            *seen = now;
-                        }
-                    }
-                    RecorderEvent::Finished { id } => {
-                        if chat.as_ref() == Some(&id) {
-                            tracing::debug!(after_ms = sent_at.elapsed().as_millis() as u64, "probe: the request carrying it finished");
-                            finished_at.get_or_insert(now);
-                        }
-                        in_flight.remove(&id);
-                    }
-                    RecorderEvent::Failed { id, error } => {
-                        if chat.as_ref() == Some(&id) {
-                            failure = Some(error);
-                            finished_at.get_or_insert(now);
-                        }
-                        in_flight.remove(&id);
-                    }
-                }
+                progress.on_event(event, &mut sending);
             }
             _ = tick.tick() => {
                 let now = Instant::now();
@@ -816,59 +758,195 @@ async fn converse(
                     // A navigation in progress (some sites move to the conversation's URL).
                     Err(_) => Rendered::default(),
                 };
-                if current != rendered {
-                    rendered = current;
-                    changed_at = now;
-                }
-                if chat.is_none() {
+                progress.rendered(current, now);
+                if progress.chat.is_none() {
                     sending.check(page, now).await?;
                 }
-                if socket && finished_at.is_none()
-                    && last_frame.is_some_and(|t| now >= t + SOCKET_QUIET)
-                {
-                    finished_at = Some(now);
-                }
-                let shown = rendered.found && !rendered.text.trim().is_empty();
-                // The page shows the reply coming (its text, or the reasoning before it).
-                let coming = shown
-                    || rendered.found && rendered.reasoning.as_deref().is_some_and(|r| !r.trim().is_empty());
-                if until == Until::Shown && chat.is_some() && coming {
-                    break;
-                }
-                if let Some(done) = finished_at {
-                    if let Some(reason) = &failure {
-                        return Err(ProbeError::CallFailed { reason: reason.clone(), screenshot: None });
-                    }
-                    if let Some(s) = status.filter(|s| *s >= 400) {
-                        return Err(ProbeError::Rejected { status: s, screenshot: None });
-                    }
-                    // The reply may stream from a later call (the one carrying the probe only
-                    // created the conversation): wait for those to end too.
-                    let streaming = in_flight.values().any(|seen| now < *seen + IN_FLIGHT_QUIET);
-                    let settled = now >= done + STABLE_FOR && now >= changed_at + STABLE_FOR;
-                    if settled && !streaming && shown {
-                        break;
-                    }
-                    if now >= done + RENDER_WAIT && !streaming {
-                        tracing::warn!("the chat call finished but no rendered reply was found on the page");
-                        break;
-                    }
+                if progress.is_over(now, until)? {
+                    return Ok(progress.rendered);
                 }
                 if now >= deadline {
-                    let stage = match (&chat, finished_at) {
-                        (None, _) => "waiting for the page to send the probe",
-                        (Some(_), None) => "waiting for the reply to finish",
-                        (Some(_), Some(_)) => "waiting for the rendered reply to settle",
-                    };
                     return Err(ProbeError::Timeout {
-                        stage: format!("after {} s {stage}", timeout.as_secs()),
+                        stage: format!("after {} s {}", timeout.as_secs(), progress.stage()),
                         screenshot: None,
                     });
                 }
             }
         }
     }
-    Ok(rendered)
+}
+
+/// What one probe's exchange has shown so far: the call carrying the probe, the calls after
+/// it, what the page renders.
+struct Progress {
+    marker: String,
+    sent_at: Instant,
+    /// The request (or socket) carrying the probe.
+    chat: Option<String>,
+    socket: bool,
+    status: Option<u16>,
+    finished_at: Option<Instant>,
+    failure: Option<String>,
+    last_frame: Option<Instant>,
+    /// Requests started after the one carrying the probe, not yet finished: id → last activity.
+    in_flight: BTreeMap<String, Instant>,
+    rendered: Rendered,
+    changed_at: Instant,
+}
+
+impl Progress {
+    fn new(marker: &str) -> Self {
+        Self {
+            marker: marker.to_owned(),
+            sent_at: Instant::now(),
+            chat: None,
+            socket: false,
+            status: None,
+            finished_at: None,
+            failure: None,
+            last_frame: None,
+            in_flight: BTreeMap::new(),
+            rendered: Rendered::default(),
+            changed_at: Instant::now(),
+        }
+    }
+
+    fn on_event(&mut self, event: RecorderEvent, sending: &mut Sending) {
+        let now = Instant::now();
+        let ours = |id: &str, chat: &Option<String>| chat.as_deref() == Some(id);
+        match event {
+            RecorderEvent::Request {
+                id,
+                url,
+                body,
+                resource_type,
+                ..
+            } => {
+                if resource_type.eq_ignore_ascii_case("document") {
+                    // The page itself is being replaced (a form submitted natively).
+                    sending.navigated();
+                } else if self.chat.is_none() {
+                    let marker = self.marker.as_bytes();
+                    let in_body = body.as_deref().is_some_and(|b| contains(b, marker));
+                    if url.contains(&self.marker) || in_body {
+                        tracing::debug!(
+                            after_ms = self.sent_at.elapsed().as_millis() as u64,
+                            "probe: a request carries it"
+                        );
+                        self.chat = Some(id);
+                    }
+                } else {
+                    self.in_flight.insert(id, now);
+                }
+            }
+            RecorderEvent::Frame { id, frame } => {
+                self.touch(&id, now);
+                if self.chat.is_none() && frame.sent && frame.payload.contains(&self.marker) {
+                    self.chat = Some(id);
+                    self.socket = true;
+                } else if ours(&id, &self.chat) && !frame.sent {
+                    self.last_frame = Some(now);
+                }
+            }
+            RecorderEvent::Response { id, status, .. } => {
+                if ours(&id, &self.chat) {
+                    self.status = Some(status);
+                }
+                self.touch(&id, now);
+            }
+            RecorderEvent::Data { id, .. } => self.touch(&id, now),
+            RecorderEvent::Finished { id } => {
+                if ours(&id, &self.chat) {
+                    tracing::debug!(
+                        after_ms = self.sent_at.elapsed().as_millis() as u64,
+                        "probe: the request carrying it finished"
+                    );
+                    self.finished_at.get_or_insert(now);
+                }
+                self.in_flight.remove(&id);
+            }
+            RecorderEvent::Failed { id, error } => {
+                if ours(&id, &self.chat) {
+                    self.failure = Some(error);
+                    self.finished_at.get_or_insert(now);
+                }
+                self.in_flight.remove(&id);
+            }
+        }
+    }
+
+    fn touch(&mut self, id: &str, now: Instant) {
+        if let Some(seen) = self.in_flight.get_mut(id) {
+            *seen = now;
+        }
+    }
+
+    fn rendered(&mut self, current: Rendered, now: Instant) {
+        if current != self.rendered {
+            self.rendered = current;
+            self.changed_at = now;
+        }
+        if self.socket
+            && self.finished_at.is_none()
+            && self.last_frame.is_some_and(|t| now >= t + SOCKET_QUIET)
+        {
+            self.finished_at = Some(now);
+        }
+    }
+
+    /// Whether the exchange is over (see [`Until`]); an error when the call failed.
+    fn is_over(&self, now: Instant, until: Until) -> Result<bool, ProbeError> {
+        let rendered = &self.rendered;
+        let shown = rendered.found && !rendered.text.trim().is_empty();
+        // The page shows the reply coming (its text, or the reasoning before it).
+        let coming = shown
+            || rendered.found
+                && rendered
+                    .reasoning
+                    .as_deref()
+                    .is_some_and(|r| !r.trim().is_empty());
+        if until == Until::Shown && self.chat.is_some() && coming {
+            return Ok(true);
+        }
+        let Some(done) = self.finished_at else {
+            return Ok(false);
+        };
+        if let Some(reason) = &self.failure {
+            return Err(ProbeError::CallFailed {
+                reason: reason.clone(),
+                screenshot: None,
+            });
+        }
+        if let Some(status) = self.status.filter(|s| *s >= 400) {
+            return Err(ProbeError::Rejected {
+                status,
+                screenshot: None,
+            });
+        }
+        // The reply may stream from a later call (the one carrying the probe only created the
+        // conversation): wait for those to end too.
+        let streaming = self
+            .in_flight
+            .values()
+            .any(|seen| now < *seen + IN_FLIGHT_QUIET);
+        let settled = now >= done + STABLE_FOR && now >= self.changed_at + STABLE_FOR;
+        if settled && !streaming && shown {
+            return Ok(true);
+        }
+        if now >= done + RENDER_WAIT && !streaming {
+            tracing::warn!("the chat call finished but no rendered reply was found on the page");
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    fn stage(&self) -> &'static str {
+        match (&self.chat, self.finished_at) {
+            (None, _) => "waiting for the page to send the probe",
+            (Some(_), None) => "waiting for the reply to finish",
+            (Some(_), Some(_)) => "waiting for the rendered reply to settle",
+        }
+    }
 }
 
 /// Finds the composer (again: pages re-render it), types `text` into it, and starts watching
