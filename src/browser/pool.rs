@@ -139,6 +139,18 @@ pub(crate) struct WorkPage {
     generation: u64,
     /// When the page last finished (or started) serving a request.
     last_used: Mutex<Instant>,
+    /// The UI tier's page: the key (`conversations::key_of`) of the site conversation it shows,
+    /// its messages and replies so far; `None` once reloaded.
+    pub(crate) conversation: Mutex<Option<String>>,
+}
+
+/// Whether a work page is reloaded on the chat page (a new site conversation) before use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Fresh {
+    No,
+    Yes,
+    /// Unless it shows the conversation with this key.
+    UnlessShowing(String),
 }
 
 impl WorkPage {
@@ -642,12 +654,13 @@ impl BrowserPool {
     /// The account's work page for `tier`, opened on its chat page (created, injected with
     /// `req.session` in a new context, logged in with `req.login` as needed, like
     /// [`BrowserPool::probe`]). With `fresh`, an existing page is reloaded on the chat page
-    /// (a new conversation). The UI tier's lease holds the account's UI turn.
+    /// (a new conversation), unless it shows the conversation `fresh` names. The UI tier's
+    /// lease holds the account's UI turn.
     pub(crate) async fn work_page(
         &self,
         req: &TierRequest,
         tier: Tier,
-        fresh: bool,
+        fresh: Fresh,
     ) -> Result<PageLease, ReplayError> {
         let running = self.ensure_browser().await.map_err(login_to_replay)?;
         let account = lock(&self.shared.work)
@@ -703,7 +716,12 @@ impl BrowserPool {
             && work.generation == running.generation
             && &work.context == setup.context
         {
-            if !setup.fresh {
+            let keep = match &setup.fresh {
+                Fresh::No => true,
+                Fresh::Yes => false,
+                Fresh::UnlessShowing(key) => lock(&work.conversation).as_ref() == Some(key),
+            };
+            if keep {
                 if login::evaluate_string(&work.page, "location.href")
                     .await
                     .is_ok()
@@ -726,6 +744,7 @@ impl BrowserPool {
                 {
                     Ok(_) => {
                         work.touch();
+                        *lock(&work.conversation) = None;
                         self.reharvest(
                             running,
                             setup.context,
@@ -804,6 +823,7 @@ impl BrowserPool {
             context: setup.context.clone(),
             generation: running.generation,
             last_used: Mutex::new(Instant::now()),
+            conversation: Mutex::new(None),
         });
         *slot = Some(work.clone());
         Ok(work)
@@ -1700,7 +1720,7 @@ struct Setup<'a> {
     /// The session to inject: only into a context this pool did not have yet.
     inject: Option<&'a SessionData>,
     chat_url: String,
-    fresh: bool,
+    fresh: Fresh,
 }
 
 /// A browser-level failure as the replay error the gateway classifies.
