@@ -1654,7 +1654,10 @@ async fn every_flow_file_replays_against_its_shape() {
         // This stand-in knows the first ten shapes' rules; the later shapes' flows (markup,
         // batches without a path, turn counters) are replayed by the real engine, in
         // `the_real_decoder_reads_every_shape_with_its_flow` and `tests/sdk.rs`.
-        if Shape::ALL.iter().position(|s| *s == shape) >= Some(10) {
+        if matches!(
+            shape,
+            Shape::Newchat | Shape::Batch | Shape::Details | Shape::Think | Shape::Fragile
+        ) {
             continue;
         }
         let (reasoning, content, ids) = replay_flow(&flow, &base, PROMPT).await;
