@@ -281,12 +281,33 @@ pub fn write_json_string(out: &mut BytesMut, s: &str) {
 /// Tokens of `text` in the o200k encoding. The tokenizer is built on first use (it is large),
 /// so an idle server does not carry it.
 pub fn count_tokens(text: &str) -> u64 {
-    static BPE: OnceLock<Option<tiktoken_rs::CoreBPE>> = OnceLock::new();
-    match BPE.get_or_init(|| tiktoken_rs::o200k_base().ok()) {
+    match bpe() {
         Some(bpe) => bpe.encode_ordinary(text).len() as u64,
         // Unreachable in practice (the table is embedded); a rough count beats no usage.
         None => text.len().div_ceil(4) as u64,
     }
+}
+
+fn bpe() -> Option<&'static tiktoken_rs::CoreBPE> {
+    static BPE: OnceLock<Option<tiktoken_rs::CoreBPE>> = OnceLock::new();
+    BPE.get_or_init(|| tiktoken_rs::o200k_base().ok()).as_ref()
+}
+
+/// The text of the first `n` tokens of `text` (fewer when the `n`th ends inside a character).
+pub fn token_prefix(text: &str, n: usize) -> String {
+    let Some(bpe) = bpe() else {
+        let end = (n * 4).min(text.len());
+        let end = (0..=end)
+            .rev()
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(0);
+        return text[..end].to_owned();
+    };
+    let tokens = bpe.encode_ordinary(text);
+    (0..=n.min(tokens.len()))
+        .rev()
+        .find_map(|k| bpe.decode(&tokens[..k]).ok())
+        .unwrap_or_default()
 }
 
 /// Prompt tokens the way OpenAI counts chat messages: a few tokens of framing per message.
