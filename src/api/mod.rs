@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod auth;
 pub mod error;
+pub mod front;
 pub mod openai;
 pub mod sessions;
 
@@ -54,6 +55,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/models", get(openai::models))
+        .route("/v1/models/{id}", get(openai::model))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .merge(admin::routes())
         .merge(sessions::routes())

@@ -172,3 +172,26 @@ impl Driver {
         }
     }
 }
+
+/// A whole reply, for clients that do not stream.
+#[derive(Debug, Default)]
+pub struct Collected {
+    pub text: String,
+    pub reasoning: String,
+    pub calls: Vec<super::request::ToolCall>,
+    pub finish: Option<Finish>,
+}
+
+/// Reads a reply to its end.
+pub async fn collect(mut events: EventStream) -> Result<Collected, GatewayError> {
+    let mut collected = Collected::default();
+    while let Some(event) = events.next().await {
+        match event? {
+            Event::Text(text) => collected.text.push_str(&text),
+            Event::Reasoning(text) => collected.reasoning.push_str(&text),
+            Event::ToolCall(call) => collected.calls.push(call),
+            Event::Finish(finish) => collected.finish = Some(finish),
+        }
+    }
+    Ok(collected)
+}
