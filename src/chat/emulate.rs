@@ -218,7 +218,8 @@ impl Emulator {
 
     /// Passes answer text on (or holds it); returns whether the token limit is reached.
     fn answer_text(&mut self, text: &str, out: &mut Vec<Event>) -> bool {
-        if text.is_empty() {
+        // Blank lines between and after calls are layout, not an answer.
+        if text.is_empty() || (self.calls > 0 && text.trim().is_empty()) {
             return false;
         }
         let (text, full) = match &mut self.limit {

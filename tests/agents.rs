@@ -1,0 +1,62 @@
+//! The client conformance suite (`tests/clients/`): the official `openai` SDKs (Python and
+//! Node), the official `anthropic` SDK, LangChain's `ChatOpenAI`, and a streaming Responses
+//! client that checks events the way the Codex CLI does, all against the real binary serving
+//! the demo site, whose model follows tool and JSON instructions deterministically.
+
+mod common;
+
+use common::{Data, checks_of, demo_site, python_client};
+use computetower::demo::{Shape, reply_for};
+use serde_json::json;
+
+const PLAIN: &str = "Tell me something";
+
+/// A demo site of `shape`, an account for it and a server; returns (site, data, server, model).
+async fn serving(shape: Shape) -> (common::Proc, Data, common::Proc, String) {
+    let site = demo_site(shape.as_str(), &[]);
+    let data = Data::new();
+    let model = data
+        .add_demo_account(&site.url, shape.as_str(), "agent@example.com")
+        .await;
+    let server = data.serve(&[]);
+    (site, data, server, model)
+}
+
+#[tokio::test]
+async fn openai_python_sdk_tools_parameters_and_responses() {
+    let (site, _data, server, model) = serving(Shape::Openai).await;
+    let report = python_client(
+        "openai_agent.py",
+        json!({
+            "base_url": format!("{}/v1", server.url),
+            "server": server.url,
+            "site": site.url,
+            "model": model,
+            "plain_prompt": PLAIN,
+            "plain_reply": reply_for(Shape::Openai, PLAIN).content,
+        }),
+    );
+    let checks = checks_of(&report);
+    for expected in [
+        "tool_auto_nonstream",
+        "tool_auto_stream",
+        "tool_parallel_and_not",
+        "tool_named",
+        "tool_required_gets_a_repair_turn",
+        "malformed_call_is_repaired",
+        "tool_results_in_history",
+        "max_tokens_cuts_and_cancels_the_site",
+        "stop_sequences_cut",
+        "json_object",
+        "json_schema_parse",
+        "models_retrieve",
+        "responses_function_call_round_trip",
+        "responses_stream_round_trip",
+        "responses_previous_response_id_continues_the_site_conversation",
+    ] {
+        assert!(
+            checks.iter().any(|c| c == expected),
+            "{expected} did not run: {checks:?}"
+        );
+    }
+}
