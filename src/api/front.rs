@@ -94,7 +94,14 @@ pub trait Encoder: Send + Unpin + 'static {
     fn keep_alive(&self) -> Bytes {
         Bytes::from_static(b": keep-alive\n\n")
     }
+    /// Work to finish before the frames of the last event go out (storing the response the
+    /// client may ask for as soon as it has them).
+    fn hold(&mut self) -> Option<Hold> {
+        None
+    }
 }
+
+pub type Hold = Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// The SSE body: each event becomes its frames as it arrives (nothing is buffered); a client
 /// that goes away drops the events, which cancels the site's call.
@@ -104,6 +111,7 @@ pub struct SseBody<E> {
     frames: VecDeque<Bytes>,
     started: bool,
     ended: bool,
+    hold: Option<Hold>,
     keep_alive: Pin<Box<tokio::time::Sleep>>,
 }
 
@@ -115,6 +123,7 @@ impl<E: Encoder> SseBody<E> {
             frames: VecDeque::new(),
             started: false,
             ended: false,
+            hold: None,
             keep_alive: Box::pin(tokio::time::sleep(KEEP_ALIVE_EVERY)),
         }
     }
@@ -147,6 +156,12 @@ impl<E: Encoder> Stream for SseBody<E> {
             this.frames.extend(out.drain(..));
         }
         loop {
+            if let Some(hold) = &mut this.hold {
+                if hold.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                this.hold = None;
+            }
             if let Some(frame) = this.frames.pop_front() {
                 return Poll::Ready(Some(Ok(frame)));
             }
@@ -175,6 +190,7 @@ impl<E: Encoder> Stream for SseBody<E> {
                 this.reset_keep_alive();
             }
             this.frames.extend(out.drain(..));
+            this.hold = this.encoder.hold();
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod error;
 pub mod front;
 pub mod openai;
+pub mod responses;
 pub mod sessions;
 
 use std::sync::Arc;
@@ -57,6 +58,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(openai::models))
         .route("/v1/models/{id}", get(openai::model))
         .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/responses", post(responses::create))
+        .route(
+            "/v1/responses/{id}",
+            get(responses::retrieve).delete(responses::delete),
+        )
         .merge(admin::routes())
         .merge(sessions::routes())
         .fallback(not_found)

@@ -118,7 +118,7 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 
 /// The tier the request forces, if any. Checked before the body is read, so a bad value
 /// costs nothing.
-fn forced_tier(headers: &HeaderMap) -> Result<Option<u8>, ApiError> {
+pub fn forced_tier(headers: &HeaderMap) -> Result<Option<u8>, ApiError> {
     let Some(value) = headers.get(TIER_HEADER) else {
         return Ok(None);
     };

@@ -195,3 +195,12 @@ pub async fn collect(mut events: EventStream) -> Result<Collected, GatewayError>
     }
     Ok(collected)
 }
+
+/// Every event of a reply, for clients that do not stream.
+pub async fn collect_events(mut events: EventStream) -> Result<Vec<Event>, GatewayError> {
+    let mut out = Vec::new();
+    while let Some(event) = events.next().await {
+        out.push(event?);
+    }
+    Ok(out)
+}

@@ -350,7 +350,7 @@ def responses_stream_round_trip():
         completed = stream.get_final_response()
     assert kinds[:2] == ["response.created", "response.in_progress"], kinds
     assert kinds[-1] == "response.completed", kinds
-    assert "response.function_call_arguments.delta" in kinds and "response.function_call_arguments.done" in kinds
+    assert "response.function_call_arguments.delta" in kinds and "response.function_call_arguments.done" in kinds, kinds
     call = [item for item in completed.output if item.type == "function_call"][0]
     # A full history instead of previous_response_id, as clients with store=false send it.
     history = [
@@ -394,5 +394,8 @@ for fn in CHECKS:
     try:
         fn()
     except Exception as e:
+        import traceback
+
+        traceback.print_exc()
         raise SystemExit(f"check {fn.__name__} failed: {type(e).__name__}: {e}") from e
 print(json.dumps({"checks": [fn.__name__ for fn in CHECKS]}))
