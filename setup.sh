@@ -26,7 +26,9 @@ if [ ! -f "$marker" ]; then
   echo "setup: preparing $venv with the openai and anthropic SDKs and langchain-openai" >&2
   mkdir -p target
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "${python_packages[@]}"
+  # `python -m pip`, not `bin/pip`: a venv copied from another checkout keeps that one's
+  # path in its scripts, and would install there.
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${python_packages[@]}"
   rm -f "$venv"/.ready*
   touch "$marker"
 fi

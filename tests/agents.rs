@@ -60,3 +60,44 @@ async fn openai_python_sdk_tools_parameters_and_responses() {
         );
     }
 }
+
+/// The Anthropic SDK sends its key as `x-api-key`; with a key created, a wrong one is a 401 in
+/// Anthropic's shape. The claude shape of the demo site reasons, so thinking blocks show.
+#[tokio::test]
+async fn anthropic_python_sdk_messages() {
+    let site = demo_site("claude", &[]);
+    let data = Data::new();
+    let model = data
+        .add_demo_account(&site.url, "claude", "claude@example.com")
+        .await;
+    let key = data.ok(&["keys", "create"], None).trim().to_owned();
+    let server = data.serve(&[]);
+    let report = python_client(
+        "anthropic_messages.py",
+        json!({
+            "base_url": server.url,
+            "model": model,
+            "api_key": key,
+            "plain_prompt": PLAIN,
+            "plain_reply": reply_for(Shape::Claude, PLAIN).content,
+        }),
+    );
+    let checks = checks_of(&report);
+    for expected in [
+        "text",
+        "stream",
+        "tool_use_round_trip",
+        "stop_sequences_and_max_tokens",
+        "errors_in_anthropic_shape",
+        "count_tokens",
+    ] {
+        assert!(
+            checks.iter().any(|c| c == expected),
+            "{expected} did not run: {checks:?}"
+        );
+    }
+    assert!(
+        !server.stderr().contains(&key),
+        "the key must not appear in the server's log"
+    );
+}

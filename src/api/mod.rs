@@ -1,10 +1,16 @@
 //! The HTTP surface: the OpenAI API under `/v1`, administration under `/admin`, `/health`.
 //!
+//! Three front doors share one internal request and reply stream ([`crate::chat`]): OpenAI
+//! chat completions (`openai.rs`), the OpenAI Responses API (`responses.rs`) and the Anthropic
+//! Messages API (`anthropic.rs`); `front.rs` holds what they share.
+//!
 //! Every cross-cutting behaviour is in [`router`]'s one layer stack: panics become a 500 in
-//! the OpenAI error shape, credentials are marked sensitive before tracing sees them, API keys
-//! are checked, and unknown paths get a JSON 404.
+//! the OpenAI error shape, credentials are marked sensitive before tracing sees them, errors
+//! on Anthropic's paths take Anthropic's shape, API keys are checked, and unknown paths get a
+//! JSON 404.
 
 pub mod admin;
+pub mod anthropic;
 pub mod auth;
 pub mod error;
 pub mod front;
@@ -39,6 +45,7 @@ pub struct AppState {
 
 pub fn router(state: AppState) -> Router {
     let layers = ServiceBuilder::new()
+        .layer(middleware::from_fn(error::anthropic_shape))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal("The server failed while handling this request.").into_response()
         }))
@@ -46,6 +53,7 @@ pub fn router(state: AppState) -> Router {
             header::AUTHORIZATION,
             header::COOKIE,
             header::SET_COOKIE,
+            header::HeaderName::from_static("x-api-key"),
         ]))
         .layer(TraceLayer::new_for_http())
         .layer(middleware::from_fn_with_state(
@@ -58,6 +66,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(openai::models))
         .route("/v1/models/{id}", get(openai::model))
         .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/v1/responses", post(responses::create))
         .route(
             "/v1/responses/{id}",
