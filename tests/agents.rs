@@ -101,3 +101,23 @@ async fn anthropic_python_sdk_messages() {
         "the key must not appear in the server's log"
     );
 }
+
+/// LangChain's `ChatOpenAI`, the Node SDK and a Codex-like raw Responses stream reader, on one
+/// server (the checks do not depend on each other).
+#[tokio::test]
+async fn langchain_node_sdk_and_a_codex_like_stream() {
+    let (_site, _data, server, model) = serving(Shape::Openai).await;
+    let args = json!({"base_url": format!("{}/v1", server.url), "model": model});
+    let langchain = checks_of(&python_client("langchain_agent.py", args.clone()));
+    assert_eq!(
+        langchain,
+        [
+            "bind_tools_gives_tool_calls",
+            "structured_output_returns_the_object"
+        ]
+    );
+    let codex = checks_of(&python_client("codex_stream.py", args.clone()));
+    assert_eq!(codex, ["function_call_then_answer"]);
+    let node = checks_of(&common::node_client("openai_node.mjs", args));
+    assert_eq!(node, ["chat_stream_with_tool_calls", "responses_stream"]);
+}

@@ -2,11 +2,11 @@
 //! for JSON, the instructions that make a chat model answer in a form [`super::calls`] and
 //! [`super::emulate`] can read.
 //!
-//! Without tools or a JSON format, the messages keep their roles (so the gateway can continue
-//! the site's own conversation). With them, the whole conversation and the instructions go as
-//! one self-contained user turn, a fresh site conversation: whatever part of a request a
-//! site's flow sends (only the last user message, say), the instructions and every tool result
-//! reach the model.
+//! Without tools, tool traffic in the history or a JSON format, the messages keep their roles
+//! (so the gateway can continue the site's own conversation). With any of them, the whole
+//! conversation and the instructions go as one self-contained user turn, a fresh site
+//! conversation: whatever part of a request a site's flow sends (only the last user message,
+//! say), the instructions and every tool result reach the model.
 
 use serde_json::Value;
 
@@ -24,7 +24,7 @@ pub const REPAIR_NOTE: &str = "Your last reply could not be used:";
 
 /// The prompt for `request`.
 pub fn prompt_of(request: &Request) -> Prompt {
-    if !request.emulated() {
+    if !request.emulated() && !has_tool_traffic(&request.messages) {
         return Prompt {
             messages: turns(&request.messages),
             model: request.model.clone(),
@@ -45,6 +45,15 @@ pub fn repair_prompt(request: &Request, reply: &str, problem: &str) -> Prompt {
     folded(request, &messages)
 }
 
+/// Tool calls or results in the history: sites know no such roles, so they travel as text.
+fn has_tool_traffic(messages: &[Message]) -> bool {
+    messages.iter().any(|m| match m {
+        Message::Assistant { calls, .. } => !calls.is_empty(),
+        Message::Tool { .. } => true,
+        _ => false,
+    })
+}
+
 fn folded(request: &Request, messages: &[(Role, String)]) -> Prompt {
     let mut text = String::new();
     for (role, content) in messages {
@@ -54,6 +63,7 @@ fn folded(request: &Request, messages: &[(Role, String)]) -> Prompt {
         text.push_str("\n\n");
     }
     text.push_str(&instructions(request));
+    text.truncate(text.trim_end().len());
     Prompt {
         messages: vec![(Role::User, text)],
         model: request.model.clone(),
@@ -245,15 +255,34 @@ mod tests {
     }
 
     #[test]
-    fn plain_history_keeps_roles_calls_and_results() {
+    fn tool_history_keeps_calls_and_results_as_one_turn() {
         let request = Request::new("m", round_trip());
         let prompt = prompt_of(&request);
+        assert_eq!(prompt.messages.len(), 1, "sites know no tool roles");
         assert_eq!(
             prompt.flattened(),
             "System: Be brief.\n\nUser: Weather in Paris?\n\nAssistant: <tool_call>\n\
              {\"name\":\"get_weather\",\"arguments\":{\"city\":\"Paris\"}}\n</tool_call>\n\n\
              Tool: result of get_weather (call call_1):\nsunny\n[image]"
         );
+    }
+
+    #[test]
+    fn a_plain_history_keeps_its_roles() {
+        let request = Request::new(
+            "m",
+            vec![
+                user("a"),
+                Message::Assistant {
+                    text: "b".into(),
+                    calls: vec![],
+                },
+                user("c"),
+            ],
+        );
+        let prompt = prompt_of(&request);
+        assert_eq!(prompt.messages.len(), 3);
+        assert_eq!(prompt.messages[2], (Role::User, "c".to_owned()));
     }
 
     #[test]
@@ -280,11 +309,8 @@ mod tests {
         assert!(text.contains("at most one tool"));
         assert!(text.contains("You must call the tool `get_weather`"));
         request.tool_choice = ToolChoice::None;
-        assert_eq!(
-            prompt_of(&request).messages.len(),
-            4,
-            "no tools, no folding"
-        );
+        let text = prompt_of(&request).flattened();
+        assert!(!text.contains(TOOLS_HEADER), "no tools offered: {text}");
     }
 
     #[test]
@@ -302,6 +328,6 @@ mod tests {
         assert!(text.contains("fit this JSON Schema:\n{\"type\":\"object\"}"));
         let repair = repair_prompt(&request, "Sure! {bad", "it is not valid JSON").flattened();
         assert!(repair.contains("Assistant: Sure! {bad\n\nUser: Your last reply could not be used: it is not valid JSON."));
-        assert!(repair.ends_with("fit this JSON Schema:\n{\"type\":\"object\"}\n"));
+        assert!(repair.ends_with("fit this JSON Schema:\n{\"type\":\"object\"}"));
     }
 }

@@ -3,7 +3,8 @@
 //! can check tool calling and structured output end to end.
 //!
 //! Given such a prompt (the conversation role-tagged, then `# Tools` and/or `# Answer format`):
-//! - tool results after the last user turn → a text answer quoting them:
+//! - tool results after the last user turn (with or without instructions) → a text answer
+//!   quoting them:
 //!   `Tool results: NAME → RESULT.` (several joined by `; `);
 //! - a user turn saying `call NAME with ARG VALUE …` (one or more, NAME among the tools) →
 //!   `I will call NAME.` and one `<tool_call>` block per call (only the first when the
@@ -26,11 +27,12 @@ use serde_json::{Map, Value, json};
 use crate::chat::calls::{CLOSE, OPEN};
 use crate::chat::prompt::{FORMAT_HEADER, REPAIR_NOTE, TOOLS_HEADER};
 
-/// The answer to a prompt with instructions; `None` for any other prompt.
+/// The answer to a prompt with instructions or tool results; `None` for any other prompt.
 /// `plain` answers a user turn in the site's ordinary way.
 pub fn answer(prompt: &str, plain: impl Fn(&str) -> String) -> Option<String> {
-    let instructions = Instructions::find(prompt)?;
-    let turns = turns(&prompt[..instructions.start]);
+    let instructions = Instructions::find(prompt);
+    let end = instructions.as_ref().map_or(prompt.len(), |i| i.start);
+    let turns = turns(&prompt[..end]);
     let repairing = turns
         .iter()
         .rev()
@@ -52,6 +54,7 @@ pub fn answer(prompt: &str, plain: impl Fn(&str) -> String) -> Option<String> {
             .collect();
         return Some(format!("Tool results: {}.", shown.join("; ")));
     }
+    let instructions = instructions?;
     let badly = request.to_ascii_lowercase().contains("badly") && !repairing;
     if !instructions.tools.is_empty() {
         let mut calls = asked_calls(request, &instructions.tools);
