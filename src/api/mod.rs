@@ -60,7 +60,8 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             auth::require_key,
         ));
-    Router::new()
+    let cors = cors(&state.config);
+    let router = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/models", get(openai::models))
@@ -78,7 +79,51 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(layers)
-        .with_state(state)
+        .with_state(state);
+    // Outermost, so a browser's preflight (which carries no key) is answered.
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
+}
+
+/// CORS for browser front ends, from `[api] cors_origins` (none by default). `*` is honoured
+/// on a loopback bind only (`Config::check` refuses it elsewhere; this is the second guard).
+fn cors(config: &Config) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
+    let origins = &config.api.cors_origins;
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o.trim() == "*") {
+        if !config.bind.ip().is_loopback() {
+            tracing::error!("`api.cors_origins = [\"*\"]` is ignored off loopback");
+            return None;
+        }
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|o| header::HeaderValue::from_str(o.trim()).ok()),
+        )
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([
+                axum::http::Method::GET,
+                axum::http::Method::POST,
+                axum::http::Method::DELETE,
+            ])
+            // SDKs in a browser send their own headers (x-stainless-*, anthropic-version).
+            .allow_headers(AllowHeaders::mirror_request())
+            .expose_headers([
+                header::HeaderName::from_static(openai::TIER_HEADER),
+                header::RETRY_AFTER,
+            ])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
 }
 
 /// Liveness, and the tiers this server can run: 2 and 3 need the browser.
