@@ -44,6 +44,7 @@ async fn openai_python_sdk_tools_parameters_and_responses() {
         "tool_named",
         "tool_required_gets_a_repair_turn",
         "malformed_call_is_repaired",
+        "a_call_still_broken_after_the_repair_comes_back_as_text",
         "tool_results_in_history",
         "max_tokens_cuts_and_cancels_the_site",
         "stop_sequences_cut",

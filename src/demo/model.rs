@@ -12,7 +12,8 @@
 //!   (`ARG VALUE`, `ARG: VALUE`, `ARG is VALUE`, quoted values; required ones missing get
 //!   `unknown`, 0, false);
 //! - the word `badly` in the user turn → the first reply's block is broken JSON; the repair
-//!   turn (whose message begins with the repair note) gets it right;
+//!   turn (whose message begins with the repair note) gets it right (`always badly`: it stays
+//!   broken);
 //! - a required or named call the user did not ask for → a plain answer first (so the repair
 //!   turn is exercised), then the call on the repair turn;
 //! - a JSON answer format → `Here is the JSON:` and the object in a ```json fence (values read
@@ -55,7 +56,8 @@ pub fn answer(prompt: &str, plain: impl Fn(&str) -> String) -> Option<String> {
         return Some(format!("Tool results: {}.", shown.join("; ")));
     }
     let instructions = instructions?;
-    let badly = request.to_ascii_lowercase().contains("badly") && !repairing;
+    let lower = request.to_ascii_lowercase();
+    let badly = lower.contains("always badly") || (lower.contains("badly") && !repairing);
     if !instructions.tools.is_empty() {
         let mut calls = asked_calls(request, &instructions.tools);
         if calls.is_empty()

@@ -188,6 +188,17 @@ def malformed_call_is_repaired():
 
 
 @check
+def a_call_still_broken_after_the_repair_comes_back_as_text():
+    r = client.chat.completions.create(
+        model=MODEL, messages=user("call get_weather with city Rome, always badly"), tools=[WEATHER]
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "stop" and not choice.message.tool_calls, choice
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {' in choice.message.content, choice.message.content
+    assert decisions()[0]["failure"] == "tool_call_invalid" and decisions()[0]["action"] == "returned_as_text"
+
+
+@check
 def tool_results_in_history():
     messages = user("call get_weather with city Paris") + [
         {
