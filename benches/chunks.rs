@@ -53,6 +53,7 @@ fn flow_rendering(c: &mut Criterion) {
     .into();
     let conversation = BTreeMap::new();
     let base = url::Url::parse("http://127.0.0.1:8080/").expect("url");
+    let pins = computetower::pinning::Pins::new(&base, []);
     let mut group = c.benchmark_group("flow_rendering");
     group.throughput(Throughput::Elements(1));
     group.bench_function("chat_request", |b| {
@@ -63,6 +64,7 @@ fn flow_rendering(c: &mut Criterion) {
                 preflight: &preflight,
                 conversation: &conversation,
                 now_ms: 1_700_000_000_000,
+                pins: &pins,
             };
             render(black_box(&flow.request), &base, &ctx).expect("renders")
         })

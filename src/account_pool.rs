@@ -48,6 +48,9 @@ struct Slot {
     waiting: AtomicUsize,
     served: AtomicU64,
     queued_total: AtomicU64,
+    /// How long a reply holds a slot, in ms, as a moving average (0 until one has ended):
+    /// what a full queue's `Retry-After` is estimated from.
+    avg_hold_ms: AtomicU64,
     state: Mutex<SlotState>,
 }
 
@@ -63,14 +66,20 @@ pub enum Busy {
     #[error("account {account} is cooling down after a rate limit for {retry_after} s more")]
     CoolingDown { account: String, retry_after: u64 },
     #[error("account {account} has {waiting} requests waiting already")]
-    QueueFull { account: String, waiting: usize },
+    QueueFull {
+        account: String,
+        waiting: usize,
+        /// Seconds until the queue has drained enough to take one more.
+        retry_after: u64,
+    },
 }
 
 impl Busy {
     pub fn retry_after(&self) -> u64 {
         match self {
-            Busy::CoolingDown { retry_after, .. } => *retry_after,
-            Busy::QueueFull { .. } => 1,
+            Busy::CoolingDown { retry_after, .. } | Busy::QueueFull { retry_after, .. } => {
+                *retry_after
+            }
         }
     }
 }
@@ -79,8 +88,25 @@ impl Busy {
 #[derive(Debug)]
 pub struct Permit {
     _permit: OwnedSemaphorePermit,
+    slot: Arc<Slot>,
+    acquired: Instant,
     /// How long the request waited for the slot.
     pub waited: Duration,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let held = self
+            .acquired
+            .elapsed()
+            .as_millis()
+            .min(u128::from(u32::MAX)) as u64;
+        let held = held.max(1);
+        // A lost race between two drops only skews one sample of an estimate.
+        let old = self.slot.avg_hold_ms.load(Ordering::Relaxed);
+        let new = if old == 0 { held } else { (old * 7 + held) / 8 };
+        self.slot.avg_hold_ms.store(new.max(1), Ordering::Relaxed);
+    }
 }
 
 /// One account's load, for `/metrics` and `/admin`.
@@ -123,6 +149,7 @@ impl AccountPool {
                     waiting: AtomicUsize::new(0),
                     served: AtomicU64::new(0),
                     queued_total: AtomicU64::new(0),
+                    avg_hold_ms: AtomicU64::new(0),
                     state: Mutex::new(SlotState::default()),
                 })
             })
@@ -182,6 +209,8 @@ impl AccountPool {
             slot.served.fetch_add(1, Ordering::Relaxed);
             return Ok(Permit {
                 _permit: permit,
+                slot,
+                acquired: started,
                 waited: Duration::ZERO,
             });
         }
@@ -191,6 +220,7 @@ impl AccountPool {
             return Err(Busy::QueueFull {
                 account: account.to_owned(),
                 waiting,
+                retry_after: self.drain_secs(&slot, waiting),
             });
         }
         slot.queued_total.fetch_add(1, Ordering::Relaxed);
@@ -200,19 +230,40 @@ impl AccountPool {
         let permit = permit.map_err(|_| Busy::QueueFull {
             account: account.to_owned(),
             waiting: 0,
+            retry_after: 1,
         })?;
         slot.served.fetch_add(1, Ordering::Relaxed);
         Ok(Permit {
             _permit: permit,
+            slot,
+            acquired: Instant::now(),
             waited: started.elapsed(),
         })
+    }
+
+    /// Seconds until `waiting` queued requests (plus one more) have been given a slot: each
+    /// slot serves one reply per average hold time.
+    fn drain_secs(&self, slot: &Slot, waiting: usize) -> u64 {
+        let hold_ms = slot.avg_hold_ms.load(Ordering::Relaxed).max(1);
+        let per_account = self.limits.per_account.max(1) as u64;
+        let ahead = waiting as u64 + 1;
+        (ahead.saturating_mul(hold_ms) / per_account)
+            .div_ceil(1000)
+            .clamp(1, crate::replay::client::MAX_RETRY_AFTER_SECS)
     }
 
     /// Takes `account` out of rotation for `retry_after` (or the default cooldown).
     pub fn cool_down(&self, account: &str, retry_after: Option<Duration>) {
         let slot = self.slot(account);
         let mut state = slot.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.cooldown_until = Some(Instant::now() + retry_after.unwrap_or(self.limits.cooldown));
+        let wait = retry_after
+            .unwrap_or(self.limits.cooldown)
+            .min(Duration::from_secs(
+                crate::replay::client::MAX_RETRY_AFTER_SECS,
+            ));
+        let now = Instant::now();
+        // Clamped above, so this cannot overflow; `checked_add` keeps it so if that changes.
+        state.cooldown_until = Some(now.checked_add(wait).unwrap_or(now));
     }
 
     /// Remembers how a request on `account` went.
@@ -296,6 +347,48 @@ mod tests {
         tokio::time::advance(Duration::from_secs(11)).await;
         assert!(pool.acquire("a").await.is_ok());
         assert_eq!(pool.order(&["a", "b"]), vec![0, 1]);
+    }
+
+    /// A site's absurd `Retry-After` cannot overflow the clock, and a full queue's
+    /// `Retry-After` says how long it really takes to drain.
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_is_clamped_and_a_full_queue_estimates_its_drain() {
+        let pool = Arc::new(pool(2, 4));
+        pool.cool_down("x", Some(Duration::from_secs(u64::MAX)));
+        let err = pool.acquire("x").await.unwrap_err();
+        assert_eq!(
+            err.retry_after(),
+            crate::replay::client::MAX_RETRY_AFTER_SECS
+        );
+        // Replies on `a` take 10 s each.
+        for _ in 0..2 {
+            let held = pool.acquire("a").await.unwrap();
+            tokio::time::advance(Duration::from_secs(10)).await;
+            drop(held);
+        }
+        let _running = [
+            pool.acquire("a").await.unwrap(),
+            pool.acquire("a").await.unwrap(),
+        ];
+        let mut waiters = Vec::new();
+        for _ in 0..4 {
+            let pool = pool.clone();
+            waiters.push(tokio::spawn(async move { pool.acquire("a").await.is_ok() }));
+        }
+        while pool
+            .loads()
+            .iter()
+            .find(|l| l.account_id == "a")
+            .unwrap()
+            .waiting
+            < 4
+        {
+            tokio::task::yield_now().await;
+        }
+        // Four ahead plus this one, two slots, 10 s each: 25 s.
+        let err = pool.acquire("a").await.unwrap_err();
+        assert!(matches!(err, Busy::QueueFull { .. }), "{err}");
+        assert_eq!(err.retry_after(), 25);
     }
 
     #[tokio::test]

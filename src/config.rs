@@ -1,6 +1,7 @@
 //! Settings: embedded defaults, then `computetower.toml` (or `--config`), then `COMPUTETOWER_*`
 //! environment variables. Unknown keys are rejected with their name.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -36,6 +37,16 @@ pub struct Config {
     pub captcha: CaptchaSettings,
     /// Page-understanding assist: an OpenAI-compatible vision endpoint (off when `url` is empty).
     pub assist: AssistSettings,
+    /// Per-service settings, by service name (`[services.example]`).
+    pub services: BTreeMap<String, ServiceSettings>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceSettings {
+    /// Origins besides the account's own that the service's flows may call with the
+    /// account's session (an API on another host of the same site, say).
+    pub allowed_origins: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -85,6 +96,9 @@ pub struct BrowserSettings {
     pub human_delay_ms: [u64; 2],
     /// Longest a whole login may take.
     pub login_timeout_secs: u64,
+    /// Longest a browser tier (2 or 3) waits for the site's reply to start, and the longest
+    /// silence within it.
+    pub tier_timeout_secs: u64,
     /// Cap on a harvested session's lifetime.
     pub max_session_hours: u64,
     pub headless: bool,
@@ -99,6 +113,7 @@ impl Default for BrowserSettings {
             typing: "paste".to_owned(),
             human_delay_ms: [40, 160],
             login_timeout_secs: 60,
+            tier_timeout_secs: 90,
             max_session_hours: 24,
             headless: true,
         }
@@ -152,6 +167,7 @@ impl Default for Config {
             browser: BrowserSettings::default(),
             captcha: CaptchaSettings::default(),
             assist: AssistSettings::default(),
+            services: BTreeMap::new(),
         }
     }
 }
@@ -273,6 +289,9 @@ impl Config {
         if let Some(v) = env("COMPUTETOWER_BROWSER_PAGE_IDLE_SECS") {
             self.browser.page_idle_secs = parse("COMPUTETOWER_BROWSER_PAGE_IDLE_SECS", &v)?;
         }
+        if let Some(v) = env("COMPUTETOWER_BROWSER_TIER_TIMEOUT_SECS") {
+            self.browser.tier_timeout_secs = parse("COMPUTETOWER_BROWSER_TIER_TIMEOUT_SECS", &v)?;
+        }
         if let Some(v) = env("COMPUTETOWER_LOG") {
             self.log = v;
         }
@@ -312,6 +331,13 @@ impl Config {
 
     pub fn database_path(&self) -> PathBuf {
         self.data_dir.join("computetower.db")
+    }
+
+    /// The origins the operator allows `service`'s flows to call besides the account's own.
+    pub fn allowed_origins(&self, service: &str) -> &[String] {
+        self.services
+            .get(service)
+            .map_or(&[], |s| s.allowed_origins.as_slice())
     }
 
     pub fn key_file(&self) -> PathBuf {

@@ -307,29 +307,86 @@ impl Flow {
         Ok(flow)
     }
 
-    /// Checks what serde cannot: a usable service name, pointers and sources that resolve.
+    /// Checks what serde cannot, field by field, naming the field at fault: names fit for a
+    /// model id, HTTP methods and header names that are tokens, no control characters where
+    /// they would split a request, pointers and sources that resolve, regexes that compile,
+    /// and sizes a shared file has no business exceeding.
     pub fn validate(&self) -> Result<(), FlowError> {
-        if self.service.trim().is_empty() {
-            return Err(FlowError::Invalid("`service` is empty".into()));
+        let invalid = |message: String| Err(FlowError::Invalid(message));
+        check_name("service", &self.service, MAX_NAME)?;
+        check_name("name", &self.name, MAX_NAME)?;
+        if !self.id.is_empty() {
+            check_name("id", &self.id, MAX_NAME)?;
         }
-        let templates =
-            std::iter::once(&self.request).chain(self.preflight.iter().map(|s| &s.http));
-        for http in templates {
-            if http.url.trim().is_empty() {
-                return Err(FlowError::Invalid("a request has an empty `url`".into()));
-            }
-            for (pointer, source) in &http.slots {
-                if !pointer.is_empty() && !pointer.starts_with('/') {
-                    return Err(FlowError::Invalid(format!(
-                        "slot `{pointer}` is not a JSON pointer (it must start with `/`)"
-                    )));
+        if let Some(origin) = &self.origin {
+            check_text("origin", origin, MAX_URL)?;
+        }
+        if self.preflight.len() > MAX_STEPS {
+            return invalid(format!(
+                "`preflight` has {} steps; at most {MAX_STEPS} are allowed",
+                self.preflight.len()
+            ));
+        }
+        let templates = self
+            .preflight
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (format!("preflight[{i}]"), &s.http))
+            .chain(std::iter::once(("request".to_owned(), &self.request)));
+        for (field, http) in templates {
+            check_template(&field, http)?;
+        }
+        for (i, step) in self.preflight.iter().enumerate() {
+            for (name, rule) in &step.extract {
+                let field = format!("preflight[{i}].extract.{name}");
+                if name.is_empty()
+                    || name.len() > MAX_NAME
+                    || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                {
+                    return invalid(format!(
+                        "`preflight[{i}].extract` has a bad name `{}`: use letters, digits and `_`",
+                        shorten(name)
+                    ));
                 }
-                if !is_known_source(source) {
-                    return Err(FlowError::Invalid(format!(
-                        "slot `{pointer}` has unknown source `{source}`"
-                    )));
+                match rule {
+                    Extract::Pointer(p) => check_pointer(&field, p)?,
+                    Extract::Regex { regex } => {
+                        check_text(&field, regex, MAX_TEXT)?;
+                        regex::Regex::new(regex).map_err(|e| {
+                            FlowError::Invalid(format!("`{field}` is not a valid regex: {e}"))
+                        })?;
+                    }
+                    Extract::Header { header } => check_header_name(&field, header)?,
                 }
             }
+        }
+        let response = &self.response;
+        check_pointer("response.text.path", &response.text.path)?;
+        for (name, pointer) in &response.ids {
+            check_name("response.ids", name, MAX_NAME)?;
+            check_pointer(&format!("response.ids.{name}"), pointer)?;
+        }
+        if response.transport == Transport::Websocket
+            && !self.request.body.as_ref().is_none_or(Value::is_array)
+        {
+            return invalid(
+                "`request.body` of a websocket flow must be the list of messages to send".into(),
+            );
+        }
+        if let Some(ui) = &self.ui {
+            for (field, value) in [
+                ("ui.page", &ui.page),
+                ("ui.input", &ui.input),
+                ("ui.submit", &ui.submit),
+                ("ui.output", &ui.output),
+            ] {
+                if let Some(value) = value {
+                    check_text(field, value, MAX_TEXT)?;
+                }
+            }
+        }
+        if self.replay.min_tier.is_some_and(|t| !(1..=3).contains(&t)) {
+            return invalid("`replay.min_tier` must be 1, 2 or 3".into());
         }
         Ok(())
     }
@@ -369,6 +426,115 @@ impl Flow {
 }
 
 pub const REDACTED: &str = "<redacted>";
+
+/// Limits on what a flow file may hold: generous for any real site, small enough that a
+/// hostile file cannot bloat the store or a request.
+const MAX_NAME: usize = 128;
+const MAX_URL: usize = 8 * 1024;
+const MAX_TEXT: usize = 16 * 1024;
+const MAX_HEADERS: usize = 64;
+const MAX_STEPS: usize = 16;
+
+/// Long values are cut in messages, so an error never echoes a 100 KB field.
+fn shorten(text: &str) -> String {
+    match text.char_indices().nth(40) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_owned(),
+    }
+}
+
+/// A service, flow name or id: what clients send as a model id.
+fn check_name(field: &str, value: &str, max: usize) -> Result<(), FlowError> {
+    let fine = |c: char| c.is_ascii_alphanumeric() || "-_.:/@".contains(c);
+    if value.trim().is_empty() {
+        return Err(FlowError::Invalid(format!("`{field}` is empty")));
+    }
+    if value.len() > max || !value.chars().all(fine) {
+        return Err(FlowError::Invalid(format!(
+            "`{field}` must be at most {max} letters, digits or `-_.:/@`; got `{}`",
+            shorten(value)
+        )));
+    }
+    Ok(())
+}
+
+/// Free text that must not split a request or a log line.
+fn check_text(field: &str, value: &str, max: usize) -> Result<(), FlowError> {
+    if value.len() > max {
+        return Err(FlowError::Invalid(format!(
+            "`{field}` is {} bytes long; at most {max} are allowed",
+            value.len()
+        )));
+    }
+    if value.chars().any(|c| c.is_control() && c != '\t') {
+        return Err(FlowError::Invalid(format!(
+            "`{field}` holds a control character (a line break, say)"
+        )));
+    }
+    Ok(())
+}
+
+/// RFC 9110 `tchar`: what methods and header names are made of.
+fn is_token(value: &str) -> bool {
+    !value.is_empty()
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+fn check_header_name(field: &str, name: &str) -> Result<(), FlowError> {
+    if name.len() > MAX_NAME || !is_token(name) {
+        return Err(FlowError::Invalid(format!(
+            "`{field}`: `{}` is not an HTTP header name",
+            shorten(name)
+        )));
+    }
+    Ok(())
+}
+
+fn check_pointer(field: &str, pointer: &str) -> Result<(), FlowError> {
+    check_text(field, pointer, MAX_TEXT)
+}
+
+fn check_template(field: &str, http: &HttpTemplate) -> Result<(), FlowError> {
+    let invalid = |message: String| Err(FlowError::Invalid(message));
+    if http.method.len() > 16 || !is_token(&http.method) {
+        return invalid(format!(
+            "`{field}.method` `{}` is not an HTTP method",
+            shorten(&http.method)
+        ));
+    }
+    if http.url.trim().is_empty() {
+        return invalid(format!("`{field}.url` is empty"));
+    }
+    check_text(&format!("{field}.url"), &http.url, MAX_URL)?;
+    if http.headers.len() > MAX_HEADERS {
+        return invalid(format!(
+            "`{field}.headers` has {} entries; at most {MAX_HEADERS} are allowed",
+            http.headers.len()
+        ));
+    }
+    for (name, value) in &http.headers {
+        check_header_name(&format!("{field}.headers"), name)?;
+        check_text(&format!("{field}.headers.{name}"), value, MAX_TEXT)?;
+    }
+    for (pointer, source) in &http.slots {
+        if !pointer.is_empty() && !pointer.starts_with('/') {
+            return invalid(format!(
+                "`{field}.slots`: `{}` is not a JSON pointer (it must start with `/`)",
+                shorten(pointer)
+            ));
+        }
+        check_pointer(&format!("{field}.slots"), pointer)?;
+        if !is_known_source(source) {
+            return invalid(format!(
+                "`{field}.slots.{pointer}` has unknown source `{}`",
+                shorten(source)
+            ));
+        }
+    }
+    Ok(())
+}
 
 /// Whether a header name suggests it carries a credential.
 pub fn is_sensitive_header(name: &str) -> bool {
@@ -465,6 +631,54 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("promt"), "{err}");
+    }
+
+    /// Every field of an imported flow is checked, and the message names the field.
+    #[test]
+    fn hostile_fields_are_refused_by_name() {
+        let base: Value = serde_json::from_str(
+            r#"{"service":"demo","name":"chat","request":{"method":"POST","url":"/x","headers":{"accept":"*/*"}},
+                "preflight":[{"method":"GET","url":"/p","extract":{"id":"/data/id"}}],
+                "response":{"transport":"sse","text":{"path":"/t","mode":"delta"}}}"#,
+        )
+        .unwrap();
+        Flow::from_json(&base.to_string()).unwrap();
+        let long = "n".repeat(100_000);
+        let cases: Vec<(&str, Value, &str)> = vec![
+            ("/request/method", "GET\r\nX: y".into(), "request.method"),
+            ("/service", "".into(), "service"),
+            ("/service", "a b".into(), "service"),
+            ("/name", long.clone().into(), "name"),
+            ("/request/url", "/x\r\nHost: evil".into(), "request.url"),
+            (
+                "/request/headers",
+                serde_json::json!({"x y": "1"}),
+                "request.headers",
+            ),
+            (
+                "/request/headers",
+                serde_json::json!({"x": "a\r\nb: c"}),
+                "request.headers.x",
+            ),
+            (
+                "/preflight/0/extract",
+                serde_json::json!({"id": {"regex": "("}}),
+                "preflight[0].extract.id",
+            ),
+            (
+                "/preflight/0/extract",
+                serde_json::json!({"a-b": "/x"}),
+                "preflight[0].extract",
+            ),
+            ("/preflight/0/method", "".into(), "preflight[0].method"),
+        ];
+        for (pointer, value, field) in cases {
+            let mut flow = base.clone();
+            *flow.pointer_mut(pointer).unwrap() = value;
+            let err = Flow::from_json(&flow.to_string()).unwrap_err().to_string();
+            assert!(err.contains(&format!("`{field}")), "{pointer}: {err}");
+            assert!(err.len() < 400, "the message echoes the value: {err}");
+        }
     }
 
     #[test]

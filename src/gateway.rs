@@ -24,6 +24,7 @@ use crate::flow::Flow;
 use crate::inline::InlineCredentials;
 use crate::learn::Learner;
 use crate::openai::Role;
+use crate::pinning::Pins;
 use crate::renew::{RenewError, Renewer};
 use crate::replay::client::{Call, DeltaStream, FailureKind, ReplayError, Replayer, Target};
 use crate::replay::decode::Delta;
@@ -32,16 +33,19 @@ use crate::store::accounts::Account;
 use crate::store::events::{EventWriter, ExecutionEvent, Record};
 use crate::store::sessions::Session;
 use crate::store::{Store, StoreError};
+use crate::tier_floor::{Start, TierFloors};
 
 /// How long a service's resolved accounts, sessions and flow are reused.
 const SERVICE_TTL: Duration = Duration::from_secs(2);
 /// Attempts per account for network errors (with exponential backoff) and 5xx.
 const NETWORK_ATTEMPTS: u32 = 3;
 const BACKOFF: Duration = Duration::from_millis(100);
-/// How long a flow skips direct replay after the site refused it (anti-bot) or it stopped
-/// fitting the site (while the flow is re-learned).
-const TIER_COOLDOWN: Duration = Duration::from_secs(600);
-/// Budget of a browser tier until the reply starts.
+/// After a tier failed on evidence, how soon a request tries it again (doubling per failed
+/// try, up to the second figure; see `tier_floor`).
+const FLOOR_FIRST_PROBE: Duration = Duration::from_secs(5);
+const FLOOR_MAX_PROBE: Duration = Duration::from_secs(600);
+/// Budget of a browser tier until the reply starts (and the longest silence within it),
+/// unless configured.
 const BROWSER_TIER_TIMEOUT: Duration = Duration::from_secs(90);
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +82,8 @@ struct Candidate {
     base: Url,
     session: Option<Session>,
     proxy: Option<String>,
+    /// The origins the flow's calls may reach with this account's session.
+    pins: Pins,
 }
 
 #[derive(Debug)]
@@ -98,10 +104,13 @@ pub struct Gateway {
     conversations: Arc<Conversations>,
     learner: Option<Arc<Learner>>,
     /// Flow id → lowest tier worth trying (after an anti-bot refusal or a format drift).
-    tier_floor: moka::future::Cache<String, u8>,
+    floors: Arc<TierFloors>,
     /// Services being re-learned in the background.
     relearning: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     services: moka::future::Cache<String, Arc<ServiceState>>,
+    /// Service → origins the operator allows besides the account's (`[services.X]`).
+    allowed_origins: BTreeMap<String, Vec<String>>,
+    browser_tier_timeout: Duration,
 }
 
 impl Gateway {
@@ -117,10 +126,7 @@ impl Gateway {
     ) -> Self {
         Self {
             learner,
-            tier_floor: moka::future::Cache::builder()
-                .max_capacity(10_000)
-                .time_to_live(TIER_COOLDOWN)
-                .build(),
+            floors: Arc::new(TierFloors::new(FLOOR_FIRST_PROBE, FLOOR_MAX_PROBE)),
             relearning: Arc::default(),
             conversations: Arc::new(Conversations::new(store.clone(), events.clone())),
             store,
@@ -132,7 +138,21 @@ impl Gateway {
                 .max_capacity(1024)
                 .time_to_live(SERVICE_TTL)
                 .build(),
+            allowed_origins: BTreeMap::new(),
+            browser_tier_timeout: BROWSER_TIER_TIMEOUT,
         }
+    }
+
+    /// How long a browser tier may wait for the reply to start, and within it.
+    pub fn with_browser_tier_timeout(mut self, timeout: Duration) -> Self {
+        self.browser_tier_timeout = timeout;
+        self
+    }
+
+    /// Origins, per service, that flows may call besides the account's own.
+    pub fn with_allowed_origins(mut self, origins: BTreeMap<String, Vec<String>>) -> Self {
+        self.allowed_origins = origins;
+        self
     }
 
     pub fn store(&self) -> &Store {
@@ -187,6 +207,14 @@ impl Gateway {
             .active_flow(model)
             .await?
             .ok_or_else(|| GatewayError::NoFlow(model.to_owned()))?;
+        let mut extra_origins = self.store.trusted_flow_origins(&flow.id).await?;
+        extra_origins.extend(
+            self.allowed_origins
+                .get(model)
+                .into_iter()
+                .flatten()
+                .cloned(),
+        );
         let now = crate::store::now();
         let mut ready = Vec::new();
         let mut need_login = Vec::new();
@@ -208,18 +236,21 @@ impl Gateway {
                 None => Some("it has no session"),
             };
             let proxy = self.store.account_proxy(&account.id).await?;
+            let pins = Pins::new(&base, extra_origins.iter().map(String::as_str));
             match problem {
                 None => ready.push(Arc::new(Candidate {
                     account,
                     base,
                     session,
                     proxy,
+                    pins,
                 })),
                 Some(_) if self.renewer.is_some() => need_login.push(Arc::new(Candidate {
                     account,
                     base,
                     session: None,
                     proxy,
+                    pins,
                 })),
                 Some(problem) => unusable.push(format!(
                     "account {}: {problem}; log in again (`computetower login {}`) or import cookies",
@@ -237,23 +268,23 @@ impl Gateway {
         Ok(state)
     }
 
-    /// The tier a request on `flow` starts at: 1, unless direct replay is known not to work
-    /// (the flow says so, or it failed recently and the tier-1 cooldown has not passed).
-    async fn start_tier(&self, flow: &Flow) -> u8 {
-        let floor = self.tier_floor.get(&flow.id).await.unwrap_or(1);
+    /// The tier a request on `flow` starts at, and whether it probes a raised floor: 1,
+    /// unless the flow says direct replay cannot work, or a tier failed on evidence recently
+    /// (then a request now and then tries the lower tier again, see `tier_floor`).
+    fn start_tier(&self, flow: &Flow) -> (u8, bool) {
         let minimum = if flow.replay.needs_browser {
             flow.replay.min_tier.unwrap_or(2).clamp(2, 3)
         } else {
             1
         };
-        floor.max(minimum)
-    }
-
-    /// Skips tiers below `tier` for this flow until the cooldown passes.
-    async fn raise_floor(&self, flow: &Flow, tier: u8) {
-        let current = self.tier_floor.get(&flow.id).await.unwrap_or(1);
-        if tier > current {
-            self.tier_floor.insert(flow.id.clone(), tier).await;
+        match self.floors.start(&flow.id) {
+            Start::At(floor) => (floor.max(minimum), false),
+            Start::Probe { .. } if minimum > 1 => {
+                // Nothing to probe below the flow's own minimum; the floor stays.
+                self.floors.probe_failed(&flow.id);
+                (minimum, false)
+            }
+            Start::Probe { .. } => (minimum, true),
         }
     }
 
@@ -292,8 +323,9 @@ impl Gateway {
                 proxy: candidate.proxy.clone(),
             }),
             flow: flow.clone(),
+            pins: candidate.pins.clone(),
             prompt: prompt.clone(),
-            timeout: BROWSER_TIER_TIMEOUT,
+            timeout: self.browser_tier_timeout,
         };
         match tier {
             2 => renewer.pool().inpage(request).await,
@@ -303,7 +335,7 @@ impl Gateway {
 
     /// Re-learns the account's service in the background (once at a time per service); the
     /// next request uses the new flow.
-    fn relearn_in_background(&self, account: &Account) {
+    fn relearn_in_background(&self, account: &Account, flow_id: &str) {
         let Some(learner) = self.learner.clone() else {
             return;
         };
@@ -316,16 +348,23 @@ impl Gateway {
         let account = account.clone();
         let services = self.services.clone();
         let relearning = self.relearning.clone();
+        let floors = self.floors.clone();
+        let flow_id = flow_id.to_owned();
         // Detached on purpose: the request that noticed the drift is served by tier 3 and must
         // not wait for the learn.
         tokio::spawn(async move {
             match learner.learn(&account, &|_| {}).await {
-                Ok(report) => tracing::info!(
-                    service = %account.service,
-                    version = report.flow.version,
-                    verified = report.verification.ok,
-                    "re-learned the flow after the site changed"
-                ),
+                Ok(report) => {
+                    tracing::info!(
+                        service = %account.service,
+                        version = report.flow.version,
+                        verified = report.verification.ok,
+                        "re-learned the flow after the site changed"
+                    );
+                    if report.verification.ok {
+                        floors.lift(&flow_id);
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(service = %account.service, error = %e, "re-learning failed")
                 }
@@ -508,8 +547,14 @@ impl Gateway {
             let permit = match self.accounts.acquire(&account.id).await {
                 Ok(permit) => permit,
                 Err(busy) => {
+                    // When every account is busy, the soonest one decides the Retry-After.
                     let retry_after = busy.retry_after();
-                    rate_limited = Some((busy.to_string(), Some(retry_after)));
+                    if rate_limited
+                        .as_ref()
+                        .is_none_or(|(_, r)| r.is_none_or(|r| retry_after < r))
+                    {
+                        rate_limited = Some((busy.to_string(), Some(retry_after)));
+                    }
                     self.decide(
                         request_id,
                         &name,
@@ -531,9 +576,10 @@ impl Gateway {
                     }
                 }
             };
-            let mut tier = match forced_tier {
-                Some(tier) => tier,
-                None => self.start_tier(&service.flow).await,
+            // `probing`: this request tries tier 1 below the flow's raised floor.
+            let (mut tier, mut probing) = match forced_tier {
+                Some(tier) => (tier, false),
+                None => self.start_tier(&service.flow),
             };
             let mut attempt = 0;
             loop {
@@ -548,6 +594,7 @@ impl Gateway {
                     proxy: candidate.proxy.as_deref(),
                     conversation: known,
                     session_id: Some(&session.id),
+                    pins: &candidate.pins,
                 };
                 let mut extracted = BTreeMap::new();
                 let started_tier = if tier == 1 {
@@ -556,7 +603,7 @@ impl Gateway {
                         .await
                         .map(|replay| {
                             if replay.jar_changed {
-                                self.keep_rotated_cookies(&session, replay.jar.cookies().to_vec());
+                                self.keep_rotated_cookies(&session, replay.jar.cookies());
                             }
                             extracted = replay.extracted;
                             replay.deltas
@@ -574,6 +621,10 @@ impl Gateway {
                 let error = match result {
                     Ok((head, rest)) => {
                         self.accounts.record(&account.id, true);
+                        if probing {
+                            tracing::info!(service = %name, flow = %service.flow.id, "direct replay works again; the tier floor is lifted");
+                            self.floors.probe_worked(&service.flow.id);
+                        }
                         let queue_ms = permit.waited.as_millis() as i64;
                         let tracker = (keeps_conversations && tier == 1).then(|| {
                             let mut key = KeyBuilder::default();
@@ -599,6 +650,7 @@ impl Gateway {
                             tier,
                             tracker,
                             _permit: Some(permit),
+                            ending: None,
                             record: Some(Outcome {
                                 event: ExecutionEvent {
                                     request_id: request_id.to_owned(),
@@ -622,26 +674,38 @@ impl Gateway {
                 };
                 let kind = error.kind();
                 self.record_failure(request_id, &name, &account.id, &error, started, tier);
+                if probing {
+                    probing = false;
+                    self.floors.probe_failed(&service.flow.id);
+                }
                 // Tier fallback first: a refusal of direct replay is not the account's fault.
+                // A floor is raised only on evidence that the tier cannot work for the flow
+                // (a refusal, a reply it cannot read); a blip moves this request alone.
                 match (tier, kind) {
                     _ if forced_tier.is_some() => {}
                     (1, FailureKind::AntiBot) => {
-                        self.raise_floor(&service.flow, 2).await;
+                        self.floors.raise(&service.flow.id, 2);
                         self.decide(request_id, &name, &account.id, kind, "tier_2");
                         tier = 2;
                         attempt = 0;
                         continue;
                     }
                     (1, FailureKind::FormatDrift) if self.renewer.is_some() => {
-                        self.raise_floor(&service.flow, 3).await;
+                        self.floors.raise(&service.flow.id, 3);
                         self.decide(request_id, &name, &account.id, kind, "tier_3_and_relearn");
-                        self.relearn_in_background(account);
+                        self.relearn_in_background(account, &service.flow.id);
                         tier = 3;
                         attempt = 0;
                         continue;
                     }
-                    (2, k) if k != FailureKind::RateLimit => {
-                        self.raise_floor(&service.flow, 3).await;
+                    (2, FailureKind::AntiBot | FailureKind::FormatDrift | FailureKind::Flow) => {
+                        self.floors.raise(&service.flow.id, 3);
+                        self.decide(request_id, &name, &account.id, kind, "tier_3");
+                        tier = 3;
+                        attempt = 0;
+                        continue;
+                    }
+                    (2, FailureKind::Network | FailureKind::Upstream) => {
                         self.decide(request_id, &name, &account.id, kind, "tier_3");
                         tier = 3;
                         attempt = 0;
@@ -819,6 +883,12 @@ async fn first_text(
     Ok((head, deltas))
 }
 
+/// A reply's last item, and what says its record is written.
+type Ending = (
+    tokio::sync::oneshot::Receiver<()>,
+    Option<Result<Delta, ReplayError>>,
+);
+
 /// The record written when a reply ends, fails or is dropped.
 struct Outcome {
     event: ExecutionEvent,
@@ -838,6 +908,9 @@ pub struct Reply {
     /// The account slot, held until the reply ends or is dropped.
     _permit: Option<Permit>,
     record: Option<Outcome>,
+    /// The reply's last item, held back until its record is written, so that a reply the
+    /// client saw end is never missing from the store (even if the process dies right after).
+    ending: Option<Ending>,
 }
 
 impl Reply {
@@ -850,15 +923,25 @@ impl Reply {
         self.tier
     }
 
-    fn finish(&mut self, outcome: &str, detail: Option<String>) {
-        if let Some(mut record) = self.record.take() {
-            record.event.outcome = outcome.to_owned();
-            if detail.is_some() {
-                record.event.detail = detail;
-            }
-            record.event.latency_ms = Some(record.started.elapsed().as_millis() as i64);
-            record.writer.record(Record::Execution(record.event));
+    /// Records the outcome; with `durably`, returns what completes once it is written.
+    fn finish(
+        &mut self,
+        outcome: &str,
+        detail: Option<String>,
+        durably: bool,
+    ) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        let mut record = self.record.take()?;
+        record.event.outcome = outcome.to_owned();
+        if detail.is_some() {
+            record.event.detail = detail;
         }
+        record.event.latency_ms = Some(record.started.elapsed().as_millis() as i64);
+        let event = Record::Execution(record.event);
+        if durably {
+            return record.writer.record_durably(event);
+        }
+        record.writer.record(event);
+        None
     }
 }
 
@@ -866,37 +949,57 @@ impl Stream for Reply {
     type Item = Result<Delta, ReplayError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let item = if let Some(delta) = self.head.pop_front() {
-            Poll::Ready(Some(Ok(delta)))
+        if let Some((written, _)) = &mut self.ending {
+            if Pin::new(written).poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let last = self.ending.take().and_then(|(_, last)| last);
+            return Poll::Ready(last);
+        }
+        let next = if let Some(delta) = self.head.pop_front() {
+            Some(Ok(delta))
         } else if self.record.is_none() {
             return Poll::Ready(None);
         } else {
-            self.rest.poll_next_unpin(cx)
+            match self.rest.poll_next_unpin(cx) {
+                Poll::Ready(next) => next,
+                Poll::Pending => return Poll::Pending,
+            }
         };
-        match &item {
-            Poll::Ready(Some(Ok(Delta::Text(text)))) => {
+        let written = match &next {
+            Some(Ok(Delta::Text(text))) => {
                 if let Some(tracker) = &mut self.tracker {
                     tracker.key.text(text);
                 }
+                None
             }
-            Poll::Ready(Some(Ok(Delta::Id { name, value }))) => {
+            Some(Ok(Delta::Id { name, value })) => {
                 if let Some(tracker) = &mut self.tracker {
                     tracker.values.insert(name.clone(), value.clone());
                 }
+                None
             }
-            Poll::Ready(None) | Poll::Ready(Some(Ok(Delta::Done))) => {
+            None | Some(Ok(Delta::Done)) => {
                 self.remember_conversation();
-                self.finish("ok", None);
+                self.finish("ok", None, true)
             }
-            Poll::Ready(Some(Err(e))) => {
+            Some(Err(e)) => {
                 let kind = e.kind().as_str();
                 let detail = e.to_string();
                 self.tracker = None;
-                self.finish(kind, Some(detail));
+                self.finish(kind, Some(detail), true)
             }
-            _ => {}
+            Some(Ok(Delta::Reasoning(_))) => None,
+        };
+        match written {
+            // The end waits for its record (one SQLite commit, shared with whatever else
+            // is queued).
+            Some(written) => {
+                self.ending = Some((written, next));
+                self.poll_next(cx)
+            }
+            None => Poll::Ready(next),
         }
-        item
     }
 }
 
@@ -921,6 +1024,6 @@ impl Reply {
 
 impl Drop for Reply {
     fn drop(&mut self) {
-        self.finish("cancelled", Some("the client went away".into()));
+        self.finish("cancelled", Some("the client went away".into()), false);
     }
 }

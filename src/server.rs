@@ -55,8 +55,13 @@ pub fn install_tls_provider() {
 /// Serves until SIGINT/SIGTERM. Prints `computetower listening on http://ADDR` once bound.
 pub async fn serve(config: Config) -> Result<(), ServeError> {
     install_tls_provider();
+    let off_loopback = !config.bind.ip().is_loopback();
+    // Without a database there is no key: refuse before creating a data dir or a master key.
+    if off_loopback && !config.database_path().exists() {
+        return Err(ServeError::OpenNonLoopback(config.bind));
+    }
     let store = open_store(&config).await?;
-    if !config.bind.ip().is_loopback() && store.live_key_count().await? == 0 {
+    if off_loopback && store.live_key_count().await? == 0 {
         return Err(ServeError::OpenNonLoopback(config.bind));
     }
     let listener = TcpListener::bind(config.bind)
@@ -97,24 +102,32 @@ pub fn app_state(config: Config, store: Store, events: EventWriter) -> AppState 
         BrowserPool::new(browser_config(&config)),
         store.clone(),
     ));
+    let allowed_origins = config
+        .services
+        .iter()
+        .map(|(name, s)| (name.clone(), s.allowed_origins.clone()))
+        .collect();
     let learner = Arc::new(Learner::new(
         renewer.clone(),
         Arc::new(replayer(&config)),
         store.clone(),
     ));
     AppState {
-        gateway: Arc::new(Gateway::new(
-            store,
-            replayer(&config),
-            events,
-            Some(renewer),
-            Some(learner.clone()),
-            crate::account_pool::Limits {
-                per_account: config.limits.per_account_concurrency.max(1),
-                queue: config.limits.per_account_queue,
-                cooldown: Duration::from_secs(config.limits.rate_limit_cooldown_secs),
-            },
-        )),
+        gateway: Arc::new(
+            Gateway::new(
+                store,
+                replayer(&config),
+                events,
+                Some(renewer),
+                Some(learner.clone()),
+                crate::account_pool::Limits {
+                    per_account: config.limits.per_account_concurrency.max(1),
+                    queue: config.limits.per_account_queue,
+                    cooldown: Duration::from_secs(config.limits.rate_limit_cooldown_secs),
+                },
+            )
+            .with_allowed_origins(allowed_origins),
+        ),
         learner: Some(learner),
         config: Arc::new(config),
         keys,

@@ -217,137 +217,123 @@ impl SessionData {
 }
 
 /// The cookies a request carries: the session's, plus what the site sets during this replay.
+///
+/// The storage and matching rules are RFC 6265's, from the `cookie_store` crate: a
+/// `Domain` attribute the response's host does not domain-match is ignored, `Max-Age=0` (or a
+/// past `Expires`) removes the cookie, `Max-Age` takes precedence over `Expires`, and `Secure`
+/// cookies go to https (and loopback) only. No public-suffix list is loaded: a cookie set for
+/// a whole suffix could only reach the origins a flow is pinned to (`pinning`).
 #[derive(Clone, Default)]
 pub struct CookieJar {
-    cookies: Vec<Cookie>,
+    store: cookie_store::CookieStore,
 }
 
 impl CookieJar {
+    /// A jar holding `cookies` (as stored in a session). Cookies that are unusable as stored
+    /// (no domain, say) are left out.
     pub fn new(cookies: Vec<Cookie>) -> Self {
-        Self { cookies }
+        let mut store = cookie_store::CookieStore::default();
+        for cookie in &cookies {
+            let Some(url) = origin_url(cookie) else {
+                continue;
+            };
+            let mut raw = cookie_store::RawCookie::new(cookie.name.clone(), cookie.value.clone());
+            raw.set_path(cookie.path.clone());
+            if !cookie.host_only || cookie.domain.starts_with('.') {
+                raw.set_domain(cookie.domain.trim_start_matches('.').to_owned());
+            }
+            raw.set_secure(cookie.secure);
+            raw.set_http_only(cookie.http_only);
+            if let Some(at) = cookie
+                .expires
+                .and_then(|e| time::OffsetDateTime::from_unix_timestamp(e).ok())
+            {
+                raw.set_expires(at);
+            }
+            // A stored cookie that has since expired is simply not inserted.
+            let _ = store.insert_raw(&raw, &url);
+        }
+        Self { store }
     }
 
-    pub fn cookies(&self) -> &[Cookie] {
-        &self.cookies
+    /// The unexpired cookies, as a session stores them.
+    pub fn cookies(&self) -> Vec<Cookie> {
+        self.store
+            .iter_unexpired()
+            .filter_map(|c| {
+                let domain = String::from(&c.domain);
+                let host_only = matches!(c.domain, cookie_store::CookieDomain::HostOnly(_));
+                Some(Cookie {
+                    name: c.name().to_owned(),
+                    value: c.value().to_owned(),
+                    domain: if host_only {
+                        domain
+                    } else {
+                        format!(".{domain}")
+                    },
+                    path: String::from(&c.path),
+                    expires: match c.expires {
+                        cookie_store::CookieExpiration::AtUtc(at) => Some(at.unix_timestamp()),
+                        cookie_store::CookieExpiration::SessionEnd => None,
+                    },
+                    secure: c.secure().unwrap_or(false),
+                    http_only: c.http_only().unwrap_or(false),
+                    host_only,
+                })
+                .filter(|c| !c.domain.is_empty())
+            })
+            .collect()
     }
 
     /// The `Cookie` header value for `url`, or `None` when no cookie applies.
-    pub fn header_for(&self, url: &Url, now: i64) -> Option<String> {
-        let host = url.host_str()?;
-        let secure = url.scheme() == "https";
-        let path = url.path();
+    pub fn header_for(&self, url: &Url) -> Option<String> {
         let mut header = String::new();
-        for cookie in &self.cookies {
-            if cookie.expires.is_some_and(|e| e <= now)
-                || (cookie.secure && !secure && !is_loopback(host))
-                || !domain_matches(cookie, host)
-                || !path_matches(&cookie.path, path)
-            {
-                continue;
-            }
+        for (name, value) in self.store.get_request_values(url) {
             if !header.is_empty() {
                 header.push_str("; ");
             }
-            header.push_str(&cookie.name);
+            header.push_str(name);
             header.push('=');
-            header.push_str(&cookie.value);
+            header.push_str(value);
         }
         (!header.is_empty()).then_some(header)
     }
 
-    /// Takes a `Set-Cookie` header received from `url`. Returns whether the jar changed.
-    pub fn absorb(&mut self, set_cookie: &str, url: &Url, now: i64) -> bool {
-        let Some(cookie) = parse_set_cookie(set_cookie, url, now) else {
+    /// Takes a `Set-Cookie` header received from `url`. Returns whether the jar changed (a
+    /// site that sets the same value again changes nothing, so nothing needs storing).
+    pub fn absorb(&mut self, set_cookie: &str, url: &Url) -> bool {
+        let Ok(cookie) = cookie_store::Cookie::parse(set_cookie, url) else {
             return false;
         };
-        let existing = self.cookies.iter().position(|c| {
-            c.name == cookie.name && c.domain == cookie.domain && c.path == cookie.path
-        });
-        match existing {
-            Some(i) if self.cookies[i] == cookie => false,
-            Some(i) => {
-                self.cookies[i] = cookie;
-                true
-            }
-            None => {
-                self.cookies.push(cookie);
-                true
-            }
+        let key = (
+            String::from(&cookie.domain),
+            String::from(&cookie.path),
+            cookie.name().to_owned(),
+        );
+        let before = self
+            .store
+            .get(&key.0, &key.1, &key.2)
+            .map(|c| (c.value().to_owned(), c.expires.clone()));
+        let cookie = cookie.into_owned();
+        if self.store.insert(cookie, url).is_err() {
+            return false;
         }
+        let after = self
+            .store
+            .get(&key.0, &key.1, &key.2)
+            .map(|c| (c.value().to_owned(), c.expires.clone()));
+        before != after
     }
 }
 
-fn is_loopback(host: &str) -> bool {
-    host == "localhost" || host.starts_with("127.") || host == "[::1]"
-}
-
-fn domain_matches(cookie: &Cookie, host: &str) -> bool {
-    let domain = cookie.domain.trim_start_matches('.');
-    if cookie.host_only && !cookie.domain.starts_with('.') {
-        return host.eq_ignore_ascii_case(domain);
-    }
-    host.eq_ignore_ascii_case(domain)
-        || (host.len() > domain.len()
-            && host[host.len() - domain.len()..].eq_ignore_ascii_case(domain)
-            && host.as_bytes()[host.len() - domain.len() - 1] == b'.')
-}
-
-fn path_matches(cookie_path: &str, path: &str) -> bool {
-    path == cookie_path
-        || (path.starts_with(cookie_path)
-            && (cookie_path.ends_with('/') || path[cookie_path.len()..].starts_with('/')))
-}
-
-fn parse_set_cookie(header: &str, url: &Url, now: i64) -> Option<Cookie> {
-    let mut parts = header.split(';');
-    let (name, value) = parts.next()?.split_once('=')?;
-    let name = name.trim();
-    if name.is_empty() {
+/// A URL on the cookie's own host and path: what it is inserted as received from.
+fn origin_url(cookie: &Cookie) -> Option<Url> {
+    let host = cookie.domain.trim_start_matches('.');
+    if host.is_empty() {
         return None;
     }
-    let mut cookie = Cookie {
-        name: name.to_owned(),
-        value: value.trim().trim_matches('"').to_owned(),
-        domain: url.host_str()?.to_owned(),
-        path: default_cookie_path(url.path()),
-        expires: None,
-        secure: false,
-        http_only: false,
-        host_only: true,
-    };
-    for attribute in parts {
-        let (key, val) = attribute.split_once('=').unwrap_or((attribute, ""));
-        let val = val.trim();
-        match key.trim().to_ascii_lowercase().as_str() {
-            "domain" if !val.is_empty() => {
-                cookie.domain = format!(".{}", val.trim_start_matches('.'));
-                cookie.host_only = false;
-            }
-            "path" if val.starts_with('/') => cookie.path = val.to_owned(),
-            "max-age" => {
-                if let Ok(secs) = val.parse::<i64>() {
-                    cookie.expires = Some(now.saturating_add(secs));
-                }
-            }
-            "expires" if cookie.expires.is_none() => {
-                cookie.expires = httpdate::parse_http_date(val).ok().map(|t| {
-                    t.duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs() as i64)
-                });
-            }
-            "secure" => cookie.secure = true,
-            "httponly" => cookie.http_only = true,
-            _ => {}
-        }
-    }
-    Some(cookie)
-}
-
-fn default_cookie_path(request_path: &str) -> String {
-    match request_path.rfind('/') {
-        Some(0) | None => "/".to_owned(),
-        Some(i) => request_path[..i].to_owned(),
-    }
+    let scheme = if cookie.secure { "https" } else { "http" };
+    Url::parse(&format!("{scheme}://{host}{}", cookie.path)).ok()
 }
 
 #[cfg(test)]
@@ -413,21 +399,68 @@ mod tests {
             cookie("c", "other.com", "/", false),
         ]);
         let url = Url::parse("https://chat.example.com/api/chat").unwrap();
-        assert_eq!(jar.header_for(&url, 0).as_deref(), Some("a=1; b=1"));
+        let mut sent = jar.header_for(&url).unwrap();
+        sent = sort_pairs(&sent);
+        assert_eq!(sent, "a=1; b=1");
         let url = Url::parse("https://chat.example.com/apiary").unwrap();
-        assert_eq!(jar.header_for(&url, 0).as_deref(), Some("a=1"));
+        assert_eq!(jar.header_for(&url).as_deref(), Some("a=1"));
         let url = Url::parse("https://sub.chat.example.com/").unwrap();
-        assert_eq!(jar.header_for(&url, 0).as_deref(), Some("a=1"));
+        assert_eq!(jar.header_for(&url).as_deref(), Some("a=1"));
+        let url = Url::parse("https://evil.test/").unwrap();
+        assert_eq!(jar.header_for(&url), None);
     }
 
+    fn sort_pairs(header: &str) -> String {
+        let mut pairs: Vec<&str> = header.split("; ").collect();
+        pairs.sort();
+        pairs.join("; ")
+    }
+
+    /// RFC 6265's storage rules: a foreign `Domain` is ignored, `Max-Age<=0` deletes, and
+    /// setting the same value again is no change.
     #[test]
-    fn jar_absorbs_set_cookie_and_drops_expired() {
+    fn jar_follows_the_storage_rules() {
         let mut jar = CookieJar::default();
         let url = Url::parse("http://127.0.0.1:9/api/x").unwrap();
-        assert!(jar.absorb("sid=new; Path=/; HttpOnly; Max-Age=60", &url, 100));
-        assert!(!jar.absorb("sid=new; Path=/; HttpOnly; Max-Age=60", &url, 100));
-        assert_eq!(jar.header_for(&url, 150).as_deref(), Some("sid=new"));
-        assert_eq!(jar.header_for(&url, 161), None);
+        assert!(jar.absorb("sid=new; Path=/; HttpOnly; Max-Age=60", &url));
+        assert!(!jar.absorb("sid=new; Path=/; HttpOnly; Max-Age=60", &url));
+        assert_eq!(jar.header_for(&url).as_deref(), Some("sid=new"));
+        assert!(jar.absorb("sid=gone; Path=/; Max-Age=0", &url));
+        assert_eq!(jar.header_for(&url), None);
+        assert!(jar.cookies().is_empty());
+
+        let site = Url::parse("https://chat.example.com/").unwrap();
+        assert!(!jar.absorb("x=1; Domain=evil.test; Path=/", &site));
+        assert!(!jar.absorb("x=1; Domain=other-example.com; Path=/", &site));
+        assert!(jar.absorb("wide=1; Domain=example.com; Path=/", &site));
+        // An already-expired cookie for a name the jar lacks is not stored.
+        assert!(!jar.absorb("t=1; Path=/; Max-Age=-5", &site));
+        let api = Url::parse("https://api.example.com/").unwrap();
+        assert_eq!(jar.header_for(&api).as_deref(), Some("wide=1"));
+        assert!(jar.absorb("secret=1; Path=/; Secure", &site));
+        let plain = Url::parse("http://chat.example.com/").unwrap();
+        assert!(
+            !jar.header_for(&plain)
+                .unwrap_or_default()
+                .contains("secret")
+        );
+        // Max-Age wins over Expires, whichever comes first.
+        assert!(jar.absorb(
+            "m=1; Path=/; Expires=Wed, 21 Oct 2015 07:28:00 GMT; Max-Age=60",
+            &site
+        ));
+        assert!(jar.header_for(&site).unwrap().contains("m=1"));
+        // What the jar keeps round-trips through a session.
+        let kept = jar.cookies();
+        let again = CookieJar::new(kept.clone());
+        assert_eq!(
+            sort_pairs(&again.header_for(&site).unwrap()),
+            sort_pairs(&jar.header_for(&site).unwrap())
+        );
+        assert!(
+            kept.iter()
+                .any(|c| c.name == "wide" && c.domain == ".example.com")
+        );
     }
 
     #[test]

@@ -160,3 +160,48 @@ async fn trace_logs_hold_no_secret() {
         );
     }
 }
+
+/// A reply the client saw end is in the store even when `serve` is SIGKILLed right after:
+/// its record is written before its last bytes go out (records used to wait in a 50 ms
+/// batch and die with the process).
+#[tokio::test]
+async fn a_completed_request_survives_a_sigkill_right_after_it() {
+    let site = demo_site("openai", &[]);
+    let data = Data::new();
+    let model = data
+        .add_demo_account(&site.url, "openai", "kill9@example.com")
+        .await;
+    let mut server = data.serve(&[]);
+    let (status, body) = post_chat(
+        &server.url,
+        None,
+        json!({"model": model, "messages": [{"role": "user", "content": "keep me"}]}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let id = body["id"].as_str().unwrap().to_owned();
+    let response = http()
+        .post(format!("{}/v1/chat/completions", server.url))
+        .json(&json!({"model": model, "stream": true, "messages": [{"role": "user", "content": "me too"}]}))
+        .send()
+        .await
+        .unwrap();
+    let text = response.text().await.unwrap();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    let stream_id = text
+        .split("\"id\":\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .to_owned();
+    server.kill();
+    let server = data.serve(&[]);
+    let events = admin_list(&server.url, "events").await;
+    for id in [id, stream_id] {
+        let event = events
+            .iter()
+            .find(|e| e["request_id"] == id.as_str())
+            .unwrap_or_else(|| panic!("the event of {id} was lost: {events:?}"));
+        assert_eq!(event["outcome"], "ok");
+    }
+}

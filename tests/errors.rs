@@ -305,6 +305,24 @@ async fn unknown_paths_and_methods_get_json_errors() {
         .unwrap();
     assert_eq!(response.status(), 405);
     error_message(&response.json().await.unwrap());
+    // Bad query strings and paths under /admin get the same JSON error shape.
+    for path in [
+        "/admin/events?limit=many",
+        "/admin/decisions?limit=-x",
+        "/admin/flows?all=perhaps",
+        "/admin/accounts/%FF%FE",
+    ] {
+        let response = http()
+            .get(format!("{}{path}", server.url))
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_client_error(), "{path}");
+        let text = response.text().await.unwrap();
+        let body: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("{path}: not a JSON error: {text}"));
+        error_message(&body);
+    }
 }
 
 /// Opens a streamed completion and returns its SSE events as they come.
@@ -353,6 +371,47 @@ async fn a_stream_whose_site_fails_midway_ends_with_an_error_event_and_done() {
     let error: Value = serde_json::from_str(&rest[rest.len() - 2]).unwrap();
     error_message(&error);
     assert_eq!(error["error"]["type"], "upstream_error");
+}
+
+/// A reply the site cuts off (the body ends with no end marker) is never reported as a
+/// complete `stop`: a stream ends with an error event and `[DONE]`, a non-streamed request
+/// gets a 502 saying the reply is incomplete.
+#[tokio::test]
+async fn a_reply_cut_off_without_its_end_marker_is_reported_as_incomplete() {
+    let site = demo_site("openai", &[]);
+    let data = Data::new();
+    let model = data
+        .add_demo_account(&site.url, "openai", "cut@example.com")
+        .await;
+    let server = data.serve(&[]);
+    let truncate = |count: u32| {
+        http()
+            .post(format!("{}/__demo/truncate?count={count}", site.url))
+            .send()
+    };
+    truncate(1).await.unwrap();
+    let mut events = Box::pin(open_stream(&server.url, &model).await);
+    let mut data_lines = Vec::new();
+    while let Some(event) = events.next().await {
+        data_lines.push(event.unwrap().data);
+    }
+    assert_eq!(
+        data_lines.last().map(String::as_str),
+        Some("[DONE]"),
+        "{data_lines:?}"
+    );
+    let error: Value = serde_json::from_str(&data_lines[data_lines.len() - 2]).unwrap();
+    assert!(error_message(&error).contains("incomplete"), "{error}");
+    assert!(
+        !data_lines
+            .iter()
+            .any(|d| d.contains("\"finish_reason\":\"stop\"")),
+        "{data_lines:?}"
+    );
+    truncate(1).await.unwrap();
+    let (status, body) = post_chat(&server.url, None, ask(&model, "hello")).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(error_message(&body).contains("incomplete"), "{body}");
 }
 
 #[tokio::test]

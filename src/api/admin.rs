@@ -5,7 +5,9 @@
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
+
+use super::extract::{Path, Query};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -240,7 +242,8 @@ async fn import_flow(
     if let Some(service) = query.service {
         flow.service = service;
     }
-    let flow = state.gateway.store().save_flow(flow).await?;
+    let allowed = state.config.allowed_origins(&flow.service).to_vec();
+    let flow = state.gateway.store().import_flow(flow, &allowed).await?;
     state.gateway.invalidate();
     Ok((StatusCode::CREATED, Json(flow.redacted())).into_response())
 }

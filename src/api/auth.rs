@@ -1,5 +1,9 @@
-//! API keys on `/v1` (any live key) and `/admin` (admin keys). With no key created, requests
-//! are accepted: `serve` only allows that on a loopback address.
+//! API keys on `/v1` (any live key) and `/admin` (admin keys).
+//!
+//! Invariant: requests without a key are accepted only while no live key exists *and* the
+//! server listens on a loopback address. Off loopback, a server whose last key was revoked
+//! refuses every request (401) until a key is created: the start-up guard alone would leave
+//! it open.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -144,7 +148,16 @@ async fn check(state: &AppState, path: &str, presented: Option<&str>) -> Result<
         return Ok(());
     }
     if !state.keys.any_key_exists().await? {
-        return Ok(());
+        if state.config.bind.ip().is_loopback() {
+            return Ok(());
+        }
+        return Err(ApiError::unauthorized(format!(
+            "This server listens on {}, off loopback, and has no live API key (the last one \
+             was revoked), so it refuses every request. Create a key with `computetower keys \
+             create` on this server's data.",
+            state.config.bind
+        ))
+        .code("no_live_api_key"));
     }
     let Some(presented) = presented else {
         return Err(ApiError::unauthorized(

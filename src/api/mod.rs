@@ -13,6 +13,7 @@ pub mod admin;
 pub mod anthropic;
 pub mod auth;
 pub mod error;
+pub mod extract;
 pub mod front;
 pub mod openai;
 pub mod responses;
@@ -126,7 +127,8 @@ fn cors(config: &Config) -> Option<tower_http::cors::CorsLayer> {
     )
 }
 
-/// Liveness, and the tiers this server can run: 2 and 3 need the browser.
+/// Liveness, the tiers this server can run (2 and 3 need the browser), and whether the store
+/// writes.
 async fn health(
     axum::extract::State(state): axum::extract::State<AppState>,
 ) -> axum::Json<serde_json::Value> {
@@ -134,7 +136,16 @@ async fn health(
         Some(_) => &[1, 2, 3],
         None => &[1],
     };
-    axum::Json(serde_json::json!({ "status": "ok", "tiers": tiers }))
+    let failure = state.gateway.events().write_failure();
+    let store = match &failure {
+        None => serde_json::json!({ "engine": "sqlite", "state": "ok" }),
+        Some(error) => {
+            serde_json::json!({ "engine": "sqlite", "state": "failing", "error": error })
+        }
+    };
+    // Degraded, not down: tier 1 serves from memory while the store cannot write.
+    let status = if failure.is_some() { "degraded" } else { "ok" };
+    axum::Json(serde_json::json!({ "status": status, "tiers": tiers, "store": store }))
 }
 
 /// Prometheus text: per-account load, queues and cooldowns, and dropped event records.

@@ -6,7 +6,7 @@
 //! `[DONE]`, and a client that goes away drops the reply, which cancels the call to the site.
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use super::AppState;
 use super::error::ApiError;
+use super::extract::Path;
 use super::front::{self, Encoder, SseBody};
 use crate::chat::{self, Event, FinishReason, Message, OutputFormat, Part, ToolCall, ToolChoice};
 use crate::openai::{

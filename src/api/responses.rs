@@ -9,7 +9,7 @@
 //! a client may chain on it at once.
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::error::ApiError;
+use super::extract::Path;
 use super::front::{self, Encoder, Hold, SseBody, named_frame};
 use super::openai::{TIER_HEADER, parse_json, read_body};
 use crate::chat::{self, Event, FinishReason, Message, OutputFormat, Part, ToolCall, ToolChoice};

@@ -104,6 +104,7 @@ pub(super) async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStr
             preflight: &extracted,
             conversation: &conversation,
             now_ms,
+            pins: &req.pins,
         };
         let rendered = render::render(&step.http, &base, &ctx)
             .map_err(|source| ReplayError::Render { call, source })?;
@@ -131,6 +132,7 @@ pub(super) async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStr
         preflight: &extracted,
         conversation: &conversation,
         now_ms,
+        pins: &req.pins,
     };
     let rendered =
         render::render(&req.flow.request, &base, &ctx).map_err(|source| ReplayError::Render {
@@ -491,7 +493,7 @@ pub(super) fn status_error(
     body: &[u8],
 ) -> ReplayError {
     let excerpt = String::from_utf8_lossy(&body[..body.len().min(ERROR_EXCERPT)]).into_owned();
-    let retry_after = header(headers, "retry-after").and_then(|v| v.trim().parse::<u64>().ok());
+    let retry_after = header(headers, "retry-after").and_then(client::retry_after_secs);
     let challenge =
         header(headers, "cf-mitigated").is_some() || client::looks_like_challenge(&excerpt);
     ReplayError::Status {

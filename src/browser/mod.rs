@@ -71,6 +71,8 @@ pub struct TierRequest {
     /// Used if the page turns out to need a login.
     pub login: Option<LoginRequest>,
     pub flow: Arc<crate::flow::Flow>,
+    /// The origins the flow's calls may reach with this account's session.
+    pub pins: crate::pinning::Pins,
     pub prompt: crate::replay::render::Prompt,
     /// Until the chat call's response starts; also the longest silence within the reply.
     pub timeout: Duration,

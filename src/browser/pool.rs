@@ -575,13 +575,15 @@ impl BrowserPool {
     /// Tier 2: the flow's preflights and chat call run by `fetch()` inside the account's
     /// logged-in page (see `browser::inpage`).
     pub async fn inpage(&self, req: TierRequest) -> Result<DeltaStream, ReplayError> {
-        super::inpage::run(self, req).await
+        let running = self.ensure_browser().await.map_err(login_to_replay)?;
+        dies_with(&running, super::inpage::run(self, req)).await
     }
 
     /// Tier 3: the prompt typed into the site's chat UI; the reply decoded from the recorded
     /// chat call as it streams, the page's text as a last resort (see `browser::ui`).
     pub async fn ui(&self, req: TierRequest) -> Result<DeltaStream, ReplayError> {
-        super::ui::run(self, req).await
+        let running = self.ensure_browser().await.map_err(login_to_replay)?;
+        dies_with(&running, super::ui::run(self, req)).await
     }
 
     /// The account's work page for `tier`, opened on its chat page (created, injected with
@@ -1503,6 +1505,69 @@ async fn drain_handler(
     dead.send_replace(true);
     // Dropping the handler fails every command still waiting for an answer right away.
     drop(handler);
+}
+
+/// A browser tier's start and reply that fail as soon as `running` is known dead, instead of
+/// waiting out their timeouts. The error is a network failure, so before the first token the
+/// gateway retries it (on a relaunched browser); after it, the client sees an error event.
+async fn dies_with(
+    running: &Running,
+    start: impl std::future::Future<Output = Result<DeltaStream, ReplayError>>,
+) -> Result<DeltaStream, ReplayError> {
+    let mut dead = running.dead.clone();
+    let stream = tokio::select! {
+        result = start => result?,
+        _ = dead.wait_for(|d| *d) => return Err(browser_died()),
+    };
+    let died = Box::pin(async move {
+        // An error means the sender is gone, which only happens once the browser is.
+        let _ = dead.wait_for(|d| *d).await;
+    });
+    Ok(Box::pin(DiesWith {
+        inner: Some(stream),
+        died,
+    }))
+}
+
+fn browser_died() -> ReplayError {
+    ReplayError::Network {
+        call: crate::replay::client::Call::Chat,
+        message: "the browser died during the reply".into(),
+    }
+}
+
+/// See [`dies_with`].
+struct DiesWith {
+    inner: Option<DeltaStream>,
+    died: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+}
+
+impl futures_util::Stream for DiesWith {
+    type Item = Result<crate::replay::decode::Delta, ReplayError>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        // The reply first: what the browser sent before it died still goes out.
+        match inner.as_mut().poll_next(cx) {
+            Poll::Ready(None) => {
+                self.inner = None;
+                return Poll::Ready(None);
+            }
+            Poll::Ready(item) => return Poll::Ready(item),
+            Poll::Pending => {}
+        }
+        if self.died.as_mut().poll(cx).is_ready() {
+            self.inner = None;
+            return Poll::Ready(Some(Err(browser_died())));
+        }
+        Poll::Pending
+    }
 }
 
 /// Whether `pid` is a live process (not gone, not a zombie waiting to be reaped).

@@ -22,6 +22,7 @@ fn tier_request(account: &str, site: &Site, shape: Shape, text: &str) -> TierReq
         session: None,
         login: Some(request(account, site, PASSWORD)),
         flow: Arc::new(flow_of(shape)),
+        pins: crate::pinning::Pins::new(&url::Url::parse(&site.url).unwrap(), []),
         prompt: Prompt {
             messages: vec![(Role::User, text.to_owned())],
             model: "demo".into(),
@@ -115,6 +116,7 @@ async fn tier1_first_delta(
                 proxy: None,
                 conversation: &conversation,
                 session_id: None,
+                pins: &crate::pinning::Pins::new(&base, []),
             },
         )
         .await

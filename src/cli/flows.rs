@@ -112,7 +112,9 @@ pub async fn run(cmd: FlowsCommand, config: &Config) -> CliResult {
                     secrets.join(", ")
                 );
             }
-            let saved = store.save_flow(flow).await?;
+            let saved = store
+                .import_flow(flow.clone(), config.allowed_origins(&flow.service))
+                .await?;
             println!(
                 "imported flow {} for `{}` (version {})",
                 saved.id, saved.service, saved.version

@@ -99,6 +99,15 @@ async fn chat_call(
     if let Some(response) = rate_limited(state, &session.email) {
         return response;
     }
+    if state.take_garbage() {
+        // What a CDN's maintenance page looks like to a client expecting a stream.
+        return (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            "<!doctype html><html><body><p>We'll be right back.</p></body></html>",
+        )
+            .into_response();
+    }
     let turn = state.next_turn(&request.conversation_id);
     let reply = reply_for_turn(shape, &request.prompt, turn);
     // Count the reply as streaming from here until its body ends or the client drops it, so
@@ -107,8 +116,10 @@ async fn chat_call(
     let guard = state.streams.start(&session.email);
     let response = respond(shape, state.config.token_delay, &request, &reply).await;
     let (parts, body) = response.into_parts();
+    // A cut reply: a few pieces, then the connection's end without the end marker.
+    let pieces = if state.take_truncate() { 4 } else { usize::MAX };
     let tracked = Tracked {
-        inner: body.into_data_stream(),
+        inner: body.into_data_stream().take(pieces),
         guard,
     };
     Response::from_parts(parts, Body::from_stream(tracked))
@@ -122,9 +133,11 @@ fn rate_limited(state: &Shared, email: &str) -> Option<Response> {
             "rate_limited",
             &format!("You are sending messages too fast. Try again in {seconds} seconds."),
         );
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        let value = state
+            .retry_after_text(email)
+            .and_then(|text| HeaderValue::from_str(&text).ok())
+            .unwrap_or_else(|| HeaderValue::from(seconds));
+        response.headers_mut().insert(header::RETRY_AFTER, value);
         response
     })
 }

@@ -57,11 +57,16 @@
 //! - `POST /__demo/rotate-csrf`: every session gets a new CSRF token; calls with the old one
 //!   get 403 `csrf_failed` until the chat page is read again.
 //! - `POST /__demo/rate-limit?email=E&seconds=S`: account `E` gets 429 on every chat call
-//!   for `S` seconds (`seconds=0` lifts it), `Retry-After` = the seconds left, rounded up;
-//!   other accounts are untouched. [`DemoConfig::rate_limit`] is the per-minute limit.
+//!   for `S` seconds (`seconds=0` lifts it), `Retry-After` = the seconds left, rounded up
+//!   (or `&retry_after=TEXT` sent verbatim, as a misbehaving site might); other accounts are
+//!   untouched. [`DemoConfig::rate_limit`] is the per-minute limit.
 //! - `POST /__demo/anti-bot?on=true|false` (`GET` reads it), `POST
 //!   /__demo/expire-clearances`: the Cloudflare-like interstitial, see [`antibot`] for the
 //!   exact rule.
+//! - `POST /__demo/garbage?count=N`: the next `N` chat calls answer 200 with an HTML page
+//!   instead of a reply (a site that answers garbage, then recovers).
+//! - `POST /__demo/truncate?count=N`: the next `N` replies stop after a few pieces, without
+//!   their end marker (a connection dropped mid-reply).
 //! - `POST /__demo/shape?to=SHAPE` (`GET` reads it): serves another [`Shape`] from now on.
 //!   Every shape's preflight and chat routes exist, but only the current shape's answer;
 //!   the others 404 like unknown paths (the shared `/api/conversations` preflight stays

@@ -116,6 +116,8 @@ pub(crate) fn routes(state: Shared) -> Router {
         .route("/__demo/captcha", get(latest_captcha))
         .route("/__demo/rate-limit", post(rate_limit))
         .route("/__demo/anti-bot", get(anti_bot).post(set_anti_bot))
+        .route("/__demo/garbage", post(set_garbage))
+        .route("/__demo/truncate", post(set_truncate))
         .route("/__demo/expire-clearances", post(expire_clearances))
         .route("/__demo/shape", get(current_shape).post(set_shape))
         .route(
@@ -872,10 +874,12 @@ async fn revoke(State(state): State<Shared>, Query(q): Query<RevokeQuery>) -> Re
 struct RateLimitQuery {
     email: Option<String>,
     seconds: Option<u64>,
+    retry_after: Option<String>,
 }
 
-/// `POST /__demo/rate-limit?email=E&seconds=S`: every chat call of account `E` gets 429 for
-/// the next `S` seconds (`Retry-After` = the seconds left); `seconds=0` lifts it.
+/// `POST /__demo/rate-limit?email=E&seconds=S[&retry_after=TEXT]`: every chat call of account
+/// `E` gets 429 for the next `S` seconds (`Retry-After` = the seconds left, or `TEXT` as is);
+/// `seconds=0` lifts it.
 async fn rate_limit(State(state): State<Shared>, Query(q): Query<RateLimitQuery>) -> Response {
     let Some(email) = q.email.filter(|e| !e.trim().is_empty()) else {
         return api_error(StatusCode::BAD_REQUEST, "bad_request", "Missing `email`.");
@@ -883,8 +887,29 @@ async fn rate_limit(State(state): State<Shared>, Query(q): Query<RateLimitQuery>
     let Some(seconds) = q.seconds else {
         return api_error(StatusCode::BAD_REQUEST, "bad_request", "Missing `seconds`.");
     };
-    state.block(&email, seconds);
+    state.block(&email, seconds, q.retry_after);
     axum::Json(json!({ "email": email.trim(), "seconds": seconds })).into_response()
+}
+
+#[derive(Deserialize)]
+struct GarbageQuery {
+    count: Option<usize>,
+}
+
+/// `POST /__demo/garbage?count=N`: the next `N` chat calls answer 200 with an HTML page
+/// instead of the shape's reply (a site that answers garbage, then recovers).
+async fn set_garbage(State(state): State<Shared>, Query(q): Query<GarbageQuery>) -> Response {
+    let count = q.count.unwrap_or(1);
+    state.set_garbage(count);
+    axum::Json(json!({ "garbage": count })).into_response()
+}
+
+/// `POST /__demo/truncate?count=N`: the next `N` replies stop after a few pieces, without
+/// their end marker (a site that drops the connection mid-reply).
+async fn set_truncate(State(state): State<Shared>, Query(q): Query<GarbageQuery>) -> Response {
+    let count = q.count.unwrap_or(1);
+    state.set_truncate(count);
+    axum::Json(json!({ "truncate": count })).into_response()
 }
 
 #[derive(Deserialize)]

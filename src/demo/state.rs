@@ -15,6 +15,10 @@ pub(crate) struct AppState {
     shape: AtomicUsize,
     /// Whether the anti-bot interstitial is on (`/__demo/anti-bot` changes it).
     anti_bot: AtomicBool,
+    /// Chat calls left to answer with an unexpected HTML page (`/__demo/garbage`).
+    garbage: AtomicUsize,
+    /// Replies left to cut short, without their end marker (`/__demo/truncate`).
+    truncate: AtomicUsize,
     inner: Mutex<Inner>,
 }
 
@@ -32,6 +36,8 @@ struct Inner {
     signatures: HashMap<String, Instant>,
     /// Email (lower case) → until when `/__demo/rate-limit` holds it at 429.
     blocked: HashMap<String, Instant>,
+    /// `Retry-After` values sent verbatim instead of the seconds left (`/__demo/rate-limit`).
+    retry_after_text: HashMap<String, String>,
     /// Anti-bot clearance token → when it was registered.
     clearances: HashMap<String, Instant>,
 }
@@ -118,6 +124,8 @@ impl AppState {
             streams: std::sync::Arc::default(),
             shape: AtomicUsize::new(shape),
             anti_bot: AtomicBool::new(anti_bot),
+            garbage: AtomicUsize::new(0),
+            truncate: AtomicUsize::new(0),
             inner: Mutex::new(Inner::default()),
         }
     }
@@ -137,6 +145,30 @@ impl AppState {
     }
 
     /// Whether the anti-bot interstitial is on.
+    /// The next `count` chat calls get an unexpected page instead of a reply.
+    pub fn set_garbage(&self, count: usize) {
+        self.garbage.store(count, Ordering::SeqCst);
+    }
+
+    /// Whether this chat call gets garbage (using up one of the count).
+    pub fn take_garbage(&self) -> bool {
+        self.garbage
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    /// The next `count` replies stop after a few pieces, without their end marker.
+    pub fn set_truncate(&self, count: usize) {
+        self.truncate.store(count, Ordering::SeqCst);
+    }
+
+    /// Whether this reply is cut short (using up one of the count).
+    pub fn take_truncate(&self) -> bool {
+        self.truncate
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
     pub fn anti_bot(&self) -> bool {
         self.anti_bot.load(Ordering::SeqCst)
     }
@@ -434,16 +466,34 @@ impl AppState {
         true
     }
 
-    /// Holds `email` at 429 for `seconds` from now (0 lifts a hold).
-    pub fn block(&self, email: &str, seconds: u64) {
+    /// Holds `email` at 429 for `seconds` from now (0 lifts a hold); `retry_after`, when
+    /// given, is sent as the `Retry-After` header verbatim (as a misbehaving site might).
+    pub fn block(&self, email: &str, seconds: u64, retry_after: Option<String>) {
         let key = email.trim().to_ascii_lowercase();
         let mut inner = self.lock();
         if seconds == 0 {
             inner.blocked.remove(&key);
+            inner.retry_after_text.remove(&key);
         } else {
-            let until = Instant::now() + Duration::from_secs(seconds);
-            inner.blocked.insert(key, until);
+            let now = Instant::now();
+            // A century stands for "longer than this process lives" without overflowing.
+            let until = now
+                .checked_add(Duration::from_secs(seconds))
+                .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86400));
+            inner.blocked.insert(key.clone(), until);
+            match retry_after {
+                Some(text) => inner.retry_after_text.insert(key, text),
+                None => inner.retry_after_text.remove(&key),
+            };
         }
+    }
+
+    /// The verbatim `Retry-After` set for `email`'s hold, if any.
+    pub fn retry_after_text(&self, email: &str) -> Option<String> {
+        self.lock()
+            .retry_after_text
+            .get(&email.to_ascii_lowercase())
+            .cloned()
     }
 
     /// Records a chat call of `email` if neither a hold (`/__demo/rate-limit`) nor the rate

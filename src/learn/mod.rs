@@ -179,6 +179,15 @@ impl Learner {
             .map(|f| f.version);
         flow.origin = Some(origin_of(&base));
         let flow = self.store.save_flow(flow).await?;
+        // The page itself called these origins: replay may call them with this session.
+        let own = crate::pinning::origin_of(&base);
+        let called: Vec<String> = crate::pinning::static_origins(&flow)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(_, origin)| origin)
+            .filter(|origin| *origin != own)
+            .collect();
+        self.store.trust_flow_origins(&flow.id, &called).await?;
         timings.total_ms = started.elapsed().as_millis() as u64;
         Ok(LearnReport {
             flow,

@@ -13,6 +13,7 @@ use url::Url;
 
 use crate::flow::Flow;
 use crate::openai::Role;
+use crate::pinning::Pins;
 use crate::replay::client::{FailureKind, Replayer, Target};
 use crate::replay::decode::Delta;
 use crate::replay::render::Prompt;
@@ -52,6 +53,9 @@ pub async fn verify(
         model: flow.service.clone(),
     };
     let conversation = BTreeMap::new();
+    // The flow was just learned from the site's own page: the origins it calls are the page's.
+    let learned = crate::pinning::static_origins(flow).unwrap_or_default();
+    let pins = Pins::new(base, learned.iter().map(|(_, origin)| origin.as_str()));
     let target = Target {
         base,
         session,
@@ -59,6 +63,7 @@ pub async fn verify(
         conversation: &conversation,
         // A new flow is checked against the site as it is now, not against reused values.
         session_id: None,
+        pins: &pins,
     };
     let started = Instant::now();
     let mut verification = Verification {

@@ -137,8 +137,30 @@ impl From<DecodeError> for ReplayError {
             DecodeError::Upstream(m) => ReplayError::InBand(m),
             DecodeError::Malformed(m) => ReplayError::Decode(m),
             DecodeError::Body(m) => ReplayError::Body(m),
+            DecodeError::Truncated => ReplayError::Body(DecodeError::Truncated.to_string()),
         }
     }
+}
+
+/// The longest wait a site's `Retry-After` is taken for. A site's value is untrusted input: a
+/// day covers real quota resets, and nothing beyond it can overflow a clock.
+pub const MAX_RETRY_AFTER_SECS: u64 = 24 * 3600;
+
+/// A `Retry-After` value (seconds, or an HTTP date) in seconds from now, clamped to
+/// [`MAX_RETRY_AFTER_SECS`].
+pub fn retry_after_secs(value: &str) -> Option<u64> {
+    let value = value.trim();
+    let secs = match value.parse::<u64>() {
+        Ok(secs) => secs,
+        // Digits that overflow u64 still mean "a long time".
+        Err(_) if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) => u64::MAX,
+        Err(_) => {
+            let at = httpdate::parse_http_date(value).ok()?;
+            at.duration_since(std::time::SystemTime::now())
+                .map_or(0, |d| d.as_secs())
+        }
+    };
+    Some(secs.min(MAX_RETRY_AFTER_SECS))
 }
 
 /// Timeouts for calls to sites.
@@ -163,6 +185,8 @@ pub struct Target<'a> {
     /// The stored session's id: session-wide preflight values are reused under it (`None`
     /// runs every preflight).
     pub session_id: Option<&'a str>,
+    /// The origins the account's calls may reach; every call is checked before it is built.
+    pub pins: &'a crate::pinning::Pins,
 }
 
 /// One run's view of the reused preflight values.
@@ -311,6 +335,7 @@ impl Replayer {
                 preflight: &extracted,
                 conversation: target.conversation,
                 now_ms,
+                pins: target.pins,
             };
             let rendered = render::render(&step.http, target.base, &ctx)
                 .map_err(|source| ReplayError::Render { call, source })?;
@@ -342,6 +367,7 @@ impl Replayer {
             preflight: &extracted,
             conversation: target.conversation,
             now_ms,
+            pins: target.pins,
         };
         let rendered = render::render(&flow.request, target.base, &ctx).map_err(|source| {
             ReplayError::Render {
@@ -428,7 +454,7 @@ impl Replayer {
             headers.insert(reqwest::header::USER_AGENT, ua);
         }
         if let Some(cookie) = jar
-            .header_for(&rendered.url, crate::store::now())
+            .header_for(&rendered.url)
             .and_then(|c| HeaderValue::from_str(&c).ok())
         {
             headers.insert(reqwest::header::COOKIE, cookie);
@@ -483,11 +509,10 @@ fn describe_reqwest_error(e: &reqwest::Error) -> String {
 }
 
 fn absorb_cookies(jar: &mut CookieJar, response: &reqwest::Response) -> bool {
-    let now = crate::store::now();
     let mut changed = false;
     for value in response.headers().get_all(reqwest::header::SET_COOKIE) {
         if let Ok(text) = value.to_str() {
-            changed |= jar.absorb(text, response.url(), now);
+            changed |= jar.absorb(text, response.url());
         }
     }
     changed
@@ -524,7 +549,7 @@ async fn check_status(
         .headers()
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
+        .and_then(retry_after_secs);
     let challenge_header = response.headers().contains_key("cf-mitigated");
     // Redirects are not followed: a redirect to a sign-in page means the session is gone.
     let to_login = response
@@ -752,6 +777,25 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_is_clamped_whatever_the_site_sends() {
+        assert_eq!(retry_after_secs(" 7 "), Some(7));
+        assert_eq!(
+            retry_after_secs("18446744073709551615"),
+            Some(MAX_RETRY_AFTER_SECS)
+        );
+        assert_eq!(
+            retry_after_secs("99999999999999999999999"),
+            Some(MAX_RETRY_AFTER_SECS)
+        );
+        assert_eq!(retry_after_secs("Wed, 21 Oct 2015 07:28:00 GMT"), Some(0));
+        let later = std::time::SystemTime::now() + Duration::from_secs(120);
+        let secs = retry_after_secs(&httpdate::fmt_http_date(later)).unwrap();
+        assert!((100..=120).contains(&secs), "{secs}");
+        assert_eq!(retry_after_secs("-1"), None);
+        assert_eq!(retry_after_secs("soon"), None);
+    }
 
     #[test]
     fn html_answers_are_classified() {

@@ -11,6 +11,7 @@ use url::Url;
 
 use crate::flow::{BodyKind, HttpTemplate};
 use crate::openai::Role;
+use crate::pinning::{PinError, Pins};
 use crate::session::SessionData;
 
 /// The conversation to send, already reduced to text.
@@ -76,6 +77,8 @@ pub struct Context<'a> {
     pub conversation: &'a BTreeMap<String, String>,
     /// Milliseconds since the epoch, fixed for the whole request.
     pub now_ms: i64,
+    /// The origins this account's calls may reach (see `replay::pin`).
+    pub pins: &'a Pins,
 }
 
 /// A request ready to send.
@@ -104,6 +107,9 @@ pub enum RenderError {
     BadUrl(String),
     #[error("`{{{{` without a closing `}}}}` in `{0}`")]
     Unclosed(String),
+    /// The call would leave the account's origin: it is not sent.
+    #[error(transparent)]
+    Pinned(#[from] PinError),
 }
 
 /// Renders `template` against `base` (the account URL) and `ctx`.
@@ -112,10 +118,7 @@ pub fn render(
     base: &Url,
     ctx: &Context<'_>,
 ) -> Result<Rendered, RenderError> {
-    let url_text = expand(&template.url, ctx, Escape::Url)?;
-    let url = base
-        .join(&url_text)
-        .map_err(|_| RenderError::BadUrl(template.url.clone()))?;
+    let url = pinned_url(template, base, ctx)?;
     let mut headers = Vec::with_capacity(template.headers.len());
     for (name, value) in &template.headers {
         headers.push((name.clone(), expand(value, ctx, Escape::None)?));
@@ -157,6 +160,39 @@ pub fn render(
     })
 }
 
+/// The call's URL, once its origin is known to be pinned. The origin is decided with session
+/// values masked, so no session value is expanded for a call that is refused, and none can
+/// reach a host name (and from there a DNS query).
+fn pinned_url(template: &HttpTemplate, base: &Url, ctx: &Context<'_>) -> Result<Url, RenderError> {
+    let join = |text: &str| {
+        base.join(text)
+            .map_err(|_| RenderError::BadUrl(template.url.clone()))
+    };
+    let refers_to_session = template.url.contains("{{session.");
+    let first = match refers_to_session {
+        true => expand_with(&template.url, ctx, Escape::Url, true)?,
+        false => expand(&template.url, ctx, Escape::Url)?,
+    };
+    let first = join(&first)?;
+    if refers_to_session && first.host_str().is_some_and(|h| h.contains(SESSION_MASK)) {
+        return Err(PinError::HostFromSession.into());
+    }
+    ctx.pins.check(&first)?;
+    if !refers_to_session {
+        return Ok(first);
+    }
+    let url = join(&expand(&template.url, ctx, Escape::Url)?)?;
+    // Expanded values are percent-encoded, so they cannot move the origin; checked anyway.
+    ctx.pins.check(&url)?;
+    if url.origin() != first.origin() {
+        return Err(PinError::HostFromSession.into());
+    }
+    Ok(url)
+}
+
+/// What a session reference reads as while a URL's origin is decided.
+const SESSION_MASK: &str = "ctsessionmask";
+
 #[derive(Clone, Copy, PartialEq)]
 enum Escape {
     None,
@@ -166,6 +202,16 @@ enum Escape {
 
 /// Replaces every `{{source}}` in `text`.
 fn expand(text: &str, ctx: &Context<'_>, escape: Escape) -> Result<String, RenderError> {
+    expand_with(text, ctx, escape, false)
+}
+
+/// As [`expand`]; with `mask_session`, session references read as [`SESSION_MASK`].
+fn expand_with(
+    text: &str,
+    ctx: &Context<'_>,
+    escape: Escape,
+    mask_session: bool,
+) -> Result<String, RenderError> {
     if !text.contains("{{") {
         return Ok(text.to_owned());
     }
@@ -177,7 +223,11 @@ fn expand(text: &str, ctx: &Context<'_>, escape: Escape) -> Result<String, Rende
         let end = after
             .find("}}")
             .ok_or_else(|| RenderError::Unclosed(text.to_owned()))?;
-        let value = value_text(&resolve(after[..end].trim(), ctx)?);
+        let source = after[..end].trim();
+        let value = match mask_session && source.starts_with("session.") {
+            true => SESSION_MASK.to_owned(),
+            false => value_text(&resolve(source, ctx)?),
+        };
         match escape {
             Escape::None => out.push_str(&value),
             Escape::Url => out.extend(percent_encoding::utf8_percent_encode(
@@ -375,6 +425,7 @@ mod tests {
             preflight: &preflight,
             conversation: &BTreeMap::new(),
             now_ms: 1_700_000_000_123,
+            pins: &Pins::new(&Url::parse("https://x.test/").unwrap(), []),
         };
         let t = template(serde_json::json!({
             "url": "/api/chat/{{preflight.cid}}?ts={{now_s}}",
@@ -432,6 +483,7 @@ mod tests {
             preflight: &BTreeMap::new(),
             conversation: &BTreeMap::new(),
             now_ms: 0,
+            pins: &Pins::new(&Url::parse("https://x.test/").unwrap(), []),
         };
         let base = Url::parse("https://x.test/").unwrap();
         let t = template(serde_json::json!({
@@ -451,5 +503,42 @@ mod tests {
             render(&t, &base, &ctx),
             Err(RenderError::BadPointer(_))
         ));
+    }
+
+    /// A flow naming another origin is refused before any session value is expanded, and a
+    /// host built from a session value is refused outright.
+    #[test]
+    fn calls_off_the_account_origin_are_refused() {
+        let p = prompt(&[(Role::User, "hi")]);
+        let s = session();
+        let pins = Pins::new(&Url::parse("https://x.test/").unwrap(), []);
+        let ctx = Context {
+            prompt: &p,
+            session: &s,
+            preflight: &BTreeMap::new(),
+            conversation: &BTreeMap::new(),
+            now_ms: 0,
+            pins: &pins,
+        };
+        let base = Url::parse("https://x.test/chat").unwrap();
+        for url in [
+            "https://evil.test/x?t={{session.local.token}}",
+            "//evil.test/x",
+            "http://x.test/x",
+            "https://{{session.local.token}}.evil.test/",
+            "https://{{session.local.token}}/",
+        ] {
+            let t = template(serde_json::json!({
+                "url": url, "headers": {"authorization": "Bearer {{session.local.token}}"}
+            }));
+            let err = render(&t, &base, &ctx).unwrap_err();
+            assert!(matches!(err, RenderError::Pinned(_)), "{url}: {err}");
+            assert!(!err.to_string().contains("tok"), "{err}");
+        }
+        let t = template(serde_json::json!({"url": "https://x.test/a?t={{session.local.token}}"}));
+        assert_eq!(
+            render(&t, &base, &ctx).unwrap().url.as_str(),
+            "https://x.test/a?t=tok"
+        );
     }
 }

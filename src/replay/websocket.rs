@@ -65,7 +65,7 @@ pub async fn open(
         }
     }
     if let Some(cookie) = jar
-        .header_for(&http_url, crate::store::now())
+        .header_for(&http_url)
         .and_then(|c| HeaderValue::from_str(&c).ok())
     {
         headers.insert("cookie", cookie);

@@ -53,12 +53,26 @@ fn place<'a>(column: &'a str, id: &'a str) -> Place<'a> {
 
 /// Checks a site URL: absolute http(s) with a host.
 pub fn parse_site_url(url: &str) -> Result<Url, StoreError> {
+    // A URL that may hold credentials is never echoed back (errors reach logs and clients).
+    let shown = if url.contains('@') {
+        "the account URL".to_owned()
+    } else {
+        format!("`{url}`")
+    };
     let parsed = Url::parse(url.trim())
-        .map_err(|e| StoreError::Invalid(format!("`{url}` is not a valid URL: {e}")))?;
+        .map_err(|e| StoreError::Invalid(format!("{shown} is not a valid URL: {e}")))?;
     if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
         return Err(StoreError::Invalid(format!(
-            "`{url}` must be an http(s) URL with a host"
+            "{shown} must be an http(s) URL with a host"
         )));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(StoreError::Invalid(
+            "the account URL must not hold a user name or password (`user:pass@host`): give \
+             the login as `--email` and `--password-stdin` (or `email` and `password` in the \
+             admin API), which are stored sealed"
+                .into(),
+        ));
     }
     Ok(parsed)
 }

@@ -75,15 +75,44 @@ const WINDOW: std::time::Duration = std::time::Duration::from_millis(50);
 pub struct EventWriter {
     tx: mpsc::Sender<Message>,
     dropped: Arc<AtomicU64>,
+    health: Arc<WriteHealth>,
+}
+
+/// Whether the store's last write succeeded: a full disk or a failing database shows here
+/// (and in `/health`) while serving goes on.
+#[derive(Debug, Default)]
+pub struct WriteHealth {
+    failing: std::sync::atomic::AtomicBool,
+    error: std::sync::Mutex<Option<String>>,
+}
+
+impl WriteHealth {
+    fn failed(&self, error: &StoreError) {
+        *self.error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error.to_string());
+        self.failing.store(true, Ordering::SeqCst);
+    }
+
+    fn succeeded(&self) {
+        if self.failing.swap(false, Ordering::SeqCst) {
+            tracing::info!("the store writes again");
+        }
+    }
+
+    /// `None` while writes succeed, else the last error.
+    pub fn failure(&self) -> Option<String> {
+        if !self.failing.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 #[derive(Debug)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "records are nearly every message; boxing would allocate once per request"
-)]
 enum Message {
     Record(Record),
+    /// A record whose writer waits until it is written (or its write failed): written at
+    /// once, with whatever else is queued.
+    Durable(Record, oneshot::Sender<()>),
     /// Write what is queued now, then answer.
     Flush(oneshot::Sender<()>),
 }
@@ -93,6 +122,9 @@ impl EventWriter {
     /// writing what is queued.
     pub fn start(store: Store) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, mut rx) = mpsc::channel::<Message>(QUEUE);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let health = Arc::new(WriteHealth::default());
+        let (task_dropped, task_health) = (dropped.clone(), health.clone());
         let handle = tokio::spawn(async move {
             let mut messages = Vec::with_capacity(BATCH);
             let mut records = Vec::with_capacity(BATCH);
@@ -105,7 +137,7 @@ impl EventWriter {
                 loop {
                     let flush = messages[seen..]
                         .iter()
-                        .any(|m| matches!(m, Message::Flush(_)));
+                        .any(|m| matches!(m, Message::Flush(_) | Message::Durable(..)));
                     seen = messages.len();
                     if flush || messages.len() >= BATCH {
                         break;
@@ -120,13 +152,24 @@ impl EventWriter {
                 for message in messages.drain(..) {
                     match message {
                         Message::Record(record) => records.push(record),
+                        Message::Durable(record, done) => {
+                            records.push(record);
+                            flushes.push(done);
+                        }
                         Message::Flush(done) => flushes.push(done),
                     }
                 }
-                if !records.is_empty()
-                    && let Err(e) = store.write_records(&records).await
-                {
-                    tracing::warn!(error = %e, records = records.len(), "could not store events");
+                if !records.is_empty() {
+                    match store.write_records(&records).await {
+                        Ok(()) => task_health.succeeded(),
+                        Err(e) => {
+                            // Lost, and counted: retrying would only grow the backlog while
+                            // the cause (a full disk, say) lasts.
+                            task_dropped.fetch_add(records.len() as u64, Ordering::Relaxed);
+                            tracing::warn!(error = %e, records = records.len(), "could not store events");
+                            task_health.failed(&e);
+                        }
+                    }
                 }
                 records.clear();
                 for done in flushes.drain(..) {
@@ -136,7 +179,8 @@ impl EventWriter {
         });
         let writer = Self {
             tx,
-            dropped: Arc::new(AtomicU64::new(0)),
+            dropped,
+            health,
         };
         (writer, handle)
     }
@@ -144,6 +188,20 @@ impl EventWriter {
     pub fn record(&self, record: Record) {
         if self.tx.try_send(Message::Record(record)).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Queues `record` to be written at once; the receiver completes once it is written (or
+    /// its write failed), so a reply can end only after its record is safe. `None` when the
+    /// queue is full (the record is dropped and counted, as with [`EventWriter::record`]).
+    pub fn record_durably(&self, record: Record) -> Option<oneshot::Receiver<()>> {
+        let (done, written) = oneshot::channel();
+        match self.tx.try_send(Message::Durable(record, done)) {
+            Ok(()) => Some(written),
+            Err(_) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                None
+            }
         }
     }
 
@@ -159,12 +217,35 @@ impl EventWriter {
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
+
+    /// The store's write health (`None` while writes succeed).
+    pub fn write_failure(&self) -> Option<String> {
+        self.health.failure()
+    }
 }
 
 impl Store {
+    /// Writes `records` in one transaction. On failure (a full disk, say) the connection is
+    /// closed rather than returned to the pool: a transaction SQLite could not roll back must
+    /// not keep the write lock and leave every later write `database is locked`.
     async fn write_records(&self, records: &[Record]) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let result = self.insert_records(&mut conn, records).await;
+        if result.is_err() {
+            use sqlx::Connection;
+            let _ = conn.detach().close().await;
+        }
+        result
+    }
+
+    async fn insert_records(
+        &self,
+        conn: &mut sqlx::pool::PoolConnection<sqlx::Sqlite>,
+        records: &[Record],
+    ) -> Result<(), StoreError> {
+        use sqlx::Connection;
         let created_at = now();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = conn.begin().await?;
         for record in records {
             match record {
                 Record::Execution(e) => {

@@ -60,6 +60,55 @@ impl Store {
         Ok(flow)
     }
 
+    /// Stores a flow from a file or the admin API as the next version, once every call with a
+    /// fixed origin is known to stay on the service's accounts' origins or `allowed_origins`.
+    pub async fn import_flow(
+        &self,
+        flow: Flow,
+        allowed_origins: &[String],
+    ) -> Result<Flow, StoreError> {
+        flow.validate()
+            .map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let accounts = self.accounts_for_service(&flow.service).await?;
+        let urls: Vec<url::Url> = accounts
+            .iter()
+            .filter_map(|a| url::Url::parse(&a.url).ok())
+            .collect();
+        crate::pinning::check_import(&flow, &urls, allowed_origins)
+            .map_err(|e| StoreError::Invalid(format!("flow is not usable: {e}")))?;
+        self.save_flow(flow).await
+    }
+
+    /// Records origins the site's own page called while this machine learned `flow_id`; its
+    /// calls may reach them with the account's session.
+    pub async fn trust_flow_origins(
+        &self,
+        flow_id: &str,
+        origins: &[String],
+    ) -> Result<(), StoreError> {
+        for origin in origins {
+            sqlx::query(
+                "INSERT OR IGNORE INTO flow_origins (flow_id, origin, created_at) VALUES (?, ?, ?)",
+            )
+            .bind(flow_id)
+            .bind(origin)
+            .bind(now())
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Origins recorded by [`Store::trust_flow_origins`].
+    pub async fn trusted_flow_origins(&self, flow_id: &str) -> Result<Vec<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT origin FROM flow_origins WHERE flow_id = ? ORDER BY origin")
+                .bind(flow_id)
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
     /// Active flows, or every version with `all`.
     pub async fn flows(&self, all: bool) -> Result<Vec<StoredFlow>, StoreError> {
         let sql = if all {
@@ -167,6 +216,51 @@ mod tests {
         assert_eq!(
             store.active_flow("svc").await.unwrap().unwrap().id,
             first.id
+        );
+    }
+
+    /// An imported flow may not call an origin no account of its service is on; one learned
+    /// here keeps the origins its page called.
+    #[tokio::test]
+    async fn imports_are_pinned_to_the_accounts_origins() {
+        let (_dir, store) = store().await;
+        store
+            .add_account(crate::store::accounts::NewAccount {
+                url: "https://chat.site.test/".into(),
+                service: Some("svc".into()),
+                email: None,
+                password: None,
+                proxy: None,
+            })
+            .await
+            .unwrap();
+        let mut foreign = flow("svc");
+        foreign.request.url = "https://collector.evil.test/c".into();
+        let err = store.import_flow(foreign.clone(), &[]).await.unwrap_err();
+        assert!(
+            err.to_string().contains("https://collector.evil.test"),
+            "{err}"
+        );
+        assert!(store.active_flow("svc").await.unwrap().is_none());
+        let listed = ["https://collector.evil.test".to_owned()];
+        store.import_flow(foreign, &listed).await.unwrap();
+        let mut own = flow("svc");
+        own.request.url = "https://chat.site.test/api".into();
+        let saved = store.import_flow(own, &[]).await.unwrap();
+        assert!(
+            store
+                .trusted_flow_origins(&saved.id)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        store
+            .trust_flow_origins(&saved.id, &["https://api.site.test".to_owned()])
+            .await
+            .unwrap();
+        assert_eq!(
+            store.trusted_flow_origins(&saved.id).await.unwrap(),
+            vec!["https://api.site.test".to_owned()]
         );
     }
 

@@ -125,6 +125,13 @@ impl Data {
         }
     }
 
+    /// A data dir inside `parent` (a small filesystem a test mounted, say).
+    pub fn in_dir(parent: &Path) -> Data {
+        Data {
+            dir: tempfile::tempdir_in(parent).unwrap(),
+        }
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
@@ -193,12 +200,21 @@ impl Data {
 
     /// Starts `serve` on port 0 with `env` added.
     pub fn serve(&self, env: &[(&str, &str)]) -> Proc {
+        self.serve_with(&["--bind", "127.0.0.1:0"], env)
+    }
+
+    /// Starts `serve` with `args` (global options before `serve` go in as `--config …` etc.
+    /// through `env`) and `env`. The announced URL is made reachable: an unspecified address
+    /// (`0.0.0.0`) becomes 127.0.0.1.
+    pub fn serve_with(&self, args: &[&str], env: &[(&str, &str)]) -> Proc {
         let mut cmd = self.command();
-        cmd.args(["serve", "--bind", "127.0.0.1:0"]);
+        cmd.arg("serve").args(args);
         for (k, v) in env {
             cmd.env(k, v);
         }
-        Proc::start(cmd, "listening on")
+        let mut proc = Proc::start(cmd, "listening on");
+        proc.url = proc.url.replace("://0.0.0.0:", "://127.0.0.1:");
+        proc
     }
 
     /// Adds an account for `site` logged in through the site's JSON login, imported as a

@@ -10,6 +10,9 @@
 //! - Both entry points, [`Decoder::feed`] (push) and [`decode_stream`] (a body stream), run the
 //!   same framer and the same accrual engine.
 //! - After a done signal, nothing more is emitted; after an error, nothing more is decoded.
+//! - In a stream ([`decode_stream`]), a body that ends without any of the flow's end signals
+//!   (when it has some) ends with [`DecodeError::Truncated`]: a cut reply is never passed
+//!   off as complete.
 //! - The SSE framer is `eventsource-stream`: an event not terminated by a blank line when the
 //!   body ends is dropped, as the SSE spec says.
 //!
@@ -70,6 +73,9 @@ pub enum DecodeError {
     /// Reading the body failed (the underlying stream's error, as text).
     #[error("reading the response body failed: {0}")]
     Body(String),
+    /// The body ended before any of the flow's end signals: the reply is cut short.
+    #[error("the site closed the reply before its end marker; the reply is incomplete")]
+    Truncated,
 }
 
 /// Incremental decoder: push bytes, get deltas.
@@ -155,12 +161,15 @@ where
         decoder: Decoder::new(spec),
         ready: VecDeque::new(),
         scratch: Vec::new(),
+        expects_end: !spec.done.is_empty(),
     }
 }
 
 struct DeltaStream<S> {
     /// `None` once the body is over (ended, failed, or the reply is done).
     body: Option<Pin<Box<S>>>,
+    /// Whether the flow knows an end signal: a body ending without one was cut short.
+    expects_end: bool,
     decoder: Decoder,
     ready: VecDeque<Result<Delta, DecodeError>>,
     scratch: Vec<Delta>,
@@ -205,7 +214,12 @@ where
                 Poll::Ready(Some(Err(e))) => Err(DecodeError::Body(e.to_string())),
                 Poll::Ready(None) => {
                     this.body = None;
-                    this.decoder.finish(&mut this.scratch)
+                    this.decoder.finish(&mut this.scratch).and_then(|()| {
+                        match this.decoder.is_done() || !this.expects_end {
+                            true => Ok(()),
+                            false => Err(DecodeError::Truncated),
+                        }
+                    })
                 }
             };
             this.queue(result);
