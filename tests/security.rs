@@ -258,3 +258,125 @@ async fn an_absurd_retry_after_from_the_site_is_clamped() {
         .unwrap();
     assert_eq!(health.status(), 200);
 }
+
+/// Every direct call an account makes goes through its proxy: tier 1's HTTP calls (with the
+/// proxy's credentials, which the proxy demands) and the WebSocket replay (a `CONNECT`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_replay_and_websockets_go_through_the_account_proxy() {
+    use common::proxy::LoggingProxy;
+    let site = demo_site("openai", &[]);
+    let ws_site = demo_site("ws", &[]);
+    let data = Data::new();
+    let model = data
+        .add_demo_account(&site.url, "openai", "proxied@example.com")
+        .await;
+    let ws_model = data
+        .add_demo_account(&ws_site.url, "ws", "proxied-ws@example.com")
+        .await;
+    let with_login = LoggingProxy::start(Some(("proxyuser", "proxypass"))).await;
+    let open = LoggingProxy::start(None).await;
+    data.ok(
+        &["account", "update", &model, "--proxy", &with_login.url],
+        None,
+    );
+    data.ok(
+        &["account", "update", &ws_model, "--proxy", &open.url],
+        None,
+    );
+    let server = data.serve(&[]);
+
+    let (status, body) = post_chat(&server.url, None, ask(&model, "through the proxy")).await;
+    assert_eq!(status, 200, "{body}");
+    let site_host = site.url.trim_start_matches("http://").trim_end_matches('/');
+    assert!(
+        with_login.count(&format!(
+            "POST http://{site_host}/api/openai/v1/chat/completions"
+        )) == 1,
+        "{:?}",
+        with_login.log()
+    );
+    assert!(with_login.count(&format!("http://{site_host}/api/conversations")) >= 1);
+
+    let (status, body) = post_chat(&server.url, None, ask(&ws_model, "over the socket")).await;
+    assert_eq!(status, 200, "{body}");
+    let ws_host = ws_site
+        .url
+        .trim_start_matches("http://")
+        .trim_end_matches('/');
+    assert!(
+        open.count(&format!("CONNECT {ws_host}")) >= 1,
+        "the WebSocket did not go through the proxy: {:?}",
+        open.log()
+    );
+}
+
+/// The browser goes through the account's proxy too, answering its login challenge: the
+/// login, the probe that learns the flow, and tiers 2 and 3. (Chromium was handed the proxy
+/// as `http://host:port/` and refused it; and it went straight to loopback sites.)
+// Several threads: the CLI runs blocking while the proxy, on this runtime, must answer it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_browser_goes_through_the_account_proxy_with_its_credentials() {
+    use common::proxy::LoggingProxy;
+    let site = demo_site("openai", &[]);
+    let proxy = LoggingProxy::start(Some(("browseruser", "s3cret-proxy"))).await;
+    let data = Data::new();
+    data.ok(
+        &[
+            "account",
+            "add",
+            "--url",
+            &site.url,
+            "--name",
+            "proxied",
+            "--email",
+            "browser-proxy@example.com",
+            "--password-stdin",
+            "--proxy",
+            &proxy.url,
+        ],
+        Some(&format!("{}\n", common::PASSWORD)),
+    );
+    let learned = data.ok(&["learn", "proxied"], None);
+    assert!(
+        learned.contains("/api/openai/v1/chat/completions"),
+        "{learned}"
+    );
+    let host = site.url.trim_start_matches("http://").trim_end_matches('/');
+    let chat_call = format!("POST http://{host}/api/openai/v1/chat/completions");
+    assert!(
+        proxy.count(&format!("POST http://{host}/login")) >= 1,
+        "{:?}",
+        proxy.log()
+    );
+    // The probe's chat call, and verification's direct replay.
+    let after_learn = proxy.count(&chat_call);
+    assert!(after_learn >= 2, "{:?}", proxy.log());
+    assert!(
+        proxy.log().iter().any(|l| l.starts_with("407")),
+        "the proxy's login challenge was never met: {:?}",
+        proxy.log()
+    );
+    let server = data.serve(&[]);
+    for tier in ["2", "3"] {
+        let response = http()
+            .post(format!("{}/v1/chat/completions", server.url))
+            .header("content-type", "application/json")
+            .header("x-computetower-tier", tier)
+            .body(ask("proxied", &format!("tier {tier} through the proxy")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.status(),
+            200,
+            "tier {tier}: {:?}",
+            response.text().await
+        );
+        assert_eq!(response.headers()["x-computetower-tier"], tier);
+    }
+    assert!(
+        proxy.count(&chat_call) >= after_learn + 2,
+        "tiers 2 and 3 did not go through the proxy: {:?}",
+        proxy.log()
+    );
+}

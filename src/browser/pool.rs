@@ -937,6 +937,15 @@ impl BrowserPool {
             .build()
             .map_err(LoginError::Cdp)?;
         page.execute(ua).await.map_err(cdp_error)?;
+        // A proxy that wants a login gets it from the page's auth handling (it answers the
+        // proxy's 407 challenge; Chromium takes no credentials in the proxy setting).
+        let credentials = lock(&self.shared.contexts)
+            .values()
+            .find(|c| &c.id == context)
+            .and_then(|c| c.proxy.as_deref().and_then(proxy_credentials));
+        if let Some(credentials) = credentials {
+            page.authenticate(credentials).await.map_err(cdp_error)?;
+        }
         Ok(page)
     }
 
@@ -1106,10 +1115,44 @@ async fn create_context(
 ) -> Result<BrowserContextId, LoginError> {
     let mut params = CreateBrowserContextParams::builder().dispose_on_detach(true);
     if let Some(proxy) = proxy {
-        params = params.proxy_server(proxy);
+        let server = proxy_server(proxy)
+            .ok_or_else(|| LoginError::Launch("the account's proxy URL is not usable".into()))?;
+        // `<-loopback>`: Chromium otherwise talks to loopback sites directly, and every call
+        // an account makes goes through its proxy.
+        params = params.proxy_server(server).proxy_bypass_list("<-loopback>");
     }
     let reply = running.execute(params.build()).await.map_err(cdp_error)?;
     Ok(reply.browser_context_id)
+}
+
+/// The proxy as Chromium takes it: `scheme://host:port`, with no path (a trailing `/` makes
+/// it refuse the proxy with `ERR_NO_SUPPORTED_PROXIES`) and no credentials (answered through
+/// CDP, see [`proxy_credentials`]).
+fn proxy_server(proxy: &str) -> Option<String> {
+    let url = url::Url::parse(proxy).ok()?;
+    let host = match url.host()? {
+        url::Host::Ipv6(ip) => format!("[{ip}]"),
+        host => host.to_string(),
+    };
+    let port = url.port_or_known_default()?;
+    Some(format!("{}://{host}:{port}", url.scheme()))
+}
+
+/// The user and password in a proxy URL, if any.
+fn proxy_credentials(proxy: &str) -> Option<chromiumoxide::auth::Credentials> {
+    let url = url::Url::parse(proxy).ok()?;
+    if url.username().is_empty() {
+        return None;
+    }
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    Some(chromiumoxide::auth::Credentials {
+        username: decode(url.username()),
+        password: decode(url.password().unwrap_or_default()),
+    })
 }
 
 async fn dispose_context(running: &Running, id: BrowserContextId) {

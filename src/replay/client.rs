@@ -383,6 +383,7 @@ impl Replayer {
                 &jar,
                 &flow.response,
                 self.timeouts,
+                target.proxy,
             ))
             .await?;
             return Ok(Replay {

@@ -5,4 +5,5 @@ pub mod client;
 pub mod decode;
 pub mod render;
 pub mod reuse;
+pub mod tunnel;
 pub mod websocket;

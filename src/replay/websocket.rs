@@ -28,6 +28,7 @@ pub async fn open(
     jar: &CookieJar,
     spec: &ResponseSpec,
     timeouts: Timeouts,
+    proxy: Option<&str>,
 ) -> Result<DeltaStream, ReplayError> {
     let http_url = rendered.url.clone();
     let mut ws_url = rendered.url.clone();
@@ -80,7 +81,18 @@ pub async fn open(
     if let Ok(origin) = HeaderValue::from_str(&http_url.origin().ascii_serialization()) {
         headers.entry("origin").or_insert(origin);
     }
-    let connect = tokio_tungstenite::connect_async(request);
+    let connect = async {
+        let Some(proxy) = proxy else {
+            return tokio_tungstenite::connect_async(request).await;
+        };
+        // Through the account's proxy, like every other call the account makes.
+        let host = ws_url.host_str().unwrap_or_default().to_owned();
+        let port = ws_url.port_or_known_default().unwrap_or(80);
+        let stream = super::tunnel::open(proxy, &host, port, timeouts.connect)
+            .await
+            .map_err(|e| WsError::Io(std::io::Error::other(e.to_string())))?;
+        tokio_tungstenite::client_async_tls(request, stream).await
+    };
     let (mut socket, _) = match tokio::time::timeout(timeouts.first_byte, connect).await {
         Err(_) => {
             return Err(ReplayError::Network {

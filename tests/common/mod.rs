@@ -2,6 +2,8 @@
 //! 0, a temp data dir each, and the official `openai` SDK from a venv under `target/`.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
