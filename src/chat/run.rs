@@ -109,7 +109,11 @@ impl Driver {
             match control {
                 Control::Continue => {}
                 // Dropping the reply cancels the site's call; `end` runs on the next turn.
-                Control::Cut => self.reply = None,
+                Control::Cut => {
+                    if let Some(reply) = self.reply.take() {
+                        reply.end_early("cut short for the client (a stop sequence or max_tokens)");
+                    }
+                }
                 Control::End(reason) => self.finish(reason),
                 Control::Repair(problem) => self.repair(&problem).await,
             }
@@ -134,7 +138,9 @@ impl Driver {
     /// One more turn on the site with the problem stated; if it cannot start, the reply is
     /// returned as it was.
     async fn repair(&mut self, problem: &str) {
-        self.reply = None;
+        if let Some(reply) = self.reply.take() {
+            reply.end_early("cut for a repair turn (the reply could not be used)");
+        }
         let prompt = repair_prompt(&self.request, self.emulator.raw(), problem);
         let id = format!("{}-repair", self.request_id);
         match self.gateway.chat(&prompt, &id, self.forced_tier).await {

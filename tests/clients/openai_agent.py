@@ -235,6 +235,8 @@ def max_tokens_cuts_and_cancels_the_site():
         text = r.choices[0].message.content
         assert text and full.startswith(text) and len(text) < 40, repr(text)
         wait_for("the site's reply to be cancelled", lambda: site_stats()["cancelled"] > cancelled)
+        event = httpx.get(ARGS["server"] + "/admin/events?limit=1").json()["data"][0]
+        assert event["outcome"] == "ok" and "cut short" in event["detail"], event
     content, _, finish, _ = stream_calls(messages=user(ARGS["plain_prompt"]), max_tokens=5)
     assert finish == "length" and full.startswith(content) and len(content) < 40, repr(content)
 
