@@ -252,9 +252,9 @@ impl Sse {
         // Validated here so that invalid bytes fail at once (the `EventStream` would hold them
         // to the end of the body), and so the queue only ever holds whole characters.
         let mut text = String::with_capacity(chunk.len() + 4);
-        self.utf8
-            .push(chunk, false, &mut text)
-            .map_err(|e| DecodeError::Malformed(format!("SSE body: {e}")))?;
+        // The valid prefix is decoded first: bytes after a done signal are not the reply's,
+        // so invalid ones there fail nothing (as when they come in a later chunk).
+        let utf8 = self.utf8.push(chunk, false, &mut text);
         self.since_event += chunk.len();
         if self.since_event > MAX_FRAME {
             return Err(DecodeError::Malformed(format!(
@@ -266,7 +266,11 @@ impl Sse {
             self.inbox
                 .with(|queue| queue.chunks.push_back(Bytes::from(text.into_bytes())));
         }
-        self.drain(engine, out)
+        self.drain(engine, out)?;
+        match utf8 {
+            Err(e) if !engine.is_stopped() => Err(DecodeError::Malformed(format!("SSE body: {e}"))),
+            _ => Ok(()),
+        }
     }
 
     fn finish(&mut self, engine: &mut Engine, out: &mut Vec<Delta>) -> Result<(), DecodeError> {
