@@ -31,6 +31,7 @@ pub struct Config {
     pub log: String,
     /// Accept `URL: … | Email: … | Password: …` system messages that add accounts on the fly.
     pub allow_inline_credentials: bool,
+    pub api: ApiSettings,
     pub limits: LimitSettings,
     pub browser: BrowserSettings,
     pub captcha: CaptchaSettings,
@@ -46,6 +47,14 @@ pub struct ServiceSettings {
     /// Origins besides the account's own that the service's flows may call with the
     /// account's session (an API on another host of the same site, say).
     pub allowed_origins: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSettings {
+    /// Origins a browser front end may call the API from (CORS), e.g.
+    /// `["http://localhost:3000"]`; `"*"` allows any, and only on a loopback bind.
+    pub cors_origins: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -153,6 +162,7 @@ impl Default for Config {
             preflight_reuse_secs: 300,
             log: "info".to_owned(),
             allow_inline_credentials: false,
+            api: ApiSettings::default(),
             limits: LimitSettings::default(),
             browser: BrowserSettings::default(),
             captcha: CaptchaSettings::default(),
@@ -173,6 +183,8 @@ pub enum ConfigError {
     Parse { path: String, message: String },
     #[error("environment variable {name}: {message}")]
     Env { name: String, message: String },
+    #[error("setting `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
 }
 
 /// Name of the config file looked for in the working directory.
@@ -192,7 +204,43 @@ impl Config {
             None => Self::default(),
         };
         config.apply_env(env)?;
+        config.check()?;
         Ok(config)
+    }
+
+    /// Checks settings that depend on each other; run again after the bind address changes.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let any_origin = self.api.cors_origins.iter().any(|o| o.trim() == "*");
+        if any_origin && !self.bind.ip().is_loopback() {
+            return Err(ConfigError::Invalid {
+                key: "api.cors_origins",
+                message: format!(
+                    "\"*\" lets any web page call this server from its visitors' browsers; it is \
+                     allowed only on a loopback address, and {} is not one. List the origins \
+                     of your front ends instead.",
+                    self.bind
+                ),
+            });
+        }
+        for origin in self.api.cors_origins.iter().filter(|o| o.trim() != "*") {
+            let parsed = url::Url::parse(origin.trim());
+            let valid = parsed.as_ref().is_ok_and(|u| {
+                matches!(u.scheme(), "http" | "https")
+                    && u.host_str().is_some()
+                    && u.path() == "/"
+                    && !origin.trim().ends_with('/')
+            });
+            if !valid {
+                return Err(ConfigError::Invalid {
+                    key: "api.cors_origins",
+                    message: format!(
+                        "`{origin}` is not an origin: write scheme, host and port only, e.g. \
+                         `http://localhost:3000`"
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     fn from_file(path: &Path) -> Result<Self, ConfigError> {
@@ -246,6 +294,13 @@ impl Config {
         }
         if let Some(v) = env("COMPUTETOWER_LOG") {
             self.log = v;
+        }
+        if let Some(v) = env("COMPUTETOWER_CORS_ORIGINS") {
+            self.api.cors_origins = v
+                .split(',')
+                .map(|o| o.trim().to_owned())
+                .filter(|o| !o.is_empty())
+                .collect();
         }
         if let Some(v) = env("COMPUTETOWER_ALLOW_INLINE_CREDENTIALS") {
             self.allow_inline_credentials = parse("COMPUTETOWER_ALLOW_INLINE_CREDENTIALS", &v)?;
@@ -315,6 +370,31 @@ mod tests {
         assert_eq!(config.browser.max_contexts, 8);
         let err = toml::from_str::<Config>("[browser]\nspeed = 1").unwrap_err();
         assert!(err.to_string().contains("speed"), "{err}");
+    }
+
+    #[test]
+    fn cors_origins_are_checked() {
+        let mut config: Config =
+            toml::from_str("[api]\ncors_origins = [\"http://localhost:3000\"]").unwrap();
+        assert!(config.check().is_ok());
+        config.api.cors_origins = vec!["*".into()];
+        assert!(config.check().is_ok(), "any origin on loopback");
+        config.bind = "0.0.0.0:8000".parse().unwrap();
+        let err = config.check().unwrap_err().to_string();
+        assert!(
+            err.contains("api.cors_origins") && err.contains("loopback"),
+            "{err}"
+        );
+        config.api.cors_origins = vec!["http://localhost:3000/app".into()];
+        assert!(config.check().is_err());
+        config
+            .apply_env(|name| {
+                (name == "COMPUTETOWER_CORS_ORIGINS")
+                    .then(|| "https://a.example, http://b:1".into())
+            })
+            .unwrap();
+        assert_eq!(config.api.cors_origins, ["https://a.example", "http://b:1"]);
+        assert!(config.check().is_ok());
     }
 
     #[test]

@@ -923,6 +923,13 @@ impl Reply {
         self.tier
     }
 
+    /// Ends the reply before the site has, because the client's answer is complete (a stop
+    /// sequence or a token limit was reached): recorded as `ok` with `why`; dropping it then
+    /// cancels the site's call.
+    pub fn end_early(mut self, why: &str) {
+        self.finish("ok", Some(why.to_owned()), false);
+    }
+
     /// Records the outcome; with `durably`, returns what completes once it is written.
     fn finish(
         &mut self,

@@ -5,6 +5,7 @@
 pub mod account_pool;
 pub mod api;
 pub mod browser;
+pub mod chat;
 pub mod cli;
 pub mod config;
 pub mod conversations;
