@@ -21,5 +21,6 @@ pub mod replay;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod telemetry;
 pub mod tier_floor;
 pub mod vault;
