@@ -179,9 +179,16 @@ async fn fifty_streams_over_three_accounts_queue_within_the_limit() {
             .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
             .sum()
     };
-    assert_eq!(sum_of("computetower_ttft_seconds_count{"), 50.0, "{metrics}");
+    assert_eq!(
+        sum_of("computetower_ttft_seconds_count{"),
+        50.0,
+        "{metrics}"
+    );
     assert_eq!(sum_of("computetower_requests_total{"), 50.0, "{metrics}");
-    assert!(metrics.contains("# TYPE computetower_ttft_seconds histogram"), "{metrics}");
+    assert!(
+        metrics.contains("# TYPE computetower_ttft_seconds histogram"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
