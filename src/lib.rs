@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod conversations;
 pub mod demo;
+pub mod fallback;
 pub mod flow;
 pub mod gateway;
 pub mod inline;
