@@ -9,6 +9,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+/// `POST /v1/chat/completions`. Unknown fields are accepted (clients send many); the ones
+/// named here are honoured, checked or refused by `api::openai`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ChatRequest {
     pub model: String,
@@ -17,12 +19,48 @@ pub struct ChatRequest {
     pub stream: Option<bool>,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
-    /// Accepted for compatibility; only `1` is supported.
+    /// Only `1` is supported.
     #[serde(default)]
     pub n: Option<u32>,
     /// Whether to include reasoning deltas; on unless the client says otherwise.
     #[serde(default)]
     pub include_reasoning: Option<bool>,
+    #[serde(default)]
+    pub tools: Option<Vec<ToolDef>>,
+    /// `auto`, `none`, `required`, or `{"type":"function","function":{"name":…}}`.
+    #[serde(default)]
+    pub tool_choice: Option<Value>,
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
+    /// The legacy form of `tools`.
+    #[serde(default)]
+    pub functions: Option<Vec<FunctionDef>>,
+    /// The legacy form of `tool_choice`: `auto`, `none` or `{"name":…}`.
+    #[serde(default)]
+    pub function_call: Option<Value>,
+    #[serde(default)]
+    pub max_tokens: Option<i64>,
+    #[serde(default)]
+    pub max_completion_tokens: Option<i64>,
+    /// A string or up to 4 strings.
+    #[serde(default)]
+    pub stop: Option<Value>,
+    #[serde(default)]
+    pub response_format: Option<ResponseFormat>,
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    #[serde(default)]
+    pub presence_penalty: Option<f64>,
+    #[serde(default)]
+    pub frequency_penalty: Option<f64>,
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    #[serde(default)]
+    pub top_logprobs: Option<i64>,
+    #[serde(default)]
+    pub modalities: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -31,12 +69,76 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+pub struct ToolDef {
+    #[serde(rename = "type", default = "function_type")]
+    pub kind: String,
+    #[serde(default)]
+    pub function: Option<FunctionDef>,
+}
+
+fn function_type() -> String {
+    "function".to_owned()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct FunctionDef {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub parameters: Option<Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ResponseFormat {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub json_schema: Option<JsonSchemaFormat>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct JsonSchemaFormat {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub schema: Option<Value>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: Role,
     /// A string, a list of content parts, or null (assistant tool calls).
     #[serde(default)]
     pub content: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<WireToolCall>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The legacy form of `tool_calls`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function_call: Option<WireFunction>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WireToolCall {
+    #[serde(default)]
+    pub id: String,
+    #[serde(rename = "type", default = "function_type")]
+    pub kind: String,
+    pub function: WireFunction,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WireFunction {
+    #[serde(default)]
+    pub name: String,
+    /// JSON text (some clients send the object itself).
+    #[serde(default)]
+    pub arguments: Value,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,41 +163,6 @@ impl Role {
     }
 }
 
-impl ChatMessage {
-    /// The message's text: a string, or the text parts of a part list joined. Errors name
-    /// what is not supported.
-    pub fn text(&self) -> Result<String, String> {
-        match &self.content {
-            Value::String(s) => Ok(s.clone()),
-            Value::Null => Ok(String::new()),
-            Value::Array(parts) => {
-                let mut text = String::new();
-                for part in parts {
-                    match part.get("type").and_then(Value::as_str) {
-                        Some("text") => {
-                            let piece = part.get("text").and_then(Value::as_str).ok_or(
-                                "a content part of type `text` needs a string `text`".to_owned(),
-                            )?;
-                            if !text.is_empty() {
-                                text.push('\n');
-                            }
-                            text.push_str(piece);
-                        }
-                        Some(other) => {
-                            return Err(format!(
-                                "content parts of type `{other}` are not supported; send text"
-                            ));
-                        }
-                        None => return Err("a content part lacks `type`".to_owned()),
-                    }
-                }
-                Ok(text)
-            }
-            _ => Err("`content` must be a string or a list of content parts".to_owned()),
-        }
-    }
-}
-
 #[derive(Debug, Clone, Serialize)]
 pub struct ChatCompletion {
     pub id: String,
@@ -111,14 +178,21 @@ pub struct Choice {
     pub index: u32,
     pub message: AssistantMessage,
     pub finish_reason: &'static str,
+    pub logprobs: Option<()>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct AssistantMessage {
     pub role: &'static str,
-    pub content: String,
+    /// Null when the reply is only tool calls, as OpenAI sends it.
+    pub content: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<WireToolCall>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub function_call: Option<WireFunction>,
+    pub refusal: Option<()>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -126,6 +200,13 @@ pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub total_tokens: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completion_tokens_details: Option<CompletionDetails>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct CompletionDetails {
+    pub reasoning_tokens: u64,
 }
 
 impl Usage {
@@ -134,6 +215,18 @@ impl Usage {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
+            completion_tokens_details: None,
+        }
+    }
+}
+
+impl From<crate::chat::Usage> for Usage {
+    fn from(usage: crate::chat::Usage) -> Self {
+        Self {
+            completion_tokens_details: Some(CompletionDetails {
+                reasoning_tokens: usage.reasoning_tokens,
+            }),
+            ..Self::new(usage.prompt_tokens, usage.completion_tokens)
         }
     }
 }
@@ -149,7 +242,8 @@ pub struct Model {
     pub id: String,
     pub object: &'static str,
     pub created: i64,
-    pub owned_by: &'static str,
+    /// The site that serves it (its host).
+    pub owned_by: String,
 }
 
 /// Writes `chat.completion.chunk` SSE frames for one response.
@@ -209,6 +303,30 @@ impl ChunkEncoder {
             write_json_string(out, text);
             out.put_slice(b"},\"finish_reason\":null}]");
         })
+    }
+
+    /// A tool call, as OpenAI streams one: its id and name, then its arguments.
+    pub fn tool_call(&self, index: usize, call: &crate::chat::ToolCall) -> [Bytes; 2] {
+        let head = serde_json::json!([{"index": 0, "delta": {"tool_calls": [{
+            "index": index, "id": call.id, "type": "function",
+            "function": {"name": call.name, "arguments": ""}}]}, "finish_reason": null}]);
+        let args = serde_json::json!([{"index": 0, "delta": {"tool_calls": [{
+            "index": index, "function": {"arguments": call.arguments}}]}, "finish_reason": null}]);
+        [self.json_frame(&head), self.json_frame(&args)]
+    }
+
+    /// A call in the legacy `function_call` form (for requests that sent `functions`).
+    pub fn function_call(&self, call: &crate::chat::ToolCall) -> [Bytes; 2] {
+        let head = serde_json::json!([{"index": 0, "delta": {"function_call": {
+            "name": call.name, "arguments": ""}}, "finish_reason": null}]);
+        let args = serde_json::json!([{"index": 0, "delta": {"function_call": {
+            "arguments": call.arguments}}, "finish_reason": null}]);
+        [self.json_frame(&head), self.json_frame(&args)]
+    }
+
+    fn json_frame(&self, choices: &Value) -> Bytes {
+        let body = serde_json::to_vec(choices).unwrap_or_default();
+        self.frame(body.len(), |out| out.put_slice(&body))
     }
 
     /// The last choice chunk.
@@ -281,12 +399,33 @@ pub fn write_json_string(out: &mut BytesMut, s: &str) {
 /// Tokens of `text` in the o200k encoding. The tokenizer is built on first use (it is large),
 /// so an idle server does not carry it.
 pub fn count_tokens(text: &str) -> u64 {
-    static BPE: OnceLock<Option<tiktoken_rs::CoreBPE>> = OnceLock::new();
-    match BPE.get_or_init(|| tiktoken_rs::o200k_base().ok()) {
+    match bpe() {
         Some(bpe) => bpe.encode_ordinary(text).len() as u64,
         // Unreachable in practice (the table is embedded); a rough count beats no usage.
         None => text.len().div_ceil(4) as u64,
     }
+}
+
+fn bpe() -> Option<&'static tiktoken_rs::CoreBPE> {
+    static BPE: OnceLock<Option<tiktoken_rs::CoreBPE>> = OnceLock::new();
+    BPE.get_or_init(|| tiktoken_rs::o200k_base().ok()).as_ref()
+}
+
+/// The text of the first `n` tokens of `text` (fewer when the `n`th ends inside a character).
+pub fn token_prefix(text: &str, n: usize) -> String {
+    let Some(bpe) = bpe() else {
+        let end = (n * 4).min(text.len());
+        let end = (0..=end)
+            .rev()
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(0);
+        return text[..end].to_owned();
+    };
+    let tokens = bpe.encode_ordinary(text);
+    (0..=n.min(tokens.len()))
+        .rev()
+        .find_map(|k| bpe.decode(&tokens[..k]).ok())
+        .unwrap_or_default()
 }
 
 /// Prompt tokens the way OpenAI counts chat messages: a few tokens of framing per message.
@@ -333,23 +472,32 @@ mod tests {
     }
 
     #[test]
-    fn message_text_from_parts_and_errors() {
-        let msg: ChatMessage = serde_json::from_value(serde_json::json!({
-            "role": "user", "content": [{"type":"text","text":"a"},{"type":"text","text":"b"}]
-        }))
-        .unwrap();
-        assert_eq!(msg.text().unwrap(), "a\nb");
-        let img: ChatMessage = serde_json::from_value(serde_json::json!({
-            "role": "user", "content": [{"type":"image_url","image_url":{"url":"x"}}]
-        }))
-        .unwrap();
-        assert!(img.text().unwrap_err().contains("image_url"));
-    }
-
-    #[test]
     fn token_counts_are_plausible() {
         assert_eq!(count_tokens(""), 0);
         let n = count_tokens("Hello, world! This is a test.");
         assert!((5..=12).contains(&n), "{n}");
+        assert_eq!(token_prefix("Hello, world!", 2), "Hello,");
+        assert_eq!(token_prefix("Hi", 9), "Hi");
+    }
+
+    #[test]
+    fn tool_call_chunks_carry_id_and_name_then_arguments() {
+        let enc = ChunkEncoder::new("c", 1, "m");
+        let call = crate::chat::ToolCall {
+            id: "call_1".into(),
+            name: "get_weather".into(),
+            arguments: "{\"city\":\"Paris\"}".into(),
+        };
+        let [head, args] = enc.tool_call(2, &call);
+        let head = parse(&head);
+        let delta = &head["choices"][0]["delta"]["tool_calls"][0];
+        assert_eq!(delta["index"], 2);
+        assert_eq!(delta["id"], "call_1");
+        assert_eq!(delta["function"]["name"], "get_weather");
+        let args = parse(&args);
+        assert_eq!(
+            args["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"],
+            "{\"city\":\"Paris\"}"
+        );
     }
 }

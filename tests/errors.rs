@@ -55,6 +55,23 @@ async fn malformed_requests_get_400_with_the_field_named() {
             "image content",
             json!({"model": model, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})
                 .to_string(),
+            Some("messages[0].content[0]"),
+        ),
+        (
+            "null user content",
+            json!({"model": model, "messages": [{"role": "user", "content": null}]}).to_string(),
+            Some("messages[0].content"),
+        ),
+        (
+            "empty user content",
+            json!({"model": model, "messages": [{"role": "system", "content": "x"}, {"role": "user", "content": ""}]})
+                .to_string(),
+            Some("messages[1].content"),
+        ),
+        (
+            "empty text parts",
+            json!({"model": model, "messages": [{"role": "user", "content": [{"type": "text", "text": " "}]}]})
+                .to_string(),
             Some("messages[0].content"),
         ),
         (

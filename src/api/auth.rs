@@ -118,20 +118,28 @@ pub async fn require_key(State(state): State<AppState>, request: Request, next: 
     // Read what is needed up front: `Request` is not `Sync`, so no reference to it may be
     // held across an await.
     let path = request.uri().path().to_owned();
-    let presented = request
-        .headers()
+    let presented = presented_key(request.headers());
+    match check(&state, &path, presented.as_deref()).await {
+        Ok(()) => next.run(request).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The key a request presents: `Authorization: Bearer <key>` (OpenAI clients) or
+/// `x-api-key: <key>` (Anthropic clients).
+fn presented_key(headers: &axum::http::HeaderMap) -> Option<String> {
+    let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
             v.strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))
-        })
+        });
+    let x_api_key = || headers.get("x-api-key").and_then(|v| v.to_str().ok());
+    bearer
+        .or_else(x_api_key)
         .map(|k| k.trim().to_owned())
-        .filter(|k| !k.is_empty());
-    match check(&state, &path, presented.as_deref()).await {
-        Ok(()) => next.run(request).await,
-        Err(e) => e.into_response(),
-    }
+        .filter(|k| !k.is_empty())
 }
 
 async fn check(state: &AppState, path: &str, presented: Option<&str>) -> Result<(), ApiError> {
@@ -173,6 +181,16 @@ async fn check(state: &AppState, path: &str, presented: Option<&str>) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_is_taken_from_bearer_or_x_api_key() {
+        let mut headers = axum::http::HeaderMap::new();
+        assert_eq!(presented_key(&headers), None);
+        headers.insert("x-api-key", "ct-anthropic".parse().unwrap());
+        assert_eq!(presented_key(&headers).as_deref(), Some("ct-anthropic"));
+        headers.insert(header::AUTHORIZATION, "Bearer ct-openai".parse().unwrap());
+        assert_eq!(presented_key(&headers).as_deref(), Some("ct-openai"));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_key_over_its_budget_waits_for_the_refill() {

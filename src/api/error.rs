@@ -95,6 +95,28 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
     }
 
+    /// Anthropic's error type for this status.
+    pub fn anthropic_type(&self) -> &'static str {
+        match self.status.as_u16() {
+            400 | 405 | 422 => "invalid_request_error",
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            503 | 529 => "overloaded_error",
+            _ => "api_error",
+        }
+    }
+
+    /// Anthropic's error body, `{"type":"error","error":{"type","message"}}`.
+    pub fn anthropic_body(&self) -> Value {
+        json!({
+            "type": "error",
+            "error": { "type": self.anthropic_type(), "message": self.message },
+        })
+    }
+
     pub fn body(&self) -> Value {
         json!({
             "error": {
@@ -122,8 +144,30 @@ impl IntoResponse for ApiError {
         {
             response.headers_mut().insert(header::RETRY_AFTER, value);
         }
+        // Kept so a front door with another error shape can re-render it (`api::error_shape`).
+        response.extensions_mut().insert(self);
         response
     }
+}
+
+/// Renders errors on Anthropic's paths (`/v1/messages…`) in Anthropic's shape, whoever made
+/// them (auth, limits, routing, panics, the handler).
+pub async fn anthropic_shape(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let anthropic = request.uri().path().starts_with("/v1/messages");
+    let response = next.run(request).await;
+    if !anthropic {
+        return response;
+    }
+    let Some(error) = response.extensions().get::<ApiError>().cloned() else {
+        return response;
+    };
+    let (mut parts, _) = response.into_parts();
+    let body = axum::Json(error.anthropic_body()).into_response();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, body.into_body())
 }
 
 impl From<GatewayError> for ApiError {
@@ -198,6 +242,16 @@ mod tests {
         assert_eq!(body["error"]["type"], "invalid_request_error");
         assert_eq!(body["error"]["param"], "messages");
         assert!(body["error"]["code"].is_null());
+    }
+
+    #[test]
+    fn anthropic_bodies_name_anthropic_types() {
+        let body = ApiError::unauthorized("no key").anthropic_body();
+        assert_eq!(body["type"], "error");
+        assert_eq!(body["error"]["type"], "authentication_error");
+        assert_eq!(body["error"]["message"], "no key");
+        let e: ApiError = GatewayError::NoFlow("s".into()).into();
+        assert_eq!(e.anthropic_type(), "overloaded_error");
     }
 
     #[test]

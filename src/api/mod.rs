@@ -1,14 +1,22 @@
 //! The HTTP surface: the OpenAI API under `/v1`, administration under `/admin`, `/health`.
 //!
+//! Three front doors share one internal request and reply stream ([`crate::chat`]): OpenAI
+//! chat completions (`openai.rs`), the OpenAI Responses API (`responses.rs`) and the Anthropic
+//! Messages API (`anthropic.rs`); `front.rs` holds what they share.
+//!
 //! Every cross-cutting behaviour is in [`router`]'s one layer stack: panics become a 500 in
-//! the OpenAI error shape, credentials are marked sensitive before tracing sees them, API keys
-//! are checked, and unknown paths get a JSON 404.
+//! the OpenAI error shape, credentials are marked sensitive before tracing sees them, errors
+//! on Anthropic's paths take Anthropic's shape, API keys are checked, and unknown paths get a
+//! JSON 404.
 
 pub mod admin;
+pub mod anthropic;
 pub mod auth;
 pub mod error;
 pub mod extract;
+pub mod front;
 pub mod openai;
+pub mod responses;
 pub mod sessions;
 
 use std::sync::Arc;
@@ -38,6 +46,7 @@ pub struct AppState {
 
 pub fn router(state: AppState) -> Router {
     let layers = ServiceBuilder::new()
+        .layer(middleware::from_fn(error::anthropic_shape))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal("The server failed while handling this request.").into_response()
         }))
@@ -45,23 +54,77 @@ pub fn router(state: AppState) -> Router {
             header::AUTHORIZATION,
             header::COOKIE,
             header::SET_COOKIE,
+            header::HeaderName::from_static("x-api-key"),
         ]))
         .layer(TraceLayer::new_for_http())
         .layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_key,
         ));
-    Router::new()
+    let cors = cors(&state.config);
+    let router = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/models", get(openai::models))
+        .route("/v1/models/{id}", get(openai::model))
         .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
+        .route("/v1/responses", post(responses::create))
+        .route(
+            "/v1/responses/{id}",
+            get(responses::retrieve).delete(responses::delete),
+        )
         .merge(admin::routes())
         .merge(sessions::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(layers)
-        .with_state(state)
+        .with_state(state);
+    // Outermost, so a browser's preflight (which carries no key) is answered.
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
+}
+
+/// CORS for browser front ends, from `[api] cors_origins` (none by default). `*` is honoured
+/// on a loopback bind only (`Config::check` refuses it elsewhere; this is the second guard).
+fn cors(config: &Config) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
+    let origins = &config.api.cors_origins;
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o.trim() == "*") {
+        if !config.bind.ip().is_loopback() {
+            tracing::error!("`api.cors_origins = [\"*\"]` is ignored off loopback");
+            return None;
+        }
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|o| header::HeaderValue::from_str(o.trim()).ok()),
+        )
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([
+                axum::http::Method::GET,
+                axum::http::Method::POST,
+                axum::http::Method::DELETE,
+            ])
+            // SDKs in a browser send their own headers (x-stainless-*, anthropic-version).
+            .allow_headers(AllowHeaders::mirror_request())
+            .expose_headers([
+                header::HeaderName::from_static(openai::TIER_HEADER),
+                header::RETRY_AFTER,
+            ])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
 }
 
 /// Liveness, the tiers this server can run (2 and 3 need the browser), and whether the store
@@ -85,50 +148,34 @@ async fn health(
     axum::Json(serde_json::json!({ "status": status, "tiers": tiers, "store": store }))
 }
 
-/// Prometheus text: per-account load, queues and cooldowns, and dropped event records.
+/// Prometheus text (see `telemetry`): requests, time to first token and fallback decisions
+/// per service and tier, per-account load, queues and cooldowns, and dropped event records.
 async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) -> Response {
-    use std::fmt::Write;
-    let mut out = String::new();
-    let loads = state.gateway.account_loads();
-    type Series = (
-        &'static str,
-        &'static str,
-        fn(&crate::account_pool::AccountLoad) -> f64,
-    );
-    let series: [Series; 6] = [
-        ("computetower_account_active", "gauge", |l| l.active as f64),
-        ("computetower_account_waiting", "gauge", |l| {
-            l.waiting as f64
-        }),
-        ("computetower_account_served_total", "counter", |l| {
-            l.served as f64
-        }),
-        ("computetower_account_queued_total", "counter", |l| {
-            l.queued_total as f64
-        }),
-        ("computetower_account_cooling_down", "gauge", |l| {
-            f64::from(u8::from(l.cooling_down_secs.is_some()))
-        }),
-        ("computetower_account_health", "gauge", |l| l.health),
-    ];
-    for (name, kind, value) in series {
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        for load in &loads {
-            let _ = writeln!(
-                out,
-                "{name}{{account=\"{}\"}} {}",
-                load.account_id,
-                value(load)
-            );
-        }
+    crate::telemetry::install();
+    for load in state.gateway.account_loads() {
+        let account = load.account_id.clone();
+        let gauge = |name: &'static str, value: f64| {
+            metrics::gauge!(name, "account" => account.clone()).set(value);
+        };
+        gauge("computetower_account_active", load.active as f64);
+        gauge("computetower_account_waiting", load.waiting as f64);
+        gauge(
+            "computetower_account_cooling_down",
+            f64::from(u8::from(load.cooling_down_secs.is_some())),
+        );
+        gauge("computetower_account_health", load.health);
+        metrics::counter!("computetower_account_served_total", "account" => account.clone())
+            .absolute(load.served);
+        metrics::counter!("computetower_account_queued_total", "account" => account.clone())
+            .absolute(load.queued_total);
     }
-    let _ = writeln!(out, "# TYPE computetower_events_dropped_total counter");
-    let _ = writeln!(
-        out,
-        "computetower_events_dropped_total {}",
-        state.gateway.events().dropped()
-    );
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    metrics::counter!("computetower_events_dropped_total")
+        .absolute(state.gateway.events().dropped());
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::telemetry::render(),
+    )
+        .into_response()
 }
 
 async fn not_found() -> Response {

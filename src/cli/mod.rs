@@ -145,6 +145,7 @@ async fn dispatch(command: Command, mut config: Config) -> CliResult {
             if let Some(bind) = bind {
                 config.bind = bind;
             }
+            config.check()?;
             crate::server::serve(config).await?;
         }
         Command::Demo(args) => demo::run(args, config).await?,

@@ -31,6 +31,8 @@
 //!   `{"error":{"message","code"}}`.
 //!
 //! The reply is deterministic ([`reply_for`]), so tests compare decoded text with it exactly.
+//! A prompt carrying ComputeTower's tool or JSON instructions is answered as they ask
+//! ([`model`]): tool calls, a first malformed call that a repair turn fixes, JSON.
 //!
 //! # Conversations
 //!
@@ -94,6 +96,7 @@
 
 pub mod antibot;
 mod chat;
+pub mod model;
 mod shapes;
 mod site;
 mod state;
@@ -482,6 +485,19 @@ pub fn reply_for(shape: Shape, last_message: &str) -> Reply {
 /// The exact reply the site gives to `last_message` in turn `turn` (1-based) of a
 /// conversation: the turn number appears in replies after the first.
 pub fn reply_for_turn(shape: Shape, last_message: &str, turn: u32) -> Reply {
+    // A prompt with tool or JSON instructions gets the answer they ask for (see `model`).
+    if let Some(content) = model::answer(last_message, |request| {
+        plain_reply(shape, request, turn).content
+    }) {
+        let reasoning = shape.has_reasoning().then(|| {
+            "The message carries instructions; I answer in the form they ask for.".to_owned()
+        });
+        return Reply { reasoning, content };
+    }
+    plain_reply(shape, last_message, turn)
+}
+
+fn plain_reply(shape: Shape, last_message: &str, turn: u32) -> Reply {
     let chars = last_message.chars().count();
     let words = last_message.split_whitespace().count();
     let mut content = format!(

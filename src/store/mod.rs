@@ -10,6 +10,7 @@ pub mod events;
 pub mod flows;
 pub mod history;
 pub mod keys;
+pub mod responses;
 pub mod sessions;
 
 use std::path::Path;

@@ -412,3 +412,54 @@ pub fn ask(model: &str, text: &str) -> String {
 pub async fn get_json(url: String) -> Value {
     http().get(url).send().await.unwrap().json().await.unwrap()
 }
+
+/// Runs a Python conformance client from `tests/clients/` with the venv's interpreter; it
+/// asserts itself and prints `{"checks": [...]}`. Returns that report.
+pub fn python_client(script: &str, args: Value) -> Value {
+    let out = Command::new(python())
+        .arg(repo().join("tests/clients").join(script))
+        .arg(args.to_string())
+        .output()
+        .expect("run python");
+    report(script, out)
+}
+
+/// Runs a Node conformance client from `tests/clients/` with the `openai` package `setup.sh`
+/// installs under `target/node` (its path is passed as `node_modules`).
+pub fn node_client(script: &str, mut args: Value) -> Value {
+    python(); // runs setup.sh once, which also installs the Node SDK
+    args["node_modules"] = Value::String(
+        repo()
+            .join("target/node/node_modules")
+            .to_string_lossy()
+            .into_owned(),
+    );
+    let out = Command::new("node")
+        .arg(repo().join("tests/clients").join(script))
+        .arg(args.to_string())
+        .output()
+        .expect("run node");
+    report(script, out)
+}
+
+fn report(script: &str, out: Output) -> Value {
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|_| panic!("{script} printed no report: {stdout}"))
+}
+
+/// The names of the checks a client report says ran.
+pub fn checks_of(report: &Value) -> Vec<String> {
+    report["checks"]
+        .as_array()
+        .expect("a checks list")
+        .iter()
+        .map(|c| c.as_str().unwrap().to_owned())
+        .collect()
+}
