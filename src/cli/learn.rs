@@ -8,10 +8,10 @@ use super::{CliResult, print_json};
 use crate::browser::BrowserPool;
 use crate::config::Config;
 use crate::flow::{Flow, ReasoningRule};
-use crate::learn::{LearnReport, Learner, Stage};
+use crate::learn::{LearnError, LearnReport, Learner, Stage};
 use crate::renew::Renewer;
 
-pub async fn run(account: &str, json: bool, config: &Config) -> CliResult {
+pub async fn run(account: &str, json: bool, explain: bool, config: &Config) -> CliResult {
     let store = crate::server::open_store(config).await?;
     let account = store.account(account).await?;
     let pool = BrowserPool::new(crate::server::browser_config(config));
@@ -30,9 +30,17 @@ pub async fn run(account: &str, json: bool, config: &Config) -> CliResult {
             stage.as_str()
         );
     };
-    let result = learner.learn(&account, &progress).await;
+    let result = learner.learn_explained(&account, &progress, explain).await;
     pool.shutdown().await;
     store.close().await;
+    if let Err(LearnError::Infer { explanation, .. }) = &result
+        && explain
+    {
+        eprintln!("calls the probe recorded:");
+        for line in explanation {
+            eprintln!("  {line}");
+        }
+    }
     let report = result?;
     if json {
         print_json(&serde_json::json!({
@@ -43,9 +51,16 @@ pub async fn run(account: &str, json: bool, config: &Config) -> CliResult {
             "verified": report.verification.ok,
             "verification_failure": report.verification.failure,
             "timings": report.timings,
+            "explanation": report.explanation,
         }))?;
     } else {
         print_summary(&report);
+        if explain {
+            println!("  calls the probe recorded:");
+            for line in &report.explanation {
+                println!("    {line}");
+            }
+        }
     }
     Ok(())
 }

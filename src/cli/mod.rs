@@ -69,6 +69,14 @@ pub enum Command {
         /// Seconds an anti-bot clearance token stays valid.
         #[arg(long, default_value_t = 60)]
         clearance_ttl_secs: u64,
+        /// The page signs every chat call (as the `signed` shape does) and the site refuses
+        /// any call without a fresh signature, whatever the shape.
+        #[arg(long)]
+        signed: bool,
+        /// The page shows this text after every reply as if it were part of it (learning
+        /// such a site fails: for testing failed learns).
+        #[arg(long)]
+        render_suffix: Option<String>,
     },
     /// Log an account in with the browser and store its session.
     Login {
@@ -83,6 +91,9 @@ pub enum Command {
         account: String,
         #[arg(long)]
         json: bool,
+        /// Also print, for every call the probe recorded, why it was or was not taken.
+        #[arg(long)]
+        explain: bool,
     },
     /// Manage accounts (a site URL plus credentials or cookies).
     #[command(subcommand)]
@@ -147,6 +158,8 @@ async fn dispatch(command: Command, mut config: Config) -> CliResult {
             login,
             anti_bot,
             clearance_ttl_secs,
+            signed,
+            render_suffix,
         } => {
             let listener = tokio::net::TcpListener::bind(bind).await?;
             println!(
@@ -161,12 +174,18 @@ async fn dispatch(command: Command, mut config: Config) -> CliResult {
                 login,
                 anti_bot,
                 clearance_ttl: std::time::Duration::from_secs(clearance_ttl_secs),
+                signed,
+                render_suffix,
                 ..Default::default()
             };
             crate::demo::serve(listener, config).await?;
         }
         Command::Login { account, json } => login::run(&account, json, &config).await?,
-        Command::Learn { account, json } => learn::run(&account, json, &config).await?,
+        Command::Learn {
+            account,
+            json,
+            explain,
+        } => learn::run(&account, json, explain, &config).await?,
         Command::Account(cmd) => accounts::run(cmd, &config).await?,
         Command::Flows(cmd) => flows::run(cmd, &config).await?,
         Command::Keys(cmd) => keys::run(cmd, &config).await?,
