@@ -20,6 +20,7 @@ use url::Url;
 use crate::account_pool::{AccountPool, Limits, Permit};
 use crate::browser::{LoginRequest, TierRequest};
 use crate::conversations::{Continuation, Conversations, KeyBuilder, key_of};
+use crate::fallback::{self, Next, Situation};
 use crate::flow::Flow;
 use crate::inline::InlineCredentials;
 use crate::learn::Learner;
@@ -37,9 +38,6 @@ use crate::tier_floor::{Start, TierFloors};
 
 /// How long a service's resolved accounts, sessions and flow are reused.
 const SERVICE_TTL: Duration = Duration::from_secs(2);
-/// Attempts per account for network errors (with exponential backoff) and 5xx.
-const NETWORK_ATTEMPTS: u32 = 3;
-const BACKOFF: Duration = Duration::from_millis(100);
 /// After a tier failed on evidence, how soon a request tries it again (doubling per failed
 /// try, up to the second figure; see `tier_floor`).
 const FLOOR_FIRST_PROBE: Duration = Duration::from_secs(5);
@@ -450,13 +448,6 @@ impl Gateway {
         let Some(renewer) = &self.renewer else {
             return Ok(None);
         };
-        self.decide(
-            request_id,
-            &account.service,
-            &account.id,
-            FailureKind::Auth,
-            "relogin",
-        );
         match renewer.renew(account, stale.map(|s| s.id.as_str())).await {
             Ok(renewed) => {
                 self.services.invalidate(&account.service).await;
@@ -474,11 +465,15 @@ impl Gateway {
     /// Starts a reply. Returns once the site's first text (or its end) has arrived, so any
     /// failure before that is an error here, not a broken stream.
     ///
-    /// The rare paths (browser tiers, re-login) are boxed: an awaited future is stored inline
-    /// in this one, which every request holds until its first token.
+    /// The phases of a request, each its own function: [`Gateway::resolve`] (model →
+    /// service, flow and accounts), then per account in the pool's order
+    /// [`Gateway::admit`] (a slot), [`Gateway::session_for`] (a session, logging in if
+    /// needed), then [`Gateway::attempt`] (one try of a tier up to its first token) and, on
+    /// failure, [`Gateway::decide_next`] (the policy of `fallback`, carried out), until
+    /// [`Gateway::hand_over`] returns the reply.
     ///
     /// `forced_tier` (1, 2 or 3; the API's `x-computetower-tier` header) runs that tier alone:
-    /// no tier fallback, and no tier cooldown is raised for other requests, so comparing the
+    /// no tier fallback, and no tier floor is raised for other requests, so comparing the
     /// tiers on one flow measures each of them and leaves the normal routing as it was.
     /// Retries, re-login and account hand-over still apply within the tier.
     pub async fn chat(
@@ -488,8 +483,55 @@ impl Gateway {
         forced_tier: Option<u8>,
     ) -> Result<Reply, GatewayError> {
         let started = Instant::now();
-        let service = self.service(&prompt.model).await?;
-        let name = prompt.model.clone();
+        let service = self.resolve(&prompt.model, forced_tier).await?;
+        let mut request = self
+            .request(prompt, request_id, forced_tier, &service, started)
+            .await;
+        for index in self.account_order(&service, &request) {
+            let candidate = &service.candidates[index];
+            let Some(permit) = self.admit(&mut request, candidate).await else {
+                continue;
+            };
+            let Some(mut attempt) =
+                Box::pin(self.session_for(&mut request, &service, candidate)).await?
+            else {
+                continue;
+            };
+            loop {
+                let error = match self.attempt(&request, &service, candidate, &attempt).await {
+                    Ok(first) => {
+                        return Ok(
+                            self.hand_over(&request, &service, candidate, &attempt, first, permit)
+                        );
+                    }
+                    Err(error) => error,
+                };
+                match Box::pin(self.decide_next(
+                    &mut request,
+                    &service,
+                    candidate,
+                    &mut attempt,
+                    error,
+                ))
+                .await?
+                {
+                    Carry::On => {}
+                    Carry::NextAccount => break,
+                    Carry::Fail(error) => return Err(error),
+                }
+            }
+        }
+        Err(request.exhausted())
+    }
+
+    /// Phase 1: the service's state, and whether this server can serve it at all.
+    async fn resolve(
+        &self,
+        model: &str,
+        forced_tier: Option<u8>,
+    ) -> Result<Arc<ServiceState>, GatewayError> {
+        let service = self.service(model).await?;
+        let name = model.to_owned();
         if let Some(tier) = forced_tier.filter(|t| *t >= 2)
             && self.renewer.is_none()
         {
@@ -518,290 +560,380 @@ impl Gateway {
                 reason: service.unusable.join("; "),
             });
         }
-        let mut reasons = service.unusable.clone();
-        let mut rate_limited: Option<(String, Option<u64>)> = None;
-        let no_conversation = BTreeMap::new();
+        Ok(service)
+    }
+
+    /// What the request carries from account to account: the site conversation it continues
+    /// (and the learned way a later turn is sent), and why accounts were passed over.
+    async fn request<'a>(
+        &self,
+        prompt: &'a Prompt,
+        request_id: &'a str,
+        forced_tier: Option<u8>,
+        service: &ServiceState,
+        started: Instant,
+    ) -> Request<'a> {
         let keeps_conversations = keeps_conversations(&service.flow);
         let continuation = match keeps_conversations {
-            true => self.continuation_of(prompt).await,
+            true => self.continuation_of(prompt).await.map(Arc::new),
             false => None,
         };
         // How the site's own page sends a later turn, when the learner saw one.
         let follow_up = continuation
             .as_ref()
             .and_then(|_| service.flow.follow_up_flow());
+        Request {
+            prompt,
+            request_id,
+            name: prompt.model.clone(),
+            forced_tier,
+            started,
+            keeps_conversations,
+            continuation,
+            follow_up,
+            reasons: service.unusable.clone(),
+            rate_limited: None,
+        }
+    }
+
+    /// The accounts to try, least loaded first; the one holding the continued site
+    /// conversation before all.
+    fn account_order(&self, service: &ServiceState, request: &Request<'_>) -> Vec<usize> {
         let ids: Vec<&str> = service
             .candidates
             .iter()
             .map(|c| c.account.id.as_str())
             .collect();
         let mut order = self.accounts.order(&ids);
-        if let Some((known, _)) = &continuation {
-            // The site conversation lives on one account: try it first.
-            order.sort_by_key(|i| service.candidates[*i].account.id != known.account_id);
+        if let Some(continued) = &request.continuation {
+            order.sort_by_key(|i| service.candidates[*i].account.id != continued.0.account_id);
         }
-        for index in order {
-            let candidate = &service.candidates[index];
-            let account = &candidate.account;
-            let mut continuing = continuation
-                .as_ref()
-                .filter(|(known, _)| known.account_id == account.id);
-            // Waits in the account's queue when its slots are taken; a full queue or a
-            // cooldown moves on to the next account.
-            let permit = match self.accounts.acquire(&account.id).await {
-                Ok(permit) => permit,
-                Err(busy) => {
-                    // When every account is busy, the soonest one decides the Retry-After.
-                    let retry_after = busy.retry_after();
-                    if rate_limited
-                        .as_ref()
-                        .is_none_or(|(_, r)| r.is_none_or(|r| retry_after < r))
-                    {
-                        rate_limited = Some((busy.to_string(), Some(retry_after)));
-                    }
-                    self.decide(
-                        request_id,
-                        &name,
-                        &account.id,
-                        FailureKind::RateLimit,
-                        "next_account",
-                    );
-                    continue;
-                }
-            };
-            let mut relogged = false;
-            let mut session = match &candidate.session {
-                Some(session) => session.clone(),
-                None => {
-                    relogged = true;
-                    match Box::pin(self.relogin(request_id, account, None, &mut reasons)).await? {
-                        Some(session) => session,
-                        None => continue,
-                    }
-                }
-            };
-            // `probing`: this request tries tier 1 below the flow's raised floor.
-            let (mut tier, mut probing) = match forced_tier {
-                Some(tier) => (tier, false),
-                None => self.start_tier(&service.flow),
-            };
-            let mut attempt = 0;
-            loop {
-                attempt += 1;
-                let carried;
-                let (flow, send, known) = match (continuing, &follow_up, &service.flow.follow_up) {
-                    (Some((known, new_turn)), Some(next), Some(spec)) => {
-                        carried = spec.carried(&known.values);
-                        let send = if spec.resends_history {
-                            prompt
-                        } else {
-                            new_turn
-                        };
-                        (next, send, &carried)
-                    }
-                    (Some((known, new_turn)), _, _) => (&*service.flow, new_turn, &known.values),
-                    (None, _, _) => (&*service.flow, prompt, &no_conversation),
-                };
-                let target = Target {
-                    base: &candidate.base,
-                    session: &session.data,
-                    proxy: candidate.proxy.as_deref(),
-                    conversation: known,
-                    session_id: Some(&session.id),
-                    pins: &candidate.pins,
-                };
-                let mut extracted = BTreeMap::new();
-                let started_tier = if tier == 1 {
-                    self.replayer.start(flow, send, target).await.map(|replay| {
-                        if replay.jar_changed {
-                            self.keep_rotated_cookies(&session, replay.jar.cookies());
-                        }
-                        extracted = replay.extracted;
-                        replay.deltas
-                    })
-                } else {
-                    // The browser tiers run the site's own conversation handling: they get
-                    // the whole prompt.
-                    Box::pin(self.browser_tier(tier, candidate, &session, &service.flow, prompt))
-                        .await
-                };
-                let result = match started_tier {
-                    Ok(deltas) => first_text(deltas).await,
-                    Err(e) => Err(e),
-                };
-                let error = match result {
-                    Ok((head, rest)) => {
-                        let ttft = started.elapsed();
-                        crate::telemetry::first_token(&name, tier, ttft.as_secs_f64());
-                        self.accounts.record(&account.id, true);
-                        if probing {
-                            tracing::info!(service = %name, flow = %service.flow.id, "direct replay works again; the tier floor is lifted");
-                            self.floors.probe_worked(&service.flow.id);
-                        }
-                        let queue_ms = permit.waited.as_millis() as i64;
-                        let tracker = (keeps_conversations && tier == 1).then(|| {
-                            count_turn(&mut extracted);
-                            let mut key = KeyBuilder::default();
-                            for (role, text) in &prompt.messages {
-                                key.push(*role, text);
-                            }
-                            key.open(Role::Assistant);
-                            Tracker {
-                                key,
-                                values: extracted,
-                                account_id: account.id.clone(),
-                                conversations: self.conversations.clone(),
-                            }
-                        });
-                        let detail = match (continuing.is_some(), relogged) {
-                            (true, _) => Some("continued the site conversation".to_owned()),
-                            (false, true) => Some("after a fresh login".to_owned()),
-                            _ => None,
-                        };
-                        return Ok(Reply {
-                            head,
-                            rest,
-                            tier,
-                            tracker,
-                            _permit: Some(permit),
-                            ending: None,
-                            record: Some(Outcome {
-                                event: ExecutionEvent {
-                                    request_id: request_id.to_owned(),
-                                    service: name.clone(),
-                                    account_id: Some(account.id.clone()),
-                                    flow_id: Some(service.flow.id.clone()),
-                                    tier: Some(i64::from(tier)),
-                                    outcome: "ok".into(),
-                                    status: Some(200),
-                                    ttft_ms: Some(ttft.as_millis() as i64),
-                                    latency_ms: None,
-                                    queue_ms: Some(queue_ms),
-                                    detail,
-                                },
-                                started,
-                                writer: self.events.clone(),
-                            }),
-                        });
-                    }
-                    Err(e) => e,
-                };
-                let kind = error.kind();
-                self.record_failure(request_id, &name, &account.id, &error, started, tier);
-                if probing {
-                    probing = false;
-                    self.floors.probe_failed(&service.flow.id);
-                }
-                // Tier fallback first: a refusal of direct replay is not the account's fault.
-                // A floor is raised only on evidence that the tier cannot work for the flow
-                // (a refusal, a reply it cannot read); a blip moves this request alone.
-                match (tier, kind) {
-                    _ if forced_tier.is_some() => {}
-                    (1, FailureKind::AntiBot) => {
-                        self.floors.raise(&service.flow.id, 2);
-                        self.decide(request_id, &name, &account.id, kind, "tier_2");
-                        tier = 2;
-                        attempt = 0;
-                        continue;
-                    }
-                    (1, FailureKind::FormatDrift) if self.renewer.is_some() => {
-                        self.floors.raise(&service.flow.id, 3);
-                        self.decide(request_id, &name, &account.id, kind, "tier_3_and_relearn");
-                        self.relearn_in_background(account, &service.flow.id);
-                        tier = 3;
-                        attempt = 0;
-                        continue;
-                    }
-                    (2, FailureKind::AntiBot | FailureKind::FormatDrift | FailureKind::Flow) => {
-                        self.floors.raise(&service.flow.id, 3);
-                        self.decide(request_id, &name, &account.id, kind, "tier_3");
-                        tier = 3;
-                        attempt = 0;
-                        continue;
-                    }
-                    (2, FailureKind::Network | FailureKind::Upstream) => {
-                        self.decide(request_id, &name, &account.id, kind, "tier_3");
-                        tier = 3;
-                        attempt = 0;
-                        continue;
-                    }
-                    _ => {}
-                }
-                if continuing.is_some()
-                    && matches!(
-                        kind,
-                        FailureKind::FormatDrift | FailureKind::Upstream | FailureKind::Flow
-                    )
+        order
+    }
+
+    /// Phase 2: a slot on the account, waiting in its queue when all are taken; a full queue
+    /// or a cooldown passes to the next account (`None`).
+    async fn admit(&self, request: &mut Request<'_>, candidate: &Candidate) -> Option<Permit> {
+        let account = &candidate.account;
+        match self.accounts.acquire(&account.id).await {
+            Ok(permit) => Some(permit),
+            Err(busy) => {
+                // When every account is busy, the soonest one decides the Retry-After.
+                let retry_after = busy.retry_after();
+                if request
+                    .rate_limited
+                    .as_ref()
+                    .is_none_or(|(_, r)| r.is_none_or(|r| retry_after < r))
                 {
-                    // The site no longer knows that conversation: start a new one.
-                    self.decide(request_id, &name, &account.id, kind, "new_conversation");
-                    continuing = None;
-                    attempt = 0;
-                    continue;
+                    request.rate_limited = Some((busy.to_string(), Some(retry_after)));
                 }
-                self.accounts.record(&account.id, false);
-                match kind {
-                    FailureKind::Network if attempt < NETWORK_ATTEMPTS => {
-                        self.decide(request_id, &name, &account.id, kind, "retry");
-                        tokio::time::sleep(BACKOFF * 2u32.pow(attempt - 1)).await;
-                    }
-                    FailureKind::Upstream if attempt < 2 && is_status(&error) => {
-                        self.decide(request_id, &name, &account.id, kind, "retry");
-                    }
-                    FailureKind::Auth => {
-                        Box::pin(self.store.mark_session_rejected(&session.id)).await?;
-                        self.services.invalidate(&name).await;
-                        if !relogged {
-                            relogged = true;
-                            if let Some(fresh) = Box::pin(self.relogin(
-                                request_id,
-                                account,
-                                Some(&session),
-                                &mut reasons,
-                            ))
-                            .await?
-                            {
-                                session = fresh;
-                                attempt = 0;
-                                continue;
-                            }
-                        }
-                        self.decide(request_id, &name, &account.id, kind, "next_account");
-                        reasons.push(format!(
-                            "the site rejected the session of account {} ({error}); log in again",
-                            account.id
-                        ));
-                        break;
-                    }
-                    FailureKind::RateLimit => {
-                        self.decide(request_id, &name, &account.id, kind, "next_account");
-                        let retry_after = error.retry_after();
-                        self.accounts
-                            .cool_down(&account.id, retry_after.map(Duration::from_secs));
-                        rate_limited = Some((error.to_string(), retry_after));
-                        break;
-                    }
-                    _ => {
-                        self.decide(request_id, &name, &account.id, kind, "fail");
-                        return Err(GatewayError::Upstream {
-                            service: name,
-                            source: error,
-                        });
-                    }
-                }
+                self.decide(
+                    request.request_id,
+                    &request.name,
+                    &account.id,
+                    FailureKind::RateLimit,
+                    "next_account",
+                );
+                None
             }
         }
-        if let Some((message, retry_after)) = rate_limited {
-            return Err(GatewayError::RateLimited {
-                service: name,
-                message,
-                retry_after,
-            });
-        }
-        Err(GatewayError::NoUsableAccount {
-            service: name,
-            reason: reasons.join("; "),
+    }
+
+    /// Phase 3: the account's session (logging in when it has none) and the tier to start
+    /// at; `None` passes to the next account.
+    async fn session_for(
+        &self,
+        request: &mut Request<'_>,
+        service: &ServiceState,
+        candidate: &Candidate,
+    ) -> Result<Option<Attempt>, GatewayError> {
+        let account = &candidate.account;
+        let mut relogged = false;
+        let session = match &candidate.session {
+            Some(session) => session.clone(),
+            None => {
+                relogged = true;
+                self.decide(
+                    request.request_id,
+                    &request.name,
+                    &account.id,
+                    FailureKind::Auth,
+                    "relogin",
+                );
+                match self
+                    .relogin(request.request_id, account, None, &mut request.reasons)
+                    .await?
+                {
+                    Some(session) => session,
+                    None => return Ok(None),
+                }
+            }
+        };
+        // `probing`: this request tries tier 1 below the flow's raised floor.
+        let (tier, probing) = match request.forced_tier {
+            Some(tier) => (tier, false),
+            None => self.start_tier(&service.flow),
+        };
+        Ok(Some(Attempt {
+            session,
+            tier,
+            number: 1,
+            probing,
+            relogged,
+            continuing: request.continues_on(&account.id),
+        }))
+    }
+
+    /// Phase 4: one try of the attempt's tier, up to the site's first text (or its end).
+    async fn attempt(
+        &self,
+        request: &Request<'_>,
+        service: &ServiceState,
+        candidate: &Candidate,
+        attempt: &Attempt,
+    ) -> Result<FirstText, ReplayError> {
+        let no_conversation = BTreeMap::new();
+        let carried;
+        let continuing = attempt.continuing.as_deref();
+        let (flow, send, known) = match (continuing, &request.follow_up, &service.flow.follow_up) {
+            (Some((known, new_turn)), Some(next), Some(spec)) => {
+                carried = spec.carried(&known.values);
+                let send = if spec.resends_history {
+                    request.prompt
+                } else {
+                    new_turn
+                };
+                (next, send, &carried)
+            }
+            (Some((known, new_turn)), _, _) => (&*service.flow, new_turn, &known.values),
+            (None, _, _) => (&*service.flow, request.prompt, &no_conversation),
+        };
+        let session = &attempt.session;
+        let mut extracted = BTreeMap::new();
+        let deltas = if attempt.tier == 1 {
+            let target = Target {
+                base: &candidate.base,
+                session: &session.data,
+                proxy: candidate.proxy.as_deref(),
+                conversation: known,
+                session_id: Some(&session.id),
+                pins: &candidate.pins,
+            };
+            let replay = self.replayer.start(flow, send, target).await?;
+            if replay.jar_changed {
+                self.keep_rotated_cookies(session, replay.jar.cookies());
+            }
+            extracted = replay.extracted;
+            replay.deltas
+        } else {
+            // The browser tiers run the site's own conversation handling: they get the whole
+            // prompt. Boxed: a rare path, kept out of the future every request holds.
+            Box::pin(self.browser_tier(
+                attempt.tier,
+                candidate,
+                session,
+                &service.flow,
+                request.prompt,
+            ))
+            .await?
+        };
+        let (head, rest) = first_text(deltas).await?;
+        Ok(FirstText {
+            head,
+            rest,
+            extracted,
         })
+    }
+
+    /// Phase 5, on failure: what the fallback policy says, carried out.
+    async fn decide_next(
+        &self,
+        request: &mut Request<'_>,
+        service: &ServiceState,
+        candidate: &Candidate,
+        attempt: &mut Attempt,
+        error: ReplayError,
+    ) -> Result<Carry, GatewayError> {
+        let account = &candidate.account;
+        let (name, request_id) = (request.name.clone(), request.request_id);
+        let kind = error.kind();
+        self.record_failure(
+            request_id,
+            &name,
+            &account.id,
+            &error,
+            request.started,
+            attempt.tier,
+        );
+        if std::mem::take(&mut attempt.probing) {
+            self.floors.probe_failed(&service.flow.id);
+        }
+        let situation = Situation {
+            forced: request.forced_tier.is_some(),
+            continuing: attempt.continuing.is_some(),
+            relogged: attempt.relogged,
+            browser: self.renewer.is_some(),
+            status: matches!(error, ReplayError::Status { .. }),
+        };
+        let decision = fallback::next(attempt.tier, kind, attempt.number, &situation);
+        self.decide(request_id, &name, &account.id, kind, decision.action);
+        if decision.relearn {
+            self.relearn_in_background(account, &service.flow.id);
+        }
+        // Tier changes and a new conversation are no fault of the account.
+        if !matches!(decision.next, Next::Tier { .. } | Next::NewConversation) {
+            self.accounts.record(&account.id, false);
+        }
+        if kind == FailureKind::Auth {
+            Box::pin(self.store.mark_session_rejected(&attempt.session.id)).await?;
+            self.services.invalidate(&name).await;
+        }
+        self.carry_out(decision.next, request, service, candidate, attempt, error)
+            .await
+    }
+
+    /// Does what the policy decided; `Carry::On` tries again on this account.
+    async fn carry_out(
+        &self,
+        next: Next,
+        request: &mut Request<'_>,
+        service: &ServiceState,
+        candidate: &Candidate,
+        attempt: &mut Attempt,
+        error: ReplayError,
+    ) -> Result<Carry, GatewayError> {
+        let account = &candidate.account;
+        match next {
+            Next::Retry { after } => {
+                tokio::time::sleep(after).await;
+                attempt.number += 1;
+            }
+            Next::Tier { to, raise_floor } => {
+                if raise_floor {
+                    self.floors.raise(&service.flow.id, to);
+                }
+                attempt.restart_at(to);
+            }
+            Next::NewConversation => {
+                // The site no longer knows that conversation: start a new one.
+                attempt.continuing = None;
+                attempt.restart_at(attempt.tier);
+            }
+            Next::Relogin => {
+                attempt.relogged = true;
+                let stale = attempt.session.clone();
+                let fresh = self
+                    .relogin(
+                        request.request_id,
+                        account,
+                        Some(&stale),
+                        &mut request.reasons,
+                    )
+                    .await?;
+                match fresh {
+                    Some(session) => {
+                        attempt.session = session;
+                        attempt.restart_at(attempt.tier);
+                    }
+                    None => return Ok(Carry::NextAccount),
+                }
+            }
+            Next::NextAccount { rate_limited: true } => {
+                let retry_after = error.retry_after();
+                self.accounts
+                    .cool_down(&account.id, retry_after.map(Duration::from_secs));
+                request.rate_limited = Some((error.to_string(), retry_after));
+                return Ok(Carry::NextAccount);
+            }
+            Next::NextAccount {
+                rate_limited: false,
+            } => {
+                request.reasons.push(format!(
+                    "the site rejected the session of account {} ({error}); log in again",
+                    account.id
+                ));
+                return Ok(Carry::NextAccount);
+            }
+            Next::Fail => {
+                return Ok(Carry::Fail(GatewayError::Upstream {
+                    service: request.name.clone(),
+                    source: error,
+                }));
+            }
+        }
+        Ok(Carry::On)
+    }
+
+    /// Phase 6: the reply, with its account slot, its outcome record and, when the flow
+    /// keeps site conversations, what remembers this exchange once it completes.
+    fn hand_over(
+        &self,
+        request: &Request<'_>,
+        service: &ServiceState,
+        candidate: &Candidate,
+        attempt: &Attempt,
+        first: FirstText,
+        permit: Permit,
+    ) -> Reply {
+        let account = &candidate.account;
+        let tier = attempt.tier;
+        let ttft = request.started.elapsed();
+        crate::telemetry::first_token(&request.name, tier, ttft.as_secs_f64());
+        self.accounts.record(&account.id, true);
+        if attempt.probing {
+            tracing::info!(service = %request.name, flow = %service.flow.id, "direct replay works again; the tier floor is lifted");
+            self.floors.probe_worked(&service.flow.id);
+        }
+        let FirstText {
+            head,
+            rest,
+            mut extracted,
+        } = first;
+        let tracker = (request.keeps_conversations && tier == 1).then(|| {
+            count_turn(&mut extracted);
+            let mut key = KeyBuilder::default();
+            for (role, text) in &request.prompt.messages {
+                key.push(*role, text);
+            }
+            key.open(Role::Assistant);
+            Tracker {
+                key,
+                values: extracted,
+                account_id: account.id.clone(),
+                conversations: self.conversations.clone(),
+            }
+        });
+        let detail = match (attempt.continuing.is_some(), attempt.relogged) {
+            (true, _) => Some("continued the site conversation".to_owned()),
+            (false, true) => Some("after a fresh login".to_owned()),
+            _ => None,
+        };
+        let queue_ms = permit.waited.as_millis() as i64;
+        Reply {
+            head,
+            rest,
+            tier,
+            tracker,
+            _permit: Some(permit),
+            ending: None,
+            record: Some(Outcome {
+                event: ExecutionEvent {
+                    request_id: request.request_id.to_owned(),
+                    service: request.name.clone(),
+                    account_id: Some(account.id.clone()),
+                    flow_id: Some(service.flow.id.clone()),
+                    tier: Some(i64::from(tier)),
+                    outcome: "ok".into(),
+                    status: Some(200),
+                    ttft_ms: Some(ttft.as_millis() as i64),
+                    latency_ms: None,
+                    queue_ms: Some(queue_ms),
+                    detail,
+                },
+                started: request.started,
+                writer: self.events.clone(),
+            }),
+        }
     }
 
     /// Sites rotate cookies; keeping the new ones keeps the session alive.
@@ -885,16 +1017,90 @@ fn count_turn(values: &mut BTreeMap<String, String>) {
     values.insert(crate::flow::TURNS.to_owned(), (before + 1).to_string());
 }
 
+/// One request, across the accounts it tries.
+struct Request<'a> {
+    prompt: &'a Prompt,
+    request_id: &'a str,
+    /// The service (the model asked for).
+    name: String,
+    forced_tier: Option<u8>,
+    started: Instant,
+    keeps_conversations: bool,
+    /// The remembered site conversation this request's history extends, and its new turn.
+    continuation: Option<Arc<(Arc<Continuation>, Prompt)>>,
+    /// The flow a later turn of a site conversation is sent with, when the learner saw one.
+    follow_up: Option<Flow>,
+    /// Why accounts could not serve, for the final error.
+    reasons: Vec<String>,
+    /// The soonest an account said it can serve again, for a 429.
+    rate_limited: Option<(String, Option<u64>)>,
+}
+
+impl Request<'_> {
+    /// The continued conversation, when it lives on `account`.
+    fn continues_on(&self, account: &str) -> Option<Arc<(Arc<Continuation>, Prompt)>> {
+        self.continuation
+            .clone()
+            .filter(|continued| continued.0.account_id == account)
+    }
+
+    /// The error when no account served.
+    fn exhausted(self) -> GatewayError {
+        if let Some((message, retry_after)) = self.rate_limited {
+            return GatewayError::RateLimited {
+                service: self.name,
+                message,
+                retry_after,
+            };
+        }
+        GatewayError::NoUsableAccount {
+            service: self.name,
+            reason: self.reasons.join("; "),
+        }
+    }
+}
+
+/// One account's tries: the session, the tier and how often it was tried.
+struct Attempt {
+    session: Session,
+    tier: u8,
+    /// 1-based count of tries of this tier with this session.
+    number: u32,
+    /// This try tests whether a raised tier floor can go.
+    probing: bool,
+    /// The account was logged in afresh during this request.
+    relogged: bool,
+    continuing: Option<Arc<(Arc<Continuation>, Prompt)>>,
+}
+
+impl Attempt {
+    fn restart_at(&mut self, tier: u8) {
+        self.tier = tier;
+        self.number = 1;
+    }
+}
+
+/// What a try that reached the site's first text gives the hand-over.
+struct FirstText {
+    head: VecDeque<Delta>,
+    rest: DeltaStream,
+    /// Preflight values and reply ids of this exchange, to continue it next time.
+    extracted: BTreeMap<String, String>,
+}
+
+/// After a failure: try again on this account, go to the next one, or give up.
+enum Carry {
+    On,
+    NextAccount,
+    Fail(GatewayError),
+}
+
 /// Remembers the site conversation when a reply completes.
 struct Tracker {
     key: KeyBuilder,
     values: BTreeMap<String, String>,
     account_id: String,
     conversations: Arc<Conversations>,
-}
-
-fn is_status(error: &ReplayError) -> bool {
-    matches!(error, ReplayError::Status { .. })
 }
 
 /// Pulls deltas until the first text, reasoning or end, so failures before it surface as
