@@ -137,10 +137,11 @@ async fn health(
         None => &[1],
     };
     let failure = state.gateway.events().write_failure();
+    let engine = state.gateway.store().engine().as_str();
     let store = match &failure {
-        None => serde_json::json!({ "engine": "sqlite", "state": "ok" }),
+        None => serde_json::json!({ "engine": engine, "state": "ok" }),
         Some(error) => {
-            serde_json::json!({ "engine": "sqlite", "state": "failing", "error": error })
+            serde_json::json!({ "engine": engine, "state": "failing", "error": error })
         }
     };
     // Degraded, not down: tier 1 serves from memory while the store cannot write.
@@ -148,7 +149,8 @@ async fn health(
     axum::Json(serde_json::json!({ "status": status, "tiers": tiers, "store": store }))
 }
 
-/// Prometheus text: per-account load, queues and cooldowns, and dropped event records.
+/// Prometheus text: per-account load, queues and cooldowns, dropped event records, and store
+/// latency.
 async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) -> Response {
     use std::fmt::Write;
     let mut out = String::new();
@@ -191,6 +193,8 @@ async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) ->
         "computetower_events_dropped_total {}",
         state.gateway.events().dropped()
     );
+    let store = state.gateway.store();
+    store.latency().render(store.engine().as_str(), &mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
