@@ -638,6 +638,24 @@ mod tests {
         }
     }
 
+    /// Connections the server dropped (a restart, a failover, an operator's
+    /// `pg_terminate_backend`) are replaced before reuse, not handed to a request.
+    #[tokio::test]
+    async fn dropped_postgres_connections_are_replaced() {
+        let (db, store) = testing::fresh(Engine::Postgres).await;
+        store.create_key(false, None).await.unwrap();
+        let other = db.open(1).await.unwrap();
+        other
+            .execute_raw(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE application_name = 'computetower' AND pid <> pg_backend_pid()",
+            )
+            .await;
+        for _ in 0..3 {
+            assert_eq!(store.live_key_count().await.unwrap(), 1);
+        }
+    }
+
     fn postgres_cluster() -> &'static testing::postgres::Cluster {
         testing::postgres::cluster()
     }
