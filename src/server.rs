@@ -83,6 +83,8 @@ pub fn install_tls_provider() {
 /// Serves until SIGINT/SIGTERM. Prints `computetower listening on http://ADDR` once bound.
 pub async fn serve(config: Config) -> Result<(), ServeError> {
     install_tls_provider();
+    // Before the store opens, so its first operations are counted too.
+    crate::telemetry::install();
     let off_loopback = !config.bind.ip().is_loopback();
     // Without a database there is no key: refuse before creating a data dir or a master key.
     if off_loopback && !store_may_hold_keys(&config)? {
@@ -125,6 +127,7 @@ pub fn replayer(config: &Config) -> Replayer {
 }
 
 pub fn app_state(config: Config, store: Store, events: EventWriter) -> AppState {
+    crate::telemetry::install();
     let keys = api::auth::KeyCheck::new(store.clone(), config.limits.requests_per_minute_per_key);
     let renewer = Arc::new(Renewer::new(
         BrowserPool::new(browser_config(&config)),

@@ -3,8 +3,7 @@
 use serde::Serialize;
 use url::Url;
 
-use super::latency::Op;
-use super::{Store, StoreError, new_id, now, on_pool};
+use super::{Op, Store, StoreError, new_id, now, on_pool};
 use crate::vault::Place;
 
 /// An account as shown to people: no secret, only whether one is set.

@@ -12,8 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use super::latency::Op;
-use super::{Store, StoreError, now, on_pool};
+use super::{Op, Store, StoreError, now, on_pool};
 use crate::conversations::Continuation;
 
 /// One request's outcome, as stored in `execution_events`.

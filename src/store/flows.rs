@@ -1,8 +1,7 @@
 //! Chat flows: one active version per service and name; earlier versions are kept for
 //! comparison.
 
-use super::latency::Op;
-use super::{SerializedBegin, Store, StoreError, now, on_pool};
+use super::{Op, SerializedBegin, Store, StoreError, now, on_pool};
 use crate::flow::Flow;
 
 impl Store {

@@ -3,8 +3,7 @@
 use std::sync::Arc;
 
 use super::events::Record;
-use super::latency::Op;
-use super::{Store, StoreError, on_pool};
+use super::{Op, Store, StoreError, on_pool};
 use crate::conversations::Continuation;
 use crate::vault::Place;
 

@@ -4,8 +4,7 @@ use rand::RngCore;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::latency::Op;
-use super::{Store, StoreError, new_id, now, on_pool};
+use super::{Op, Store, StoreError, new_id, now, on_pool};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ApiKey {

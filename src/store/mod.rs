@@ -19,14 +19,13 @@
 //!   wrong key fails at startup with a clear message instead of on the first request.
 //! - The database URL's password is never shown: errors and logs name the store by
 //!   [`Location::describe`].
-//! - Every operation is timed, per kind, for `/metrics` ([`latency`]).
+//! - Every operation is timed, per kind ([`Op`]), for `/metrics` (`telemetry::store_query`).
 
 pub mod accounts;
 pub mod events;
 pub mod flows;
 pub mod history;
 pub mod keys;
-pub mod latency;
 pub mod responses;
 pub mod sessions;
 
@@ -43,7 +42,6 @@ use sqlx::sqlite::{
 };
 
 use crate::vault::{Place, Vault, VaultError};
-use latency::{Latency, Op};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -162,6 +160,27 @@ impl Location {
     }
 }
 
+/// The kind of a store operation, a low-cardinality metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// A query that only reads.
+    Read,
+    /// A statement or transaction that writes (accounts, sessions, flows, keys, responses).
+    Write,
+    /// One batch of the event writer (execution events, decisions, conversations).
+    Events,
+}
+
+impl Op {
+    pub fn label(self) -> &'static str {
+        match self {
+            Op::Read => "read",
+            Op::Write => "write",
+            Op::Events => "events",
+        }
+    }
+}
+
 /// The engine's pool. Cheap to clone.
 #[derive(Debug, Clone)]
 pub(crate) enum Db {
@@ -237,7 +256,6 @@ pub struct Schema {
 pub struct Store {
     pub(crate) db: Db,
     pub(crate) vault: Vault,
-    latency: Arc<Latency>,
     schema: Arc<Schema>,
 }
 
@@ -284,9 +302,11 @@ impl Store {
         let store = Self {
             db,
             vault,
-            latency: Arc::default(),
             schema: Arc::new(schema),
         };
+        for op in [Op::Read, Op::Write, Op::Events] {
+            crate::telemetry::store_errors_seen(store.engine().as_str(), op.label());
+        }
         store.check_key(&place).await?;
         store.strip_url_credentials().await?;
         Ok(store)
@@ -304,11 +324,6 @@ impl Store {
         &self.schema
     }
 
-    /// Store latency since start, for `/metrics`.
-    pub fn latency(&self) -> &Latency {
-        &self.latency
-    }
-
     /// Awaits `work` and records its time (and whether it failed) under `op`.
     pub(crate) async fn timed<T>(
         &self,
@@ -322,7 +337,12 @@ impl Store {
             result,
             Err(StoreError::Db(_) | StoreError::Vault(_) | StoreError::DataDir { .. })
         );
-        self.latency.observe(op, started.elapsed(), failed);
+        crate::telemetry::store_query(
+            self.engine().as_str(),
+            op.label(),
+            started.elapsed().as_secs_f64(),
+            failed,
+        );
         result
     }
 
@@ -636,6 +656,30 @@ mod tests {
             assert!(matches!(err, StoreError::NewerSchema { found: 99, known: 5, .. }), "{err}");
             assert!(err.to_string().contains("upgrade"), "{err}");
         }
+    }
+
+    /// Each operation is timed by engine and kind in `/metrics`, with buckets fine enough
+    /// for a local read, and a failed one is counted.
+    #[tokio::test]
+    async fn operations_show_in_the_metrics_by_engine_and_kind() {
+        crate::telemetry::install();
+        let (_dir, store) = testing::store().await;
+        store.accounts().await.unwrap();
+        store.close().await;
+        assert!(matches!(store.accounts().await, Err(StoreError::Db(_))));
+        let text = crate::telemetry::render();
+        let value = |series: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no `{series}` in\n{text}"))
+        };
+        let read = "engine=\"sqlite\",op=\"read\"";
+        assert!(value(&format!("computetower_store_query_seconds_count{{{read}}}")) >= 2.0);
+        value(&format!(
+            "computetower_store_query_seconds_bucket{{{read},le=\"0.0001\"}}"
+        ));
+        assert!(value(&format!("computetower_store_errors_total{{{read}}}")) >= 1.0);
+        value("computetower_store_errors_total{engine=\"sqlite\",op=\"events\"}");
     }
 
     /// Connections the server dropped (a restart, a failover, an operator's

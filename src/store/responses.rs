@@ -3,8 +3,7 @@
 
 use serde_json::Value;
 
-use super::latency::Op;
-use super::{Store, StoreError, now, on_pool};
+use super::{Op, Store, StoreError, now, on_pool};
 use crate::vault::Place;
 
 fn place(id: &str) -> Place<'_> {

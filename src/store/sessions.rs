@@ -2,8 +2,7 @@
 
 use serde::Serialize;
 
-use super::latency::Op;
-use super::{Store, StoreError, new_id, now, on_pool};
+use super::{Op, Store, StoreError, new_id, now, on_pool};
 use crate::session::SessionData;
 use crate::vault::Place;
 
