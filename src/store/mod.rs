@@ -8,9 +8,10 @@
 //! `TRUE`/`FALSE`, `ON CONFLICT`), and [`on_pool!`] compiles it once per engine, so each runs
 //! with its own driver's types (BOOLEAN, BYTEA), connection options (SQLite's WAL, busy
 //! timeout and foreign keys exactly as before) and prepared-statement cache, with no
-//! translation on the way. `Any` would give up those options and types, and the PostgreSQL
-//! pool itself, which sharing accounts between instances needs for its own features
-//! (`LISTEN`/`NOTIFY`, row locks).
+//! translation on the way. `Any` would convert every value into its own few types (a SQLite
+//! integer flag does not read as a PostgreSQL boolean there), build SQLite's options from a
+//! URL, and hide the PostgreSQL pool, which sharing accounts between instances needs for
+//! PostgreSQL's own features (`LISTEN`/`NOTIFY`, advisory and row locks).
 //!
 //! Invariants:
 //! - Every secret column holds `vault` ciphertext bound to its table, column and row, on
@@ -283,8 +284,8 @@ impl Store {
             Location::Sqlite(path) => {
                 let pool = open_sqlite(path).await?;
                 // SQLite has no migration lock of its own: processes opening a new file
-                // together (`serve` and a CLI command, say) take turns on a file lock.
-                let _turn = lock_file(path).await?;
+                // together (`serve` and a CLI command, say) take turns on a lock.
+                let _turn = lock_dir_of(path).await?;
                 let schema = migrate(&pool, &SQLITE_MIGRATIONS, &place).await?;
                 (Db::Sqlite(pool), schema)
             }
@@ -450,21 +451,26 @@ async fn open_sqlite(path: &Path) -> Result<SqlitePool, StoreError> {
         .await?)
 }
 
-/// An exclusive `flock` on `path`, held until the file is dropped. SQLite's own locks are
-/// `fcntl` locks, which this does not touch.
-async fn lock_file(path: &Path) -> Result<std::fs::File, StoreError> {
-    let path = path.to_owned();
+/// An exclusive `flock` on the directory of the database at `path`, held until the returned
+/// handle is dropped. Not on the database file itself: closing any descriptor of that file
+/// would drop the POSIX locks SQLite holds on it in this process, and another process could
+/// then write under its feet.
+async fn lock_dir_of(path: &Path) -> Result<std::fs::File, StoreError> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+        _ => PathBuf::from("."),
+    };
     let locked = tokio::task::spawn_blocking(move || {
-        let file = std::fs::File::open(&path)?;
-        file.lock()?;
-        Ok::<_, std::io::Error>(file)
+        let handle = std::fs::File::open(&dir)?;
+        handle.lock()?;
+        Ok::<_, std::io::Error>(handle)
     })
     .await
     .map_err(std::io::Error::other);
     locked
         .and_then(|r| r)
         .map_err(|source| StoreError::DataDir {
-            path: "the database file (locking it for migrations)".to_owned(),
+            path: "the database's directory (locking it for migrations)".to_owned(),
             source,
         })
 }

@@ -70,9 +70,7 @@ impl Store {
         .await
         .unwrap()
     }
-}
 
-impl Store {
     /// The first column of every row `sql` returns, as text.
     pub async fn raw_texts(&self, sql: &str) -> Vec<String> {
         on_pool!(self, Op::Read, |pool| {
