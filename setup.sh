@@ -1,21 +1,30 @@
 #!/usr/bin/env bash
 # Installs what ComputeTower's demo and tests need beyond the Rust toolchain: Debian's
-# Chromium (the browser that logs in to sites); the official `openai` and `anthropic` Python
+# Chromium (the browser that logs in to sites) and PostgreSQL (the store's second engine, for
+# its tests); the official `openai` and `anthropic` Python
 # SDKs and LangChain's `langchain-openai`, in a virtual environment under target/; and the
 # official `openai` Node SDK under target/node (nothing global). Idempotent: a second run does
 # nothing.
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# Debian packages: Chromium, and PostgreSQL for the store tests on that engine (the tests
+# start their own unprivileged cluster in a temp dir; the package's own cluster is not used).
+missing=()
 chrome="${COMPUTETOWER_CHROME:-/usr/bin/chromium}"
-if [ ! -x "$chrome" ]; then
+[ -x "$chrome" ] || missing+=(chromium)
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
+if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
-    echo "setup: Chromium is missing; run as root or: sudo apt-get install -y chromium" >&2
+    echo "setup: ${missing[*]} missing; run as root or: sudo apt-get install -y ${missing[*]}" >&2
     exit 1
   fi
-  echo "setup: installing Chromium (Debian package)" >&2
+  echo "setup: installing ${missing[*]} (Debian packages)" >&2
+  # No system cluster, nor a server started by the package: nothing here uses them.
+  mkdir -p /etc/postgresql-common/createcluster.d
+  echo "create_main_cluster = false" >/etc/postgresql-common/createcluster.d/computetower.conf
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 venv=target/py-venv

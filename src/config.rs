@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// Holds the SQLite database, the master key file and screenshots.
     pub data_dir: PathBuf,
+    /// A `postgres://` URL puts the store on PostgreSQL (several instances can share it);
+    /// unset, the store is the SQLite file in `data_dir`.
+    pub database_url: Option<DatabaseUrl>,
     /// Address `serve` listens on.
     pub bind: SocketAddr,
     /// Chromium binary for the browser tiers.
@@ -41,6 +44,17 @@ pub struct Config {
     pub assist: AssistSettings,
     /// Per-service settings, by service name (`[services.example]`).
     pub services: BTreeMap<String, ServiceSettings>,
+}
+
+/// The store's database URL. It may hold a password, so `Debug` hides it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct DatabaseUrl(pub String);
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DatabaseUrl(<redacted>)")
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -168,6 +182,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from("./data"),
+            database_url: None,
             bind: SocketAddr::from(([127, 0, 0, 1], 8000)),
             chrome: PathBuf::from("/usr/bin/chromium"),
             max_body_bytes: 4 * 1024 * 1024,
@@ -322,6 +337,10 @@ impl Config {
 
     /// Checks settings that depend on each other; run again after the bind address changes.
     pub fn check(&self) -> Result<(), ConfigError> {
+        self.store_location().map_err(|e| ConfigError::Invalid {
+            key: "database_url",
+            message: e.to_string(),
+        })?;
         let any_origin = self.api.cors_origins.iter().any(|o| o.trim() == "*");
         if any_origin && !self.bind.ip().is_loopback() {
             return Err(ConfigError::Invalid {
@@ -357,6 +376,14 @@ impl Config {
 
     pub fn database_path(&self) -> PathBuf {
         self.data_dir.join("computetower.db")
+    }
+
+    /// Where the store lives: `database_url`, else the SQLite file in the data dir.
+    pub fn store_location(&self) -> Result<crate::store::Location, crate::store::StoreError> {
+        crate::store::Location::new(
+            self.database_url.as_ref().map(|u| u.0.as_str()),
+            self.database_path(),
+        )
     }
 
     /// The origins the operator allows `service`'s flows to call besides the account's own.
@@ -483,6 +510,55 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.api.cors_origins, ["https://a.example", "http://b:1"]);
+    }
+
+    #[test]
+    fn the_database_url_comes_from_the_file_or_the_env_and_is_never_shown() {
+        let from_file = load(
+            Some("database_url = \"postgres://ct:pw-in-file@db:5432/tower\""),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            from_file.store_location().unwrap().describe(),
+            "postgres db:5432/tower"
+        );
+        let mut config = load(
+            Some("database_url = \"postgres://ct:pw-in-file@db:5432/tower\""),
+            &[(
+                "COMPUTETOWER_DATABASE_URL",
+                "postgresql://ct:pw-in-env@db2/tower",
+            )],
+        )
+        .unwrap();
+        assert_eq!(
+            config.store_location().unwrap().describe(),
+            "postgres db2:5432/tower"
+        );
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("pw-in"), "{shown}");
+        let default = Config::default();
+        assert!(matches!(
+            default.store_location().unwrap(),
+            crate::store::Location::Sqlite(p) if p == Path::new("./data/computetower.db")
+        ));
+        config.database_url = Some(DatabaseUrl("mysql://ct:pw-bad@db/x".into()));
+        let err = config.check().unwrap_err().to_string();
+        assert!(
+            err.contains("database_url") && err.contains("postgres://"),
+            "{err}"
+        );
+        assert!(!err.contains("pw-bad"), "{err}");
+        let err = load(
+            None,
+            &[("COMPUTETOWER_DATABASE_URL", "mysql://ct:pw-bad@db/x")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("database_url") && !err.contains("pw-bad"),
+            "{err}"
+        );
     }
 
     #[test]

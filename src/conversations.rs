@@ -174,10 +174,10 @@ mod tests {
             .save_continuation("r1", "svc", "k1", &continuation)
             .await
             .unwrap();
-        let raw: Vec<u8> = sqlx::query_scalar("SELECT site_conversation FROM chat_history")
-            .fetch_one(store.pool())
+        let raw = store
+            .raw_bytes("SELECT site_conversation FROM chat_history")
             .await
-            .unwrap();
+            .remove(0);
         assert!(!raw.windows(9).any(|w| w == b"c-secret-"), "stored sealed");
         let found = conversations.find("k1").await.unwrap();
         assert_eq!(*found, continuation);

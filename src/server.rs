@@ -37,14 +37,42 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
-/// Opens the vault and the store of `config`'s data dir.
+/// Opens the vault and the store (`database_url`, else the SQLite file in the data dir),
+/// applying the migrations it lacks.
 pub async fn open_store(config: &Config) -> Result<Store, ServeError> {
-    let env_key = std::env::var("COMPUTETOWER_MASTER_KEY").ok();
+    let location = config.store_location()?;
+    let env_key = master_key_from_env();
     let (vault, created) = Vault::open(env_key.as_deref(), &config.key_file())?;
     if created {
         tracing::info!(path = %config.key_file().display(), "created a new master key (mode 0600); back it up");
     }
-    Ok(Store::open(&config.database_path(), vault).await?)
+    let store = Store::connect(&location, vault).await?;
+    let schema = store.schema();
+    tracing::info!(
+        store = %location.describe(),
+        schema_version = schema.version,
+        migrations_applied = ?schema.applied_now,
+        "store open"
+    );
+    Ok(store)
+}
+
+fn master_key_from_env() -> Option<String> {
+    std::env::var("COMPUTETOWER_MASTER_KEY")
+        .ok()
+        .filter(|k| !k.is_empty())
+}
+
+/// Whether a store could already hold API keys, so an off-loopback `serve` is worth opening
+/// it. SQLite: its file exists. PostgreSQL: a master key exists, without which no store this
+/// instance could open has any (a new key would be refused by a used database).
+fn store_may_hold_keys(config: &Config) -> Result<bool, ServeError> {
+    Ok(match config.store_location()? {
+        crate::store::Location::Sqlite(path) => path.exists(),
+        crate::store::Location::Postgres(_) => {
+            master_key_from_env().is_some() || config.key_file().exists()
+        }
+    })
 }
 
 /// Installs the TLS crypto provider once per process (reqwest is built without one).
@@ -55,9 +83,11 @@ pub fn install_tls_provider() {
 /// Serves until SIGINT/SIGTERM. Prints `computetower listening on http://ADDR` once bound.
 pub async fn serve(config: Config) -> Result<(), ServeError> {
     install_tls_provider();
+    // Before the store opens, so its first operations are counted too.
+    crate::telemetry::install();
     let off_loopback = !config.bind.ip().is_loopback();
     // Without a database there is no key: refuse before creating a data dir or a master key.
-    if off_loopback && !config.database_path().exists() {
+    if off_loopback && !store_may_hold_keys(&config)? {
         return Err(ServeError::OpenNonLoopback(config.bind));
     }
     let store = open_store(&config).await?;

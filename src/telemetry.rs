@@ -7,7 +7,9 @@
 //! - `computetower_decisions_total{service,failure,action}`: every fallback decision;
 //! - `computetower_attempt_failures_total{service,tier,kind}`: every failed try of a tier;
 //! - `computetower_account_*{account}` and `computetower_events_dropped_total`: set from the
-//!   account pool and the event writer when `/metrics` is read.
+//!   account pool and the event writer when `/metrics` is read;
+//! - `computetower_store_query_seconds{engine,op}` and `computetower_store_errors_total`:
+//!   every store operation (`store`).
 //!
 //! Labels are low-cardinality by construction: services, tiers, failure kinds and actions are
 //! few; request ids and messages never become labels.
@@ -22,6 +24,11 @@ const TTFT_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// Store operation buckets, in seconds: from an in-process SQLite read to a slow remote write.
+const STORE_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
 /// Installs the process's recorder (once; later calls reuse it) and returns its handle.
@@ -31,6 +38,12 @@ pub fn install() -> Option<&'static PrometheusHandle> {
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), TTFT_BUCKETS)
+                .ok()?
+                // A full name is matched before any suffix.
+                .set_buckets_for_metric(
+                    Matcher::Full("computetower_store_query_seconds".to_owned()),
+                    STORE_BUCKETS,
+                )
                 .ok()?
                 .build_recorder();
             let handle = recorder.handle();
@@ -75,6 +88,22 @@ pub fn first_token(service: &str, tier: u8, seconds: f64) {
         "tier" => tier.to_string()
     )
     .record(seconds);
+}
+
+/// A store operation of kind `op` took `seconds` (waiting for a connection included).
+pub fn store_query(engine: &'static str, op: &'static str, seconds: f64, failed: bool) {
+    metrics::histogram!("computetower_store_query_seconds", "engine" => engine, "op" => op)
+        .record(seconds);
+    if failed {
+        metrics::counter!("computetower_store_errors_total", "engine" => engine, "op" => op)
+            .increment(1);
+    }
+}
+
+/// Makes the store's error counters show (at zero) before any error.
+pub fn store_errors_seen(engine: &'static str, op: &'static str) {
+    metrics::counter!("computetower_store_errors_total", "engine" => engine, "op" => op)
+        .increment(0);
 }
 
 /// A fallback decision was taken.

@@ -137,10 +137,11 @@ async fn health(
         None => &[1],
     };
     let failure = state.gateway.events().write_failure();
+    let engine = state.gateway.store().engine().as_str();
     let store = match &failure {
-        None => serde_json::json!({ "engine": "sqlite", "state": "ok" }),
+        None => serde_json::json!({ "engine": engine, "state": "ok" }),
         Some(error) => {
-            serde_json::json!({ "engine": "sqlite", "state": "failing", "error": error })
+            serde_json::json!({ "engine": engine, "state": "failing", "error": error })
         }
     };
     // Degraded, not down: tier 1 serves from memory while the store cannot write.

@@ -7,6 +7,7 @@ mod flows;
 mod keys;
 mod learn;
 mod login;
+mod migrate;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -104,6 +105,12 @@ pub enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Keys(keys::KeysCommand),
+    /// Apply the store's migrations (SQLite, or PostgreSQL with `database_url`) and print
+    /// the schema version.
+    Migrate {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Runs a parsed command line.
@@ -189,6 +196,7 @@ async fn dispatch(command: Command, mut config: Config) -> CliResult {
         Command::Account(cmd) => accounts::run(cmd, &config).await?,
         Command::Flows(cmd) => flows::run(cmd, &config).await?,
         Command::Keys(cmd) => keys::run(cmd, &config).await?,
+        Command::Migrate { json } => migrate::run(json, &config).await?,
     }
     Ok(())
 }

@@ -1,10 +1,9 @@
 //! Accounts: a site URL, the service name clients ask for, and sealed credentials.
 
 use serde::Serialize;
-use sqlx::Row;
 use url::Url;
 
-use super::{Store, StoreError, new_id, now};
+use super::{Op, Store, StoreError, new_id, now, on_pool};
 use crate::vault::Place;
 
 /// An account as shown to people: no secret, only whether one is set.
@@ -141,6 +140,23 @@ pub fn check_service_name(name: &str) -> Result<(), StoreError> {
     }
 }
 
+/// An `accounts` row as stored.
+#[derive(sqlx::FromRow)]
+struct AccountRow {
+    id: String,
+    service: String,
+    url: String,
+    email: Option<String>,
+    password_sealed: Option<Vec<u8>>,
+    proxy_sealed: Option<Vec<u8>>,
+    enabled: bool,
+    created_at: i64,
+    updated_at: i64,
+}
+
+const SELECT_ACCOUNT: &str = "SELECT id, service, url, email, password_sealed, proxy_sealed, \
+     enabled, created_at, updated_at FROM accounts";
+
 impl Store {
     pub async fn add_account(&self, new: NewAccount) -> Result<Account, StoreError> {
         let url = parse_site_url(&new.url)?;
@@ -165,46 +181,67 @@ impl Store {
             .as_deref()
             .map(|p| self.vault.seal_str(place("proxy_sealed", &id), p));
         let now = now();
-        sqlx::query(
-            "INSERT INTO accounts (id, service, url, email, password_sealed, proxy_sealed, enabled, created_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?)",
-        )
-        .bind(&id)
-        .bind(&service)
-        .bind(url.as_str())
-        .bind(&new.email)
-        .bind(password)
-        .bind(proxy)
-        .bind(now)
-        .bind(now)
-        .execute(&self.pool)
+        on_pool!(self, Op::Write, |pool| {
+            sqlx::query(
+                "INSERT INTO accounts (id, service, url, email, password_sealed, proxy_sealed, enabled, created_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, TRUE, $7, $8)",
+            )
+            .bind(&id)
+            .bind(&service)
+            .bind(url.as_str())
+            .bind(&new.email)
+            .bind(&password)
+            .bind(&proxy)
+            .bind(now)
+            .bind(now)
+            .execute(pool)
+            .await?;
+            Ok(())
+        })
         .await?;
         self.account(&id).await
     }
 
     pub async fn accounts(&self) -> Result<Vec<Account>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM accounts ORDER BY service, created_at")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(|row| self.account_from_row(row)).collect()
+        let rows: Vec<AccountRow> = on_pool!(self, Op::Read, |pool| {
+            Ok(
+                sqlx::query_as(&format!("{SELECT_ACCOUNT} ORDER BY service, created_at"))
+                    .fetch_all(pool)
+                    .await?,
+            )
+        })
+        .await?;
+        rows.into_iter()
+            .map(|row| self.account_from_row(row))
+            .collect()
     }
 
     pub async fn accounts_for_service(&self, service: &str) -> Result<Vec<Account>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM accounts WHERE service = ? ORDER BY created_at")
+        let rows: Vec<AccountRow> = on_pool!(self, Op::Read, |pool| {
+            Ok(sqlx::query_as(&format!(
+                "{SELECT_ACCOUNT} WHERE service = $1 ORDER BY created_at"
+            ))
             .bind(service)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(|row| self.account_from_row(row)).collect()
+            .fetch_all(pool)
+            .await?)
+        })
+        .await?;
+        rows.into_iter()
+            .map(|row| self.account_from_row(row))
+            .collect()
     }
 
     /// Finds an account by id, or by service name when exactly one account has it.
     pub async fn account(&self, id_or_service: &str) -> Result<Account, StoreError> {
-        let row = sqlx::query("SELECT * FROM accounts WHERE id = ?")
-            .bind(id_or_service)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row: Option<AccountRow> = on_pool!(self, Op::Read, |pool| {
+            Ok(sqlx::query_as(&format!("{SELECT_ACCOUNT} WHERE id = $1"))
+                .bind(id_or_service)
+                .fetch_optional(pool)
+                .await?)
+        })
+        .await?;
         if let Some(row) = row {
-            return self.account_from_row(&row);
+            return self.account_from_row(row);
         }
         let mut matches = self.accounts_for_service(id_or_service).await?;
         match matches.len() {
@@ -216,55 +253,55 @@ impl Store {
         }
     }
 
-    fn account_from_row(&self, row: &sqlx::sqlite::SqliteRow) -> Result<Account, StoreError> {
-        let id: String = row.try_get("id")?;
-        let password: Option<Vec<u8>> = row.try_get("password_sealed")?;
-        let proxy: Option<Vec<u8>> = row.try_get("proxy_sealed")?;
-        let proxy = match proxy {
+    fn account_from_row(&self, row: AccountRow) -> Result<Account, StoreError> {
+        let proxy = match row.proxy_sealed {
             Some(sealed) => Some(redact_proxy(
                 &self
                     .vault
-                    .open_string(place("proxy_sealed", &id), &sealed)?,
+                    .open_string(place("proxy_sealed", &row.id), &sealed)?,
             )),
             None => None,
         };
         Ok(Account {
-            service: row.try_get("service")?,
-            url: row.try_get("url")?,
-            email: row.try_get("email")?,
-            has_password: password.is_some(),
+            service: row.service,
+            url: row.url,
+            email: row.email,
+            has_password: row.password_sealed.is_some(),
             proxy,
-            enabled: row.try_get::<i64, _>("enabled")? != 0,
-            created_at: row.try_get("created_at")?,
-            updated_at: row.try_get("updated_at")?,
-            id,
+            enabled: row.enabled,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+            id: row.id,
         })
     }
 
     /// The account's password, opened from the vault.
     pub async fn account_password(&self, id: &str) -> Result<Option<String>, StoreError> {
-        let sealed: Option<Vec<u8>> =
-            sqlx::query_scalar("SELECT password_sealed FROM accounts WHERE id = ?")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?
-                .flatten();
-        sealed
-            .map(|s| self.vault.open_string(place("password_sealed", id), &s))
-            .transpose()
-            .map_err(Into::into)
+        self.account_secret(id, "password_sealed").await
     }
 
     /// The account's proxy URL, credentials included, for building its HTTP client.
     pub async fn account_proxy(&self, id: &str) -> Result<Option<String>, StoreError> {
-        let sealed: Option<Vec<u8>> =
-            sqlx::query_scalar("SELECT proxy_sealed FROM accounts WHERE id = ?")
+        self.account_secret(id, "proxy_sealed").await
+    }
+
+    /// A sealed column of the account, opened.
+    async fn account_secret(
+        &self,
+        id: &str,
+        column: &'static str,
+    ) -> Result<Option<String>, StoreError> {
+        let sql = format!("SELECT {column} FROM accounts WHERE id = $1");
+        let sealed: Option<Vec<u8>> = on_pool!(self, Op::Read, |pool| {
+            Ok(sqlx::query_scalar(&sql)
                 .bind(id)
-                .fetch_optional(&self.pool)
+                .fetch_optional(pool)
                 .await?
-                .flatten();
+                .flatten())
+        })
+        .await?;
         sealed
-            .map(|s| self.vault.open_string(place("proxy_sealed", id), &s))
+            .map(|s| self.vault.open_string(place(column, id), &s))
             .transpose()
             .map_err(Into::into)
     }
@@ -276,76 +313,95 @@ impl Store {
     ) -> Result<Account, StoreError> {
         let current = self.account(id_or_service).await?;
         let id = current.id;
-        let mut tx = self.pool.begin().await?;
-        if let Some(url) = update.url {
-            let url = parse_site_url(&url)?;
-            sqlx::query("UPDATE accounts SET url = ? WHERE id = ?")
-                .bind(url.as_str())
+        // Checked and sealed before the transaction: it only writes.
+        let url = update
+            .url
+            .map(|url| parse_site_url(&url).map(|u| u.to_string()))
+            .transpose()?;
+        if let Some(service) = &update.service {
+            check_service_name(service)?;
+        }
+        let password = update
+            .password
+            .map(|p| self.vault.seal_str(place("password_sealed", &id), &p));
+        // `Some(None)` removes the proxy.
+        let proxy = match update.proxy {
+            None => None,
+            Some(p) if p.is_empty() => Some(None),
+            Some(p) => {
+                let proxy = parse_proxy(&p)?.to_string();
+                Some(Some(
+                    self.vault.seal_str(place("proxy_sealed", &id), &proxy),
+                ))
+            }
+        };
+        on_pool!(self, Op::Write, |pool| {
+            let mut tx = pool.begin().await?;
+            if let Some(url) = &url {
+                sqlx::query("UPDATE accounts SET url = $1 WHERE id = $2")
+                    .bind(url)
+                    .bind(&id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            if let Some(service) = &update.service {
+                sqlx::query("UPDATE accounts SET service = $1 WHERE id = $2")
+                    .bind(service)
+                    .bind(&id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            if let Some(email) = &update.email {
+                sqlx::query("UPDATE accounts SET email = $1 WHERE id = $2")
+                    .bind(email)
+                    .bind(&id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            if let Some(sealed) = &password {
+                sqlx::query("UPDATE accounts SET password_sealed = $1 WHERE id = $2")
+                    .bind(sealed)
+                    .bind(&id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            if let Some(sealed) = &proxy {
+                sqlx::query("UPDATE accounts SET proxy_sealed = $1 WHERE id = $2")
+                    .bind(sealed)
+                    .bind(&id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            if let Some(enabled) = update.enabled {
+                sqlx::query("UPDATE accounts SET enabled = $1 WHERE id = $2")
+                    .bind(enabled)
+                    .bind(&id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            sqlx::query("UPDATE accounts SET updated_at = $1 WHERE id = $2")
+                .bind(now())
                 .bind(&id)
                 .execute(&mut *tx)
                 .await?;
-        }
-        if let Some(service) = update.service {
-            check_service_name(&service)?;
-            sqlx::query("UPDATE accounts SET service = ? WHERE id = ?")
-                .bind(service)
-                .bind(&id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        if let Some(email) = update.email {
-            sqlx::query("UPDATE accounts SET email = ? WHERE id = ?")
-                .bind(email)
-                .bind(&id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        if let Some(password) = update.password {
-            let sealed = self
-                .vault
-                .seal_str(place("password_sealed", &id), &password);
-            sqlx::query("UPDATE accounts SET password_sealed = ? WHERE id = ?")
-                .bind(sealed)
-                .bind(&id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        if let Some(proxy) = update.proxy {
-            let sealed = if proxy.is_empty() {
-                None
-            } else {
-                let proxy = parse_proxy(&proxy)?.to_string();
-                Some(self.vault.seal_str(place("proxy_sealed", &id), &proxy))
-            };
-            sqlx::query("UPDATE accounts SET proxy_sealed = ? WHERE id = ?")
-                .bind(sealed)
-                .bind(&id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        if let Some(enabled) = update.enabled {
-            sqlx::query("UPDATE accounts SET enabled = ? WHERE id = ?")
-                .bind(enabled)
-                .bind(&id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        sqlx::query("UPDATE accounts SET updated_at = ? WHERE id = ?")
-            .bind(now())
-            .bind(&id)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await?;
         self.account(&id).await
     }
 
     /// Removes an account and, with it, its sessions.
     pub async fn remove_account(&self, id_or_service: &str) -> Result<Account, StoreError> {
         let account = self.account(id_or_service).await?;
-        sqlx::query("DELETE FROM accounts WHERE id = ?")
-            .bind(&account.id)
-            .execute(&self.pool)
-            .await?;
+        on_pool!(self, Op::Write, |pool| {
+            sqlx::query("DELETE FROM accounts WHERE id = $1")
+                .bind(&account.id)
+                .execute(pool)
+                .await?;
+            Ok(())
+        })
+        .await?;
         Ok(account)
     }
 }
@@ -353,7 +409,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::testing::store;
+    use crate::store::testing::on_both_engines;
 
     #[test]
     fn service_names_from_hosts() {
@@ -365,93 +421,143 @@ mod tests {
         assert_eq!(name("http://localhost:3000/"), "localhost-3000");
     }
 
-    #[tokio::test]
-    async fn password_and_proxy_are_sealed_and_hidden() {
-        let (_dir, store) = store().await;
-        let account = store
-            .add_account(NewAccount {
-                url: "https://chat.example.com".into(),
-                email: Some("me@example.com".into()),
-                password: Some("hunter2".into()),
-                proxy: Some("http://user:pw@proxy.test:8080".into()),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        assert_eq!(account.service, "example");
-        assert!(account.has_password);
-        let shown = serde_json::to_string(&account).unwrap();
-        assert!(
-            !shown.contains("hunter2") && !shown.contains("pw@"),
-            "{shown}"
-        );
-        assert_eq!(
-            store
-                .account_password(&account.id)
-                .await
-                .unwrap()
-                .as_deref(),
-            Some("hunter2")
-        );
-        assert_eq!(
-            store.account_proxy(&account.id).await.unwrap().as_deref(),
-            Some("http://user:pw@proxy.test:8080/")
-        );
-    }
-
-    #[tokio::test]
-    async fn update_and_remove_by_service_name() {
-        let (_dir, store) = store().await;
-        store
-            .add_account(NewAccount {
-                url: "https://chat.example.com".into(),
-                service: Some("ex".into()),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let updated = store
-            .update_account(
-                "ex",
-                AccountUpdate {
-                    enabled: Some(false),
+    on_both_engines! {
+        async fn password_and_proxy_are_sealed_and_hidden(_db, store) {
+            let account = store
+                .add_account(NewAccount {
+                    url: "https://chat.example.com".into(),
+                    email: Some("me@example.com".into()),
+                    password: Some("hunter2".into()),
+                    proxy: Some("http://user:pw@proxy.test:8080".into()),
                     ..Default::default()
-                },
-            )
-            .await
-            .unwrap();
-        assert!(!updated.enabled);
-        store.remove_account("ex").await.unwrap();
-        assert!(matches!(
-            store.account("ex").await,
-            Err(StoreError::NotFound(_))
-        ));
-    }
+                })
+                .await
+                .unwrap();
+            assert_eq!(account.service, "example");
+            assert!(account.has_password);
+            let shown = serde_json::to_string(&account).unwrap();
+            assert!(
+                !shown.contains("hunter2") && !shown.contains("pw@"),
+                "{shown}"
+            );
+            assert_eq!(
+                store
+                    .account_password(&account.id)
+                    .await
+                    .unwrap()
+                    .as_deref(),
+                Some("hunter2")
+            );
+            assert_eq!(
+                store.account_proxy(&account.id).await.unwrap().as_deref(),
+                Some("http://user:pw@proxy.test:8080/")
+            );
+            for stored in store
+                .raw_bytes("SELECT password_sealed FROM accounts")
+                .await
+                .into_iter()
+                .chain(store.raw_bytes("SELECT proxy_sealed FROM accounts").await)
+            {
+                assert!(!stored.windows(7).any(|w| w == b"hunter2" || w == b"user:pw"));
+            }
+        }
 
-    #[tokio::test]
-    async fn bad_input_is_rejected_and_nothing_is_stored() {
-        let (_dir, store) = store().await;
-        for bad in [
-            NewAccount {
-                url: "not a url".into(),
+        async fn update_and_remove_by_service_name(_db, store) {
+            store
+                .add_account(NewAccount {
+                    url: "https://chat.example.com".into(),
+                    service: Some("ex".into()),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            let updated = store
+                .update_account(
+                    "ex",
+                    AccountUpdate {
+                        url: Some("https://chat2.example.com/x".into()),
+                        email: Some("new@example.com".into()),
+                        password: Some("new-password".into()),
+                        proxy: Some("socks5://proxy.test:1080".into()),
+                        enabled: Some(false),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+            assert!(!updated.enabled);
+            assert_eq!(updated.url, "https://chat2.example.com/x");
+            assert_eq!(updated.email.as_deref(), Some("new@example.com"));
+            assert!(updated.has_password && updated.proxy.is_some());
+            let id = updated.id.clone();
+            assert_eq!(
+                store.account_password(&id).await.unwrap().as_deref(),
+                Some("new-password")
+            );
+            let renamed = store
+                .update_account(
+                    "ex",
+                    AccountUpdate {
+                        service: Some("ex2".into()),
+                        proxy: Some(String::new()),
+                        enabled: Some(true),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+            assert_eq!(renamed.service, "ex2");
+            assert!(renamed.enabled && renamed.proxy.is_none());
+            assert!(store.account_proxy(&id).await.unwrap().is_none());
+            let bad = AccountUpdate {
+                service: Some("no spaces".into()),
+                email: Some("unchanged@example.com".into()),
                 ..Default::default()
-            },
-            NewAccount {
-                url: "https://x.com".into(),
-                service: Some("has space".into()),
-                ..Default::default()
-            },
-            NewAccount {
-                url: "https://x.com".into(),
-                password: Some("p".into()),
-                ..Default::default()
-            },
-        ] {
+            };
             assert!(matches!(
-                store.add_account(bad).await,
+                store.update_account(&id, bad).await,
                 Err(StoreError::Invalid(_))
             ));
+            assert_eq!(
+                store.account(&id).await.unwrap().email.as_deref(),
+                Some("new@example.com"),
+                "a refused update changes nothing"
+            );
+            store
+                .save_session(&id, &Default::default(), "imported", None)
+                .await
+                .unwrap();
+            store.remove_account("ex2").await.unwrap();
+            assert!(store.sessions().await.unwrap().is_empty(), "its sessions go with it");
+            assert!(matches!(
+                store.account("ex2").await,
+                Err(StoreError::NotFound(_))
+            ));
         }
-        assert!(store.accounts().await.unwrap().is_empty());
+
+        async fn bad_input_is_rejected_and_nothing_is_stored(_db, store) {
+            for bad in [
+                NewAccount {
+                    url: "not a url".into(),
+                    ..Default::default()
+                },
+                NewAccount {
+                    url: "https://x.com".into(),
+                    service: Some("has space".into()),
+                    ..Default::default()
+                },
+                NewAccount {
+                    url: "https://x.com".into(),
+                    password: Some("p".into()),
+                    ..Default::default()
+                },
+            ] {
+                assert!(matches!(
+                    store.add_account(bad).await,
+                    Err(StoreError::Invalid(_))
+                ));
+            }
+            assert!(store.accounts().await.unwrap().is_empty());
+        }
     }
 }

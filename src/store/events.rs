@@ -2,21 +2,21 @@
 //! request path.
 //!
 //! A request hands its record to [`EventWriter`], which batches inserts in one transaction
-//! per 50 ms window (or 256 records): the hot path never waits on SQLite. When the queue is full the record is
-//! dropped and counted, rather than slowing requests down.
+//! per 50 ms window (or 256 records), on either engine: the hot path never waits on the
+//! database. When the queue is full the record is dropped and counted, rather than slowing
+//! requests down.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
-use sqlx::Row;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Store, StoreError, now};
+use super::{Op, Store, StoreError, now, on_pool};
 use crate::conversations::Continuation;
 
 /// One request's outcome, as stored in `execution_events`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct ExecutionEvent {
     pub request_id: String,
     pub service: String,
@@ -228,166 +228,224 @@ impl Store {
     /// Writes `records` in one transaction. On failure (a full disk, say) the connection is
     /// closed rather than returned to the pool: a transaction SQLite could not roll back must
     /// not keep the write lock and leave every later write `database is locked`.
-    async fn write_records(&self, records: &[Record]) -> Result<(), StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        let result = self.insert_records(&mut conn, records).await;
-        if result.is_err() {
-            use sqlx::Connection;
-            let _ = conn.detach().close().await;
-        }
-        result
-    }
-
-    async fn insert_records(
-        &self,
-        conn: &mut sqlx::pool::PoolConnection<sqlx::Sqlite>,
-        records: &[Record],
-    ) -> Result<(), StoreError> {
-        use sqlx::Connection;
+    pub(super) async fn write_records(&self, records: &[Record]) -> Result<(), StoreError> {
+        // Sealed before the transaction, which then only writes.
         let created_at = now();
-        let mut tx = conn.begin().await?;
-        for record in records {
-            match record {
-                Record::Execution(e) => {
-                    sqlx::query(
-                        "INSERT INTO execution_events (request_id, service, account_id, flow_id, tier, outcome, status, ttft_ms, latency_ms, queue_ms, detail, created_at)
-                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    )
-                    .bind(&e.request_id)
-                    .bind(&e.service)
-                    .bind(&e.account_id)
-                    .bind(&e.flow_id)
-                    .bind(e.tier)
-                    .bind(&e.outcome)
-                    .bind(e.status)
-                    .bind(e.ttft_ms)
-                    .bind(e.latency_ms)
-                    .bind(e.queue_ms)
-                    .bind(&e.detail)
-                    .bind(created_at)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                Record::Decision {
-                    request_id,
-                    service,
-                    account_id,
-                    failure,
-                    action,
-                } => {
-                    sqlx::query(
-                        "INSERT INTO fallback_decisions (request_id, service, account_id, failure, action, created_at)
-                         VALUES (?, ?, ?, ?, ?, ?)",
-                    )
-                    .bind(request_id)
-                    .bind(service)
-                    .bind(account_id)
-                    .bind(failure)
-                    .bind(action)
-                    .bind(created_at)
-                    .execute(&mut *tx)
-                    .await?;
-                }
+        let conversations: Vec<Option<Vec<u8>>> = records
+            .iter()
+            .map(|record| match record {
                 Record::Conversation {
                     request_id,
-                    service,
-                    key,
                     continuation,
-                } => {
-                    self.insert_continuation(&mut tx, request_id, service, key, continuation)
-                        .await?;
+                    ..
+                } => self.seal_continuation(request_id, continuation).map(Some),
+                _ => Ok(None),
+            })
+            .collect::<Result<_, _>>()?;
+        on_pool!(self, Op::Events, |pool| {
+            use sqlx::Connection;
+            let mut conn = pool.acquire().await?;
+            let result = async {
+                let mut tx = conn.begin().await?;
+                for (record, sealed) in records.iter().zip(&conversations) {
+                    match record {
+                        Record::Execution(e) => {
+                            sqlx::query(
+                                "INSERT INTO execution_events (request_id, service, account_id, flow_id, tier, outcome, status, ttft_ms, latency_ms, queue_ms, detail, created_at)
+                                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                            )
+                            .bind(&e.request_id)
+                            .bind(&e.service)
+                            .bind(&e.account_id)
+                            .bind(&e.flow_id)
+                            .bind(e.tier)
+                            .bind(&e.outcome)
+                            .bind(e.status)
+                            .bind(e.ttft_ms)
+                            .bind(e.latency_ms)
+                            .bind(e.queue_ms)
+                            .bind(&e.detail)
+                            .bind(created_at)
+                            .execute(&mut *tx)
+                            .await?;
+                        }
+                        Record::Decision {
+                            request_id,
+                            service,
+                            account_id,
+                            failure,
+                            action,
+                        } => {
+                            sqlx::query(
+                                "INSERT INTO fallback_decisions (request_id, service, account_id, failure, action, created_at)
+                                 VALUES ($1, $2, $3, $4, $5, $6)",
+                            )
+                            .bind(request_id)
+                            .bind(service)
+                            .bind(account_id)
+                            .bind(failure)
+                            .bind(action)
+                            .bind(created_at)
+                            .execute(&mut *tx)
+                            .await?;
+                        }
+                        Record::Conversation {
+                            request_id,
+                            service,
+                            key,
+                            continuation,
+                        } => {
+                            sqlx::query(
+                                "INSERT INTO chat_history (request_id, service, account_id, prefix_hash, site_conversation, created_at)
+                                 VALUES ($1, $2, $3, $4, $5, $6)",
+                            )
+                            .bind(request_id)
+                            .bind(service)
+                            .bind(&continuation.account_id)
+                            .bind(key)
+                            .bind(sealed)
+                            .bind(created_at)
+                            .execute(&mut *tx)
+                            .await?;
+                        }
+                    }
                 }
+                tx.commit().await?;
+                Ok::<_, sqlx::Error>(())
             }
-        }
-        tx.commit().await?;
-        Ok(())
+            .await;
+            if result.is_err() {
+                let _ = conn.detach().close().await;
+            }
+            Ok(result?)
+        })
+        .await
     }
 
-    /// The newest fallback decisions, newest first: `(request_id, service, account_id, failure,
-    /// action)`.
+    /// The newest fallback decisions, newest first.
     pub async fn recent_decisions(&self, limit: i64) -> Result<Vec<Decision>, StoreError> {
-        Ok(sqlx::query_as::<_, Decision>(
-            "SELECT request_id, service, account_id, failure, action, detail, created_at
-             FROM fallback_decisions ORDER BY id DESC LIMIT ?",
-        )
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?)
+        on_pool!(self, Op::Read, |pool| {
+            Ok(sqlx::query_as(
+                "SELECT request_id, service, account_id, failure, action, detail, created_at
+                 FROM fallback_decisions ORDER BY id DESC LIMIT $1",
+            )
+            .bind(limit)
+            .fetch_all(pool)
+            .await?)
+        })
+        .await
     }
 
     /// The newest execution events, newest first.
     pub async fn recent_events(&self, limit: i64) -> Result<Vec<ExecutionEvent>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM execution_events ORDER BY id DESC LIMIT ?")
+        on_pool!(self, Op::Read, |pool| {
+            Ok(sqlx::query_as(
+                "SELECT request_id, service, account_id, flow_id, tier, outcome, status, ttft_ms,
+                        latency_ms, queue_ms, detail
+                 FROM execution_events ORDER BY id DESC LIMIT $1",
+            )
             .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(ExecutionEvent {
-                    request_id: row.try_get("request_id")?,
-                    service: row.try_get("service")?,
-                    account_id: row.try_get("account_id")?,
-                    flow_id: row.try_get("flow_id")?,
-                    tier: row.try_get("tier")?,
-                    outcome: row.try_get("outcome")?,
-                    status: row.try_get("status")?,
-                    ttft_ms: row.try_get("ttft_ms")?,
-                    latency_ms: row.try_get("latency_ms")?,
-                    queue_ms: row.try_get("queue_ms")?,
-                    detail: row.try_get("detail")?,
-                })
-            })
-            .collect()
+            .fetch_all(pool)
+            .await?)
+        })
+        .await
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::testing::store;
+    use crate::store::testing::on_both_engines;
 
-    #[tokio::test]
-    async fn queued_records_are_written_when_the_writer_closes() {
-        let (_dir, store) = store().await;
-        let (writer, task) = EventWriter::start(store.clone());
-        for i in 0..300 {
-            writer.record(Record::Execution(ExecutionEvent {
-                request_id: format!("r{i}"),
-                service: "svc".into(),
-                account_id: None,
-                flow_id: None,
-                tier: Some(1),
-                outcome: "ok".into(),
-                status: Some(200),
-                ttft_ms: Some(1),
-                latency_ms: Some(2),
-                queue_ms: None,
-                detail: None,
-            }));
+    on_both_engines! {
+        async fn queued_records_are_written_when_the_writer_closes(_db, store) {
+            let (writer, task) = EventWriter::start(store.clone());
+            for i in 0..300 {
+                writer.record(Record::Execution(ExecutionEvent {
+                    request_id: format!("r{i}"),
+                    service: "svc".into(),
+                    account_id: None,
+                    flow_id: None,
+                    tier: Some(1),
+                    outcome: "ok".into(),
+                    status: Some(200),
+                    ttft_ms: Some(1),
+                    latency_ms: Some(2),
+                    queue_ms: None,
+                    detail: None,
+                }));
+            }
+            drop(writer);
+            task.await.unwrap();
+            let events = store.recent_events(1000).await.unwrap();
+            assert_eq!(events.len(), 300);
+            assert_eq!(events[0].request_id, "r299");
         }
-        drop(writer);
-        task.await.unwrap();
-        let events = store.recent_events(1000).await.unwrap();
-        assert_eq!(events.len(), 300);
-        assert_eq!(events[0].request_id, "r299");
-    }
 
-    #[tokio::test]
-    async fn a_flush_returns_once_the_queued_records_are_readable() {
-        let (_dir, store) = store().await;
-        let (writer, _task) = EventWriter::start(store.clone());
-        for i in 0..3 {
+        async fn a_flush_returns_once_the_queued_records_are_readable(_db, store) {
+            let (writer, _task) = EventWriter::start(store.clone());
+            for i in 0..3 {
+                writer.record(Record::Decision {
+                    request_id: format!("r{i}"),
+                    service: "svc".into(),
+                    account_id: None,
+                    failure: "network".into(),
+                    action: "retry".into(),
+                });
+            }
+            writer.flush().await;
+            let decisions = store.recent_decisions(10).await.unwrap();
+            assert_eq!(decisions.len(), 3);
+            assert_eq!(decisions[0].request_id, "r2");
+        }
+
+        /// One window's records of every kind land in one batch, and a remembered
+        /// conversation is found again, sealed.
+        async fn a_mixed_batch_is_written_and_read_back(_db, store) {
+            let (writer, _task) = EventWriter::start(store.clone());
             writer.record(Record::Decision {
-                request_id: format!("r{i}"),
+                request_id: "r1".into(),
                 service: "svc".into(),
-                account_id: None,
-                failure: "network".into(),
-                action: "retry".into(),
+                account_id: Some("a_1".into()),
+                failure: "rate_limit".into(),
+                action: "next_account".into(),
             });
+            writer.record(Record::Conversation {
+                request_id: "r1".into(),
+                service: "svc".into(),
+                key: "k1".into(),
+                continuation: Arc::new(Continuation {
+                    account_id: "a_1".into(),
+                    values: [("conversation_id".to_owned(), "conv-secret-7".to_owned())].into(),
+                }),
+            });
+            let written = writer
+                .record_durably(Record::Execution(ExecutionEvent {
+                    request_id: "r1".into(),
+                    service: "svc".into(),
+                    account_id: Some("a_1".into()),
+                    flow_id: Some("f_1".into()),
+                    tier: Some(2),
+                    outcome: "ok".into(),
+                    status: Some(200),
+                    ttft_ms: Some(7),
+                    latency_ms: Some(9),
+                    queue_ms: Some(3),
+                    detail: Some("d".into()),
+                }))
+                .unwrap();
+            written.await.unwrap();
+            let events = store.recent_events(10).await.unwrap();
+            assert_eq!(
+                (events[0].tier, events[0].queue_ms, events[0].detail.as_deref()),
+                (Some(2), Some(3), Some("d"))
+            );
+            assert_eq!(store.recent_decisions(10).await.unwrap()[0].failure, "rate_limit");
+            let found = store.find_continuation("k1").await.unwrap().unwrap();
+            assert_eq!(found.values["conversation_id"], "conv-secret-7");
+            let raw = store.raw_bytes("SELECT site_conversation FROM chat_history").await;
+            assert!(!raw[0].windows(11).any(|w| w == b"conv-secret"), "stored sealed");
+            assert!(writer.write_failure().is_none());
         }
-        writer.flush().await;
-        let decisions = store.recent_decisions(10).await.unwrap();
-        assert_eq!(decisions.len(), 3);
-        assert_eq!(decisions[0].request_id, "r2");
     }
 }

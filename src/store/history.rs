@@ -1,6 +1,9 @@
 //! Site conversations remembered per exchange (`chat_history.prefix_hash` → sealed values).
 
-use super::{Store, StoreError, now};
+use std::sync::Arc;
+
+use super::events::Record;
+use super::{Op, Store, StoreError, on_pool};
 use crate::conversations::Continuation;
 use crate::vault::Place;
 
@@ -13,6 +16,8 @@ fn place(request_id: &str) -> Place<'_> {
 }
 
 impl Store {
+    /// Stores an exchange's site conversation at once (the gateway batches it through the
+    /// event writer instead).
     pub async fn save_continuation(
         &self,
         request_id: &str,
@@ -20,45 +25,36 @@ impl Store {
         key: &str,
         continuation: &Continuation,
     ) -> Result<(), StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        self.insert_continuation(&mut conn, request_id, service, key, continuation)
-            .await
+        self.write_records(&[Record::Conversation {
+            request_id: request_id.to_owned(),
+            service: service.to_owned(),
+            key: key.to_owned(),
+            continuation: Arc::new(continuation.clone()),
+        }])
+        .await
     }
 
-    /// Inserts on `conn`, so the event writer can batch it with other records.
-    pub(super) async fn insert_continuation(
+    /// The remembered values, sealed and bound to the exchange's request id.
+    pub(super) fn seal_continuation(
         &self,
-        conn: &mut sqlx::SqliteConnection,
         request_id: &str,
-        service: &str,
-        key: &str,
         continuation: &Continuation,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<u8>, StoreError> {
         let json = serde_json::to_vec(&continuation.values)
             .map_err(|e| StoreError::Invalid(format!("conversation: {e}")))?;
-        let sealed = self.vault.seal(place(request_id), &json);
-        sqlx::query(
-            "INSERT INTO chat_history (request_id, service, account_id, prefix_hash, site_conversation, created_at)
-             VALUES (?, ?, ?, ?, ?, ?)",
-        )
-        .bind(request_id)
-        .bind(service)
-        .bind(&continuation.account_id)
-        .bind(key)
-        .bind(sealed)
-        .bind(now())
-        .execute(&mut *conn)
-        .await?;
-        Ok(())
+        Ok(self.vault.seal(place(request_id), &json))
     }
 
     pub async fn find_continuation(&self, key: &str) -> Result<Option<Continuation>, StoreError> {
-        let row: Option<(String, String, Vec<u8>)> = sqlx::query_as(
-            "SELECT request_id, account_id, site_conversation FROM chat_history
-             WHERE prefix_hash = ? AND site_conversation IS NOT NULL ORDER BY id DESC LIMIT 1",
-        )
-        .bind(key)
-        .fetch_optional(&self.pool)
+        let row: Option<(String, String, Vec<u8>)> = on_pool!(self, Op::Read, |pool| {
+            Ok(sqlx::query_as(
+                "SELECT request_id, account_id, site_conversation FROM chat_history
+                 WHERE prefix_hash = $1 AND site_conversation IS NOT NULL ORDER BY id DESC LIMIT 1",
+            )
+            .bind(key)
+            .fetch_optional(pool)
+            .await?)
+        })
         .await?;
         let Some((request_id, account_id, sealed)) = row else {
             return Ok(None);

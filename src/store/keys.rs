@@ -3,9 +3,8 @@
 use rand::RngCore;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use sqlx::Row;
 
-use super::{Store, StoreError, new_id, now};
+use super::{Op, Store, StoreError, new_id, now, on_pool};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ApiKey {
@@ -22,6 +21,32 @@ pub fn hash_key(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
 
+/// An `api_keys` row as stored (the hash is not read back).
+#[derive(sqlx::FromRow)]
+struct KeyRow {
+    id: String,
+    prefix: String,
+    admin: bool,
+    name: Option<String>,
+    created_at: i64,
+    revoked_at: Option<i64>,
+}
+
+impl From<KeyRow> for ApiKey {
+    fn from(row: KeyRow) -> Self {
+        ApiKey {
+            id: row.id,
+            prefix: row.prefix,
+            admin: row.admin,
+            name: row.name,
+            created_at: row.created_at,
+            revoked_at: row.revoked_at,
+        }
+    }
+}
+
+const SELECT_KEY: &str = "SELECT id, prefix, admin, name, created_at, revoked_at FROM api_keys";
+
 impl Store {
     /// Creates a key; returns it with the only copy of its secret.
     pub async fn create_key(
@@ -35,16 +60,21 @@ impl Store {
         let id = new_id("k");
         let prefix = key[..7].to_owned();
         let created_at = now();
-        sqlx::query(
-            "INSERT INTO api_keys (id, key_hash, prefix, admin, name, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&id)
-        .bind(hash_key(&key))
-        .bind(&prefix)
-        .bind(admin)
-        .bind(&name)
-        .bind(created_at)
-        .execute(&self.pool)
+        on_pool!(self, Op::Write, |pool| {
+            sqlx::query(
+                "INSERT INTO api_keys (id, key_hash, prefix, admin, name, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(&id)
+            .bind(hash_key(&key))
+            .bind(&prefix)
+            .bind(admin)
+            .bind(&name)
+            .bind(created_at)
+            .execute(pool)
+            .await?;
+            Ok(())
+        })
         .await?;
         let info = ApiKey {
             id,
@@ -59,78 +89,87 @@ impl Store {
 
     /// The live key whose hash is `hash`.
     pub async fn key_by_hash(&self, hash: &str) -> Result<Option<ApiKey>, StoreError> {
-        let row = sqlx::query("SELECT * FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL")
+        let row: Option<KeyRow> = on_pool!(self, Op::Read, |pool| {
+            Ok(sqlx::query_as(&format!(
+                "{SELECT_KEY} WHERE key_hash = $1 AND revoked_at IS NULL"
+            ))
             .bind(hash)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|r| key_from_row(&r)).transpose()
+            .fetch_optional(pool)
+            .await?)
+        })
+        .await?;
+        Ok(row.map(ApiKey::from))
     }
 
     pub async fn live_key_count(&self) -> Result<i64, StoreError> {
-        Ok(
-            sqlx::query_scalar("SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL")
-                .fetch_one(&self.pool)
-                .await?,
-        )
+        on_pool!(self, Op::Read, |pool| {
+            Ok(
+                sqlx::query_scalar("SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL")
+                    .fetch_one(pool)
+                    .await?,
+            )
+        })
+        .await
     }
 
     pub async fn keys(&self) -> Result<Vec<ApiKey>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM api_keys ORDER BY created_at")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(key_from_row).collect()
+        let rows: Vec<KeyRow> = on_pool!(self, Op::Read, |pool| {
+            Ok(
+                sqlx::query_as(&format!("{SELECT_KEY} ORDER BY created_at, id"))
+                    .fetch_all(pool)
+                    .await?,
+            )
+        })
+        .await?;
+        Ok(rows.into_iter().map(ApiKey::from).collect())
     }
 
     pub async fn revoke_key(&self, id: &str) -> Result<(), StoreError> {
-        let done =
-            sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
-                .bind(now())
-                .bind(id)
-                .execute(&self.pool)
-                .await?;
-        if done.rows_affected() == 0 {
+        let revoked = on_pool!(self, Op::Write, |pool| {
+            Ok(sqlx::query(
+                "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+            )
+            .bind(now())
+            .bind(id)
+            .execute(pool)
+            .await?
+            .rows_affected())
+        })
+        .await?;
+        if revoked == 0 {
             return Err(StoreError::NotFound(format!("live key `{id}`")));
         }
         Ok(())
     }
 }
 
-fn key_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<ApiKey, StoreError> {
-    Ok(ApiKey {
-        id: row.try_get("id")?,
-        prefix: row.try_get("prefix")?,
-        admin: row.try_get::<i64, _>("admin")? != 0,
-        name: row.try_get("name")?,
-        created_at: row.try_get("created_at")?,
-        revoked_at: row.try_get("revoked_at")?,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::testing::store;
+    use crate::store::testing::on_both_engines;
 
-    #[tokio::test]
-    async fn only_the_hash_is_stored_and_revoked_keys_stop_working() {
-        let (_dir, store) = store().await;
-        let (info, key) = store.create_key(true, None).await.unwrap();
-        let stored: String = sqlx::query_scalar("SELECT key_hash FROM api_keys")
-            .fetch_one(store.pool())
-            .await
-            .unwrap();
-        assert_ne!(stored, key);
-        assert!(
-            store
-                .key_by_hash(&hash_key(&key))
-                .await
-                .unwrap()
-                .unwrap()
-                .admin
-        );
-        assert_eq!(store.live_key_count().await.unwrap(), 1);
-        store.revoke_key(&info.id).await.unwrap();
-        assert!(store.key_by_hash(&hash_key(&key)).await.unwrap().is_none());
-        assert_eq!(store.live_key_count().await.unwrap(), 0);
+    on_both_engines! {
+        async fn only_the_hash_is_stored_and_revoked_keys_stop_working(_db, store) {
+            let (info, key) = store.create_key(true, Some("ops".into())).await.unwrap();
+            let (_, user_key) = store.create_key(false, None).await.unwrap();
+            let stored = store.raw_texts("SELECT key_hash FROM api_keys").await;
+            assert_eq!(stored.len(), 2);
+            assert!(stored.iter().all(|s| *s != key && *s != user_key));
+            let found = store.key_by_hash(&hash_key(&key)).await.unwrap().unwrap();
+            assert!(found.admin);
+            assert_eq!(found.name.as_deref(), Some("ops"));
+            assert!(!store.key_by_hash(&hash_key(&user_key)).await.unwrap().unwrap().admin);
+            assert_eq!(store.live_key_count().await.unwrap(), 2);
+            store.revoke_key(&info.id).await.unwrap();
+            assert!(store.key_by_hash(&hash_key(&key)).await.unwrap().is_none());
+            assert_eq!(store.live_key_count().await.unwrap(), 1);
+            assert!(matches!(
+                store.revoke_key(&info.id).await,
+                Err(StoreError::NotFound(_))
+            ));
+            let listed = store.keys().await.unwrap();
+            assert_eq!(listed.len(), 2);
+            assert!(listed.iter().any(|k| k.id == info.id && k.revoked_at.is_some()));
+        }
     }
 }

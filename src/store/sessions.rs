@@ -1,9 +1,8 @@
 //! Sessions: an account's cookies and storage, sealed, with an expiry.
 
 use serde::Serialize;
-use sqlx::Row;
 
-use super::{Store, StoreError, new_id, now};
+use super::{Op, Store, StoreError, new_id, now, on_pool};
 use crate::session::SessionData;
 use crate::vault::Place;
 
@@ -62,6 +61,21 @@ fn place(id: &str) -> Place<'_> {
     }
 }
 
+/// A `sessions` row as stored.
+#[derive(sqlx::FromRow)]
+struct SessionRow {
+    id: String,
+    account_id: String,
+    data_sealed: Vec<u8>,
+    source: String,
+    authenticated: bool,
+    created_at: i64,
+    expires_at: Option<i64>,
+}
+
+const SELECT_SESSION: &str = "SELECT id, account_id, data_sealed, source, authenticated, \
+     created_at, expires_at FROM sessions";
+
 impl Store {
     /// Stores a new session for the account; it becomes the one replay uses.
     pub async fn save_session(
@@ -76,17 +90,21 @@ impl Store {
             .map_err(|e| StoreError::Invalid(format!("session data: {e}")))?;
         let sealed = self.vault.seal(place(&id), &json);
         let created_at = now();
-        sqlx::query(
-            "INSERT INTO sessions (id, account_id, data_sealed, source, authenticated, created_at, expires_at)
-             VALUES (?, ?, ?, ?, 1, ?, ?)",
-        )
-        .bind(&id)
-        .bind(account_id)
-        .bind(sealed)
-        .bind(source)
-        .bind(created_at)
-        .bind(expires_at)
-        .execute(&self.pool)
+        on_pool!(self, Op::Write, |pool| {
+            sqlx::query(
+                "INSERT INTO sessions (id, account_id, data_sealed, source, authenticated, created_at, expires_at)
+                 VALUES ($1, $2, $3, $4, TRUE, $5, $6)",
+            )
+            .bind(&id)
+            .bind(account_id)
+            .bind(&sealed)
+            .bind(source)
+            .bind(created_at)
+            .bind(expires_at)
+            .execute(pool)
+            .await?;
+            Ok(())
+        })
         .await?;
         Ok(Session {
             id,
@@ -101,38 +119,45 @@ impl Store {
 
     /// The account's newest session, opened.
     pub async fn latest_session(&self, account_id: &str) -> Result<Option<Session>, StoreError> {
-        let row = sqlx::query(
-            "SELECT * FROM sessions WHERE account_id = ? ORDER BY created_at DESC, rowid DESC LIMIT 1",
-        )
-        .bind(account_id)
-        .fetch_optional(&self.pool)
+        // `rowid` orders sessions saved within the same second (PostgreSQL's table has one too).
+        let row: Option<SessionRow> = on_pool!(self, Op::Read, |pool| {
+            Ok(sqlx::query_as(&format!(
+                "{SELECT_SESSION} WHERE account_id = $1 ORDER BY created_at DESC, rowid DESC LIMIT 1"
+            ))
+            .bind(account_id)
+            .fetch_optional(pool)
+            .await?)
+        })
         .await?;
-        row.map(|row| self.session_from_row(&row)).transpose()
+        row.map(|row| self.session_from_row(row)).transpose()
     }
 
     pub async fn sessions(&self) -> Result<Vec<SessionSummary>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM sessions ORDER BY account_id, created_at")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
+        let rows: Vec<SessionRow> = on_pool!(self, Op::Read, |pool| {
+            Ok(sqlx::query_as(&format!(
+                "{SELECT_SESSION} ORDER BY account_id, created_at, rowid"
+            ))
+            .fetch_all(pool)
+            .await?)
+        })
+        .await?;
+        rows.into_iter()
             .map(|row| self.session_from_row(row).map(|s| SessionSummary::from(&s)))
             .collect()
     }
 
-    fn session_from_row(&self, row: &sqlx::sqlite::SqliteRow) -> Result<Session, StoreError> {
-        let id: String = row.try_get("id")?;
-        let sealed: Vec<u8> = row.try_get("data_sealed")?;
-        let json = self.vault.open_sealed(place(&id), &sealed)?;
+    fn session_from_row(&self, row: SessionRow) -> Result<Session, StoreError> {
+        let json = self.vault.open_sealed(place(&row.id), &row.data_sealed)?;
         let data = serde_json::from_slice(&json)
-            .map_err(|e| StoreError::Invalid(format!("session {id} data: {e}")))?;
+            .map_err(|e| StoreError::Invalid(format!("session {} data: {e}", row.id)))?;
         Ok(Session {
-            account_id: row.try_get("account_id")?,
-            source: row.try_get("source")?,
-            authenticated: row.try_get::<i64, _>("authenticated")? != 0,
-            created_at: row.try_get("created_at")?,
-            expires_at: row.try_get("expires_at")?,
+            account_id: row.account_id,
+            source: row.source,
+            authenticated: row.authenticated,
+            created_at: row.created_at,
+            expires_at: row.expires_at,
             data,
-            id,
+            id: row.id,
         })
     }
 
@@ -145,22 +170,28 @@ impl Store {
         let json = serde_json::to_vec(data)
             .map_err(|e| StoreError::Invalid(format!("session data: {e}")))?;
         let sealed = self.vault.seal(place(session_id), &json);
-        sqlx::query("UPDATE sessions SET data_sealed = ?, last_used_at = ? WHERE id = ?")
-            .bind(sealed)
-            .bind(now())
-            .bind(session_id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        on_pool!(self, Op::Write, |pool| {
+            sqlx::query("UPDATE sessions SET data_sealed = $1, last_used_at = $2 WHERE id = $3")
+                .bind(&sealed)
+                .bind(now())
+                .bind(session_id)
+                .execute(pool)
+                .await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Records that the site rejected the session, so it is not used again.
     pub async fn mark_session_rejected(&self, session_id: &str) -> Result<(), StoreError> {
-        sqlx::query("UPDATE sessions SET authenticated = 0 WHERE id = ?")
-            .bind(session_id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        on_pool!(self, Op::Write, |pool| {
+            sqlx::query("UPDATE sessions SET authenticated = FALSE WHERE id = $1")
+                .bind(session_id)
+                .execute(pool)
+                .await?;
+            Ok(())
+        })
+        .await
     }
 }
 
@@ -186,22 +217,13 @@ mod tests {
     use super::*;
     use crate::session::Cookie;
     use crate::store::accounts::NewAccount;
-    use crate::store::testing::store;
+    use crate::store::testing::on_both_engines;
 
-    #[tokio::test]
-    async fn session_round_trips_sealed() {
-        let (_dir, store) = store().await;
-        let account = store
-            .add_account(NewAccount {
-                url: "https://x.example.com".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let data = SessionData {
+    fn cookie(value: &str) -> SessionData {
+        SessionData {
             cookies: vec![Cookie {
                 name: "sid".into(),
-                value: "very-secret-cookie".into(),
+                value: value.into(),
                 domain: "x.example.com".into(),
                 path: "/".into(),
                 expires: None,
@@ -210,21 +232,62 @@ mod tests {
                 host_only: true,
             }],
             ..Default::default()
-        };
-        store
-            .save_session(&account.id, &data, "imported", None)
-            .await
-            .unwrap();
-        let raw: Vec<u8> = sqlx::query_scalar("SELECT data_sealed FROM sessions")
-            .fetch_one(store.pool())
-            .await
-            .unwrap();
-        assert!(!raw.windows(6).any(|w| w == b"secret"));
-        let session = store.latest_session(&account.id).await.unwrap().unwrap();
-        assert_eq!(session.data, data);
-        assert!(session.is_usable(now()));
-        store.mark_session_rejected(&session.id).await.unwrap();
-        let session = store.latest_session(&account.id).await.unwrap().unwrap();
-        assert!(!session.is_usable(now()));
+        }
+    }
+
+    on_both_engines! {
+        async fn session_round_trips_sealed(_db, store) {
+            let account = store
+                .add_account(NewAccount {
+                    url: "https://x.example.com".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            let data = cookie("very-secret-cookie");
+            store
+                .save_session(&account.id, &data, "imported", None)
+                .await
+                .unwrap();
+            let raw = store.raw_bytes("SELECT data_sealed FROM sessions").await;
+            assert!(!raw[0].windows(6).any(|w| w == b"secret"));
+            let session = store.latest_session(&account.id).await.unwrap().unwrap();
+            assert_eq!(session.data, data);
+            assert!(session.is_usable(now()));
+            store.mark_session_rejected(&session.id).await.unwrap();
+            let session = store.latest_session(&account.id).await.unwrap().unwrap();
+            assert!(!session.is_usable(now()));
+        }
+
+        /// Within one second, the session saved last is the newest; rotated cookies replace
+        /// a session's material in place.
+        async fn the_newest_session_wins_and_rotations_are_kept(_db, store) {
+            let account = store
+                .add_account(NewAccount {
+                    url: "https://x.example.com".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            for i in 0..5 {
+                store
+                    .save_session(&account.id, &cookie(&format!("c{i}")), "login", Some(i64::MAX))
+                    .await
+                    .unwrap();
+            }
+            let newest = store.latest_session(&account.id).await.unwrap().unwrap();
+            assert_eq!(newest.data.cookies[0].value, "c4");
+            assert_eq!(newest.expires_at, Some(i64::MAX));
+            store
+                .update_session_data(&newest.id, &cookie("rotated"))
+                .await
+                .unwrap();
+            let newest = store.latest_session(&account.id).await.unwrap().unwrap();
+            assert_eq!(newest.data.cookies[0].value, "rotated");
+            let listed = store.sessions().await.unwrap();
+            assert_eq!(listed.len(), 5);
+            assert_eq!(listed[4].id, newest.id);
+            assert_eq!(listed[0].cookies, ["sid"]);
+        }
     }
 }

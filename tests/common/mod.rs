@@ -2,6 +2,7 @@
 //! 0, a temp data dir each, and the official `openai` SDK from a venv under `target/`.
 #![allow(dead_code)]
 
+pub mod postgres;
 pub mod proxy;
 
 use std::io::{BufRead, BufReader, Write};
@@ -118,12 +119,15 @@ pub fn demo_site(shape: &str, extra: &[&str]) -> Proc {
 /// A data dir with its own environment for the binary.
 pub struct Data {
     pub dir: tempfile::TempDir,
+    /// Set for every command run on this data dir (`COMPUTETOWER_DATABASE_URL`, say).
+    env: Vec<(String, String)>,
 }
 
 impl Data {
     pub fn new() -> Data {
         Data {
             dir: tempfile::tempdir().unwrap(),
+            env: Vec::new(),
         }
     }
 
@@ -131,7 +135,16 @@ impl Data {
     pub fn in_dir(parent: &Path) -> Data {
         Data {
             dir: tempfile::tempdir_in(parent).unwrap(),
+            env: Vec::new(),
         }
+    }
+
+    /// A data dir whose store is the PostgreSQL database at `url` (see [`postgres`]).
+    pub fn on_postgres(url: &str) -> Data {
+        let mut data = Data::new();
+        data.env
+            .push(("COMPUTETOWER_DATABASE_URL".to_owned(), url.to_owned()));
+        data
     }
 
     pub fn path(&self) -> &Path {
@@ -143,8 +156,19 @@ impl Data {
         cmd.env("COMPUTETOWER_DATA", self.path())
             .env("COMPUTETOWER_MASTER_KEY", MASTER_KEY)
             .env_remove("COMPUTETOWER_CONFIG")
+            .env_remove("COMPUTETOWER_DATABASE_URL")
             .env_remove("RUST_LOG")
             .current_dir(self.path());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    /// The command for `args` with this data dir's environment, to run as a test likes.
+    pub fn command_for(&self, args: &[&str]) -> Command {
+        let mut cmd = self.command();
+        cmd.args(args);
         cmd
     }
 
