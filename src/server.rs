@@ -131,6 +131,7 @@ pub fn app_state(config: Config, store: Store, events: EventWriter) -> AppState 
         learner: Some(learner),
         config: Arc::new(config),
         keys,
+        jobs: Arc::new(crate::api::jobs::Jobs::new()),
     }
 }
 

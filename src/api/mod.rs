@@ -10,11 +10,14 @@
 //! JSON 404.
 
 pub mod admin;
+pub mod admin_ui;
+pub mod admin_view;
 pub mod anthropic;
 pub mod auth;
 pub mod error;
 pub mod extract;
 pub mod front;
+pub mod jobs;
 pub mod openai;
 pub mod responses;
 pub mod sessions;
@@ -42,6 +45,8 @@ pub struct AppState {
     /// Learns flows with the browser (`POST /admin/accounts/{id}/learn`).
     pub learner: Option<Arc<crate::learn::Learner>>,
     pub keys: auth::KeyCheck,
+    /// Learn and login jobs with their progress lines.
+    pub jobs: Arc<jobs::Jobs>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -76,6 +81,7 @@ pub fn router(state: AppState) -> Router {
             get(responses::retrieve).delete(responses::delete),
         )
         .merge(admin::routes())
+        .merge(admin_ui::routes())
         .merge(sessions::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -258,6 +264,7 @@ mod tests {
             gateway: Arc::new(gateway),
             learner: None,
             keys: auth::KeyCheck::new(store, 0),
+            jobs: Arc::new(jobs::Jobs::new()),
         });
         let health = app
             .clone()

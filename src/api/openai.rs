@@ -45,8 +45,8 @@ pub async fn model(
         .map(axum::Json)
         .ok_or_else(|| {
             ApiError::not_found(format!(
-                "The model `{id}` does not exist. Available models: {}.",
-                known.join(", ")
+                "The model `{id}` does not exist. {}",
+                crate::gateway::available_models(&known)
             ))
             .code("model_not_found")
             .param("model")

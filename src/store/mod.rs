@@ -12,6 +12,7 @@ pub mod history;
 pub mod keys;
 pub mod responses;
 pub mod sessions;
+pub mod traffic;
 
 use std::path::Path;
 use std::str::FromStr;
