@@ -381,7 +381,7 @@ function flowCard(service, flow, older) {
     : stats.tested ? pill("verified", "ok") : pill("not verified", "warn");
   const dl = h("dl", {},
     h("dt", {}, "Chat call"), h("dd", { class: "mono" }, `${req.method} ${req.url}`,
-      headers.length ? h("div", { class: "hint" }, headers.join("\n")) : null),
+      headers.length ? h("div", { class: "hint headers" }, headers.join("\n")) : null),
     h("dt", {}, "Preflights"), h("dd", {}, (flow.preflight || []).length
       ? (flow.preflight).map((p) => h("div", { class: "mono" }, `${p.method || "POST"} ${p.url}`,
           Object.keys(p.extract || {}).length
@@ -459,8 +459,25 @@ function diffView(older, active, from, to) {
   const changed = lines.filter(([kind]) => kind !== "same").length;
   return h("div", { class: "diff-box" },
     h("h4", {}, `v${from} → v${to} (active): ${changed} lines differ`),
-    h("div", { class: "diff", dataset: { diffFrom: String(from) } },
-      lines.map(([kind, text]) => h("div", { class: kind }, (kind === "add" ? "+ " : kind === "del" ? "- " : "  ") + text))));
+    h("div", { class: "diff", dataset: { diffFrom: String(from) } }, withContext(lines, 3)));
+}
+
+// Changed lines with `context` unchanged lines around them; longer unchanged runs fold.
+function withContext(lines, context) {
+  const near = lines.map(() => false);
+  lines.forEach(([kind], i) => {
+    if (kind === "same") return;
+    for (let j = Math.max(0, i - context); j <= Math.min(lines.length - 1, i + context); j++) near[j] = true;
+  });
+  const out = [];
+  let folded = 0;
+  lines.forEach(([kind, text], i) => {
+    if (!near[i]) { folded++; return; }
+    if (folded) { out.push(h("div", { class: "gap" }, `  … ${folded} unchanged lines`)); folded = 0; }
+    out.push(h("div", { class: kind }, (kind === "add" ? "+ " : kind === "del" ? "- " : "  ") + text));
+  });
+  if (folded) out.push(h("div", { class: "gap" }, `  … ${folded} unchanged lines`));
+  return out;
 }
 
 $("import-flow").addEventListener("submit", async (e) => {
@@ -543,10 +560,11 @@ function renderCharts() {
     const last = (xs) => { for (let i = xs.length - 1; i >= 0; i--) if (xs[i] !== null) return xs[i]; return null; };
     return h("div", { class: "chart", dataset: { service } },
       h("h3", {}, service),
-      h("div", { class: "legend" }, `${total} requests in the last hour, ${reqs[59]} this minute`),
+      h("div", { class: "legend" }, `requests per minute: ${total} requests in the last hour, ${reqs[59]} this minute`),
       bars(reqs),
       h("div", { class: "legend" }, `time to first token: p50 ${fmtMs(last(p50))}, p95 ${fmtMs(last(p95))} (latest minute)`),
-      lines(p50, p95));
+      lines(p50, p95),
+      h("div", { class: "legend" }, "last 60 minutes · green p50, orange p95"));
   });
   $("charts").replaceChildren(...(charts.length ? charts
     : [h("p", { class: "muted" }, "No requests in the last hour.")]));
@@ -562,18 +580,26 @@ function bars(values) {
   const max = Math.max(1, ...values);
   const root = svg("svg", { viewBox: "0 0 600 90", preserveAspectRatio: "none", role: "img", "aria-label": "requests per minute" });
   values.forEach((v, i) => {
-    const height = (v / max) * 84;
+    const height = (v / max) * 80;
     root.append(svg("rect", { class: "bar", x: i * 10 + 1, y: 88 - height, width: 8, height }));
   });
+  const label = svg("text", { class: "axis", x: 2, y: 10 });
+  label.textContent = `${max}/min`;
+  root.append(label);
   return root;
 }
 function lines(p50, p95) {
   const max = Math.max(1, ...p95.filter((v) => v !== null), ...p50.filter((v) => v !== null));
   const root = svg("svg", { viewBox: "0 0 600 90", preserveAspectRatio: "none", role: "img", "aria-label": "time to first token" });
   for (const [values, cls] of [[p50, "p50"], [p95, "p95"]]) {
-    const pts = values.map((v, i) => (v === null ? null : `${i * 10 + 5},${88 - (v / max) * 84}`)).filter(Boolean);
-    if (pts.length) root.append(svg("polyline", { class: cls, points: pts.join(" ") }));
+    const pts = values.map((v, i) => (v === null ? null : [i * 10 + 5, 88 - (v / max) * 80]));
+    const drawn = pts.filter(Boolean);
+    if (drawn.length > 1) root.append(svg("polyline", { class: cls, points: drawn.map((p) => p.join(",")).join(" ") }));
+    for (const [x, y] of drawn) root.append(svg("circle", { class: cls === "p50" ? "dot50" : "dot95", cx: x, cy: y, r: 2.5 }));
   }
+  const label = svg("text", { class: "axis", x: 2, y: 10 });
+  label.textContent = fmtMs(max);
+  root.append(label);
   return root;
 }
 
