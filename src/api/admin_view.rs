@@ -266,16 +266,24 @@ fn broadcast_stream<T: Clone + Send + 'static>(
 /// shape), then the end of the stream.
 pub fn job_events(lines: broadcast::Receiver<JobLine>, started: Started) -> impl IntoResponse {
     let Started { job, result } = started;
-    let progress = broadcast_stream(lines)
-        .filter(move |line| std::future::ready(line.job == job))
-        .scan(false, |ended, line| {
-            let item = (!*ended).then(|| {
-                *ended = line.state != JobState::Running;
-                line
-            });
-            std::future::ready(item)
-        })
-        .filter_map(|line| async move { Event::default().event("progress").json_data(line).ok() });
+    // Ends right after the job's last line, without waiting for another line to come.
+    let progress = futures_util::stream::unfold(Some(lines), move |rx| {
+        let job = job.clone();
+        async move {
+            let mut rx = rx?;
+            loop {
+                match rx.recv().await {
+                    Ok(line) if line.job == job => {
+                        let last = line.state != JobState::Running;
+                        return Some((line, (!last).then_some(rx)));
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        }
+    })
+    .filter_map(|line| async move { Event::default().event("progress").json_data(line).ok() });
     let end = futures_util::stream::once(async move {
         let event = match result.await {
             Ok(Ok(body)) => Event::default().event("result").json_data(body),

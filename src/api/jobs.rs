@@ -33,14 +33,14 @@ const ENDED_LIVE: usize = 256;
 /// live sessions only when asked.
 const LIVE_POLL: Duration = Duration::from_millis(250);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobKind {
     Learn,
     Login,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     Running,
@@ -49,7 +49,7 @@ pub enum JobState {
 }
 
 /// One progress line of a job.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct JobLine {
     pub job: String,
     pub kind: JobKind,
@@ -61,8 +61,11 @@ pub struct JobLine {
     pub line: String,
     pub state: JobState,
     /// The handoff page of a login waiting for a person.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handoff: Option<String>,
+    /// A line of the summary the job ends with (what `learn` prints on stdout).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub summary: bool,
 }
 
 /// A started job: its id, and its result once it ends (the JSON `POST …/learn` answers).
@@ -321,7 +324,7 @@ impl Progress {
         }
     }
 
-    fn emit(&self, line: String, state: JobState, handoff: Option<String>) {
+    fn emit(&self, line: String, state: JobState, handoff: Option<String>, summary: bool) {
         self.jobs.emit(JobLine {
             job: self.job.clone(),
             kind: self.kind,
@@ -331,11 +334,12 @@ impl Progress {
             line,
             state,
             handoff,
+            summary,
         });
     }
 
     fn line(&self, line: String) {
-        self.emit(line, JobState::Running, None);
+        self.emit(line, JobState::Running, None, false);
     }
 
     /// The summary lines, the last one marking the end.
@@ -345,10 +349,10 @@ impl Progress {
             None => return,
         };
         for line in earlier {
-            self.line(line.clone());
+            self.emit(line.clone(), JobState::Running, None, true);
         }
         let state = if ok { JobState::Done } else { JobState::Failed };
-        self.emit(last.clone(), state, None);
+        self.emit(last.clone(), state, None, true);
     }
 
     /// Watches the pool for this account's logins waiting on a person, and says where to
@@ -376,6 +380,7 @@ impl Progress {
                             ),
                             JobState::Running,
                             Some(path),
+                            false,
                         );
                     }
                 }
@@ -414,7 +419,13 @@ fn login_json(account: &Account, renewed: &Renewed) -> Value {
             "elapsed_ms": o.elapsed.as_millis() as u64,
         })
     });
-    json!({ "account_id": account.id, "session": session, "login": outcome })
+    json!({
+        "account_id": account.id,
+        "session": session,
+        "pages": outcome.as_ref().map(|o| o["pages"].clone()),
+        "elapsed_ms": outcome.as_ref().map(|o| o["elapsed_ms"].clone()),
+        "login": outcome,
+    })
 }
 
 /// What `learn` prints when it is done.
@@ -540,6 +551,7 @@ mod tests {
             line: text.into(),
             state: JobState::Running,
             handoff: None,
+            summary: false,
         }
     }
 

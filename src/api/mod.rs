@@ -50,6 +50,42 @@ pub struct AppState {
 }
 
 pub fn router(state: AppState) -> Router {
+    let cors = cors(&state.config);
+    let routes = Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/models/{id}", get(openai::model))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
+        .route("/v1/responses", post(responses::create))
+        .route(
+            "/v1/responses/{id}",
+            get(responses::retrieve).delete(responses::delete),
+        )
+        .merge(admin::routes())
+        .merge(admin_ui::routes())
+        .merge(sessions::routes());
+    let router = layered(routes, state);
+    // Outermost, so a browser's preflight (which carries no key) is answered.
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
+}
+
+/// What a CLI serves on loopback while its own login waits for a person: the captcha handoff
+/// (`/admin/sessions…`) and the page assets, behind the same layers as the full API.
+pub fn handoff_router(state: AppState) -> Router {
+    let routes = Router::new()
+        .merge(admin_ui::routes())
+        .merge(sessions::routes());
+    layered(routes, state)
+}
+
+/// `routes` behind the one layer stack every route has.
+fn layered(routes: Router<AppState>, state: AppState) -> Router {
     let layers = ServiceBuilder::new()
         .layer(middleware::from_fn(error::anthropic_shape))
         .layer(CatchPanicLayer::custom(|_| {
@@ -66,32 +102,11 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             auth::require_key,
         ));
-    let cors = cors(&state.config);
-    let router = Router::new()
-        .route("/health", get(health))
-        .route("/metrics", get(metrics))
-        .route("/v1/models", get(openai::models))
-        .route("/v1/models/{id}", get(openai::model))
-        .route("/v1/chat/completions", post(openai::chat_completions))
-        .route("/v1/messages", post(anthropic::messages))
-        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
-        .route("/v1/responses", post(responses::create))
-        .route(
-            "/v1/responses/{id}",
-            get(responses::retrieve).delete(responses::delete),
-        )
-        .merge(admin::routes())
-        .merge(admin_ui::routes())
-        .merge(sessions::routes())
+    routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(layers)
-        .with_state(state);
-    // Outermost, so a browser's preflight (which carries no key) is answered.
-    match cors {
-        Some(cors) => router.layer(cors),
-        None => router,
-    }
+        .with_state(state)
 }
 
 /// CORS for browser front ends, from `[api] cors_origins` (none by default). `*` is honoured
