@@ -560,9 +560,9 @@ function renderCharts() {
     const last = (xs) => { for (let i = xs.length - 1; i >= 0; i--) if (xs[i] !== null) return xs[i]; return null; };
     return h("div", { class: "chart", dataset: { service } },
       h("h3", {}, service),
-      h("div", { class: "legend" }, `requests per minute: ${total} requests in the last hour, ${reqs[59]} this minute`),
+      h("div", { class: "legend" }, `requests per minute (top ${Math.max(1, ...reqs)}/min): ${total} requests in the last hour, ${reqs[59]} this minute`),
       bars(reqs),
-      h("div", { class: "legend" }, `time to first token: p50 ${fmtMs(last(p50))}, p95 ${fmtMs(last(p95))} (latest minute)`),
+      h("div", { class: "legend" }, `time to first token (top ${fmtMs(Math.max(0, ...p95.filter((v) => v !== null)))}): p50 ${fmtMs(last(p50))}, p95 ${fmtMs(last(p95))} (latest minute)`),
       lines(p50, p95),
       h("div", { class: "legend" }, "last 60 minutes · green p50, orange p95"));
   });
@@ -583,9 +583,6 @@ function bars(values) {
     const height = (v / max) * 80;
     root.append(svg("rect", { class: "bar", x: i * 10 + 1, y: 88 - height, width: 8, height }));
   });
-  const label = svg("text", { class: "axis", x: 2, y: 10 });
-  label.textContent = `${max}/min`;
-  root.append(label);
   return root;
 }
 function lines(p50, p95) {
@@ -595,11 +592,8 @@ function lines(p50, p95) {
     const pts = values.map((v, i) => (v === null ? null : [i * 10 + 5, 88 - (v / max) * 80]));
     const drawn = pts.filter(Boolean);
     if (drawn.length > 1) root.append(svg("polyline", { class: cls, points: drawn.map((p) => p.join(",")).join(" ") }));
-    for (const [x, y] of drawn) root.append(svg("circle", { class: cls === "p50" ? "dot50" : "dot95", cx: x, cy: y, r: 2.5 }));
+    for (const [x, y] of drawn) root.append(svg("rect", { class: cls === "p50" ? "dot50" : "dot95", x: x - 3, y: y - 1.5, width: 6, height: 3 }));
   }
-  const label = svg("text", { class: "axis", x: 2, y: 10 });
-  label.textContent = fmtMs(max);
-  root.append(label);
   return root;
 }
 
