@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -46,6 +48,7 @@ pub struct Config {
 pub struct ServiceSettings {
     /// Origins besides the account's own that the service's flows may call with the
     /// account's session (an API on another host of the same site, say).
+    #[serde(deserialize_with = "list_or_commas")]
     pub allowed_origins: Vec<String>,
 }
 
@@ -54,6 +57,7 @@ pub struct ServiceSettings {
 pub struct ApiSettings {
     /// Origins a browser front end may call the API from (CORS), e.g.
     /// `["http://localhost:3000"]`; `"*"` allows any, and only on a loopback bind.
+    #[serde(deserialize_with = "list_or_commas")]
     pub cors_origins: Vec<String>,
 }
 
@@ -141,12 +145,23 @@ impl Default for CaptchaSettings {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AssistSettings {
     pub url: String,
     pub api_key: String,
     pub model: String,
+}
+
+impl std::fmt::Debug for AssistSettings {
+    /// The API key is a secret: only whether one is set is shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AssistSettings")
+            .field("url", &self.url)
+            .field("api_key", &(!self.api_key.is_empty()).then_some("<set>"))
+            .field("model", &self.model)
+            .finish()
+    }
 }
 
 impl Default for Config {
@@ -179,10 +194,10 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
-    #[error("config file {path}: {message}")]
-    Parse { path: String, message: String },
-    #[error("environment variable {name}: {message}")]
-    Env { name: String, message: String },
+    /// A value in the file or the environment that does not fit, or an unknown key; the
+    /// message names the key and where it came from.
+    #[error("config: {0}")]
+    Layer(String),
     #[error("setting `{key}`: {message}")]
     Invalid { key: &'static str, message: String },
 }
@@ -190,20 +205,117 @@ pub enum ConfigError {
 /// Name of the config file looked for in the working directory.
 pub const DEFAULT_FILE: &str = "computetower.toml";
 
+const ENV_PREFIX: &str = "COMPUTETOWER_";
+
+/// `COMPUTETOWER_*` variables that are not settings.
+const NOT_SETTINGS: &[&str] = &["config", "master_key", "chromium_exec"];
+
+/// Environment names (after the prefix) documented before every key had one, and the keys
+/// they set.
+pub const ENV_ALIASES: &[(&str, &str)] = &[
+    ("data", "data_dir"),
+    ("browser_page_idle_secs", "browser.page_idle_secs"),
+    ("browser_tier_timeout_secs", "browser.tier_timeout_secs"),
+    ("cors_origins", "api.cors_origins"),
+    ("per_account_concurrency", "limits.per_account_concurrency"),
+    ("per_account_queue", "limits.per_account_queue"),
+    (
+        "requests_per_minute_per_key",
+        "limits.requests_per_minute_per_key",
+    ),
+    ("captcha_human_timeout_secs", "captcha.human_timeout_secs"),
+    ("captcha_solver_command", "captcha.solver_command"),
+    ("assist_api_key", "assist.api_key"),
+];
+
+/// The config key an environment name (prefix removed, lower case) sets.
+fn env_key(name: &str) -> String {
+    ENV_ALIASES
+        .iter()
+        .find(|(alias, _)| *alias == name)
+        .map_or_else(|| name.replace("__", "."), |(_, key)| (*key).to_owned())
+}
+
+/// A list given as a list, or as one comma-separated string (handy in the environment).
+fn list_or_commas<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        List(Vec<String>),
+        Text(String),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::List(list) => list,
+        Either::Text(text) => text
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    })
+}
+
 impl Config {
-    /// Loads the layered config. `file` is an explicit path (which must exist); otherwise
-    /// `COMPUTETOWER_CONFIG`, then `./computetower.toml` when present.
+    /// Loads the layered config: defaults, then the file (`file`, which must exist; else
+    /// `COMPUTETOWER_CONFIG`; else `./computetower.toml` when present), then the environment.
+    ///
+    /// Every key can be set from the environment: `COMPUTETOWER_` plus the key, with `__`
+    /// between a table and its key (`COMPUTETOWER_LIMITS__PER_ACCOUNT_QUEUE=10`,
+    /// `COMPUTETOWER_SERVICES__EXAMPLE__ALLOWED_ORIGINS='["https://api.example.com"]'`).
+    /// The shorter names documented before tables existed still work (see [`ENV_ALIASES`]).
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let vars: Vec<(String, String)> = std::env::vars()
+            .filter(|(k, v)| k.starts_with(ENV_PREFIX) && !v.is_empty())
+            .collect();
+        Self::load_from(file, &vars)
+    }
+
+    /// [`Config::load`] with `vars` as the environment (the `COMPUTETOWER_*` variables).
+    fn load_from(file: Option<&Path>, vars: &[(String, String)]) -> Result<Self, ConfigError> {
+        let var = |name: &str| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
         let explicit = file
             .map(Path::to_path_buf)
-            .or_else(|| env("COMPUTETOWER_CONFIG").map(PathBuf::from));
-        let mut config = match explicit {
-            Some(path) => Self::from_file(&path)?,
-            None if Path::new(DEFAULT_FILE).exists() => Self::from_file(Path::new(DEFAULT_FILE))?,
-            None => Self::default(),
-        };
-        config.apply_env(env)?;
+            .or_else(|| var("COMPUTETOWER_CONFIG").map(PathBuf::from));
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        match explicit {
+            Some(path) => {
+                // An explicit file must exist: a typo in its name must not silently fall back.
+                std::fs::metadata(&path).map_err(|source| ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                figment = figment.merge(Toml::file_exact(path));
+            }
+            None if Path::new(DEFAULT_FILE).exists() => {
+                figment = figment.merge(Toml::file_exact(DEFAULT_FILE));
+            }
+            None => {}
+        }
+        // Each variable is one key (values read as TOML-ish: numbers, booleans, lists).
+        let mut from_env: Vec<(String, &str)> = Vec::new();
+        for (name, value) in vars {
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let rest = rest.to_ascii_lowercase();
+            if NOT_SETTINGS.contains(&rest.as_str()) {
+                continue;
+            }
+            let key = env_key(&rest);
+            let parsed: figment::value::Value = value.parse().unwrap_or_else(|e| match e {});
+            figment = figment.merge(Serialized::default(&key, parsed));
+            from_env.push((key, name.as_str()));
+        }
+        let config: Config = figment.extract().map_err(|e| {
+            // Name the variable when the bad value came from one.
+            let key = e.path.join(".");
+            let source = from_env
+                .iter()
+                .find(|(k, _)| *k == key || (key.is_empty() && e.to_string().contains(k.as_str())))
+                .map(|(_, name)| format!(" (from the environment variable {name})"))
+                .unwrap_or_default();
+            ConfigError::Layer(format!("{e}{source}"))
+        })?;
         config.check()?;
         Ok(config)
     }
@@ -243,92 +355,6 @@ impl Config {
         Ok(())
     }
 
-    fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })
-    }
-
-    fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
-        fn parse<T: std::str::FromStr>(name: &str, value: &str) -> Result<T, ConfigError>
-        where
-            T::Err: std::fmt::Display,
-        {
-            value.parse().map_err(|e: T::Err| ConfigError::Env {
-                name: name.to_owned(),
-                message: format!("`{value}`: {e}"),
-            })
-        }
-        if let Some(v) = env("COMPUTETOWER_DATA") {
-            self.data_dir = PathBuf::from(v);
-        }
-        if let Some(v) = env("COMPUTETOWER_BIND") {
-            self.bind = parse("COMPUTETOWER_BIND", &v)?;
-        }
-        if let Some(v) = env("COMPUTETOWER_CHROME") {
-            self.chrome = PathBuf::from(v);
-        }
-        if let Some(v) = env("COMPUTETOWER_MAX_BODY_BYTES") {
-            self.max_body_bytes = parse("COMPUTETOWER_MAX_BODY_BYTES", &v)?;
-        }
-        if let Some(v) = env("COMPUTETOWER_UPSTREAM_FIRST_BYTE_TIMEOUT_SECS") {
-            self.upstream_first_byte_timeout_secs =
-                parse("COMPUTETOWER_UPSTREAM_FIRST_BYTE_TIMEOUT_SECS", &v)?;
-        }
-        if let Some(v) = env("COMPUTETOWER_UPSTREAM_IDLE_TIMEOUT_SECS") {
-            self.upstream_idle_timeout_secs = parse("COMPUTETOWER_UPSTREAM_IDLE_TIMEOUT_SECS", &v)?;
-        }
-        if let Some(v) = env("COMPUTETOWER_PREFLIGHT_REUSE_SECS") {
-            self.preflight_reuse_secs = parse("COMPUTETOWER_PREFLIGHT_REUSE_SECS", &v)?;
-        }
-        if let Some(v) = env("COMPUTETOWER_BROWSER_PAGE_IDLE_SECS") {
-            self.browser.page_idle_secs = parse("COMPUTETOWER_BROWSER_PAGE_IDLE_SECS", &v)?;
-        }
-        if let Some(v) = env("COMPUTETOWER_BROWSER_TIER_TIMEOUT_SECS") {
-            self.browser.tier_timeout_secs = parse("COMPUTETOWER_BROWSER_TIER_TIMEOUT_SECS", &v)?;
-        }
-        if let Some(v) = env("COMPUTETOWER_LOG") {
-            self.log = v;
-        }
-        if let Some(v) = env("COMPUTETOWER_CORS_ORIGINS") {
-            self.api.cors_origins = v
-                .split(',')
-                .map(|o| o.trim().to_owned())
-                .filter(|o| !o.is_empty())
-                .collect();
-        }
-        if let Some(v) = env("COMPUTETOWER_ALLOW_INLINE_CREDENTIALS") {
-            self.allow_inline_credentials = parse("COMPUTETOWER_ALLOW_INLINE_CREDENTIALS", &v)?;
-        }
-        if let Some(v) = env("COMPUTETOWER_PER_ACCOUNT_CONCURRENCY") {
-            self.limits.per_account_concurrency =
-                parse("COMPUTETOWER_PER_ACCOUNT_CONCURRENCY", &v)?;
-        }
-        if let Some(v) = env("COMPUTETOWER_PER_ACCOUNT_QUEUE") {
-            self.limits.per_account_queue = parse("COMPUTETOWER_PER_ACCOUNT_QUEUE", &v)?;
-        }
-        if let Some(v) = env("COMPUTETOWER_REQUESTS_PER_MINUTE_PER_KEY") {
-            self.limits.requests_per_minute_per_key =
-                parse("COMPUTETOWER_REQUESTS_PER_MINUTE_PER_KEY", &v)?;
-        }
-        if let Some(v) = env("COMPUTETOWER_CAPTCHA_HUMAN_TIMEOUT_SECS") {
-            self.captcha.human_timeout_secs = parse("COMPUTETOWER_CAPTCHA_HUMAN_TIMEOUT_SECS", &v)?;
-        }
-        if let Some(v) = env("COMPUTETOWER_CAPTCHA_SOLVER_COMMAND") {
-            self.captcha.solver_command = Some(v);
-        }
-        if let Some(v) = env("COMPUTETOWER_ASSIST_API_KEY") {
-            // The key is a secret: it is better kept out of the config file.
-            self.assist.api_key = v;
-        }
-        Ok(())
-    }
-
     pub fn database_path(&self) -> PathBuf {
         self.data_dir.join("computetower.db")
     }
@@ -349,33 +375,97 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// Loads with `file` (TOML text, if any) and `vars` as the whole environment.
+    fn load(file: Option<&str>, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        if let Some(text) = file {
+            std::fs::write(&path, text).unwrap();
+        }
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Config::load_from(file.map(|_| path.as_path()), &vars)
+    }
+
     #[test]
     fn env_overrides_file_and_defaults() {
-        let mut config: Config = toml::from_str("bind = \"127.0.0.1:9000\"").unwrap();
+        let config = load(Some("bind = \"127.0.0.1:9000\""), &[]).unwrap();
         assert_eq!(config.bind.port(), 9000);
         assert_eq!(config.data_dir, PathBuf::from("./data"));
-        config
-            .apply_env(|name| (name == "COMPUTETOWER_DATA").then(|| "/tmp/x".to_owned()))
-            .unwrap();
+        let config = load(
+            Some("bind = \"127.0.0.1:9000\"\n[limits]\nper_account_queue = 3"),
+            &[
+                ("COMPUTETOWER_DATA", "/tmp/x"),
+                ("COMPUTETOWER_LIMITS__PER_ACCOUNT_QUEUE", "10"),
+                ("COMPUTETOWER_BROWSER__HEADLESS", "false"),
+            ],
+        )
+        .unwrap();
         assert_eq!(config.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(config.limits.per_account_queue, 10);
+        assert!(!config.browser.headless);
+        assert_eq!(config.bind.port(), 9000);
+    }
+
+    #[test]
+    fn every_key_and_the_old_names_come_from_the_environment() {
+        let config = load(
+            None,
+            &[
+                ("COMPUTETOWER_PER_ACCOUNT_CONCURRENCY", "7"),
+                ("COMPUTETOWER_ASSIST_API_KEY", "sk-assist"),
+                (
+                    "COMPUTETOWER_CAPTCHA__SOLVER_URL",
+                    "http://127.0.0.1:1/solve",
+                ),
+                (
+                    "COMPUTETOWER_SERVICES__EXAMPLE__ALLOWED_ORIGINS",
+                    "https://api.example.com, https://cdn.example.com",
+                ),
+                ("COMPUTETOWER_BROWSER__HUMAN_DELAY_MS", "[10, 20]"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.limits.per_account_concurrency, 7);
+        assert_eq!(config.assist.api_key, "sk-assist");
+        assert_eq!(
+            config.captcha.solver_url.as_deref(),
+            Some("http://127.0.0.1:1/solve")
+        );
+        assert_eq!(
+            config.allowed_origins("example"),
+            ["https://api.example.com", "https://cdn.example.com"]
+        );
+        assert_eq!(config.browser.human_delay_ms, [10, 20]);
+        // The secret never shows in the config's debug output.
+        assert!(!format!("{config:?}").contains("sk-assist"));
     }
 
     #[test]
     fn nested_tables_parse_and_reject_unknown_keys() {
-        let config: Config =
-            toml::from_str("[browser]\ntyping = \"human\"\n[captcha]\nhuman_timeout_secs = 5")
-                .unwrap();
+        let config = load(
+            Some("[browser]\ntyping = \"human\"\n[captcha]\nhuman_timeout_secs = 5"),
+            &[],
+        )
+        .unwrap();
         assert_eq!(config.browser.typing, "human");
         assert_eq!(config.captcha.human_timeout_secs, 5);
         assert_eq!(config.browser.max_contexts, 8);
-        let err = toml::from_str::<Config>("[browser]\nspeed = 1").unwrap_err();
+        let err = load(Some("[browser]\nspeed = 1"), &[]).unwrap_err();
+        assert!(err.to_string().contains("speed"), "{err}");
+        let err = load(None, &[("COMPUTETOWER_BROWSER__SPEED", "1")]).unwrap_err();
         assert!(err.to_string().contains("speed"), "{err}");
     }
 
     #[test]
     fn cors_origins_are_checked() {
-        let mut config: Config =
-            toml::from_str("[api]\ncors_origins = [\"http://localhost:3000\"]").unwrap();
+        let mut config = load(
+            Some("[api]\ncors_origins = [\"http://localhost:3000\"]"),
+            &[],
+        )
+        .unwrap();
         assert!(config.check().is_ok());
         config.api.cors_origins = vec!["*".into()];
         assert!(config.check().is_ok(), "any origin on loopback");
@@ -387,27 +477,19 @@ mod tests {
         );
         config.api.cors_origins = vec!["http://localhost:3000/app".into()];
         assert!(config.check().is_err());
-        config
-            .apply_env(|name| {
-                (name == "COMPUTETOWER_CORS_ORIGINS")
-                    .then(|| "https://a.example, http://b:1".into())
-            })
-            .unwrap();
+        let config = load(
+            None,
+            &[("COMPUTETOWER_CORS_ORIGINS", "https://a.example, http://b:1")],
+        )
+        .unwrap();
         assert_eq!(config.api.cors_origins, ["https://a.example", "http://b:1"]);
-        assert!(config.check().is_ok());
     }
 
     #[test]
-    fn unknown_key_is_named() {
-        let err = toml::from_str::<Config>("bnd = \"x\"").unwrap_err();
+    fn unknown_key_and_bad_values_are_named() {
+        let err = load(Some("bnd = \"x\""), &[]).unwrap_err();
         assert!(err.to_string().contains("bnd"), "{err}");
-    }
-
-    #[test]
-    fn bad_env_value_is_named() {
-        let err = Config::default()
-            .apply_env(|name| (name == "COMPUTETOWER_BIND").then(|| "nope".to_owned()))
-            .unwrap_err();
+        let err = load(None, &[("COMPUTETOWER_BIND", "nope")]).unwrap_err();
         assert!(err.to_string().contains("COMPUTETOWER_BIND"), "{err}");
     }
 }

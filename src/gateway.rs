@@ -645,6 +645,8 @@ impl Gateway {
                 };
                 let error = match result {
                     Ok((head, rest)) => {
+                        let ttft = started.elapsed();
+                        crate::telemetry::first_token(&name, tier, ttft.as_secs_f64());
                         self.accounts.record(&account.id, true);
                         if probing {
                             tracing::info!(service = %name, flow = %service.flow.id, "direct replay works again; the tier floor is lifted");
@@ -685,7 +687,7 @@ impl Gateway {
                                     tier: Some(i64::from(tier)),
                                     outcome: "ok".into(),
                                     status: Some(200),
-                                    ttft_ms: Some(started.elapsed().as_millis() as i64),
+                                    ttft_ms: Some(ttft.as_millis() as i64),
                                     latency_ms: None,
                                     queue_ms: Some(queue_ms),
                                     detail,
@@ -836,6 +838,7 @@ impl Gateway {
         tier: u8,
     ) {
         tracing::info!(request_id, service, account = account_id, kind = error.kind().as_str(), error = %error, "replay failed");
+        crate::telemetry::attempt_failed(service, tier, error.kind().as_str());
         self.events.record(Record::Execution(ExecutionEvent {
             request_id: request_id.to_owned(),
             service: service.to_owned(),
@@ -862,6 +865,7 @@ impl Gateway {
         failure: FailureKind,
         action: &str,
     ) {
+        crate::telemetry::decision(service, failure.as_str(), action);
         self.events.record(Record::Decision {
             request_id: request_id.to_owned(),
             service: service.to_owned(),
@@ -963,6 +967,7 @@ impl Reply {
         durably: bool,
     ) -> Option<tokio::sync::oneshot::Receiver<()>> {
         let mut record = self.record.take()?;
+        crate::telemetry::reply_ended(&record.event.service, self.tier, outcome);
         record.event.outcome = outcome.to_owned();
         if detail.is_some() {
             record.event.detail = detail;

@@ -120,6 +120,7 @@ pub fn replayer(config: &Config) -> Replayer {
 }
 
 pub fn app_state(config: Config, store: Store, events: EventWriter) -> AppState {
+    crate::telemetry::install();
     let keys = api::auth::KeyCheck::new(store.clone(), config.limits.requests_per_minute_per_key);
     let renewer = Arc::new(Renewer::new(
         BrowserPool::new(browser_config(&config)),

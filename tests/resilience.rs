@@ -170,6 +170,25 @@ async fn fifty_streams_over_three_accounts_queue_within_the_limit() {
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
         .sum();
     assert_eq!(served, 50.0, "{metrics}");
+    // Every reply's time to first token went into the histogram of its service and tier, and
+    // every reply's end into the request counter.
+    let sum_of = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum()
+    };
+    assert_eq!(
+        sum_of("computetower_ttft_seconds_count{"),
+        50.0,
+        "{metrics}"
+    );
+    assert_eq!(sum_of("computetower_requests_total{"), 50.0, "{metrics}");
+    assert!(
+        metrics.contains("# TYPE computetower_ttft_seconds histogram"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

@@ -169,50 +169,34 @@ async fn health(
     axum::Json(serde_json::json!({ "status": status, "tiers": tiers, "store": store }))
 }
 
-/// Prometheus text: per-account load, queues and cooldowns, and dropped event records.
+/// Prometheus text (see `telemetry`): requests, time to first token and fallback decisions
+/// per service and tier, per-account load, queues and cooldowns, and dropped event records.
 async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) -> Response {
-    use std::fmt::Write;
-    let mut out = String::new();
-    let loads = state.gateway.account_loads();
-    type Series = (
-        &'static str,
-        &'static str,
-        fn(&crate::account_pool::AccountLoad) -> f64,
-    );
-    let series: [Series; 6] = [
-        ("computetower_account_active", "gauge", |l| l.active as f64),
-        ("computetower_account_waiting", "gauge", |l| {
-            l.waiting as f64
-        }),
-        ("computetower_account_served_total", "counter", |l| {
-            l.served as f64
-        }),
-        ("computetower_account_queued_total", "counter", |l| {
-            l.queued_total as f64
-        }),
-        ("computetower_account_cooling_down", "gauge", |l| {
-            f64::from(u8::from(l.cooling_down_secs.is_some()))
-        }),
-        ("computetower_account_health", "gauge", |l| l.health),
-    ];
-    for (name, kind, value) in series {
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        for load in &loads {
-            let _ = writeln!(
-                out,
-                "{name}{{account=\"{}\"}} {}",
-                load.account_id,
-                value(load)
-            );
-        }
+    crate::telemetry::install();
+    for load in state.gateway.account_loads() {
+        let account = load.account_id.clone();
+        let gauge = |name: &'static str, value: f64| {
+            metrics::gauge!(name, "account" => account.clone()).set(value);
+        };
+        gauge("computetower_account_active", load.active as f64);
+        gauge("computetower_account_waiting", load.waiting as f64);
+        gauge(
+            "computetower_account_cooling_down",
+            f64::from(u8::from(load.cooling_down_secs.is_some())),
+        );
+        gauge("computetower_account_health", load.health);
+        metrics::counter!("computetower_account_served_total", "account" => account.clone())
+            .absolute(load.served);
+        metrics::counter!("computetower_account_queued_total", "account" => account.clone())
+            .absolute(load.queued_total);
     }
-    let _ = writeln!(out, "# TYPE computetower_events_dropped_total counter");
-    let _ = writeln!(
-        out,
-        "computetower_events_dropped_total {}",
-        state.gateway.events().dropped()
-    );
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    metrics::counter!("computetower_events_dropped_total")
+        .absolute(state.gateway.events().dropped());
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::telemetry::render(),
+    )
+        .into_response()
 }
 
 async fn not_found() -> Response {
