@@ -76,6 +76,8 @@ async fn add_account(
     let url = body
         .url
         .ok_or_else(|| ApiError::bad_request("`url` is required.").param("url"))?;
+    // A bad URL (credentials in it, say) is told as such before anything else.
+    crate::store::accounts::parse_site_url(&url)?;
     if body.name.is_none()
         && let Some(host) = unnamed_host(&url)
     {

@@ -85,6 +85,8 @@ pub async fn run(cmd: AccountCommand, config: &Config) -> CliResult {
             cookies,
             proxy,
         } => {
+            // A bad URL (credentials in it, say) is told as such before anything else.
+            crate::store::accounts::parse_site_url(&url)?;
             if name.is_none()
                 && let Some(host) = crate::api::admin::unnamed_host(&url)
             {
