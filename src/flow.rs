@@ -19,7 +19,16 @@
 //! - `preflight.NAME`: a value extracted from an earlier step's response;
 //! - `session.cookie.NAME`, `session.local.KEY`, `session.session.KEY`, `session.user_agent`:
 //!   from the sealed session; a `#/json/pointer` suffix reads inside a JSON-encoded value;
-//! - `conversation.NAME`: an id the previous reply of the same site conversation returned.
+//! - `conversation.NAME`: a value of the previous exchange of the same site conversation (a
+//!   preflight value it used, or an id its reply returned);
+//! - `turn`: the number of this turn in the site conversation (1 for the first); a counter the
+//!   site keeps another way is `turn*K+N` / `turn*K-N` (`turn-1` counts from 0, `turn*2-2`
+//!   counts both sides' messages).
+//!
+//! Conversations. `preflight` and `request` send a first turn. A later turn of the same site
+//! conversation is sent by `follow_up` when the learner saw one (a second probe in the same
+//! conversation): which calls it makes, which values of the previous exchange it reuses, and
+//! whether it resends the history.
 
 use std::collections::BTreeMap;
 
@@ -56,6 +65,9 @@ pub struct Flow {
     /// Selectors for the browser tiers (filled by the learner).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ui: Option<UiHints>,
+    /// How a later turn of the same site conversation is sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follow_up: Option<FollowUp>,
     /// Whether direct replay works for this flow.
     #[serde(default, skip_serializing_if = "ReplayPolicy::is_default")]
     pub replay: ReplayPolicy,
@@ -114,6 +126,64 @@ pub struct Step {
     #[serde(default)]
     pub extract: BTreeMap<String, Extract>,
 }
+
+/// A later turn of a site conversation, as the site's own page sends it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FollowUp {
+    /// Calls a later turn makes before its chat call, in order (a first turn's
+    /// create-conversation call is usually not among them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preflight: Vec<Step>,
+    /// The later turn's chat call; its reply is read with the flow's `response`.
+    pub request: HttpTemplate,
+    /// The later turn resends the whole history (the `messages` source gets every message),
+    /// not only the new turn.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resends_history: bool,
+}
+
+impl FollowUp {
+    /// The values of the previous exchange a later turn renders with: all of them but those
+    /// its own preflights extract (those steps run, or reuse their session-wide values, rather
+    /// than being skipped as already known).
+    pub fn carried(&self, values: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+        let own: Vec<&String> = self
+            .preflight
+            .iter()
+            .flat_map(|s| s.extract.keys())
+            .collect();
+        values
+            .iter()
+            .filter(|(name, _)| !own.contains(name))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// The names of the previous exchange's values it sends (`conversation.NAME`).
+    pub fn uses(&self) -> Vec<String> {
+        let mut text = serde_json::to_string(&self.request).unwrap_or_default();
+        for step in &self.preflight {
+            text.push_str(&serde_json::to_string(&step.http).unwrap_or_default());
+        }
+        let mut names = Vec::new();
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find("conversation.") {
+            rest = &rest[at + "conversation.".len()..];
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            if !name.is_empty() && !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        names
+    }
+}
+
+/// The key, in the values remembered of a site conversation, of how many turns it has had.
+/// (`#` cannot start a preflight or id name.)
+pub const TURNS: &str = "#turns";
 
 /// Where a preflight value sits in a response.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -215,8 +285,29 @@ pub enum ReasoningRule {
         #[serde(default)]
         sticky: bool,
     },
-    /// Reasoning is marked up inside the text (`<think>…</think>`).
-    Markup { open: String, close: String },
+    /// Reasoning is marked up inside the text: `<think>…</think>`, or Open WebUI's
+    /// `<details type="reasoning" done="…">` (an `open` without `>` runs on to the next `>`,
+    /// attributes included).
+    Markup {
+        open: String,
+        close: String,
+        /// A `<summary>…</summary>` inside the reasoning is its heading, not its text.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        summary: bool,
+        /// Every line of the reasoning is quoted (`> `); the quote marks are not text.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        quoted: bool,
+        /// Tags around the answer (`<answer>…</answer>`), not part of it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        answer: Option<Tags>,
+    },
+}
+
+/// An opening and a closing tag.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tags {
+    pub open: String,
+    pub close: String,
 }
 
 /// A condition on one event.
@@ -321,42 +412,49 @@ impl Flow {
         if let Some(origin) = &self.origin {
             check_text("origin", origin, MAX_URL)?;
         }
-        if self.preflight.len() > MAX_STEPS {
-            return invalid(format!(
-                "`preflight` has {} steps; at most {MAX_STEPS} are allowed",
-                self.preflight.len()
-            ));
+        // The first turn's calls, then a later turn's (`follow_up`).
+        let mut turns = vec![("", &self.preflight, &self.request)];
+        if let Some(follow_up) = &self.follow_up {
+            turns.push(("follow_up.", &follow_up.preflight, &follow_up.request));
         }
-        let templates = self
-            .preflight
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (format!("preflight[{i}]"), &s.http))
-            .chain(std::iter::once(("request".to_owned(), &self.request)));
-        for (field, http) in templates {
-            check_template(&field, http)?;
-        }
-        for (i, step) in self.preflight.iter().enumerate() {
-            for (name, rule) in &step.extract {
-                let field = format!("preflight[{i}].extract.{name}");
-                if name.is_empty()
-                    || name.len() > MAX_NAME
-                    || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-                {
-                    return invalid(format!(
-                        "`preflight[{i}].extract` has a bad name `{}`: use letters, digits and `_`",
-                        shorten(name)
-                    ));
-                }
-                match rule {
-                    Extract::Pointer(p) => check_pointer(&field, p)?,
-                    Extract::Regex { regex } => {
-                        check_text(&field, regex, MAX_TEXT)?;
-                        regex::Regex::new(regex).map_err(|e| {
-                            FlowError::Invalid(format!("`{field}` is not a valid regex: {e}"))
-                        })?;
+        for (at, preflight, request) in turns {
+            if preflight.len() > MAX_STEPS {
+                return invalid(format!(
+                    "`{at}preflight` has {} steps; at most {MAX_STEPS} are allowed",
+                    preflight.len()
+                ));
+            }
+            let templates = preflight
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (format!("{at}preflight[{i}]"), &s.http))
+                .chain(std::iter::once((format!("{at}request"), request)));
+            for (field, http) in templates {
+                check_template(&field, http)?;
+            }
+            for (i, step) in preflight.iter().enumerate() {
+                for (name, rule) in &step.extract {
+                    let field = format!("{at}preflight[{i}].extract.{name}");
+                    if name.is_empty()
+                        || name.len() > MAX_NAME
+                        || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    {
+                        return invalid(format!(
+                            "`{at}preflight[{i}].extract` has a bad name `{}`: use letters, \
+                             digits and `_`",
+                            shorten(name)
+                        ));
                     }
-                    Extract::Header { header } => check_header_name(&field, header)?,
+                    match rule {
+                        Extract::Pointer(p) => check_pointer(&field, p)?,
+                        Extract::Regex { regex } => {
+                            check_text(&field, regex, MAX_TEXT)?;
+                            regex::Regex::new(regex).map_err(|e| {
+                                FlowError::Invalid(format!("`{field}` is not a valid regex: {e}"))
+                            })?;
+                        }
+                        Extract::Header { header } => check_header_name(&field, header)?,
+                    }
                 }
             }
         }
@@ -391,13 +489,45 @@ impl Flow {
         Ok(())
     }
 
+    /// Every call template: the first turn's chat call and preflights, then the follow-up's.
+    pub fn templates(&self) -> impl Iterator<Item = &HttpTemplate> {
+        let follow_up = self
+            .follow_up
+            .iter()
+            .flat_map(|f| std::iter::once(&f.request).chain(f.preflight.iter().map(|s| &s.http)));
+        std::iter::once(&self.request)
+            .chain(self.preflight.iter().map(|s| &s.http))
+            .chain(follow_up)
+    }
+
+    pub fn templates_mut(&mut self) -> impl Iterator<Item = &mut HttpTemplate> {
+        let follow_up = self.follow_up.iter_mut().flat_map(|f| {
+            std::iter::once(&mut f.request).chain(f.preflight.iter_mut().map(|s| &mut s.http))
+        });
+        std::iter::once(&mut self.request)
+            .chain(self.preflight.iter_mut().map(|s| &mut s.http))
+            .chain(follow_up)
+    }
+
+    /// The flow a later turn of a site conversation runs: the follow-up's calls, read with
+    /// this flow's decoder. Its id differs, so values reused per flow and step are not
+    /// mixed up with the first turn's.
+    pub fn follow_up_flow(&self) -> Option<Flow> {
+        let follow_up = self.follow_up.as_ref()?;
+        Some(Flow {
+            id: format!("{}+follow_up", self.id),
+            preflight: follow_up.preflight.clone(),
+            request: follow_up.request.clone(),
+            follow_up: None,
+            ..self.clone()
+        })
+    }
+
     /// The flow with any literal credential in a header masked. Learned flows hold only
     /// references; a hand-written one might not, and listings must never show it.
     pub fn redacted(&self) -> Flow {
         let mut flow = self.clone();
-        let templates = std::iter::once(&mut flow.request)
-            .chain(flow.preflight.iter_mut().map(|s| &mut s.http));
-        for http in templates {
+        for http in flow.templates_mut() {
             for (name, value) in http.headers.iter_mut() {
                 if is_sensitive_header(name) && has_literal_secret(value) {
                     *value = REDACTED.to_owned();
@@ -409,8 +539,7 @@ impl Flow {
 
     /// Names of headers that hold a literal credential instead of a reference.
     pub fn literal_secrets(&self) -> Vec<String> {
-        std::iter::once(&self.request)
-            .chain(self.preflight.iter().map(|s| &s.http))
+        self.templates()
             .flat_map(|http| http.headers.iter())
             .filter(|(name, value)| is_sensitive_header(name) && has_literal_secret(value))
             .map(|(name, _)| name.clone())
@@ -584,6 +713,7 @@ pub fn is_known_source(source: &str) -> bool {
         base,
         "prompt" | "last_user" | "messages" | "model" | "uuid" | "now_ms" | "now_s"
     ) || base == "session.user_agent"
+        || turn_counter(base).is_some()
         || [
             "preflight.",
             "session.cookie.",
@@ -596,6 +726,45 @@ pub fn is_known_source(source: &str) -> bool {
             base.strip_prefix(prefix)
                 .is_some_and(|rest| !rest.is_empty())
         })
+}
+
+/// `turn`, `turn*K`, `turn+N`, `turn*K-N`…: the counter's (K, N), so that its value at turn
+/// `t` (1-based) is `K * t + N`.
+pub fn turn_counter(source: &str) -> Option<(i64, i64)> {
+    let rest = source.strip_prefix("turn")?;
+    let (scale, rest) = match rest.strip_prefix('*') {
+        Some(after) => {
+            let digits = after.chars().take_while(char::is_ascii_digit).count();
+            (after[..digits].parse().ok()?, &after[digits..])
+        }
+        None => (1, rest),
+    };
+    let offset = match rest.chars().next() {
+        None => 0,
+        Some('+') => rest[1..].parse().ok()?,
+        Some('-') => -rest[1..].parse::<i64>().ok()?,
+        Some(_) => return None,
+    };
+    Some((scale, offset))
+}
+
+/// The source for a counter that is `first` at turn 1 and `second` at turn 2.
+pub fn turn_source(first: i64, second: i64) -> Option<String> {
+    let scale = second - first;
+    if !(1..=2).contains(&scale) {
+        return None;
+    }
+    let offset = first - scale;
+    let mut source = "turn".to_owned();
+    if scale != 1 {
+        source.push_str(&format!("*{scale}"));
+    }
+    match offset {
+        0 => {}
+        n if n > 0 => source.push_str(&format!("+{n}")),
+        n => source.push_str(&format!("{n}")),
+    }
+    Some(source)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -702,11 +871,56 @@ mod tests {
     }
 
     #[test]
+    fn turn_counters_read_and_written() {
+        assert_eq!(turn_counter("turn"), Some((1, 0)));
+        assert_eq!(turn_counter("turn-1"), Some((1, -1)));
+        assert_eq!(turn_counter("turn*2-2"), Some((2, -2)));
+        assert_eq!(turn_counter("turn*2+1"), Some((2, 1)));
+        assert_eq!(turn_counter("turns"), None);
+        assert_eq!(turn_counter("turn*x"), None);
+        for (first, second, source) in [(1, 2, "turn"), (0, 1, "turn-1"), (0, 2, "turn*2-2")] {
+            let found = turn_source(first, second).unwrap();
+            assert_eq!(found, source);
+            let (k, n) = turn_counter(&found).unwrap();
+            assert_eq!((k + n, 2 * k + n), (first, second));
+        }
+        assert_eq!(turn_source(3, 3), None);
+        assert!(is_known_source("turn-1") && !is_known_source("turnover"));
+    }
+
+    #[test]
+    fn a_follow_up_runs_as_its_own_flow_with_the_same_decoder() {
+        let flow = Flow::from_json(
+            r#"{"id":"f_1","service":"demo","preflight":[{"url":"/new","extract":{"c":"/id"}}],
+                "request":{"url":"/chat","body":{"q":""},"slots":{"/q":"prompt"}},
+                "response":{"transport":"sse","text":{"path":"/t","mode":"delta"}},
+                "follow_up":{"request":{"url":"/chat/{{conversation.c}}","body":{"q":"","n":0},
+                    "slots":{"/q":"prompt","/n":"turn-1"}}}}"#,
+        )
+        .unwrap();
+        let next = flow.follow_up_flow().unwrap();
+        assert_ne!(next.id, flow.id);
+        assert!(next.preflight.is_empty() && next.follow_up.is_none());
+        assert_eq!(next.request.url, "/chat/{{conversation.c}}");
+        assert_eq!(next.response, flow.response);
+        let bad = r#"{"service":"demo","request":{"url":"/x"},
+            "response":{"transport":"sse","text":{"path":"/t","mode":"delta"}},
+            "follow_up":{"request":{"url":"/y","slots":{"/q":"promt"}}}}"#;
+        assert!(
+            Flow::from_json(bad)
+                .unwrap_err()
+                .to_string()
+                .contains("promt")
+        );
+    }
+
+    #[test]
     fn reasoning_rules_round_trip() {
         for rule in [
             r#"{"field":{"path":"/r","mode":"delta"}}"#,
             r#"{"flag":{"path":"/phase","equals":"think","sticky":true}}"#,
             r#"{"markup":{"open":"<think>","close":"</think>"}}"#,
+            r#"{"markup":{"open":"<details type=\"reasoning\"","close":"</details>","summary":true,"quoted":true,"answer":{"open":"<answer>","close":"</answer>"}}}"#,
         ] {
             let parsed: ReasoningRule = serde_json::from_str(rule).unwrap();
             let again: ReasoningRule =

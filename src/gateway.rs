@@ -551,6 +551,10 @@ impl Gateway {
             true => self.continuation_of(prompt).await,
             false => None,
         };
+        // How the site's own page sends a later turn, when the learner saw one.
+        let follow_up = continuation
+            .as_ref()
+            .and_then(|_| service.flow.follow_up_flow());
         let ids: Vec<&str> = service
             .candidates
             .iter()
@@ -609,9 +613,19 @@ impl Gateway {
             let mut attempt = 0;
             loop {
                 attempt += 1;
-                let (send, known) = match continuing {
-                    Some((known, new_turn)) => (new_turn, &known.values),
-                    None => (prompt, &no_conversation),
+                let carried;
+                let (flow, send, known) = match (continuing, &follow_up, &service.flow.follow_up) {
+                    (Some((known, new_turn)), Some(next), Some(spec)) => {
+                        carried = spec.carried(&known.values);
+                        let send = if spec.resends_history {
+                            prompt
+                        } else {
+                            new_turn
+                        };
+                        (next, send, &carried)
+                    }
+                    (Some((known, new_turn)), _, _) => (&*service.flow, new_turn, &known.values),
+                    (None, _, _) => (&*service.flow, prompt, &no_conversation),
                 };
                 let target = Target {
                     base: &candidate.base,
@@ -623,16 +637,13 @@ impl Gateway {
                 };
                 let mut extracted = BTreeMap::new();
                 let started_tier = if tier == 1 {
-                    self.replayer
-                        .start(&service.flow, send, target)
-                        .await
-                        .map(|replay| {
-                            if replay.jar_changed {
-                                self.keep_rotated_cookies(&session, replay.jar.cookies());
-                            }
-                            extracted = replay.extracted;
-                            replay.deltas
-                        })
+                    self.replayer.start(flow, send, target).await.map(|replay| {
+                        if replay.jar_changed {
+                            self.keep_rotated_cookies(&session, replay.jar.cookies());
+                        }
+                        extracted = replay.extracted;
+                        replay.deltas
+                    })
                 } else {
                     // The browser tiers run the site's own conversation handling: they get
                     // the whole prompt.
@@ -654,6 +665,7 @@ impl Gateway {
                         }
                         let queue_ms = permit.waited.as_millis() as i64;
                         let tracker = (keeps_conversations && tier == 1).then(|| {
+                            count_turn(&mut extracted);
                             let mut key = KeyBuilder::default();
                             for (role, text) in &prompt.messages {
                                 key.push(*role, text);
@@ -741,7 +753,10 @@ impl Gateway {
                     _ => {}
                 }
                 if continuing.is_some()
-                    && matches!(kind, FailureKind::FormatDrift | FailureKind::Upstream)
+                    && matches!(
+                        kind,
+                        FailureKind::FormatDrift | FailureKind::Upstream | FailureKind::Flow
+                    )
                 {
                     // The site no longer knows that conversation: start a new one.
                     self.decide(request_id, &name, &account.id, kind, "new_conversation");
@@ -880,7 +895,19 @@ impl Gateway {
 /// reply names them. Otherwise every request is a new site conversation with the history
 /// flattened into the prompt.
 fn keeps_conversations(flow: &Flow) -> bool {
-    !flow.response.ids.is_empty() || flow.preflight.iter().any(|s| !s.extract.is_empty())
+    flow.follow_up.is_some()
+        || !flow.response.ids.is_empty()
+        || flow.preflight.iter().any(|s| !s.extract.is_empty())
+}
+
+/// Counts the turn just sent among the values remembered of its site conversation (a flow's
+/// `turn` counter reads it).
+fn count_turn(values: &mut BTreeMap<String, String>) {
+    let before: u32 = values
+        .get(crate::flow::TURNS)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    values.insert(crate::flow::TURNS.to_owned(), (before + 1).to_string());
 }
 
 /// Remembers the site conversation when a reply completes.

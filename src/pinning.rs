@@ -100,12 +100,28 @@ pub fn origin_of(url: &Url) -> String {
 /// account's URL and are always on its origin.
 pub fn static_origins(flow: &Flow) -> Result<Vec<(String, String)>, String> {
     let mut out = Vec::new();
+    let later = flow.follow_up.iter().flat_map(|f| {
+        f.preflight
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                (
+                    format!("later turn's preflight step {}", i + 1),
+                    &s.http.url,
+                )
+            })
+            .chain(std::iter::once((
+                "later turn's chat call".to_owned(),
+                &f.request.url,
+            )))
+    });
     let calls = flow
         .preflight
         .iter()
         .enumerate()
         .map(|(i, s)| (format!("preflight step {}", i + 1), &s.http.url))
-        .chain(std::iter::once(("chat call".to_owned(), &flow.request.url)));
+        .chain(std::iter::once(("chat call".to_owned(), &flow.request.url)))
+        .chain(later);
     // A base that no real URL has: a relative URL joined to it stays on it.
     let probe = Url::parse("http://relative.invalid/").map_err(|e| e.to_string())?;
     for (call, template) in calls {
@@ -203,6 +219,19 @@ mod tests {
                 ("preflight step 2".to_owned(), "http://cdn.test".to_owned()),
                 ("chat call".to_owned(), "https://api.test".to_owned()),
             ]
+        );
+        let later = Flow::from_json(
+            r#"{"service":"s","request":{"url":"/chat"},
+                "response":{"transport":"sse","text":{"path":"/t","mode":"delta"}},
+                "follow_up":{"request":{"url":"https://other.test/next"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            static_origins(&later).unwrap(),
+            vec![(
+                "later turn's chat call".to_owned(),
+                "https://other.test".to_owned()
+            )]
         );
         let templated = Flow::from_json(
             r#"{"service":"s","request":{"url":"https://{{preflight.host}}/chat"},

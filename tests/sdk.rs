@@ -100,3 +100,28 @@ async fn claude_shape() {
 async fn websocket_shape() {
     sdk_gets_the_exact_reply(Shape::Ws).await;
 }
+
+#[tokio::test]
+async fn prompt_in_a_preflight_shape() {
+    sdk_gets_the_exact_reply(Shape::Newchat).await;
+}
+
+#[tokio::test]
+async fn path_less_batches_shape() {
+    sdk_gets_the_exact_reply(Shape::Batch).await;
+}
+
+#[tokio::test]
+async fn open_webui_markup_shape() {
+    sdk_gets_the_exact_reply(Shape::Details).await;
+}
+
+#[tokio::test]
+async fn cumulative_think_markup_shape() {
+    sdk_gets_the_exact_reply(Shape::Think).await;
+}
+
+#[tokio::test]
+async fn fragile_send_shape() {
+    sdk_gets_the_exact_reply(Shape::Fragile).await;
+}

@@ -166,12 +166,20 @@ async fn login_account(
 async fn learn_account(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    Query(query): Query<LearnQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let account = state.gateway.store().account(&id).await?;
     let lines = state.jobs.subscribe();
-    let started = state.jobs.start_learn(&state, account)?;
+    let started = state.jobs.start_learn(&state, account, query.explain)?;
     answer_job(&headers, lines, started).await
+}
+
+#[derive(Debug, Deserialize)]
+struct LearnQuery {
+    /// Also say why each recorded call was or was not taken.
+    #[serde(default)]
+    explain: bool,
 }
 
 /// The job's result as JSON once it ends, or (for `Accept: text/event-stream`) its lines as

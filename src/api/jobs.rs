@@ -186,10 +186,13 @@ impl Jobs {
     }
 
     /// Learns `account`'s flow in a task of its own.
+    /// With `explain`, the summary (and a failure's lines) say why each recorded call was or
+    /// was not taken.
     pub fn start_learn(
         self: &Arc<Self>,
         state: &AppState,
         account: Account,
+        explain: bool,
     ) -> Result<Started, ApiError> {
         let learner = state
             .learner
@@ -210,12 +213,16 @@ impl Jobs {
         tokio::spawn(async move {
             let watcher = progress.watch_live(pool);
             let on_stage = |stage: crate::learn::Stage| progress.line(stage.as_str().to_owned());
-            let outcome = learner.learn(&account, &on_stage).await;
+            let outcome = learner.learn_explained(&account, &on_stage, explain).await;
             watcher.abort();
             gateway.invalidate();
             let answer = match outcome {
                 Ok(report) => {
-                    let summary = learn_summary(&report);
+                    let mut summary = learn_summary(&report);
+                    if explain {
+                        summary.push("  calls the probe recorded:".to_owned());
+                        summary.extend(report.explanation.iter().map(|l| format!("    {l}")));
+                    }
                     let mut body = learn_json(&report);
                     lock(&jobs.findings).insert(report.flow.id.clone(), body["findings"].clone());
                     body["summary"] = json!(summary);
@@ -224,6 +231,14 @@ impl Jobs {
                     Ok(body)
                 }
                 Err(e) => {
+                    if let crate::learn::LearnError::Infer { explanation, .. } = &e
+                        && explain
+                    {
+                        progress.line("  calls the probe recorded:".to_owned());
+                        for line in explanation {
+                            progress.line(format!("    {line}"));
+                        }
+                    }
                     let error = match e {
                         crate::learn::LearnError::Store(e) => ApiError::from(e),
                         other => ApiError::bad_gateway(other.to_string()).code("learn_failed"),
@@ -400,6 +415,7 @@ pub fn learn_json(report: &LearnReport) -> Value {
         "verified": report.verification.ok,
         "verification_failure": report.verification.failure,
         "timings": report.timings,
+        "explanation": report.explanation,
         "findings": {
             "notes": report.notes,
             "suspicious": report.suspicious,

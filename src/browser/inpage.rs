@@ -34,7 +34,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use url::Url;
 
-use super::pool::{BrowserPool, PageLease, Tier};
+use super::pool::{BrowserPool, Fresh, PageLease, Tier};
 use super::recorder::RecorderEvent;
 use super::{TierRequest, evaluate_string, is_connection};
 use crate::flow::{Flow, ResponseSpec, Transport};
@@ -89,7 +89,7 @@ pub(super) async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStr
         kind: FailureKind::Flow,
         message: "the account URL is not a valid URL".into(),
     })?;
-    let lease = pool.work_page(&req, Tier::InPage, false).await?;
+    let lease = pool.work_page(&req, Tier::InPage, Fresh::No).await?;
     let page = lease.work.page.clone();
     let session = live_session(&page, req.session.as_ref()).await?;
     let mut feed = lease.work.recorder.subscribe();

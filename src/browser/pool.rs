@@ -107,9 +107,18 @@ pub(crate) struct PoolShared {
     live: Mutex<HashMap<String, Arc<LiveEntry>>>,
     /// The browser tiers' pages, per account.
     work: Mutex<HashMap<String, Arc<AccountWork>>>,
+    /// Told what a page holds after a probe or a browser-tier page load (see
+    /// [`BrowserPool::set_harvest_hook`]).
+    harvest_hook: Mutex<Option<HarvestHook>>,
     #[cfg(test)]
     pub(crate) observer: Mutex<Option<Observer>>,
 }
+
+/// Receives (account id, session material) harvested from an account's page after it ran:
+/// pages write storage after login (a token stored when the chat page loads), and flows
+/// refer to it.
+pub type HarvestHook =
+    Arc<dyn Fn(String, SessionData) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>;
 
 /// Which browser tier a work page serves. Each has its own page in the account's context:
 /// the UI tier reloads its page for every request, which would abort the in-page tier's
@@ -130,6 +139,18 @@ pub(crate) struct WorkPage {
     generation: u64,
     /// When the page last finished (or started) serving a request.
     last_used: Mutex<Instant>,
+    /// The UI tier's page: the key (`conversations::key_of`) of the site conversation it shows,
+    /// its messages and replies so far; `None` once reloaded.
+    pub(crate) conversation: Mutex<Option<String>>,
+}
+
+/// Whether a work page is reloaded on the chat page (a new site conversation) before use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Fresh {
+    No,
+    Yes,
+    /// Unless it shows the conversation with this key.
+    UnlessShowing(String),
 }
 
 impl WorkPage {
@@ -329,9 +350,49 @@ impl BrowserPool {
                 context_freed: Notify::new(),
                 live: Mutex::new(HashMap::new()),
                 work: Mutex::new(HashMap::new()),
+                harvest_hook: Mutex::new(None),
                 #[cfg(test)]
                 observer: Mutex::new(None),
             }),
+        }
+    }
+
+    /// Where failure screenshots (and the learner's saved recordings) go.
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.shared.config.data_dir
+    }
+
+    /// Sets what is told the session material of an account's page after a probe (awaited
+    /// before the probe returns) and after a browser tier loaded its page (not awaited).
+    pub fn set_harvest_hook(&self, hook: HarvestHook) {
+        *lock(&self.shared.harvest_hook) = Some(hook);
+    }
+
+    /// Harvests `page` and hands the result to the hook. Failures only cost a fresher session.
+    async fn reharvest(
+        &self,
+        running: &Running,
+        context: &BrowserContextId,
+        page: &Page,
+        account_id: &str,
+        wait: bool,
+    ) {
+        let Some(hook) = lock(&self.shared.harvest_hook).clone() else {
+            return;
+        };
+        match super::harvest::harvest(running, context, page).await {
+            Ok(harvested) => {
+                let told = hook(account_id.to_owned(), harvested.session);
+                if wait {
+                    told.await;
+                } else {
+                    // Detached: a browser-tier reply must not wait for a store write.
+                    tokio::spawn(told);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(account = %account_id, error = %e, "could not harvest the page")
+            }
         }
     }
 
@@ -517,6 +578,10 @@ impl BrowserPool {
         let mut result = self
             .probe_on_page(running, &page, req, &chat_url, inject)
             .await;
+        if result.is_ok() {
+            self.reharvest(running, &lease.id, &page, &req.account_id, true)
+                .await;
+        }
         if let Err(error) = &mut result
             && error.wants_screenshot()
             && !running.is_dead()
@@ -589,12 +654,13 @@ impl BrowserPool {
     /// The account's work page for `tier`, opened on its chat page (created, injected with
     /// `req.session` in a new context, logged in with `req.login` as needed, like
     /// [`BrowserPool::probe`]). With `fresh`, an existing page is reloaded on the chat page
-    /// (a new conversation). The UI tier's lease holds the account's UI turn.
+    /// (a new conversation), unless it shows the conversation `fresh` names. The UI tier's
+    /// lease holds the account's UI turn.
     pub(crate) async fn work_page(
         &self,
         req: &TierRequest,
         tier: Tier,
-        fresh: bool,
+        fresh: Fresh,
     ) -> Result<PageLease, ReplayError> {
         let running = self.ensure_browser().await.map_err(login_to_replay)?;
         let account = lock(&self.shared.work)
@@ -650,7 +716,12 @@ impl BrowserPool {
             && work.generation == running.generation
             && &work.context == setup.context
         {
-            if !setup.fresh {
+            let keep = match &setup.fresh {
+                Fresh::No => true,
+                Fresh::Yes => false,
+                Fresh::UnlessShowing(key) => lock(&work.conversation).as_ref() == Some(key),
+            };
+            if keep {
                 if login::evaluate_string(&work.page, "location.href")
                     .await
                     .is_ok()
@@ -673,6 +744,15 @@ impl BrowserPool {
                 {
                     Ok(_) => {
                         work.touch();
+                        *lock(&work.conversation) = None;
+                        self.reharvest(
+                            running,
+                            setup.context,
+                            &work.page,
+                            &setup.req.account_id,
+                            false,
+                        )
+                        .await;
                         return Ok(work.clone());
                     }
                     Err(e) if !matches!(e, ProbeError::Crashed(_) | ProbeError::Cdp(_)) => {
@@ -734,6 +814,8 @@ impl BrowserPool {
                 return Err(probe_to_replay(e));
             }
         };
+        self.reharvest(running, setup.context, &page, &setup.req.account_id, false)
+            .await;
         let work = Arc::new(WorkPage {
             page,
             recorder,
@@ -741,6 +823,7 @@ impl BrowserPool {
             context: setup.context.clone(),
             generation: running.generation,
             last_used: Mutex::new(Instant::now()),
+            conversation: Mutex::new(None),
         });
         *slot = Some(work.clone());
         Ok(work)
@@ -1637,7 +1720,7 @@ struct Setup<'a> {
     /// The session to inject: only into a context this pool did not have yet.
     inject: Option<&'a SessionData>,
     chat_url: String,
-    fresh: bool,
+    fresh: Fresh,
 }
 
 /// A browser-level failure as the replay error the gateway classifies.

@@ -3,12 +3,15 @@
 //! How it works:
 //! - The account has a UI work page (`pool::Tier::Ui`) with a live-only [`Recorder`]. Its
 //!   mutex is the account's UI turn: one typed conversation at a time; concurrent requests
-//!   for the same account queue. Each request reloads the chat page (a new site
-//!   conversation, so earlier turns never leak in), logging in if it has to.
+//!   for the same account queue. A request whose history extends the conversation the page
+//!   shows (its messages and replies so far, by the key `conversations` uses) continues it:
+//!   only the new message is typed. Any other request reloads the chat page (a new site
+//!   conversation, so earlier turns never leak in), logging in if it has to, and types the
+//!   whole history flattened.
 //! - The composer, the send control and the reply are found as the probe finds them
-//!   (`learn::probe`'s page scripts); the flattened prompt ([`Prompt::flattened`]) is typed
-//!   with `Input.insertText` (set by script if that did not land), then sent (click, or
-//!   Enter; Enter again if no chat call shows up within a few seconds).
+//!   (`learn::probe`'s page scripts); the text is typed with `Input.insertText` (set by
+//!   script if that did not land), then sent as the probe sends ([`probe::Sending`]: a send
+//!   that reloads the page or loses the text is retyped and sent with Enter).
 //! - The chat call is the first request after sending whose method is the flow's and whose
 //!   URL path matches the flow's URL template (a segment with a placeholder matches any
 //!   segment), or whose body carries the typed text; for a WebSocket flow, also a socket
@@ -30,7 +33,7 @@ use futures_util::StreamExt;
 use tokio::time::Instant;
 
 use super::inpage::{self, Keep};
-use super::pool::{BrowserPool, Tier, probe_to_replay};
+use super::pool::{BrowserPool, Fresh, Tier, WorkPage, probe_to_replay};
 use super::recorder::RecorderEvent;
 use super::{TierRequest, is_connection};
 use crate::flow::{Flow, Transport};
@@ -48,9 +51,22 @@ pub const DOM_STABLE: Duration = Duration::from_secs(2);
 const POLL: Duration = Duration::from_millis(100);
 
 pub(super) async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStream, ReplayError> {
-    let lease = pool.work_page(&req, Tier::Ui, true).await?;
+    // A history that extends the conversation the page shows goes on there; anything else
+    // starts a new one on a reloaded page.
+    let shown = shown_key(&req.prompt);
+    let fresh = shown.clone().map_or(Fresh::Yes, Fresh::UnlessShowing);
+    let lease = pool.work_page(&req, Tier::Ui, fresh).await?;
     let page = lease.work.page.clone();
-    let text = req.prompt.flattened();
+    let continuing = shown.is_some() && *lock(&lease.work.conversation) == shown;
+    *lock(&lease.work.conversation) = None;
+    let text = if continuing {
+        req.prompt.last_user().to_owned()
+    } else {
+        req.prompt.flattened()
+    };
+    let work = lease.work.clone();
+    let messages = req.prompt.messages.clone();
+    let remember = move |stream: DeltaStream| remembering(stream, work, messages);
     let found: Found = probe::script(&page, KEY, probe::FIND_COMPOSER_JS, &[])
         .await
         .map_err(page_error)?;
@@ -75,10 +91,19 @@ pub(super) async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStr
         .await
         .map_err(page_error)?;
     let mut feed = lease.work.recorder.subscribe();
-    let clicked = probe::send(&page, KEY).await.map_err(probe_to_replay)?;
+    let needle: String = text
+        .trim()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .take(60)
+        .collect();
+    let mut sending = probe::Sending::start(&page, KEY, &text, &needle)
+        .await
+        .map_err(probe_to_replay)?;
     let sent_at = Instant::now();
     let matcher = Matcher::new(&req.flow, &text);
-    let mut resent = !clicked;
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut chat: Option<String> = None;
@@ -93,6 +118,12 @@ pub(super) async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStr
                     });
                 };
                 match event {
+                    // The page itself is being replaced (a form submitted natively).
+                    RecorderEvent::Request { resource_type, .. }
+                        if resource_type.eq_ignore_ascii_case("document") =>
+                    {
+                        sending.navigated();
+                    }
                     RecorderEvent::Request { id, method, url, body, .. }
                         if chat.is_none() && matcher.request(&method, &url, body.as_deref()) =>
                     {
@@ -106,7 +137,7 @@ pub(super) async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStr
                     {
                         // An open socket: its answer frames follow.
                         let events = inpage::forward(feed, id, Vec::new());
-                        return Ok(inpage::reply_stream(events, &req.flow.response, req.timeout, None, Box::new(lease)));
+                        return Ok(remember(inpage::reply_stream(events, &req.flow.response, req.timeout, None, Box::new(lease))));
                     }
                     RecorderEvent::Response { id, status, headers } if chat.as_ref() == Some(&id) => {
                         let ok = if matcher.socket { status == 101 } else { (200..300).contains(&status) };
@@ -128,16 +159,16 @@ pub(super) async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStr
                         if let Some(Err(ReplayError::Decode(reason))) = &first {
                             tracing::info!(%reason, "the chat call no longer fits the flow; streaming the page's text");
                             drop(decoded);
-                            return Ok(dom_stream(page.clone(), text, req.timeout, Box::new(lease)));
+                            return Ok(remember(dom_stream(page.clone(), text, req.timeout, Box::new(lease))));
                         }
                         let keep: inpage::Keep = Box::new(lease);
-                        return Ok(futures_util::stream::iter(first)
+                        return Ok(remember(futures_util::stream::iter(first)
                             .chain(decoded)
                             .map(move |item| {
                                 let _held = &keep;
                                 item
                             })
-                            .boxed());
+                            .boxed()));
                     }
                     RecorderEvent::Failed { id, error } if chat.as_ref() == Some(&id) => {
                         return Err(ReplayError::Network {
@@ -159,17 +190,12 @@ pub(super) async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStr
                     }
                     continue;
                 }
-                if !resent && now >= sent_at + probe::RESEND_AFTER {
-                    resent = true;
-                    tracing::debug!("no chat call after clicking send; pressing Enter");
-                    let _ = probe::script::<bool>(&page, KEY, probe::FOCUS_JS, &[]).await;
-                    super::press_key(&page, "Enter").await.map_err(page_error)?;
-                }
+                sending.check(&page, now).await.map_err(probe_to_replay)?;
                 if now >= sent_at + DOM_AFTER {
                     let rendered = read_reply(&page, &text).await?;
                     if rendered.found && !rendered.text.trim().is_empty() {
                         tracing::debug!("no chat call seen; streaming the page's own text");
-                        return Ok(dom_stream(page.clone(), text, req.timeout, Box::new(lease)));
+                        return Ok(remember(dom_stream(page.clone(), text, req.timeout, Box::new(lease))));
                     }
                 }
                 if now >= deadline {
@@ -182,6 +208,64 @@ pub(super) async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStr
             }
         }
     }
+}
+
+/// The key of the conversation a prompt continues: its messages before the last user one
+/// (`None` for a first message).
+fn shown_key(prompt: &crate::replay::render::Prompt) -> Option<String> {
+    let (last, earlier) = prompt.messages.split_last()?;
+    (last.0 == crate::openai::Role::User && !earlier.is_empty())
+        .then(|| crate::conversations::key_of(earlier))
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Passes the reply on; once it is complete (its done signal, or its end), the page is known
+/// to show the conversation of `messages` and this reply: a later request extending it
+/// continues there.
+fn remembering(
+    stream: DeltaStream,
+    work: std::sync::Arc<WorkPage>,
+    messages: Vec<(crate::openai::Role, String)>,
+) -> DeltaStream {
+    let mut key = crate::conversations::KeyBuilder::default();
+    for (role, text) in &messages {
+        key.push(*role, text);
+    }
+    key.open(crate::openai::Role::Assistant);
+    let complete = move |key: crate::conversations::KeyBuilder, work: &WorkPage| {
+        let mut key = key;
+        key.close();
+        *lock(&work.conversation) = Some(key.finish());
+    };
+    futures_util::stream::unfold(Some((stream, Some(key), work)), move |state| async move {
+        let (mut stream, mut key, work) = state?;
+        let Some(item) = stream.next().await else {
+            if let Some(key) = key.take() {
+                complete(key, &work);
+            }
+            return None;
+        };
+        match &item {
+            Ok(Delta::Text(piece)) => {
+                if let Some(key) = &mut key {
+                    key.text(piece);
+                }
+            }
+            Ok(Delta::Done) => {
+                if let Some(key) = key.take() {
+                    complete(key, &work);
+                }
+            }
+            // A reply cut short leaves the page's conversation unknown.
+            Err(_) => key = None,
+            Ok(_) => {}
+        }
+        Some((item, Some((stream, key, work))))
+    })
+    .boxed()
 }
 
 fn page_error(e: chromiumoxide::error::CdpError) -> ReplayError {
@@ -207,6 +291,10 @@ struct Matcher {
     /// The typed text as it may appear in a body: raw, and JSON-escaped.
     needles: Vec<Vec<u8>>,
     socket: bool,
+    /// The flow's chat call carries the prompt. When a preflight does (the prompt travels
+    /// in a "new chat" call), the call carrying the typed text is that preflight, and only
+    /// the path tells the chat call.
+    prompt_in_chat: bool,
 }
 
 impl Matcher {
@@ -222,12 +310,13 @@ impl Matcher {
             path: template_path(&flow.request.url),
             needles,
             socket: flow.response.transport == Transport::Websocket,
+            prompt_in_chat: carries_prompt(&flow.request),
         }
     }
 
     fn request(&self, method: &str, url: &str, body: Option<&[u8]>) -> bool {
         let path_matches = method.eq_ignore_ascii_case(&self.method) && self.path_matches(url);
-        path_matches || body.is_some_and(|b| self.carries(b))
+        path_matches || (self.prompt_in_chat && body.is_some_and(|b| self.carries(b)))
     }
 
     fn carries(&self, haystack: &[u8]) -> bool {
@@ -250,6 +339,19 @@ impl Matcher {
                 .zip(&self.path)
                 .all(|(seen, wanted)| wanted.as_deref().is_none_or(|w| w == *seen))
     }
+}
+
+/// Whether a call template sends the prompt (a prompt-like slot, or a `{{prompt}}`
+/// placeholder in its URL, headers or body).
+fn carries_prompt(http: &crate::flow::HttpTemplate) -> bool {
+    let prompt_like = |source: &str| matches!(source, "prompt" | "last_user" | "messages");
+    http.slots.values().any(|s| prompt_like(s))
+        || http.url.contains("{{prompt}}")
+        || http.headers.values().any(|v| v.contains("{{prompt}}"))
+        || http
+            .body
+            .as_ref()
+            .is_some_and(|b| b.to_string().contains("{{prompt}}"))
 }
 
 /// The path of a flow URL template (absolute or relative), split into segments; a segment
@@ -386,6 +488,7 @@ mod unit {
             ),
             needles: vec![b"hi there".to_vec()],
             socket: false,
+            prompt_in_chat: true,
         };
         assert!(m.request(
             "POST",
@@ -407,6 +510,20 @@ mod unit {
             template_path("https://x.example/api/ws?conversation={{preflight.c}}"),
             vec![Some(String::new()), Some("api".into()), Some("ws".into())]
         );
+    }
+
+    #[test]
+    fn with_the_prompt_in_a_preflight_only_the_path_tells_the_chat_call() {
+        let flow = Flow::from_json(
+            r#"{"service":"s","preflight":[{"url":"/new","body":{"q":""},"slots":{"/q":"prompt"},
+                "extract":{"c":"/id"}}],
+                "request":{"url":"/stream/{{preflight.c}}","body":{"c":""},"slots":{"/c":"preflight.c"}},
+                "response":{"transport":"sse","text":{"path":"/t","mode":"delta"}}}"#,
+        )
+        .unwrap();
+        let m = Matcher::new(&flow, "hi there");
+        assert!(!m.request("POST", "http://h/new", Some(br#"{"q":"hi there"}"#)));
+        assert!(m.request("POST", "http://h/stream/c1", None));
     }
 
     #[test]

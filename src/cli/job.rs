@@ -25,14 +25,17 @@ use crate::config::Config;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
-    Learn,
+    /// With `explain`: also why each recorded call was or was not taken.
+    Learn {
+        explain: bool,
+    },
     Login,
 }
 
 impl Kind {
     fn path(self) -> &'static str {
         match self {
-            Kind::Learn => "learn",
+            Kind::Learn { .. } => "learn",
             Kind::Login => "login",
         }
     }
@@ -86,8 +89,8 @@ fn show(progress: &Progress, line: &JobLine) {
     if line.state != JobState::Running || line.summary {
         return;
     }
-    if line.handoff.is_some() {
-        progress.note(&line.line);
+    if line.handoff.is_some() || line.line.starts_with("  ") {
+        progress.note(line.line.trim_start());
     } else {
         progress.step(&line.line);
     }
@@ -105,7 +108,7 @@ async fn local(
     let handoff = serve_handoff(&state, &store).await;
     let mut lines = state.jobs.subscribe();
     let started = match kind {
-        Kind::Learn => state.jobs.start_learn(&state, account),
+        Kind::Learn { explain } => state.jobs.start_learn(&state, account, explain),
         Kind::Login => state.jobs.start_login(&state, account),
     };
     let outcome = match started {
@@ -190,9 +193,13 @@ async fn remote(
 ) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
     let response = reqwest::Client::new()
         .post(format!(
-            "{}/admin/accounts/{account_id}/{}",
+            "{}/admin/accounts/{account_id}/{}{}",
             server.url,
-            kind.path()
+            kind.path(),
+            match kind {
+                Kind::Learn { explain: true } => "?explain=true",
+                _ => "",
+            }
         ))
         .bearer_auth(&server.token)
         .header(reqwest::header::ACCEPT, "text/event-stream")

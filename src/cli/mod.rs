@@ -70,6 +70,14 @@ pub enum Command {
         /// Seconds an anti-bot clearance token stays valid.
         #[arg(long, default_value_t = 60)]
         clearance_ttl_secs: u64,
+        /// The page signs every chat call (as the `signed` shape does) and the site refuses
+        /// any call without a fresh signature, whatever the shape.
+        #[arg(long)]
+        signed: bool,
+        /// The page shows this text after every reply as if it were part of it (learning
+        /// such a site fails: for testing failed learns).
+        #[arg(long)]
+        render_suffix: Option<String>,
     },
     /// Log an account in with the browser and store its session.
     Login {
@@ -84,6 +92,9 @@ pub enum Command {
         account: String,
         #[arg(long)]
         json: bool,
+        /// Also print, for every call the probe recorded, why it was or was not taken.
+        #[arg(long)]
+        explain: bool,
     },
     /// Check the setup: Chromium, the data dir and its key, each account's session and flow;
     /// prints what to fix (exit code 1 when something needs fixing).
@@ -151,6 +162,8 @@ async fn dispatch(command: Command, mut config: Config) -> CliResult {
             login,
             anti_bot,
             clearance_ttl_secs,
+            signed,
+            render_suffix,
         } => {
             let listener = tokio::net::TcpListener::bind(bind).await?;
             println!(
@@ -165,6 +178,8 @@ async fn dispatch(command: Command, mut config: Config) -> CliResult {
                 login,
                 anti_bot,
                 clearance_ttl: std::time::Duration::from_secs(clearance_ttl_secs),
+                signed,
+                render_suffix,
                 ..Default::default()
             };
             crate::demo::serve(listener, config).await?;
@@ -172,9 +187,11 @@ async fn dispatch(command: Command, mut config: Config) -> CliResult {
         Command::Login { account, json } => {
             job::run(job::Kind::Login, &account, json, &config).await?
         }
-        Command::Learn { account, json } => {
-            job::run(job::Kind::Learn, &account, json, &config).await?
-        }
+        Command::Learn {
+            account,
+            json,
+            explain,
+        } => job::run(job::Kind::Learn { explain }, &account, json, &config).await?,
         Command::Doctor => doctor::run(&config).await?,
         Command::Account(cmd) => accounts::run(cmd, &config).await?,
         Command::Flows(cmd) => flows::run(cmd, &config).await?,

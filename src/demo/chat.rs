@@ -13,14 +13,19 @@ use sha2::{Digest, Sha256};
 
 use super::site::{Shared, api_error, authorize};
 use super::state::random_token;
-use super::{Reply, Shape, reply_for_turn, tokens};
+use super::{Reply, Shape, reply_for_turn, shapes, tokens};
 
 /// What the site reads out of a chat request, whatever the shape.
-struct ChatRequest {
-    prompt: String,
-    conversation_id: String,
-    model: String,
-    stream: bool,
+pub(super) struct ChatRequest {
+    pub(super) prompt: String,
+    /// Empty when the call starts a conversation ([`Shape::creates_on_first_chat`]).
+    pub(super) conversation_id: String,
+    pub(super) model: String,
+    pub(super) stream: bool,
+    /// The previous reply a later turn names (the shapes that check it).
+    pub(super) parent: Option<String>,
+    /// The turn counter a later turn sends (details).
+    pub(super) turn: Option<i64>,
 }
 
 /// The chat endpoint of `shape` (all but Claude and the WebSocket): 404 unless `shape` is
@@ -53,6 +58,20 @@ pub(crate) async fn handle_claude(
     chat_call(Shape::Claude, &state, &headers, None, ids, &body).await
 }
 
+/// The think shape's `POST /api/v1/chats/{conversation}/completions`: the id in the path.
+pub(crate) async fn handle_think(
+    State(state): State<Shared>,
+    Path(conversation): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if state.shape() != Shape::Think {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    let ids = Some((String::new(), conversation));
+    chat_call(Shape::Think, &state, &headers, None, ids, &body).await
+}
+
 /// The shared chat call: checks, parsing, rate limit, reply.
 async fn chat_call(
     shape: Shape,
@@ -66,7 +85,8 @@ async fn chat_call(
         Ok(found) => found,
         Err(refusal) => return refusal.into_response(),
     };
-    if shape == Shape::Signed && !signature_ok(state, &session.sign_key, headers, body) {
+    let signed = shape == Shape::Signed || state.config.signed;
+    if signed && !signature_ok(state, &session.sign_key, headers, body) {
         // Any failure is the same answer, as real sites give no detail.
         return api_error(
             StatusCode::FORBIDDEN,
@@ -75,7 +95,7 @@ async fn chat_call(
         );
     }
     let path_conversation = match path_ids {
-        Some((org, _)) if org != session.org => {
+        Some((org, _)) if shape == Shape::Claude && org != session.org => {
             return api_error(
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -85,16 +105,24 @@ async fn chat_call(
         Some((_, conversation)) => Some(conversation),
         None => None,
     };
-    let request = match parse(shape, query, path_conversation, body) {
+    let mut request = match parse(shape, query, path_conversation, body) {
         Ok(request) => request,
         Err(message) => return api_error(StatusCode::BAD_REQUEST, "bad_request", &message),
     };
-    if !state.owns_conversation(&sid, &request.conversation_id) {
+    let starts = shape.creates_on_first_chat() && request.conversation_id.is_empty();
+    if !starts && !state.owns_conversation(&sid, &request.conversation_id) {
         return api_error(
             StatusCode::NOT_FOUND,
             "not_found",
             "Conversation not found.",
         );
+    }
+    if !starts {
+        let checked = shapes::check_turn(shape, state, &request.conversation_id, &request)
+            .and_then(|()| shapes::pending_prompt(state, &mut request, shape));
+        if let Err(refusal) = checked {
+            return refusal.into_response();
+        }
     }
     if let Some(response) = rate_limited(state, &session.email) {
         return response;
@@ -108,13 +136,31 @@ async fn chat_call(
         )
             .into_response();
     }
+    if starts {
+        request.conversation_id = state.create_conversation(&sid, &session.email);
+    }
     let turn = state.next_turn(&request.conversation_id);
     let reply = reply_for_turn(shape, &request.prompt, turn);
+    // What a later turn names as its parent, known from the reply's first byte on.
+    let reply_id = uuid::Uuid::new_v4().to_string();
+    state.set_reply_id(&request.conversation_id, &reply_id);
     // Count the reply as streaming from here until its body ends or the client drops it, so
     // tests can see that a client going away cancels the stream here, and how many ran at
     // once (a one-piece answer waits for its whole delay in `respond`).
     let guard = state.streams.start(&session.email);
-    let response = respond(shape, state.config.token_delay, &request, &reply).await;
+    let response = if shape_is_new(shape) {
+        let conversation = request.conversation_id.clone();
+        shapes::respond(
+            shape,
+            state.config.token_delay,
+            &request,
+            &reply,
+            &reply_id,
+            &conversation,
+        )
+    } else {
+        respond(shape, state.config.token_delay, &request, &reply).await
+    };
     let (parts, body) = response.into_parts();
     // A cut reply: a few pieces, then the connection's end without the end marker.
     let pieces = if state.take_truncate() { 4 } else { usize::MAX };
@@ -210,6 +256,14 @@ fn signature_ok(state: &Shared, key: &str, headers: &HeaderMap, body: &[u8]) -> 
 // ---------------------------------------------------------------------------------------------
 // Parsing
 
+/// Whether `shape` is one of [`shapes`]'.
+fn shape_is_new(shape: Shape) -> bool {
+    matches!(
+        shape,
+        Shape::Newchat | Shape::Batch | Shape::Details | Shape::Think | Shape::Fragile
+    )
+}
+
 fn parse(
     shape: Shape,
     query: Option<&str>,
@@ -221,6 +275,9 @@ fn parse(
     }
     let json: Value =
         serde_json::from_slice(body).map_err(|e| format!("The body is not valid JSON: {e}"))?;
+    if shape_is_new(shape) {
+        return shapes::parse(shape, path_conversation, &json);
+    }
     match shape {
         Shape::Openai | Shape::Signed => parse_openai(&json),
         Shape::Patch => parse_patch(&json),
@@ -231,17 +288,18 @@ fn parse(
         Shape::Claude => parse_claude(&json, path_conversation),
         Shape::Json => parse_form(body),
         Shape::Ws => Err("This shape chats over its WebSocket.".into()),
+        _ => Err(format!("`{shape}` is parsed in `shapes`")),
     }
 }
 
-fn string_at(json: &Value, pointer: &str) -> Result<String, String> {
+pub(super) fn string_at(json: &Value, pointer: &str) -> Result<String, String> {
     json.pointer(pointer)
         .and_then(Value::as_str)
         .map(str::to_owned)
         .ok_or_else(|| format!("`{pointer}` must be a string."))
 }
 
-fn nonempty_at(json: &Value, pointer: &str) -> Result<String, String> {
+pub(super) fn nonempty_at(json: &Value, pointer: &str) -> Result<String, String> {
     let value = string_at(json, pointer)?;
     if value.trim().is_empty() {
         return Err(format!("`{pointer}` must not be empty."));
@@ -249,17 +307,19 @@ fn nonempty_at(json: &Value, pointer: &str) -> Result<String, String> {
     Ok(value)
 }
 
-fn request(prompt: String, conversation_id: String) -> ChatRequest {
+pub(super) fn request(prompt: String, conversation_id: String) -> ChatRequest {
     ChatRequest {
         prompt,
         conversation_id,
         model: "demo".to_owned(),
         stream: true,
+        parent: None,
+        turn: None,
     }
 }
 
 /// The text of an OpenAI message `content`: a string or a list of `{type:"text", text}` parts.
-fn message_text(content: &Value) -> Option<String> {
+pub(super) fn message_text(content: &Value) -> Option<String> {
     match content {
         Value::String(s) => Some(s.clone()),
         Value::Array(parts) => Some(
@@ -433,20 +493,20 @@ fn parse_frames(json: &Value) -> Result<ChatRequest, String> {
 // Responding
 
 /// One piece of the response body, sent after the token delay when `delayed`.
-struct Piece {
+pub(super) struct Piece {
     delayed: bool,
     bytes: Bytes,
 }
 
 impl Piece {
-    fn now(bytes: impl Into<Bytes>) -> Self {
+    pub(super) fn now(bytes: impl Into<Bytes>) -> Self {
         Piece {
             delayed: false,
             bytes: bytes.into(),
         }
     }
 
-    fn later(bytes: impl Into<Bytes>) -> Self {
+    pub(super) fn later(bytes: impl Into<Bytes>) -> Self {
         Piece {
             delayed: true,
             bytes: bytes.into(),
@@ -454,7 +514,11 @@ impl Piece {
     }
 }
 
-fn streamed(content_type: &'static str, pieces: Vec<Piece>, delay: Duration) -> Response {
+pub(super) fn streamed(
+    content_type: &'static str,
+    pieces: Vec<Piece>,
+    delay: Duration,
+) -> Response {
     let stream = futures_util::stream::iter(pieces).then(move |piece| async move {
         if piece.delayed && !delay.is_zero() {
             tokio::time::sleep(delay).await;
@@ -472,14 +536,14 @@ fn streamed(content_type: &'static str, pieces: Vec<Piece>, delay: Duration) -> 
         .into_response()
 }
 
-fn sse(event: Option<&str>, data: &str) -> String {
+pub(super) fn sse(event: Option<&str>, data: &str) -> String {
     match event {
         Some(name) => format!("event: {name}\ndata: {data}\n\n"),
         None => format!("data: {data}\n\n"),
     }
 }
 
-fn unix_secs() -> u64 {
+pub(super) fn unix_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -487,7 +551,7 @@ fn unix_secs() -> u64 {
 }
 
 /// Reasoning tokens then answer tokens, each tagged `true` when it is reasoning.
-fn all_tokens(reply: &Reply) -> Vec<(bool, String)> {
+pub(super) fn all_tokens(reply: &Reply) -> Vec<(bool, String)> {
     let thinking = reply.reasoning.as_deref().map(tokens).unwrap_or_default();
     thinking
         .into_iter()
@@ -548,6 +612,8 @@ async fn respond(shape: Shape, delay: Duration, req: &ChatRequest, reply: &Reply
             .into_response()
         }
         Shape::Frames => streamed("application/connect+json", frames_stream(req, reply), delay),
+        // Answered by `shapes::respond`.
+        _ => StatusCode::NOT_FOUND.into_response(),
     }
 }
 
@@ -558,7 +624,7 @@ async fn wait_total(delay: Duration, tokens: usize) {
     }
 }
 
-fn usage(reply: &Reply) -> Value {
+pub(super) fn usage(reply: &Reply) -> Value {
     let completion = all_tokens(reply).len();
     json!({ "prompt_tokens": 12, "completion_tokens": completion, "total_tokens": completion + 12 })
 }

@@ -4,7 +4,9 @@
 //! It behaves on the wire like real chat sites do, in one of several [`Shape`]s (OpenAI-like
 //! SSE deltas, ChatGPT-like JSON patches, Qwen-like cumulative SSE, NDJSON, tRPC-like numbered
 //! lines, a plain JSON answer, Connect-like length-prefixed frames, Claude-like ids in the path
-//! with Anthropic SSE events, a WebSocket, signed anti-replay requests), behind one of several
+//! with Anthropic SSE events, a WebSocket, signed anti-replay requests, the prompt in a tRPC
+//! create call, path-less patch batches, Open WebUI and `<think>` reasoning markup, a send that
+//! reloads the page), behind one of several
 //! [`LoginPattern`]s (a login form, a landing page, a two-step form, no login, a captcha).
 //! Whatever the shape:
 //! - An account's URL is the site root; from there a browser reaches `/chat` by generic means.
@@ -19,7 +21,11 @@
 //!   Some shapes differ: [`Shape::Claude`] fetches the organization first and puts both ids in
 //!   the path; [`Shape::Ws`] chats over a WebSocket (bearer token in the first frame);
 //!   [`Shape::Signed`] signs each chat call with a per-session key hidden in an inline script,
-//!   and refuses stale or reused signatures (403 `bad_signature`).
+//!   and refuses stale or reused signatures (403 `bad_signature`), as every shape does with
+//!   [`DemoConfig::signed`]; [`Shape::Newchat`] sends the first message in its create call;
+//!   [`Shape::Batch`] and [`Shape::Details`] make no create call (the first chat call makes the
+//!   conversation); [`Shape::Think`]'s login stores no token, its chat page does when it
+//!   loads; [`Shape::Fragile`]'s page lets its form submit natively the first time.
 //! - The API answers 401 (no, expired or revoked session; bad bearer), 403 (bad CSRF token),
 //!   404 (unknown conversation), 429 with `Retry-After` (rate limit) and 400 (bad body) with
 //!   `{"error":{"message","code"}}`.
@@ -45,8 +51,15 @@
 //! | `frames` | `POST /api/conversations` → `data.id` | body `conversationId` |
 //! | `claude` | `POST /api/organizations/{org}/chat_conversations` → `uuid` | both ids in the completion path |
 //! | `ws` | `POST /api/conversations` → `data.id` | the same socket (`/api/ws?conversation=ID`), `conversation_id` in each `chat` frame; a new socket for the same id continues it too |
+//! | `newchat` | the tRPC `message.newChat` call that carries the first message → `chatId` | `/api/chat` with `chatId`, `mode: "append"` and the message |
+//! | `batch` | the first chat call (no `conversation_id`) → the `add` event's `v.conversation_id` | `conversation_id` and `parent_message_id` = the previous reply's `v.message.id`, both checked |
+//! | `details` | the first chat call (`chat_id: null`) → the first event's `chat_id` | `chat_id`, `parent_id` = the previous reply's `message_id`, `turn` = turns so far, all checked |
+//! | `think` | `POST /api/v1/chats/new` → `data.id`, in the path | `parent_id` = the previous reply's `response_id` (checked) |
+//! | `fragile` | `POST /api/conversations` → `data.id` | body `conversation_id` |
 //!
-//! The chat page keeps one conversation per page load.
+//! The chat page keeps one conversation per page load. Where a later turn names the previous
+//! reply, a wrong or missing one is refused with 400 `bad_parent` (a wrong `turn` with 400
+//! `bad_turn`): such conversations continue only through what the replies said.
 //!
 //! # Test controls (`/__demo/…`)
 //!
@@ -84,6 +97,7 @@
 pub mod antibot;
 mod chat;
 pub mod model;
+mod shapes;
 mod site;
 mod state;
 #[cfg(test)]
@@ -103,6 +117,9 @@ pub const DEVICE_COOKIE: &str = "demo_device";
 pub const TOKEN_KEY: &str = "demo_token";
 /// Header carrying the CSRF token from the chat page's `<meta name="csrf-token">`.
 pub const CSRF_HEADER: &str = "x-csrf-token";
+/// `localStorage` key under which the think shape's chat page stores the bearer token when it
+/// loads, as `{"value": TOKEN, "__version": "0"}` (its login stores nothing).
+pub const WRAPPED_TOKEN_KEY: &str = "userToken";
 
 /// The wire format the site's chat endpoint speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -134,10 +151,35 @@ pub enum Shape {
     /// `x-signature` = hex SHA-256 of `KEY\nTIMESTAMP\nBODY` and `x-timestamp` (ms); stale or
     /// reused signatures get 403 `bad_signature`, so direct replay fails.
     Signed,
+    /// Le Chat-like, the prompt in a preflight: the first message goes in a tRPC "new chat"
+    /// call (`POST /api/trpc/message.newChat?batch=1`, body `{"0":{"json":{…}}}`) answered
+    /// with ids only; the reply streams from `POST /api/chat` carrying only the chat id
+    /// (`mode: "start"`), as AI-SDK data-stream lines (`f:`, `0:"text"`, `e:`, `d:`). A later
+    /// turn sends its message in `/api/chat` itself (`mode: "append"`).
+    Newchat,
+    /// ChatGPT-like without a create call: the first turn names no conversation, the first
+    /// patch event names the one the server made and the reply's message id; a later turn
+    /// must send both (`conversation_id`, `parent_message_id`). Operations come in batches
+    /// `{"v": [ops]}` with no path of their own, the last words of the reply included.
+    Batch,
+    /// Open WebUI-like reasoning markup in a delta stream: `<details type="reasoning"
+    /// done="false">` as a piece of its own, then pieces with a `phase`, the reasoning quoted
+    /// line by line under a `<summary>`, the answer in `<answer>…</answer>`. No create call:
+    /// the first event names the chat and the reply; a later turn sends `chat_id`, the
+    /// previous reply's id as `parent_id`, and a `turn` counter.
+    Details,
+    /// A cumulative stream of `<think>` markup whose closing tag moves as the text grows. The
+    /// bearer token is written to localStorage (`userToken`, wrapped as
+    /// `{"value":…,"__version":"0"}`) only when the chat page loads, never at login. A later
+    /// turn names the previous reply's `response_id` as `parent_id`.
+    Think,
+    /// A front end whose send control natively submits the form (and so reloads the page) the
+    /// first time, before its script took over; retyped, it works. SSE with named events.
+    Fragile,
 }
 
 impl Shape {
-    pub const ALL: [Shape; 10] = [
+    pub const ALL: [Shape; 15] = [
         Shape::Openai,
         Shape::Patch,
         Shape::Cumulative,
@@ -148,6 +190,11 @@ impl Shape {
         Shape::Claude,
         Shape::Ws,
         Shape::Signed,
+        Shape::Newchat,
+        Shape::Batch,
+        Shape::Details,
+        Shape::Think,
+        Shape::Fragile,
     ];
 
     /// The kebab-case name (`openai`, `patch`, …).
@@ -163,6 +210,11 @@ impl Shape {
             Shape::Claude => "claude",
             Shape::Ws => "ws",
             Shape::Signed => "signed",
+            Shape::Newchat => "newchat",
+            Shape::Batch => "batch",
+            Shape::Details => "details",
+            Shape::Think => "think",
+            Shape::Fragile => "fragile",
         }
     }
 
@@ -176,7 +228,15 @@ impl Shape {
                 | Shape::Frames
                 | Shape::Claude
                 | Shape::Signed
+                | Shape::Details
+                | Shape::Think
         )
+    }
+
+    /// Whether the first chat call creates the conversation (no call before it does): its
+    /// reply names the conversation.
+    pub fn creates_on_first_chat(self) -> bool {
+        matches!(self, Shape::Batch | Shape::Details)
     }
 
     /// Path of the chat endpoint (without query string), as a route: `{org}` and
@@ -195,16 +255,26 @@ impl Shape {
             }
             Shape::Ws => "/api/ws",
             Shape::Signed => "/api/signed/v1/chat/completions",
+            Shape::Newchat => "/api/chat",
+            Shape::Batch => "/backend-api/f/conversation",
+            Shape::Details => "/api/chat/completions",
+            Shape::Think => "/api/v1/chats/{conversation}/completions",
+            Shape::Fragile => "/api/fragile/chat",
         }
     }
 
     /// Path of the "create conversation" preflight; it answers `{"data":{"id":…}}`, except
     /// for Claude, whose route (`{org}` standing for the organization id) answers
-    /// `{"uuid":…}`.
+    /// `{"uuid":…}`, and for newchat, whose tRPC call carries the first message and answers
+    /// `[{"result":{"data":{"json":{"chatId",…}}}}]`. Shapes that
+    /// [create the conversation on the first chat](Shape::creates_on_first_chat) have none
+    /// (the shared path is answered 404 when they are served).
     pub fn create_conversation_path(self) -> &'static str {
         match self {
             Shape::Cumulative => "/api/v2/chats/new",
             Shape::Claude => "/api/organizations/{org}/chat_conversations",
+            Shape::Think => "/api/v1/chats/new",
+            Shape::Newchat => "/api/trpc/message.newChat",
             _ => "/api/conversations",
         }
     }
@@ -222,6 +292,11 @@ impl Shape {
             Shape::Claude => include_str!("../../flows/demo-claude.json"),
             Shape::Ws => include_str!("../../flows/demo-ws.json"),
             Shape::Signed => include_str!("../../flows/demo-signed.json"),
+            Shape::Newchat => include_str!("../../flows/demo-newchat.json"),
+            Shape::Batch => include_str!("../../flows/demo-batch.json"),
+            Shape::Details => include_str!("../../flows/demo-details.json"),
+            Shape::Think => include_str!("../../flows/demo-think.json"),
+            Shape::Fragile => include_str!("../../flows/demo-fragile.json"),
         }
     }
 }
@@ -367,6 +442,13 @@ pub struct DemoConfig {
     pub anti_bot: bool,
     /// How long an anti-bot clearance token stays valid after the page registered it.
     pub clearance_ttl: Duration,
+    /// Every chat call is signed by the page like the signed shape's (whatever the shape), and
+    /// refused without a fresh signature: only the browser tiers can use the site.
+    pub signed: bool,
+    /// The page shows this after every reply, as if it were part of it (a site whose page
+    /// renders more than its API sends: no reading of the wire yields what it shows, so
+    /// learning it fails).
+    pub render_suffix: Option<String>,
 }
 
 impl Default for DemoConfig {
@@ -380,6 +462,8 @@ impl Default for DemoConfig {
             password: "demo-password".to_owned(),
             anti_bot: false,
             clearance_ttl: DEFAULT_CLEARANCE_TTL,
+            signed: false,
+            render_suffix: None,
         }
     }
 }
@@ -516,8 +600,9 @@ pub(crate) fn http_client() -> Result<reqwest::Client, DemoError> {
         .map_err(|e| DemoError::Http(e.to_string()))
 }
 
-/// Logs in the way a script would and returns what the browser login would leave: the cookies
-/// the site set and the bearer token under [`TOKEN_KEY`].
+/// Logs in the way a script would and returns what a browser would hold once logged in on the
+/// chat page: the cookies the site set and the bearer token under [`TOKEN_KEY`] (for the think
+/// shape, wrapped under [`WRAPPED_TOKEN_KEY`], as its chat page stores it).
 ///
 /// For every pattern with a password this is `POST /api/login`, which — like the API login of
 /// many real sites — skips what the browser pages put in front: the landing page, the two
@@ -570,10 +655,49 @@ pub async fn json_login(
             "the login answer set no `{SESSION_COOKIE}` cookie"
         )));
     }
+    // A site whose chat page fetches and stores the token itself (the think shape): what the
+    // browser holds once that page has loaded.
+    if let Some(wrapped) = page_token(&client, join("/api/v1/auths/")?, &cookies).await? {
+        return Ok(DemoLogin {
+            cookies,
+            local_storage: vec![(WRAPPED_TOKEN_KEY.to_owned(), wrapped)],
+        });
+    }
     Ok(DemoLogin {
         cookies,
         local_storage: vec![(TOKEN_KEY.to_owned(), token.to_owned())],
     })
+}
+
+/// The token the think shape's chat page stores when it loads, wrapped as it stores it
+/// (`Ok(None)` for the other shapes, whose pages store nothing).
+async fn page_token(
+    client: &reqwest::Client,
+    url: url::Url,
+    cookies: &[(String, String)],
+) -> Result<Option<String>, DemoError> {
+    let cookie = cookies
+        .iter()
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let response = client
+        .get(url)
+        .header(reqwest::header::COOKIE, cookie)
+        .send()
+        .await
+        .map_err(|e| DemoError::Http(e.to_string()))?;
+    if !response.status().is_success() {
+        return Ok(None);
+    }
+    let body: serde_json::Value = response
+        .json()
+        .await
+        .map_err(|e| DemoError::BadResponse(e.to_string()))?;
+    Ok(body
+        .get("token")
+        .and_then(|t| t.as_str())
+        .map(|token| serde_json::json!({ "value": token, "__version": "0" }).to_string()))
 }
 
 /// The anonymous session `GET /chat` hands out when the site needs no login (`Ok(None)` when

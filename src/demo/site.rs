@@ -14,7 +14,7 @@ use serde_json::json;
 use super::state::{AppState, Challenge, ClickOutcome, Session, SessionProblem};
 use super::{
     CAPTCHA_BOX, CSRF_HEADER, DEVICE_COOKIE, LoginPattern, SESSION_COOKIE, Shape, TOKEN_KEY,
-    antibot, chat, ws,
+    antibot, chat, shapes, ws,
 };
 
 const LANDING_HTML: &str = include_str!("assets/landing.html");
@@ -45,7 +45,7 @@ pub(crate) fn routes(state: Shared) -> Router {
         .route("/logout", get(logout))
         .route("/api/login", post(login_json))
         .route(antibot::CLEARANCE_PATH, post(antibot::register))
-        .route("/chat", get(chat_page))
+        .route("/chat", get(chat_page).post(chat_page_submitted))
         .route("/static/chat.js", get(chat_js))
         .route("/static/challenge.js", get(challenge_js))
         .route("/static/style.css", get(style_css))
@@ -76,20 +76,27 @@ pub(crate) fn routes(state: Shared) -> Router {
     let mut preflights: Vec<&'static str> = Vec::new();
     for shape in Shape::ALL {
         let path = shape.create_conversation_path();
-        if shape != Shape::Claude && !preflights.contains(&path) {
+        let generic = !matches!(shape, Shape::Claude | Shape::Newchat);
+        if generic && !shape.creates_on_first_chat() && !preflights.contains(&path) {
             preflights.push(path);
             router = router.route(
                 path,
                 post(move |state: State<Shared>, headers: HeaderMap| async move {
-                    if state.shape().create_conversation_path() != path {
+                    let now = state.shape();
+                    if now.create_conversation_path() != path || now.creates_on_first_chat() {
                         return StatusCode::NOT_FOUND.into_response();
                     }
                     create_conversation(state, headers).await
                 }),
             );
         }
+        if shape == Shape::Newchat {
+            // The create call that carries the first message.
+            router = router.route(path, post(shapes::new_chat));
+        }
         router = match shape {
             Shape::Claude => router.route(shape.chat_path(), post(chat::handle_claude)),
+            Shape::Think => router.route(shape.chat_path(), post(chat::handle_think)),
             Shape::Ws => router.route(shape.chat_path(), get(ws::upgrade)),
             _ => router.route(
                 shape.chat_path(),
@@ -105,6 +112,7 @@ pub(crate) fn routes(state: Shared) -> Router {
         };
     }
     router
+        .route("/api/v1/auths/", get(shapes::auths))
         .route("/__demo/expire-sessions", post(expire_sessions))
         .route(
             "/__demo/rotate-csrf",
@@ -162,7 +170,7 @@ pub(crate) struct Refusal {
 }
 
 impl Refusal {
-    const fn new(status: StatusCode, code: &'static str, message: &'static str) -> Self {
+    pub(crate) const fn new(status: StatusCode, code: &'static str, message: &'static str) -> Self {
         Self {
             status,
             code,
@@ -410,9 +418,13 @@ fn logged_in(state: &AppState, email: &str, headers: &HeaderMap) -> Response {
     let (sid, session) = state.login(email);
     let token_js = serde_json::to_string(&session.token).unwrap_or_else(|_| "\"\"".into());
     let key_js = serde_json::to_string(TOKEN_KEY).unwrap_or_else(|_| "\"\"".into());
-    let page = LOGGED_IN_HTML
-        .replace("{{TOKEN_KEY}}", &key_js)
-        .replace("{{TOKEN}}", &token_js);
+    // The think shape's token is written by its chat page only, when it loads.
+    let store = if state.shape() == Shape::Think {
+        String::new()
+    } else {
+        format!("localStorage.setItem({key_js}, {token_js});")
+    };
+    let page = LOGGED_IN_HTML.replace("{{STORE_TOKEN}}", &store);
     (set_cookies(&sid, headers), no_store(), Html(page)).into_response()
 }
 
@@ -643,22 +655,40 @@ async fn chat_page(State(state): State<Shared>, headers: HeaderMap) -> Response 
     } else {
         (escape_html(&session.email), "Log out", String::new())
     };
-    let bootstrap = if shape == Shape::Signed {
+    let signs = shape == Shape::Signed || state.config.signed;
+    let bootstrap = if signs {
         bootstrap + &signing_script(&session.sign_key)
     } else {
         bootstrap
     };
+    let mut metas = anti_bot_meta(&state);
+    if state.config.signed {
+        metas.push_str("<meta name=\"demo-signed\" content=\"1\">\n");
+    }
+    if let Some(suffix) = &state.config.render_suffix {
+        metas.push_str(&format!(
+            "<meta name=\"demo-render-suffix\" content=\"{}\">\n",
+            escape_html(suffix)
+        ));
+    }
     let page = CHAT_HTML
         .replace("{{CSRF}}", &escape_html(&session.csrf))
         .replace("{{SHAPE}}", shape.as_str())
         .replace("{{EMAIL}}", &user)
         .replace("{{LOGOUT}}", logout)
-        .replace("{{ANTI_BOT}}", &anti_bot_meta(&state))
+        .replace("{{ANTI_BOT}}", &metas)
         .replace("{{BOOTSTRAP}}", &bootstrap);
     match new_sid {
         Some(sid) => (set_cookies(&sid, &headers), no_store(), Html(page)).into_response(),
         None => (no_store(), Html(page)).into_response(),
     }
+}
+
+/// `POST /chat`: the composer form submitted natively (the fragile shape's page before its
+/// script took over). Like a server that has no use for it, the site shows the chat page
+/// again (Post/Redirect/Get): the typed message is gone.
+async fn chat_page_submitted() -> Response {
+    Redirect::to("/chat").into_response()
 }
 
 /// `<meta name="demo-clearance-ttl">` when the anti-bot check is on: it tells the page's

@@ -87,6 +87,10 @@ struct Conversation {
     email: String,
     turns: u32,
     created: Instant,
+    /// The id of the last reply (the shapes whose later turns name it as their parent).
+    reply_id: Option<String>,
+    /// A user message waiting for its reply (newchat: sent in the create call).
+    pending: Option<String>,
 }
 
 /// What `/__demo/conversations` lists about a conversation.
@@ -407,9 +411,47 @@ impl AppState {
                 email: email.to_owned(),
                 turns: 0,
                 created: Instant::now(),
+                reply_id: None,
+                pending: None,
             },
         );
         id
+    }
+
+    /// How many turns conversation `id` had (`None`: no such conversation).
+    pub fn turns(&self, id: &str) -> Option<u32> {
+        self.lock().conversations.get(id).map(|c| c.turns)
+    }
+
+    /// The id of the last reply in conversation `id`.
+    pub fn reply_id(&self, id: &str) -> Option<String> {
+        self.lock()
+            .conversations
+            .get(id)
+            .and_then(|c| c.reply_id.clone())
+    }
+
+    /// Records the id of the reply being sent in conversation `id` (from its first byte: a
+    /// reply cut short is still the conversation's last).
+    pub fn set_reply_id(&self, id: &str, reply_id: &str) {
+        if let Some(c) = self.lock().conversations.get_mut(id) {
+            c.reply_id = Some(reply_id.to_owned());
+        }
+    }
+
+    /// Keeps a user message for the next chat call of conversation `id` to answer.
+    pub fn set_pending(&self, id: &str, message: &str) {
+        if let Some(c) = self.lock().conversations.get_mut(id) {
+            c.pending = Some(message.to_owned());
+        }
+    }
+
+    /// The user message waiting in conversation `id`, taken.
+    pub fn take_pending(&self, id: &str) -> Option<String> {
+        self.lock()
+            .conversations
+            .get_mut(id)
+            .and_then(|c| c.pending.take())
     }
 
     /// Every conversation, oldest first.

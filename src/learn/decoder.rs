@@ -28,11 +28,15 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
 
-pub(crate) use self::events::{Event, Input, escape_token, frame_text, input_of, scalars, strings};
+pub(crate) use self::events::{
+    Event, Input, escape_token, frame_text, input_of, scalars, split as split_events, strings,
+};
 pub(crate) use self::normalize::normalize;
-use crate::flow::{Accrual, ErrorRule, ReasoningRule, ResponseSpec, Signal, TextRule, Transport};
+use crate::flow::{
+    Accrual, ErrorRule, ReasoningRule, ResponseSpec, Signal, Tags, TextRule, Transport,
+};
 use crate::learn::recording::Exchange;
-use crate::replay::decode::{Decoder, collect_text, decode_all};
+use crate::replay::decode::{Decoder, Delta, collect_text, decode_all, is_op_list};
 
 /// Why no decoder could be inferred. Messages are meant for the user; they never quote
 /// response bytes (which may hold tokens).
@@ -216,9 +220,19 @@ impl Target {
     }
 }
 
+/// The deltas the replay decoder reads out of an exchange's recorded response with `spec`
+/// (`None` when there is no response or the spec does not fit it).
+pub(crate) fn decode_exchange(spec: &ResponseSpec, exchange: &Exchange) -> Option<Vec<Delta>> {
+    deltas(spec, &input_of(exchange)?)
+}
+
 /// Runs the replay decoder over the recorded response: (text, reasoning), or `None` when the
 /// spec does not fit the bytes.
 fn run(spec: &ResponseSpec, input: &Input) -> Option<(String, String)> {
+    Some(collect_text(&deltas(spec, input)?))
+}
+
+fn deltas(spec: &ResponseSpec, input: &Input) -> Option<Vec<Delta>> {
     let deltas = match input {
         Input::Body(body) => decode_all(spec, body).ok()?,
         Input::Messages(messages) => {
@@ -231,7 +245,7 @@ fn run(spec: &ResponseSpec, input: &Input) -> Option<(String, String)> {
             out
         }
     };
-    Some(collect_text(&deltas))
+    Some(deltas)
 }
 
 fn bare_spec(transport: Transport, rule: TextRule) -> ResponseSpec {
@@ -475,6 +489,17 @@ impl Search<'_> {
                     mode,
                     event: event.clone(),
                 };
+                // A cumulative stream of marked-up text moves its closing tags as it grows, so
+                // no value extends the previous one: its last value is the whole text.
+                let last = pieces.iter().rev().find(|p| !p.is_empty()).copied();
+                if let Some(last) = last
+                    && pieces.len() > 1
+                    && last.contains("</")
+                    && last != cumulative
+                    && last != delta
+                {
+                    out.push(reading(rule(Accrual::Cumulative), last.to_owned()));
+                }
                 if cumulative != delta {
                     out.push(reading(rule(Accrual::Cumulative), cumulative));
                 }
@@ -578,17 +603,16 @@ impl Search<'_> {
                 }
             }
         }
-        for (open, close) in markup_candidates(&reading.text) {
+        for rule in markup_rules(&reading.text) {
             let mut with = spec.clone();
-            with.reasoning = Some(ReasoningRule::Markup {
-                open: open.clone(),
-                close: close.clone(),
-            });
+            with.reasoning = Some(rule);
             if run(&with, self.input).is_some_and(|d| self.target.accepts(&d, true)) {
-                return Some((
-                    with,
-                    format!("reasoning: marked up inside the text as {open}…{close}"),
-                ));
+                let note = with
+                    .reasoning
+                    .as_ref()
+                    .map(describe_markup)
+                    .unwrap_or_default();
+                return Some((with, note));
             }
         }
         None
@@ -782,7 +806,9 @@ impl PathCollector {
                 };
                 let o = op.get("o").and_then(Value::as_str).unwrap_or("");
                 let Some(v) = op.get("v") else { return };
-                let batch = o.eq_ignore_ascii_case("patch") || o.eq_ignore_ascii_case("batch");
+                let batch = o.eq_ignore_ascii_case("patch")
+                    || o.eq_ignore_ascii_case("batch")
+                    || (p.is_none() && !op.contains_key("o") && is_op_list(v));
                 if batch {
                     self.ops(v, &path);
                     return;
@@ -933,6 +959,77 @@ fn markup_candidates(text: &str) -> Vec<(String, String)> {
         }
     }
     out
+}
+
+/// Markup rules worth trying on a text that holds reasoning and reply: every tag pair as
+/// the reasoning's, the most specific reading first. The comparison with the page ignores
+/// quote marks at line starts, so a rule that drops them must be tried before one that keeps
+/// them; a `<summary>` and answer tags (other pairs) are tried when the text has them.
+fn markup_rules(text: &str) -> Vec<ReasoningRule> {
+    let pairs = markup_candidates(text);
+    let has_summary = text.contains("<summary");
+    let has_quotes = text.lines().any(|line| line.trim_start().starts_with('>'));
+    let mut out = Vec::new();
+    for (open, close) in &pairs {
+        if open.starts_with("<summary") {
+            continue;
+        }
+        let mut answers: Vec<Option<Tags>> = pairs
+            .iter()
+            .filter(|(o, c)| o != open && c != close && o.ends_with('>') && o != "<summary>")
+            .map(|(o, c)| {
+                Some(Tags {
+                    open: o.clone(),
+                    close: c.clone(),
+                })
+            })
+            .collect();
+        answers.push(None);
+        for answer in answers {
+            for summary in [has_summary, false] {
+                for quoted in [has_quotes, false] {
+                    let rule = ReasoningRule::Markup {
+                        open: open.clone(),
+                        close: close.clone(),
+                        summary,
+                        quoted,
+                        answer: answer.clone(),
+                    };
+                    if !out.contains(&rule) {
+                        out.push(rule);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn describe_markup(rule: &ReasoningRule) -> String {
+    let ReasoningRule::Markup {
+        open,
+        close,
+        summary,
+        quoted,
+        answer,
+    } = rule
+    else {
+        return String::new();
+    };
+    let mut note = format!("reasoning: marked up inside the text as {open}…{close}");
+    if *summary {
+        note.push_str(", its <summary> a heading");
+    }
+    if *quoted {
+        note.push_str(", its lines quoted with `> `");
+    }
+    if let Some(answer) = answer {
+        note.push_str(&format!(
+            "; the answer inside {}…{}",
+            answer.open, answer.close
+        ));
+    }
+    note
 }
 
 /// The first `name="value"` (or bare `name`) of a tag's attribute text.
@@ -1157,38 +1254,79 @@ fn ids(search: &Search<'_>, spec: &ResponseSpec, hints: &Hints) -> BTreeMap<Stri
         .filter(|v| !is_echo(v))
         .collect();
     let mut out = BTreeMap::new();
-    let conversation = early.iter().find_map(|value| {
-        strings(value)
+    let fresh_id = |path: &str, s: &str| {
+        id_named(path)
+            && s.chars().count() >= 6
+            && !s.contains(char::is_whitespace)
+            && !hints.request_values.iter().any(|r| r == s)
+            && !hints.conversation_values.iter().any(|r| r == s)
+    };
+    // The conversation: a value the request took from a preflight; else, when no call made
+    // it before (the first chat call does), an id whose key names a conversation.
+    let conversation = early
+        .iter()
+        .find_map(|value| {
+            strings(value)
+                .into_iter()
+                .find(|(_, s)| hints.conversation_values.iter().any(|c| c == s))
+                .map(|(path, _)| path)
+        })
+        .or_else(|| {
+            early.iter().find_map(|value| {
+                strings(value)
+                    .into_iter()
+                    .find(|(path, s)| fresh_id(path, s) && names_conversation(path))
+                    .map(|(path, _)| path)
+            })
+        });
+    // The message: in the first event with other id-named leaves, one whose path names a
+    // message or response first, then a UUID (sites thread replies by UUIDs), else the first
+    // in document order.
+    let message = early.iter().find_map(|value| {
+        let candidates: Vec<(String, &str)> = strings(value)
             .into_iter()
-            .find(|(_, s)| hints.conversation_values.iter().any(|c| c == s))
-            .map(|(path, _)| path)
+            .filter(|(path, s)| fresh_id(path, s) && Some(path) != conversation.as_ref())
+            .collect();
+        let rank = |(path, s): &(String, &str)| {
+            (
+                !names_message(path),
+                !crate::learn::infer::values::is_uuid(s),
+            )
+        };
+        candidates
+            .iter()
+            .enumerate()
+            .min_by_key(|(i, c)| (rank(c), *i))
+            .map(|(_, (path, _))| path.clone())
     });
     if let Some(path) = conversation {
         out.insert("conversation_id".to_owned(), path);
     }
-    // The first event with id-named leaves; among them a UUID first (sites thread
-    // replies by UUIDs), else the first in document order.
-    let message = early.iter().find_map(|value| {
-        let candidates: Vec<(String, &str)> = strings(value)
-            .into_iter()
-            .filter(|(path, s)| {
-                id_named(path)
-                    && s.chars().count() >= 6
-                    && !s.contains(char::is_whitespace)
-                    && !hints.request_values.iter().any(|r| r == s)
-                    && !hints.conversation_values.iter().any(|r| r == s)
-            })
-            .collect();
-        let uuid = candidates
-            .iter()
-            .find(|(_, s)| crate::learn::infer::values::is_uuid(s))
-            .map(|(path, _)| path.clone());
-        uuid.or_else(|| candidates.first().map(|(path, _)| path.clone()))
-    });
     if let Some(path) = message {
         out.insert("message_id".to_owned(), path);
     }
     out
+}
+
+/// Whether the last key of `path` names a conversation (`conversation_id`, `chatId`,
+/// `thread_id`).
+fn names_conversation(path: &str) -> bool {
+    let key = path
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    ["conversation", "chat", "thread", "dialog"]
+        .iter()
+        .any(|word| key.contains(word))
+}
+
+/// Whether `path` names a message or a response (`/message/id`, `response_id`, `msgId`).
+fn names_message(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    ["message", "msg", "response", "reply", "answer", "turn"]
+        .iter()
+        .any(|word| lower.contains(word))
 }
 
 /// Whether the last key of `path` names an id (`id`, `message_id`, `messageId`, `uuid`).

@@ -4,7 +4,10 @@
 //! - **The chat call** is the exchange whose request (URL, body, or a sent WebSocket frame)
 //!   carries the probe's marker and whose response yields the rendered reply (checked with
 //!   `decoder`). When the marker travels in one call and the reply comes back from a later
-//!   one, the later one is the chat call and the carrier becomes a preflight.
+//!   one, the later one is the chat call and the carrier becomes a preflight (with the
+//!   `prompt` slot). A page load carrying the marker (a form submitted natively) is never it.
+//! - **Later turns** are `follow_up`'s job: a second probe in the same conversation, templated
+//!   with the first exchange's values as one more source.
 //! - **Templates.** In the chat call and every preflight, each value is explained, in order:
 //!   the probe (→ the `prompt` slot, or `messages` for an OpenAI-like `{role, content}` list);
 //!   a value that first appeared in an earlier response (→ `{{preflight.NAME}}`, that
@@ -19,6 +22,7 @@
 //!   templated.
 //! - **The response** is `decoder`'s job.
 
+mod follow_up;
 pub(crate) mod provenance;
 #[cfg(test)]
 mod tests;
@@ -47,6 +51,12 @@ pub struct Learned {
     /// Per-request values that could not be explained (possible signatures, proof-of-work,
     /// one-time tokens). Values themselves are never quoted.
     pub suspicious: Vec<String>,
+    /// The chat call's index in the recording's exchanges.
+    pub(crate) chat_index: usize,
+    /// (extract name, the value it had in the recording) of every preflight value.
+    pub(crate) observed: Vec<(String, String)>,
+    /// Exchange index → the names the flow extracts from it (its preflight steps).
+    pub(crate) uses: BTreeMap<usize, Vec<String>>,
 }
 
 /// Why no flow could be inferred. Messages are for the user and never quote cookie values or
@@ -80,9 +90,104 @@ pub fn infer(recording: &Recording, service: &str) -> Result<Learned, InferError
         return Err(InferError::NoMarker);
     }
     let page = Url::parse(&recording.page_url).map_err(|_| InferError::BadPageUrl)?;
-    let learner = Learner::new(recording, page);
+    let learner = Learner::new(recording, page.clone());
     let chat = learner.find_chat_call()?;
-    learner.build(chat, service)
+    let mut learned = learner.build(chat, service)?;
+    if let Some(second) = recording.follow_up.as_deref() {
+        follow_up::learn(recording, second, page, &mut learned);
+    }
+    Ok(learned)
+}
+
+/// Why each recorded call was or was not taken, one line per call, in the recording's order
+/// (`computetower learn --explain`). Never quotes bodies or header values.
+pub fn explain(recording: &Recording) -> Vec<String> {
+    let learned = infer(recording, "explain").ok();
+    let reply = recording.rendered_reply.as_str();
+    let reasoning = recording.rendered_reasoning.as_deref();
+    let marker = recording.marker.as_str();
+    let first_carrier = recording
+        .exchanges
+        .iter()
+        .position(|e| !follow_up::is_navigation(e) && exchange_carries(e, marker));
+    let mut out = Vec::new();
+    for (i, exchange) in recording.exchanges.iter().enumerate() {
+        let call = format!("{:>3}. {}", i + 1, describe_call(exchange));
+        let carries = exchange_carries(exchange, marker);
+        let kind = exchange.resource_type.to_ascii_lowercase();
+        let verdict = if learned.as_ref().is_some_and(|l| l.chat_index == i) {
+            "taken: the chat call, its response reads as the reply".to_owned()
+        } else if let Some(names) = learned.as_ref().and_then(|l| l.uses.get(&i)) {
+            format!(
+                "taken: a preflight{}, the flow reads {} from it",
+                if carries { " carrying the probe" } else { "" },
+                names
+                    .iter()
+                    .map(|n| format!("`{n}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        } else if follow_up::is_navigation(exchange) {
+            if carries {
+                "not taken: a page load carrying the probe (the page's form was submitted \
+                 natively), never a chat call"
+                    .to_owned()
+            } else {
+                "not taken: a page load".to_owned()
+            }
+        } else if matches!(
+            kind.as_str(),
+            "script" | "stylesheet" | "image" | "font" | "media" | "manifest"
+        ) {
+            "not taken: a static resource".to_owned()
+        } else if first_carrier.is_none_or(|f| i < f) && !carries {
+            if learned.is_some() {
+                "not taken: nothing the chat call sends came from it".to_owned()
+            } else {
+                "not taken: made before the call carrying the probe (no chat call was found to \
+                 need it)"
+                    .to_owned()
+            }
+        } else if decoder::input_of(exchange).is_none() {
+            "not taken: no response to read a reply from".to_owned()
+        } else {
+            match decoder::infer_response_with(exchange, reply, reasoning, &Hints::default()) {
+                Ok(_) => {
+                    "not taken: its response reads as the reply too, but another call was chosen"
+                        .to_owned()
+                }
+                Err(e) => format!(
+                    "not taken{}: {}",
+                    if carries {
+                        " (it carries the probe)"
+                    } else {
+                        ""
+                    },
+                    lowercase_first(&e.to_string())
+                ),
+            }
+        };
+        out.push(format!("{call}: {verdict}"));
+    }
+    out
+}
+
+/// Whether the exchange's URL, body or sent frames carry `marker`.
+fn exchange_carries(exchange: &Exchange, marker: &str) -> bool {
+    let url = percent_encoding::percent_decode_str(&exchange.url.replace('+', " "))
+        .decode_utf8_lossy()
+        .into_owned();
+    url.contains(marker)
+        || exchange
+            .request_body
+            .as_ref()
+            .is_some_and(|b| String::from_utf8_lossy(&b.0).contains(marker))
+        || exchange
+            .frames
+            .iter()
+            .filter(|f| f.sent)
+            .filter_map(frame_text)
+            .any(|t| t.contains(marker))
 }
 
 /// Where a preflight step comes from.
@@ -145,6 +250,10 @@ struct Learner<'r> {
     fresh_uuids: Vec<(String, String)>,
     notes: Vec<String>,
     suspicious: Vec<String>,
+    /// (extract name, value) of every preflight value planned.
+    observed: Vec<(String, String)>,
+    /// Templating a later turn: what the first turn left to reuse, and what was found.
+    follow_up: Option<follow_up::Context>,
 }
 
 impl<'r> Learner<'r> {
@@ -162,6 +271,8 @@ impl<'r> Learner<'r> {
             fresh_uuids: Vec::new(),
             notes: Vec::new(),
             suspicious: Vec::new(),
+            observed: Vec::new(),
+            follow_up: None,
         }
     }
 
@@ -170,21 +281,7 @@ impl<'r> Learner<'r> {
     }
 
     fn carries_marker(&self, exchange: &Exchange) -> bool {
-        let marker = self.recording.marker.as_str();
-        let url = percent_encoding::percent_decode_str(&exchange.url.replace('+', " "))
-            .decode_utf8_lossy()
-            .into_owned();
-        url.contains(marker)
-            || exchange
-                .request_body
-                .as_ref()
-                .is_some_and(|b| String::from_utf8_lossy(&b.0).contains(marker))
-            || exchange
-                .frames
-                .iter()
-                .filter(|f| f.sent)
-                .filter_map(frame_text)
-                .any(|t| t.contains(marker))
+        exchange_carries(exchange, &self.recording.marker)
     }
 
     fn default_hints(&self, exchange: &Exchange) -> Hints {
@@ -197,11 +294,13 @@ impl<'r> Learner<'r> {
     /// The chat call: a marker carrier whose response yields the reply; else a later
     /// exchange whose response does (the marker then travelled in a preflight).
     fn find_chat_call(&self) -> Result<Chosen, InferError> {
+        // A navigation carrying the probe is the page's form submitted natively (the page
+        // reloaded): never the chat call.
         let carriers: Vec<usize> = self
             .exchanges()
             .iter()
             .enumerate()
-            .filter(|(_, e)| self.carries_marker(e))
+            .filter(|(_, e)| !follow_up::is_navigation(e) && self.carries_marker(e))
             .map(|(i, _)| i)
             .collect();
         let Some(&first) = carriers.first() else {
@@ -274,6 +373,64 @@ impl<'r> Learner<'r> {
                 " in an earlier call".to_owned()
             }
         ));
+        let (request, preflight) = self.template_calls(&chosen);
+
+        let mut hints = self.default_hints(chat_exchange);
+        hints.conversation_values = self.preflight_values.clone();
+        let found = decoder::infer_response_with(
+            chat_exchange,
+            &self.recording.rendered_reply,
+            self.recording.rendered_reasoning.as_deref(),
+            &hints,
+        )
+        .map_err(|e| InferError::NoReply {
+            call: describe_call(chat_exchange),
+            reason: lowercase_first(&e.to_string()),
+        })?;
+        self.notes.extend(found.notes);
+        let mut flow = Flow {
+            id: String::new(),
+            service: service.to_owned(),
+            name: "chat".to_owned(),
+            version: 1,
+            origin: Some(self.page.origin().ascii_serialization()),
+            preflight,
+            request,
+            response: found.spec,
+            ui: Some(UiHints {
+                page: Some(self.url_of_page()),
+                ..UiHints::default()
+            }),
+            follow_up: None,
+            replay: ReplayPolicy::default(),
+            stats: FlowStats::default(),
+        };
+        flow.validate()
+            .map_err(|e| InferError::Invalid(e.to_string()))?;
+        drop_literal_secrets(&mut flow, &mut self.suspicious);
+        Ok(Learned {
+            flow,
+            notes: self.notes,
+            suspicious: self.suspicious,
+            chat_index: chosen.index,
+            observed: self.observed,
+            uses: self
+                .names
+                .iter()
+                .filter_map(|(name, (key, _))| match key {
+                    StepKey::Exchange(i) => Some((*i, name.clone())),
+                    StepKey::Page => None,
+                })
+                .fold(BTreeMap::new(), |mut uses, (i, name)| {
+                    uses.entry(i).or_insert_with(Vec::new).push(name);
+                    uses
+                }),
+        })
+    }
+
+    /// Templates the chat call of `chosen` and the preflights it needs (its carriers, and the
+    /// calls its values came from, recursively), in the order the page made them.
+    fn template_calls(&mut self, chosen: &Chosen) -> (HttpTemplate, Vec<Step>) {
         self.templating_chat = true;
         let request = self.template(chosen.index);
         self.templating_chat = false;
@@ -293,20 +450,6 @@ impl<'r> Learner<'r> {
             let template = self.template(index);
             templates.insert(index, template);
         }
-
-        let mut hints = self.default_hints(chat_exchange);
-        hints.conversation_values = self.preflight_values.clone();
-        let found = decoder::infer_response_with(
-            chat_exchange,
-            &self.recording.rendered_reply,
-            self.recording.rendered_reasoning.as_deref(),
-            &hints,
-        )
-        .map_err(|e| InferError::NoReply {
-            call: describe_call(chat_exchange),
-            reason: lowercase_first(&e.to_string()),
-        })?;
-        self.notes.extend(found.notes);
 
         let steps = std::mem::take(&mut self.steps);
         let mut preflight = Vec::new();
@@ -330,47 +473,7 @@ impl<'r> Learner<'r> {
                 extract: plan.extract,
             });
         }
-        let mut flow = Flow {
-            id: String::new(),
-            service: service.to_owned(),
-            name: "chat".to_owned(),
-            version: 1,
-            origin: Some(self.page.origin().ascii_serialization()),
-            preflight,
-            request,
-            response: found.spec,
-            ui: Some(UiHints {
-                page: Some(self.url_of_page()),
-                ..UiHints::default()
-            }),
-            replay: ReplayPolicy::default(),
-            stats: FlowStats::default(),
-        };
-        flow.validate()
-            .map_err(|e| InferError::Invalid(e.to_string()))?;
-        let secrets = flow.literal_secrets();
-        if !secrets.is_empty() {
-            // Never ship a literal credential: drop those headers, say so.
-            let templates = std::iter::once(&mut flow.request)
-                .chain(flow.preflight.iter_mut().map(|s| &mut s.http));
-            for http in templates {
-                http.headers.retain(|name, _| !secrets.contains(name));
-            }
-            for name in secrets {
-                push_unique(
-                    &mut self.suspicious,
-                    format!(
-                        "header `{name}` holds a credential found in no storage, cookie or \
-                         earlier response; it was left out of the flow"
-                    ),
-                );
-            }
-        }
-        Ok(Learned {
-            flow,
-            notes: self.notes,
-            suspicious: self.suspicious,
-        })
+        (request, preflight)
     }
 
     fn url_of_page(&self) -> String {
@@ -410,6 +513,11 @@ impl<'r> Learner<'r> {
             if let Some(messages) = &mut messages {
                 self.template_json(index, frames_at, messages, &mut slots);
             }
+            let messages = messages.map(|m| {
+                let (m, s) = self.with_socket_prefix(exchange, m, std::mem::take(&mut slots));
+                slots = s;
+                m
+            });
             (BodyKind::Json, messages)
         } else {
             self.template_body(index, exchange, at, &mut slots)
@@ -653,6 +761,9 @@ impl<'r> Learner<'r> {
                     .and_then(Value::as_array)
                     .map_or(0, Vec::len);
                 if count > 1 {
+                    if let Some(context) = &mut self.follow_up {
+                        context.resends_history = true;
+                    }
                     self.notes.push(format!(
                         "the request resends the conversation: `{list}` is an OpenAI-like \
                          message list ({count} messages)"
@@ -715,6 +826,13 @@ impl<'r> Learner<'r> {
                 }
                 Value::Number(n) => {
                     let Some(number) = n.as_f64() else { continue };
+                    if let Some(source) = self.counter(&pointer, number) {
+                        if let Some(slot) = body.pointer_mut(&pointer) {
+                            *slot = Value::from(0);
+                        }
+                        slots.insert(pointer.clone(), source);
+                        continue;
+                    }
                     if let Some(unit) = timestamp_unit(number, self.expected_ms(at)) {
                         if let Some(slot) = body.pointer_mut(&pointer) {
                             *slot = Value::from(0);
@@ -788,6 +906,11 @@ impl<'r> Learner<'r> {
                 describe_call(&self.exchanges()[index])
             ));
             return Plan::Prompt;
+        }
+        if self.follow_up.is_some()
+            && let Some(plan) = self.plan_from_first_turn(index, at, value, spot)
+        {
+            return plan;
         }
         if (is_id_like(value) || is_high_entropy(value))
             && let Some(origin) = self.sources.find(value, index, at)
@@ -880,6 +1003,9 @@ impl<'r> Learner<'r> {
             }
         };
         let name = self.extract_name(key, &extract, &hint);
+        if !self.observed.iter().any(|(n, _)| *n == name) {
+            self.observed.push((name.clone(), value.to_owned()));
+        }
         if let StepKey::Exchange(index) = key
             && !self.steps.contains_key(&key)
         {
@@ -938,6 +1064,26 @@ impl<'r> Learner<'r> {
         }
         self.names.insert(name.clone(), (key, extract.clone()));
         name
+    }
+}
+
+/// Never ships a literal credential: drops those headers and says so.
+fn drop_literal_secrets(flow: &mut Flow, suspicious: &mut Vec<String>) {
+    let secrets = flow.literal_secrets();
+    if secrets.is_empty() {
+        return;
+    }
+    for http in flow.templates_mut() {
+        http.headers.retain(|name, _| !secrets.contains(name));
+    }
+    for name in secrets {
+        push_unique(
+            suspicious,
+            format!(
+                "header `{name}` holds a credential found in no storage, cookie or earlier \
+                 response; it was left out of the flow"
+            ),
+        );
     }
 }
 

@@ -13,6 +13,7 @@ pub mod probe;
 pub mod recording;
 pub mod verify;
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,7 @@ use url::Url;
 
 use crate::browser::{LoginRequest, ProbeError, ProbeRequest};
 use crate::flow::Flow;
+use crate::learn::recording::Recording;
 use crate::renew::{RenewError, Renewer};
 use crate::replay::client::Replayer;
 use crate::store::accounts::Account;
@@ -68,6 +70,9 @@ pub struct LearnReport {
     pub suspicious: Vec<String>,
     pub verification: Verification,
     pub timings: Timings,
+    /// Why each recorded call was or was not taken (when asked for, see
+    /// [`Learner::learn_explained`]).
+    pub explanation: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,10 +81,27 @@ pub enum LearnError {
     Login(#[from] RenewError),
     #[error("the probe failed: {0}")]
     Probe(#[from] ProbeError),
-    #[error("could not infer the chat flow: {0}")]
-    Infer(#[from] infer::InferError),
+    #[error("could not infer the chat flow: {source}{}", saved_note(recording.as_deref()))]
+    Infer {
+        source: infer::InferError,
+        /// The probe's recording, secrets replaced, saved for a report or a test fixture.
+        recording: Option<PathBuf>,
+        /// Why each recorded call was or was not taken.
+        explanation: Vec<String>,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+fn saved_note(recording: Option<&Path>) -> String {
+    match recording {
+        Some(path) => format!(
+            ". The probe's recording, secrets replaced, is saved at {} (attach it to a report; \
+             dropped into tests/fixtures/recordings/ it is a failing unit test)",
+            path.display()
+        ),
+        None => String::new(),
+    }
 }
 
 /// How long a probe may wait for the site's reply.
@@ -107,6 +129,17 @@ impl Learner {
         account: &Account,
         progress: &(dyn Fn(Stage) + Send + Sync),
     ) -> Result<LearnReport, LearnError> {
+        self.learn_explained(account, progress, false).await
+    }
+
+    /// [`Learner::learn`], with `explain`: the report says why each recorded call was or was
+    /// not taken (a failure always does).
+    pub async fn learn_explained(
+        &self,
+        account: &Account,
+        progress: &(dyn Fn(Stage) + Send + Sync),
+        explain: bool,
+    ) -> Result<LearnReport, LearnError> {
         let started = Instant::now();
         let mut timings = Timings::default();
         let now = crate::store::now();
@@ -122,6 +155,7 @@ impl Learner {
         };
         let password = self.store.account_password(&account.id).await?;
         let proxy = self.store.account_proxy(&account.id).await?;
+        let secret = password.clone();
 
         progress(Stage::Probing);
         let probe_started = Instant::now();
@@ -141,13 +175,33 @@ impl Learner {
                 }),
                 probe_text: None,
                 timeout: PROBE_TIMEOUT,
+                follow_up: true,
             })
             .await?;
         timings.probe_ms = probe_started.elapsed().as_millis() as u64;
 
         progress(Stage::Inferring);
         let infer_started = Instant::now();
-        let learned = infer::infer(&recording, &account.service)?;
+        let learned = match infer::infer(&recording, &account.service) {
+            Ok(learned) => learned,
+            Err(source) => {
+                let extra: Vec<&str> = secret.as_deref().into_iter().collect();
+                let saved = self
+                    .save_recording(account, &recording.redacted(&extra))
+                    .await;
+                return Err(LearnError::Infer {
+                    source,
+                    recording: saved,
+                    explanation: infer::explain(&recording),
+                });
+            }
+        };
+        let explanation = if explain {
+            infer::explain(&recording)
+        } else {
+            Vec::new()
+        };
+        drop(recording);
         timings.infer_ms = infer_started.elapsed().as_millis() as u64;
         let mut flow = learned.flow;
 
@@ -168,7 +222,8 @@ impl Learner {
             proxy.as_deref(),
         )
         .await;
-        verify::apply(&mut flow, &verification, &learned.suspicious);
+        let mut notes = learned.notes;
+        notes.extend(verify::apply(&mut flow, &verification, &learned.suspicious));
         timings.verify_ms = verify_started.elapsed().as_millis() as u64;
 
         progress(Stage::Saving);
@@ -192,11 +247,42 @@ impl Learner {
         Ok(LearnReport {
             flow,
             previous_version,
-            notes: learned.notes,
+            notes,
             suspicious: learned.suspicious,
             verification,
             timings,
+            explanation,
         })
+    }
+
+    /// Saves a (redacted) recording under `DATA/recordings/`; its path, or `None` when it
+    /// could not be written (said in the log).
+    async fn save_recording(&self, account: &Account, recording: &Recording) -> Option<PathBuf> {
+        let dir = self.renewer.pool().data_dir().join("recordings");
+        let name: String = account
+            .service
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let path = dir.join(format!("failed-{name}-{}.json", crate::store::now()));
+        let text = serde_json::to_string_pretty(recording).ok()? + "\n";
+        let written = async {
+            tokio::fs::create_dir_all(&dir).await?;
+            tokio::fs::write(&path, text).await
+        };
+        match written.await {
+            Ok(()) => Some(path),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not save the probe's recording");
+                None
+            }
+        }
     }
 }
 

@@ -10,10 +10,13 @@
 //! - The send control, looked for after typing (many sites enable it only then): a visible,
 //!   enabled button in the input's form or near it whose text, aria-label, title, test id or
 //!   class reads like send/submit/arrow, or the submit button of the input's form; controls
-//!   that read like attach/voice/stop/settings are excluded. None: Enter is pressed. If no
-//!   request carries the marker shortly after a click, Enter is pressed once more.
-//! - The chat call: the first request whose URL or body, or WebSocket frame sent, contains the
-//!   marker (from the recorder's live feed).
+//!   that read like attach/voice/stop/settings are excluded. None: Enter is pressed.
+//! - A send that does not go ([`Sending`], shared with the UI tier): when the page navigates
+//!   (the click submitted the form natively) or the text leaves the input with no request
+//!   carrying it, the composer is found again, the text retyped and sent with Enter; when the
+//!   text is still in the input a few seconds after the click, Enter is pressed.
+//! - The call carrying the probe: the first request whose URL or body, or WebSocket frame
+//!   sent, contains the marker (from the recorder's live feed); a page load never is.
 //! - The reply: a `MutationObserver` installed just before sending notes every element added
 //!   or changed. The user's own message is the first (in document order), outermost new
 //!   element whose text contains the marker and is at most a little longer than the probe (a
@@ -24,9 +27,14 @@
 //!   / title / test id mentions reasoning / thinking / thought, inside the reply (their
 //!   summary or header excluded); it is left out of `rendered_reply`, as are buttons,
 //!   scripts, `aria-hidden` and screen-reader-only text.
-//! - Done: the chat call finished (for a WebSocket: no frame received for a second) and the
-//!   rendered reply has not changed for [`STABLE_FOR`]; then the recording goes on for
-//!   [`TRAILING`] to catch the requests a page makes right after a reply.
+//! - Done: the call carrying the probe finished (for a WebSocket: no frame received for a
+//!   second), so did every call started after it (the reply may stream from a later call),
+//!   and the rendered reply has not changed for [`STABLE_FOR`].
+//! - The follow-up: a second probe typed into the same conversation right after, recorded
+//!   until the page shows its reply coming ([`Until::Shown`]). One recorder captures both; the
+//!   recording is split where the second was sent ([`Recording::split_exchanges`]). Without
+//!   a follow-up the recording goes on for [`TRAILING`] to catch the requests a page makes
+//!   right after a reply.
 //!
 //! Invariants: typed text and storage values are never logged; the page's global namespace
 //! gets one property, named after the marker, removed at the end.
@@ -80,6 +88,9 @@ pub struct ProbeRequest {
     pub probe_text: Option<String>,
     /// Budget from sending the probe to the complete reply.
     pub timeout: Duration,
+    /// Send a second probe in the same conversation once the reply is complete, recorded as
+    /// [`Recording::follow_up`] (it shows what a later turn carries).
+    pub follow_up: bool,
 }
 
 impl std::fmt::Debug for ProbeRequest {
@@ -91,6 +102,7 @@ impl std::fmt::Debug for ProbeRequest {
             .field("login", &self.login)
             .field("has_probe_text", &self.probe_text.is_some())
             .field("timeout", &self.timeout)
+            .field("follow_up", &self.follow_up)
             .finish()
     }
 }
@@ -104,6 +116,7 @@ impl ProbeRequest {
             login: None,
             probe_text: None,
             timeout: Duration::from_secs(60),
+            follow_up: false,
         }
     }
 }
@@ -225,6 +238,11 @@ pub fn default_probe(marker: &str) -> String {
     format!("Reply with a short greeting. {marker}")
 }
 
+/// The second probe, sent in the same conversation to see what a later turn carries.
+pub fn follow_up_probe(marker: &str) -> String {
+    format!("And once more, briefly. {marker}")
+}
+
 /// What the page-level probe needs.
 pub(crate) struct ProbeOptions {
     /// The message to type (it contains `marker`).
@@ -232,6 +250,9 @@ pub(crate) struct ProbeOptions {
     pub marker: String,
     /// Budget from sending to the complete reply.
     pub timeout: Duration,
+    /// A second message (and its marker) to send in the same conversation once the reply is
+    /// complete.
+    pub follow_up: Option<(String, String)>,
 }
 
 impl ProbeOptions {
@@ -243,10 +264,15 @@ impl ProbeOptions {
             Some(text) => format!("{} {marker}", text.trim_end()),
             None => default_probe(&marker),
         };
+        let follow_up = req.follow_up.then(|| {
+            let marker = new_marker();
+            (follow_up_probe(&marker), marker)
+        });
         ProbeOptions {
             probe,
             marker,
             timeout: req.timeout,
+            follow_up,
         }
     }
 }
@@ -579,7 +605,6 @@ async fn probe_page(
     options: &ProbeOptions,
     key: &str,
 ) -> Result<Recording, ProbeError> {
-    let marker = options.marker.as_str();
     let found: Found = script(page, key, FIND_COMPOSER_JS, &[])
         .await
         .map_err(cdp)?;
@@ -592,36 +617,129 @@ async fn probe_page(
     }
     let storage = snapshot_storage(page).await?;
     let recorder = Recorder::start(page, taps).await.map_err(cdp)?;
+    // Taken once the recorder runs, so no earlier than its time 0: what started after a
+    // send has a recording time after it.
+    let origin = Instant::now();
     let mut feed = recorder.subscribe();
-
-    crate::browser::insert_text(page, &options.probe)
-        .await
-        .map_err(cdp)?;
-    let typed: Option<String> = script(page, key, COMPOSER_TEXT_JS, &[])
-        .await
-        .map_err(cdp)?;
-    if !typed.is_some_and(|t| t.contains(marker)) {
-        tracing::debug!("Input.insertText did not reach the chat input; setting it by script");
-        script::<bool>(page, key, SET_TEXT_JS, &[("TEXT", &options.probe)])
+    let started = Instant::now();
+    let first = converse(
+        page,
+        key,
+        &mut feed,
+        &options.probe,
+        &options.marker,
+        options.timeout,
+        Until::Complete,
+    )
+    .await?;
+    tracing::debug!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "probe: the first reply is complete"
+    );
+    let second = match &options.follow_up {
+        Some((probe, marker)) => {
+            let sent = Instant::now();
+            match converse(
+                page,
+                key,
+                &mut feed,
+                probe,
+                marker,
+                FOLLOW_UP_TIMEOUT,
+                Until::Shown,
+            )
             .await
-            .map_err(cdp)?;
+            {
+                Ok(reply) => Some((probe, marker, reply, sent)),
+                Err(e) => {
+                    // One probe is all a flow needs; later turns then start new conversations.
+                    tracing::info!(error = %e, "the second probe was not answered");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    if second.is_none() {
+        // A capture window, not synchronisation: pages often report usage or fetch a title
+        // right after the reply, and those calls belong to the recording.
+        tokio::time::sleep(TRAILING).await;
     }
-    script::<bool>(page, key, WATCH_JS, &[])
-        .await
-        .map_err(cdp)?;
-    let clicked = send(page, key).await?;
-    let sent_at = Instant::now();
-    let deadline = sent_at + options.timeout;
+    tracing::debug!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        follow_up = second.is_some(),
+        "probe: recording done"
+    );
+    let all = recorder.stop().await;
+    let page_url = page.url().await.ok().flatten().unwrap_or(storage.0);
+    let (exchanges, follow_up) = match second {
+        Some((probe, marker, reply, sent)) => {
+            let sent_ms = sent.duration_since(origin).as_secs_f64() * 1000.0;
+            let (first_half, second_half) = Recording::split_exchanges(all, sent_ms);
+            let follow_up = Recording {
+                page_url: page_url.clone(),
+                marker: marker.clone(),
+                probe: probe.clone(),
+                rendered_reply: reply.text.trim().to_owned(),
+                rendered_reasoning: reply.reasoning.map(|r| r.trim().to_owned()),
+                storage: storage.1.clone(),
+                exchanges: second_half,
+                sent_ms: Some(sent_ms),
+                follow_up: None,
+            };
+            (first_half, Some(Box::new(follow_up)))
+        }
+        None => (all, None),
+    };
+    Ok(Recording {
+        page_url,
+        marker: options.marker.clone(),
+        probe: options.probe.clone(),
+        rendered_reply: first.text.trim().to_owned(),
+        rendered_reasoning: first.reasoning.map(|r| r.trim().to_owned()),
+        storage: storage.1,
+        exchanges,
+        sent_ms: None,
+        follow_up,
+    })
+}
 
-    let mut chat: Option<String> = None;
-    let mut socket = false;
-    let mut status: Option<u16> = None;
-    let mut finished_at: Option<Instant> = None;
-    let mut failure: Option<String> = None;
-    let mut last_frame: Option<Instant> = None;
-    let mut resent = !clicked;
-    let mut rendered = Rendered::default();
-    let mut changed_at = Instant::now();
+/// How long the second probe may take to show the start of its reply.
+const FOLLOW_UP_TIMEOUT: Duration = Duration::from_secs(20);
+/// A request started after the probe that has shown no activity for this long no longer
+/// holds the probe back (a long-lived channel of the page, not the reply).
+const IN_FLIGHT_QUIET: Duration = Duration::from_millis(1500);
+
+/// When a probe's exchange is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Until {
+    /// The reply is complete: the call carrying the probe and every call after it are done,
+    /// and the rendered reply has been stable for [`STABLE_FOR`].
+    Complete,
+    /// The reply has started to show, its text or the reasoning before it (a follow-up needs
+    /// what the requests carry, not the whole reply).
+    Shown,
+}
+
+/// Types `text` into the composer, sends it, and waits for the reply (see [`Until`]).
+async fn converse(
+    page: &Page,
+    key: &str,
+    feed: &mut tokio::sync::mpsc::Receiver<RecorderEvent>,
+    text: &str,
+    marker: &str,
+    timeout: Duration,
+    until: Until,
+) -> Result<Rendered, ProbeError> {
+    let typing = Instant::now();
+    type_message(page, key, text, marker).await?;
+    let mut sending = Sending::start(page, key, text, marker).await?;
+    tracing::debug!(
+        typing_ms = typing.elapsed().as_millis() as u64,
+        "probe: typed and sent"
+    );
+    let mut progress = Progress::new(marker);
+    let deadline = Instant::now() + timeout;
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -630,114 +748,379 @@ async fn probe_page(
                 let Some(event) = event else {
                     return Err(ProbeError::Crashed("the recorder stopped".into()));
                 };
-                match event {
-                    RecorderEvent::Request { id, url, body, .. } if chat.is_none() => {
-                        let in_body = body.as_deref().is_some_and(|b| contains(b, marker.as_bytes()));
-                        if url.contains(marker) || in_body {
-                            chat = Some(id);
-                        }
-                    }
-                    RecorderEvent::Frame { id, frame } => {
-                        if chat.is_none() && frame.sent && frame.payload.contains(marker) {
-                            chat = Some(id);
-                            socket = true;
-                        } else if chat.as_ref() == Some(&id) && !frame.sent {
-                            last_frame = Some(Instant::now());
-                        }
-                    }
-                    RecorderEvent::Response { id, status: s, .. } if chat.as_ref() == Some(&id) => {
-                        status = Some(s);
-                    }
-                    RecorderEvent::Finished { id } if chat.as_ref() == Some(&id) => {
-                        finished_at.get_or_insert_with(Instant::now);
-                    }
-                    RecorderEvent::Failed { id, error } if chat.as_ref() == Some(&id) => {
-                        failure = Some(error);
-                        finished_at.get_or_insert_with(Instant::now);
-                    }
-                    _ => {}
-                }
+                progress.on_event(event, &mut sending);
             }
             _ = tick.tick() => {
                 let now = Instant::now();
-                let current: Rendered = match script(page, key, READ_REPLY_JS, &[("PROBE", &options.probe), ("MARKER", marker)]).await {
+                let current: Rendered = match script(page, key, READ_REPLY_JS, &[("PROBE", text), ("MARKER", marker)]).await {
                     Ok(r) => r,
                     Err(e) if crate::browser::is_connection(&e) => return Err(cdp(e)),
                     // A navigation in progress (some sites move to the conversation's URL).
                     Err(_) => Rendered::default(),
                 };
-                if current != rendered {
-                    rendered = current;
-                    changed_at = now;
+                progress.rendered(current, now);
+                if progress.chat.is_none() {
+                    sending.check(page, now).await?;
                 }
-                if chat.is_none() {
-                    if !resent && now >= sent_at + RESEND_AFTER {
-                        resent = true;
-                        tracing::debug!("no request carried the probe after clicking send; pressing Enter");
-                        let _ = script::<bool>(page, key, FOCUS_JS, &[]).await;
-                        crate::browser::press_key(page, "Enter").await.map_err(cdp)?;
-                    } else if now >= sent_at + SEND_WAIT {
-                        return Err(ProbeError::NotSent { screenshot: None });
-                    }
-                }
-                if socket && finished_at.is_none()
-                    && last_frame.is_some_and(|t| now >= t + SOCKET_QUIET)
-                {
-                    finished_at = Some(now);
-                }
-                if let Some(done) = finished_at {
-                    if let Some(reason) = &failure {
-                        return Err(ProbeError::CallFailed { reason: reason.clone(), screenshot: None });
-                    }
-                    if let Some(s) = status.filter(|s| *s >= 400) {
-                        return Err(ProbeError::Rejected { status: s, screenshot: None });
-                    }
-                    let settled = now >= done + STABLE_FOR && now >= changed_at + STABLE_FOR;
-                    if settled && rendered.found && !rendered.text.trim().is_empty() {
-                        break;
-                    }
-                    if now >= done + RENDER_WAIT {
-                        tracing::warn!("the chat call finished but no rendered reply was found on the page");
-                        break;
-                    }
+                if progress.is_over(now, until)? {
+                    return Ok(progress.rendered);
                 }
                 if now >= deadline {
-                    let stage = match (&chat, finished_at) {
-                        (None, _) => "waiting for the page to send the probe",
-                        (Some(_), None) => "waiting for the reply to finish",
-                        (Some(_), Some(_)) => "waiting for the rendered reply to settle",
-                    };
                     return Err(ProbeError::Timeout {
-                        stage: format!("after {} s {stage}", options.timeout.as_secs()),
+                        stage: format!("after {} s {}", timeout.as_secs(), progress.stage()),
                         screenshot: None,
                     });
                 }
             }
         }
     }
-    // A capture window, not synchronisation: pages often report usage or fetch a title right
-    // after the reply, and those calls belong to the recording.
-    tokio::time::sleep(TRAILING).await;
-    let exchanges = recorder.stop().await;
-    let page_url = page.url().await.ok().flatten().unwrap_or(storage.0);
-    Ok(Recording {
-        page_url,
-        marker: options.marker.clone(),
-        probe: options.probe.clone(),
-        rendered_reply: rendered.text.trim().to_owned(),
-        rendered_reasoning: rendered.reasoning.map(|r| r.trim().to_owned()),
-        storage: storage.1,
-        exchanges,
-    })
+}
+
+/// What one probe's exchange has shown so far: the call carrying the probe, the calls after
+/// it, what the page renders.
+struct Progress {
+    marker: String,
+    sent_at: Instant,
+    /// The request (or socket) carrying the probe.
+    chat: Option<String>,
+    socket: bool,
+    status: Option<u16>,
+    finished_at: Option<Instant>,
+    failure: Option<String>,
+    last_frame: Option<Instant>,
+    /// Requests started after the one carrying the probe, not yet finished: id → last activity.
+    in_flight: BTreeMap<String, Instant>,
+    rendered: Rendered,
+    changed_at: Instant,
+}
+
+impl Progress {
+    fn new(marker: &str) -> Self {
+        Self {
+            marker: marker.to_owned(),
+            sent_at: Instant::now(),
+            chat: None,
+            socket: false,
+            status: None,
+            finished_at: None,
+            failure: None,
+            last_frame: None,
+            in_flight: BTreeMap::new(),
+            rendered: Rendered::default(),
+            changed_at: Instant::now(),
+        }
+    }
+
+    fn on_event(&mut self, event: RecorderEvent, sending: &mut Sending) {
+        let now = Instant::now();
+        let ours = |id: &str, chat: &Option<String>| chat.as_deref() == Some(id);
+        match event {
+            RecorderEvent::Request {
+                id,
+                url,
+                body,
+                resource_type,
+                ..
+            } => {
+                if resource_type.eq_ignore_ascii_case("document") {
+                    // The page itself is being replaced (a form submitted natively).
+                    sending.navigated();
+                } else if self.chat.is_none() {
+                    let marker = self.marker.as_bytes();
+                    let in_body = body.as_deref().is_some_and(|b| contains(b, marker));
+                    if url.contains(&self.marker) || in_body {
+                        tracing::debug!(
+                            after_ms = self.sent_at.elapsed().as_millis() as u64,
+                            "probe: a request carries it"
+                        );
+                        self.chat = Some(id);
+                    }
+                } else {
+                    self.in_flight.insert(id, now);
+                }
+            }
+            RecorderEvent::Frame { id, frame } => {
+                self.touch(&id, now);
+                if self.chat.is_none() && frame.sent && frame.payload.contains(&self.marker) {
+                    self.chat = Some(id);
+                    self.socket = true;
+                } else if ours(&id, &self.chat) && !frame.sent {
+                    self.last_frame = Some(now);
+                }
+            }
+            RecorderEvent::Response { id, status, .. } => {
+                if ours(&id, &self.chat) {
+                    self.status = Some(status);
+                }
+                self.touch(&id, now);
+            }
+            RecorderEvent::Data { id, .. } => self.touch(&id, now),
+            RecorderEvent::Finished { id } => {
+                if ours(&id, &self.chat) {
+                    tracing::debug!(
+                        after_ms = self.sent_at.elapsed().as_millis() as u64,
+                        "probe: the request carrying it finished"
+                    );
+                    self.finished_at.get_or_insert(now);
+                }
+                self.in_flight.remove(&id);
+            }
+            RecorderEvent::Failed { id, error } => {
+                if ours(&id, &self.chat) {
+                    self.failure = Some(error);
+                    self.finished_at.get_or_insert(now);
+                }
+                self.in_flight.remove(&id);
+            }
+        }
+    }
+
+    fn touch(&mut self, id: &str, now: Instant) {
+        if let Some(seen) = self.in_flight.get_mut(id) {
+            *seen = now;
+        }
+    }
+
+    fn rendered(&mut self, current: Rendered, now: Instant) {
+        if current != self.rendered {
+            self.rendered = current;
+            self.changed_at = now;
+        }
+        if self.socket
+            && self.finished_at.is_none()
+            && self.last_frame.is_some_and(|t| now >= t + SOCKET_QUIET)
+        {
+            self.finished_at = Some(now);
+        }
+    }
+
+    /// Whether the exchange is over (see [`Until`]); an error when the call failed.
+    fn is_over(&self, now: Instant, until: Until) -> Result<bool, ProbeError> {
+        let rendered = &self.rendered;
+        let shown = rendered.found && !rendered.text.trim().is_empty();
+        // The page shows the reply coming (its text, or the reasoning before it).
+        let coming = shown
+            || rendered.found
+                && rendered
+                    .reasoning
+                    .as_deref()
+                    .is_some_and(|r| !r.trim().is_empty());
+        if until == Until::Shown && self.chat.is_some() && coming {
+            return Ok(true);
+        }
+        let Some(done) = self.finished_at else {
+            return Ok(false);
+        };
+        if let Some(reason) = &self.failure {
+            return Err(ProbeError::CallFailed {
+                reason: reason.clone(),
+                screenshot: None,
+            });
+        }
+        if let Some(status) = self.status.filter(|s| *s >= 400) {
+            return Err(ProbeError::Rejected {
+                status,
+                screenshot: None,
+            });
+        }
+        // The reply may stream from a later call (the one carrying the probe only created the
+        // conversation): wait for those to end too.
+        let streaming = self
+            .in_flight
+            .values()
+            .any(|seen| now < *seen + IN_FLIGHT_QUIET);
+        let settled = now >= done + STABLE_FOR && now >= self.changed_at + STABLE_FOR;
+        if settled && !streaming && shown {
+            return Ok(true);
+        }
+        if now >= done + RENDER_WAIT && !streaming {
+            tracing::warn!("the chat call finished but no rendered reply was found on the page");
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    fn stage(&self) -> &'static str {
+        match (&self.chat, self.finished_at) {
+            (None, _) => "waiting for the page to send the probe",
+            (Some(_), None) => "waiting for the reply to finish",
+            (Some(_), Some(_)) => "waiting for the rendered reply to settle",
+        }
+    }
+}
+
+/// Finds the composer (again: pages re-render it), types `text` into it, and starts watching
+/// the page for the reply.
+async fn type_message(page: &Page, key: &str, text: &str, marker: &str) -> Result<(), ProbeError> {
+    let found: Found = script(page, key, FIND_COMPOSER_JS, &[])
+        .await
+        .map_err(cdp)?;
+    if !found.found {
+        let url = page.url().await.ok().flatten().unwrap_or_default();
+        return Err(ProbeError::NoComposer {
+            url: redact_url(&url),
+            screenshot: None,
+        });
+    }
+    crate::browser::insert_text(page, text).await.map_err(cdp)?;
+    let typed: Option<String> = script(page, key, COMPOSER_TEXT_JS, &[])
+        .await
+        .map_err(cdp)?;
+    if !typed.is_some_and(|t| t.contains(marker)) {
+        tracing::debug!("Input.insertText did not reach the chat input; setting it by script");
+        script::<bool>(page, key, SET_TEXT_JS, &[("TEXT", text)])
+            .await
+            .map_err(cdp)?;
+    }
+    script::<bool>(page, key, WATCH_JS, &[])
+        .await
+        .map_err(cdp)?;
+    Ok(())
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
 
+/// How long a send may take before the text counts as lost: the page navigated, or the text
+/// left the input, and no request carried it.
+const LOST_AFTER: Duration = Duration::from_millis(1200);
+/// How long the page may take to show its composer again after a navigation.
+const COMPOSER_BACK: Duration = Duration::from_secs(10);
+
+/// A typed message being sent, and what to do when it does not go: shared by the probe and
+/// the UI tier (`browser::ui`).
+///
+/// The send control is clicked (Enter when there is none). While no request carries the
+/// text, every poll checks the page: when it navigated (the click submitted the form
+/// natively and reloaded it: the page's state is gone) or the text left the input, for
+/// [`LOST_AFTER`], the composer is found again on the page, the text retyped and sent with
+/// Enter; when the text is still in the input after [`RESEND_AFTER`] (the click landed before
+/// the page's handler was ready), Enter is pressed. After [`SEND_WAIT`] without a request,
+/// it gives up.
+pub(crate) struct Sending {
+    key: String,
+    text: String,
+    needle: String,
+    sent_at: Instant,
+    /// Enter was pressed (after the click) or the text was retyped: no second chance.
+    resent: bool,
+    retyped: bool,
+    navigated: bool,
+    lost_at: Option<Instant>,
+}
+
+impl Sending {
+    /// Clicks the send control (Enter when there is none). `needle` is what shows the text is
+    /// still in the input (the probe's marker; the UI tier's text itself).
+    pub(crate) async fn start(
+        page: &Page,
+        key: &str,
+        text: &str,
+        needle: &str,
+    ) -> Result<Sending, ProbeError> {
+        let clicked = send(page, key).await?;
+        Ok(Sending {
+            key: key.to_owned(),
+            text: text.to_owned(),
+            needle: needle.to_owned(),
+            sent_at: Instant::now(),
+            resent: !clicked,
+            retyped: false,
+            navigated: false,
+            lost_at: None,
+        })
+    }
+
+    /// The page started loading a new document since the send.
+    pub(crate) fn navigated(&mut self) {
+        self.navigated = true;
+    }
+
+    /// One poll while no request carried the text: re-sends or gives up as the type docs say.
+    pub(crate) async fn check(&mut self, page: &Page, now: Instant) -> Result<(), ProbeError> {
+        let key = self.key.clone();
+        let in_input: Option<String> = script(page, &key, COMPOSER_TEXT_JS, &[])
+            .await
+            .unwrap_or(None);
+        let still_typed = in_input
+            .as_deref()
+            .is_some_and(|t| t.contains(&self.needle));
+        // The page's state is gone with its document.
+        let reloaded = in_input.is_none() && self.navigated;
+        if !still_typed {
+            let lost_at = *self.lost_at.get_or_insert(now);
+            if !self.retyped && (reloaded || now >= lost_at + LOST_AFTER) {
+                tracing::debug!(
+                    reloaded,
+                    "the message left the page without a request carrying it; typing it again"
+                );
+                self.retype(page).await?;
+                return Ok(());
+            }
+        } else {
+            self.lost_at = None;
+            if !self.resent && now >= self.sent_at + RESEND_AFTER {
+                self.resent = true;
+                tracing::debug!(
+                    "no request carried the message after clicking send; pressing Enter"
+                );
+                let _ = script::<bool>(page, &key, FOCUS_JS, &[]).await;
+                crate::browser::press_key(page, "Enter")
+                    .await
+                    .map_err(cdp)?;
+            }
+        }
+        if now >= self.sent_at + SEND_WAIT {
+            return Err(ProbeError::NotSent { screenshot: None });
+        }
+        Ok(())
+    }
+
+    /// Waits for the composer, types the text again and sends it with Enter.
+    async fn retype(&mut self, page: &Page) -> Result<(), ProbeError> {
+        self.retyped = true;
+        self.resent = true;
+        let deadline = Instant::now() + COMPOSER_BACK;
+        let key = self.key.clone();
+        loop {
+            let found: Found = script(page, &key, FIND_COMPOSER_JS, &[])
+                .await
+                .unwrap_or_default();
+            if found.found {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(ProbeError::NotSent { screenshot: None });
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        crate::browser::insert_text(page, &self.text)
+            .await
+            .map_err(cdp)?;
+        let typed: Option<String> = script(page, &key, COMPOSER_TEXT_JS, &[])
+            .await
+            .map_err(cdp)?;
+        if !typed.is_some_and(|t| t.contains(&self.needle)) {
+            script::<bool>(page, &key, SET_TEXT_JS, &[("TEXT", &self.text)])
+                .await
+                .map_err(cdp)?;
+        }
+        script::<bool>(page, &key, WATCH_JS, &[])
+            .await
+            .map_err(cdp)?;
+        crate::browser::press_key(page, "Enter")
+            .await
+            .map_err(cdp)?;
+        self.sent_at = Instant::now();
+        self.navigated = false;
+        self.lost_at = None;
+        Ok(())
+    }
+}
+
 /// Clicks the send control; presses Enter when there is none. Returns whether it clicked.
-/// Shared with the UI tier (`browser::ui`).
-pub(crate) async fn send(page: &Page, key: &str) -> Result<bool, ProbeError> {
+async fn send(page: &Page, key: &str) -> Result<bool, ProbeError> {
     let control: Found = script(page, key, FIND_SEND_JS, &[]).await.map_err(cdp)?;
     if !control.found {
         crate::browser::press_key(page, "Enter")

@@ -1,9 +1,13 @@
 //! Verifying a learned flow: replay it once directly with a second probe. It must yield reply
-//! text; the replay stops at the first text, which is all the proof needed.
+//! text; the replay stops at the first text, which is all the proof needed. When the flow
+//! learned how a later turn continues, a direct second turn in the same site conversation
+//! must yield text too (the first turn is read on only until the ids it needs have come).
 //!
 //! A flow whose direct replay fails is still worth keeping: its request carries values the
 //! page computes (a signature, a proof of work, a one-time token), so it is marked as needing
-//! a browser tier, with the reason, instead of failing the learn.
+//! a browser tier, with the reason, instead of failing the learn. Such a flow loses its
+//! follow-up (the browser tiers let the site's own page continue its conversations), and so
+//! does a flow whose second turn fails.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -11,7 +15,7 @@ use std::time::Instant;
 use futures_util::StreamExt;
 use url::Url;
 
-use crate::flow::Flow;
+use crate::flow::{Flow, TURNS};
 use crate::openai::Role;
 use crate::pinning::Pins;
 use crate::replay::client::{FailureKind, Replayer, Target};
@@ -31,6 +35,8 @@ pub struct Verification {
     pub reasoning: String,
     pub failure: Option<String>,
     pub failure_kind: Option<FailureKind>,
+    /// The direct second turn, when the flow has a follow-up: `Ok(latency_ms)` or why not.
+    pub follow_up: Option<Result<u64, String>>,
 }
 
 /// The second probe: a fresh marker, so the site cannot answer from a cache.
@@ -39,6 +45,77 @@ pub fn second_probe() -> String {
         "Reply with a short greeting. ct{}",
         &uuid::Uuid::new_v4().simple().to_string()[..10]
     )
+}
+
+/// One direct turn: the first text (or reasoning), and the values a later turn reuses.
+struct Turn {
+    first_token_ms: Option<u64>,
+    text: String,
+    reasoning: String,
+    values: BTreeMap<String, String>,
+    failure: Option<(FailureKind, String)>,
+}
+
+async fn turn(
+    replayer: &Replayer,
+    flow: &Flow,
+    prompt: &Prompt,
+    target: Target<'_>,
+    wanted: &[String],
+) -> Turn {
+    let started = Instant::now();
+    let mut turn = Turn {
+        first_token_ms: None,
+        text: String::new(),
+        reasoning: String::new(),
+        values: BTreeMap::new(),
+        failure: None,
+    };
+    let replay = match replayer.start(flow, prompt, target).await {
+        Ok(replay) => replay,
+        Err(e) => {
+            turn.failure = Some((e.kind(), e.to_string()));
+            return turn;
+        }
+    };
+    turn.values = replay.extracted;
+    let mut deltas = replay.deltas;
+    while let Some(item) = deltas.next().await {
+        match item {
+            Ok(Delta::Text(t)) => {
+                turn.first_token_ms
+                    .get_or_insert(started.elapsed().as_millis() as u64);
+                turn.text.push_str(&t);
+            }
+            Ok(Delta::Reasoning(t)) => {
+                turn.first_token_ms
+                    .get_or_insert(started.elapsed().as_millis() as u64);
+                turn.reasoning.push_str(&t);
+            }
+            Ok(Delta::Done) => break,
+            Ok(Delta::Id { name, value }) => {
+                turn.values.insert(name, value);
+            }
+            Err(e) => {
+                turn.failure = Some((e.kind(), e.to_string()));
+                break;
+            }
+        }
+        // Text (or reasoning) proves the replay works; the rest of a long reply would only
+        // slow the learn down (dropping the stream cancels the call), once a later turn has
+        // the ids it needs.
+        let answered = !turn.text.trim().is_empty() || !turn.reasoning.trim().is_empty();
+        if answered && wanted.iter().all(|w| turn.values.contains_key(w)) {
+            break;
+        }
+    }
+    if turn.failure.is_none() && turn.text.trim().is_empty() && turn.reasoning.trim().is_empty() {
+        turn.failure = Some((
+            FailureKind::FormatDrift,
+            "the replayed call answered, but the decoder found no reply text in it".into(),
+        ));
+    }
+    turn
 }
 
 pub async fn verify(
@@ -52,7 +129,7 @@ pub async fn verify(
         messages: vec![(Role::User, second_probe())],
         model: flow.service.clone(),
     };
-    let conversation = BTreeMap::new();
+    let none = BTreeMap::new();
     // The flow was just learned from the site's own page: the origins it calls are the page's.
     let learned = crate::pinning::static_origins(flow).unwrap_or_default();
     let pins = Pins::new(base, learned.iter().map(|(_, origin)| origin.as_str()));
@@ -60,79 +137,74 @@ pub async fn verify(
         base,
         session,
         proxy,
-        conversation: &conversation,
+        conversation: &none,
         // A new flow is checked against the site as it is now, not against reused values.
         session_id: None,
         pins: &pins,
     };
+    let wanted = flow
+        .follow_up
+        .as_ref()
+        .map(|f| f.uses())
+        .unwrap_or_default();
     let started = Instant::now();
+    let first = turn(replayer, flow, &prompt, target, &wanted).await;
     let mut verification = Verification {
-        ok: false,
-        latency_ms: 0,
-        first_token_ms: None,
-        text: String::new(),
-        reasoning: String::new(),
-        failure: None,
-        failure_kind: None,
+        ok: first.failure.is_none(),
+        latency_ms: started.elapsed().as_millis() as u64,
+        first_token_ms: first.first_token_ms,
+        text: first.text,
+        reasoning: first.reasoning,
+        failure_kind: first.failure.as_ref().map(|(k, _)| *k),
+        failure: first.failure.map(|(_, m)| m),
+        follow_up: None,
     };
-    let fail = |v: &mut Verification, kind: FailureKind, message: String| {
-        v.failure_kind = Some(kind);
-        v.failure = Some(message);
-    };
-    match replayer.start(flow, &prompt, target).await {
-        Err(e) => fail(&mut verification, e.kind(), e.to_string()),
-        Ok(replay) => {
-            let mut deltas = replay.deltas;
-            while let Some(item) = deltas.next().await {
-                match item {
-                    Ok(Delta::Text(t)) => {
-                        verification
-                            .first_token_ms
-                            .get_or_insert(started.elapsed().as_millis() as u64);
-                        verification.text.push_str(&t);
-                        // Reply text proves the replay works; the rest of a long reply would
-                        // only slow the learn down (dropping the stream cancels the call).
-                        if !verification.text.trim().is_empty() {
-                            break;
-                        }
-                    }
-                    Ok(Delta::Reasoning(t)) => {
-                        verification
-                            .first_token_ms
-                            .get_or_insert(started.elapsed().as_millis() as u64);
-                        verification.reasoning.push_str(&t);
-                        // Decoded reasoning proves it as well as text does.
-                        if !verification.reasoning.trim().is_empty() {
-                            break;
-                        }
-                    }
-                    Ok(Delta::Done) => break,
-                    Ok(Delta::Id { .. }) => {}
-                    Err(e) => {
-                        fail(&mut verification, e.kind(), e.to_string());
-                        break;
-                    }
-                }
-            }
-            if verification.failure.is_none()
-                && verification.text.trim().is_empty()
-                && verification.reasoning.trim().is_empty()
-            {
-                fail(
-                    &mut verification,
-                    FailureKind::FormatDrift,
-                    "the replayed call answered, but the decoder found no reply text in it".into(),
-                );
-            }
-        }
+    if !verification.ok {
+        return verification;
     }
-    verification.latency_ms = started.elapsed().as_millis() as u64;
-    verification.ok = verification.failure.is_none();
+    let (Some(follow_up), Some(next)) = (&flow.follow_up, flow.follow_up_flow()) else {
+        return verification;
+    };
+    if let Some(missing) = wanted.iter().find(|w| !first.values.contains_key(*w)) {
+        verification.follow_up = Some(Err(format!(
+            "the first reply never gave `{missing}`, which a later turn sends"
+        )));
+        return verification;
+    }
+    let mut values = follow_up.carried(&first.values);
+    values.insert(TURNS.to_owned(), "1".to_owned());
+    let later = Prompt {
+        messages: if follow_up.resends_history {
+            vec![
+                (Role::User, prompt.last_user().to_owned()),
+                (Role::Assistant, verification.text.clone()),
+                (Role::User, second_probe()),
+            ]
+        } else {
+            vec![(Role::User, second_probe())]
+        },
+        model: flow.service.clone(),
+    };
+    let target = Target {
+        conversation: &values,
+        ..target
+    };
+    let started = Instant::now();
+    let second = turn(replayer, &next, &later, target, &[]).await;
+    verification.follow_up = Some(match second.failure {
+        None => Ok(started.elapsed().as_millis() as u64),
+        Some((_, message)) => Err(message),
+    });
     verification
 }
 
-/// Records the verification in the flow: stats, and whether it needs a browser tier.
-pub fn apply(flow: &mut Flow, verification: &Verification, suspicious: &[String]) {
+/// Records the verification in the flow: stats, whether it needs a browser tier, and whether
+/// it keeps its follow-up. Returns a note on the follow-up, if any.
+pub fn apply(
+    flow: &mut Flow,
+    verification: &Verification,
+    suspicious: &[String],
+) -> Option<String> {
     flow.stats.tested = true;
     flow.stats.last_tested_at = Some(crate::store::now());
     flow.stats.success_rate = Some(if verification.ok { 1.0 } else { 0.0 });
@@ -142,7 +214,20 @@ pub fn apply(flow: &mut Flow, verification: &Verification, suspicious: &[String]
         flow.replay.needs_browser = false;
         flow.replay.reason = None;
         flow.replay.min_tier = None;
-        return;
+        return match &verification.follow_up {
+            Some(Ok(ms)) => Some(format!(
+                "later turns: a direct second turn in the same site conversation answered \
+                 (first text after {ms} ms)"
+            )),
+            Some(Err(reason)) => {
+                flow.follow_up = None;
+                Some(format!(
+                    "later turns: the direct second turn failed ({reason}); each request \
+                     starts a new site conversation"
+                ))
+            }
+            None => None,
+        };
     }
     let failure = verification
         .failure
@@ -159,4 +244,7 @@ pub fn apply(flow: &mut Flow, verification: &Verification, suspicious: &[String]
             suspicious.join("; ")
         )
     });
+    flow.follow_up.take().map(|_| {
+        "later turns: left to the site's own page (the flow runs in the browser tiers)".to_owned()
+    })
 }

@@ -273,6 +273,15 @@ pub fn resolve(source: &str, ctx: &Context<'_>) -> Result<Value, RenderError> {
         "uuid" => Value::String(uuid::Uuid::new_v4().to_string()),
         "now_ms" => Value::from(ctx.now_ms),
         "now_s" => Value::from(ctx.now_ms / 1000),
+        counter if crate::flow::turn_counter(counter).is_some() => {
+            let (scale, offset) = crate::flow::turn_counter(counter).unwrap_or((1, 0));
+            let before: i64 = ctx
+                .conversation
+                .get(crate::flow::TURNS)
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            Value::from(scale * (before + 1) + offset)
+        }
         "session.user_agent" => Value::String(
             ctx.session
                 .user_agent
@@ -471,6 +480,37 @@ mod tests {
         assert_eq!(p.last_user(), "c");
         assert_eq!(p.openai_messages()[3]["content"], "c");
         assert_eq!(prompt(&[(Role::User, "only")]).flattened(), "only");
+    }
+
+    #[test]
+    fn a_turn_counter_counts_the_conversation_s_turns() {
+        let p = prompt(&[(Role::User, "next")]);
+        let s = session();
+        let t = template(serde_json::json!({
+            "url": "/x", "body": {"a": 0, "b": 0}, "slots": {"/a": "turn", "/b": "turn*2-2"}
+        }));
+        let base = Url::parse("https://x.test/").unwrap();
+        let pins = Pins::new(&base, []);
+        for (before, expected) in [(None, (1, 0)), (Some("2"), (3, 4))] {
+            let conversation: BTreeMap<String, String> = before
+                .map(|n| (crate::flow::TURNS.to_owned(), n.to_owned()))
+                .into_iter()
+                .collect();
+            let ctx = Context {
+                prompt: &p,
+                session: &s,
+                preflight: &BTreeMap::new(),
+                conversation: &conversation,
+                now_ms: 0,
+                pins: &pins,
+            };
+            let body: Value =
+                serde_json::from_slice(&render(&t, &base, &ctx).unwrap().body.unwrap()).unwrap();
+            assert_eq!(
+                (body["a"].as_i64().unwrap(), body["b"].as_i64().unwrap()),
+                expected
+            );
+        }
     }
 
     #[test]

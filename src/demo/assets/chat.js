@@ -2,13 +2,23 @@
 // On send: create a conversation (first message of the page), then call the chat endpoint of
 // the site's wire shape and render the streamed reply as it arrives. The claude shape looks up
 // the organization first (once per page load); the ws shape chats over a WebSocket; the
-// signed shape signs each chat call with a key its inline script hides. When the site's
+// signed shape signs each chat call with a key its inline script hides (every shape does when
+// the site says so). The newchat shape sends the first message in its create call; batch and
+// details create the conversation with the first message and name the previous reply in the
+// next; details and think mark reasoning up inside the text; think fetches its token when the
+// page loads; fragile's page takes over its form only on a second load. When the site's
 // anti-bot check is on, every API call carries the page's clearance token (cookie and header).
 (function () {
   "use strict";
 
   var SHAPE = meta("demo-shape") || "openai";
   var TOKEN_KEY = "demo_token";
+  // The think shape keeps its token wrapped under another key, written when this page loads.
+  var WRAPPED_TOKEN_KEY = "userToken";
+  // Every chat call is signed when the site says so (the signed shape always is).
+  var SIGNED = SHAPE === "signed" || meta("demo-signed") !== null;
+  // A test control: the page shows more than the reply it was sent.
+  var RENDER_SUFFIX = meta("demo-render-suffix");
 
   var messagesEl = document.getElementById("messages");
   var form = document.getElementById("composer");
@@ -26,7 +36,8 @@
 
   var conversationId = null;
   var history = []; // openai shape: the full history is resent each turn
-  var parentMessageId = null; // patch shape: id of the last assistant message
+  var parentMessageId = null; // patch, batch, details, think: id of the last reply
+  var turnCount = 0; // details: the turns of the conversation so far
   var orgId = null; // claude shape: kept after the first lookup
   var socket = null; // ws shape: the open socket of the conversation
 
@@ -50,10 +61,21 @@
       h.slice(16, 20) + "-" + h.slice(20);
   }
 
+  function authToken() {
+    if (SHAPE === "think") {
+      try {
+        return JSON.parse(localStorage.getItem(WRAPPED_TOKEN_KEY) || "{}").value || "";
+      } catch (e) {
+        return "";
+      }
+    }
+    return localStorage.getItem(TOKEN_KEY) || "";
+  }
+
   function apiHeaders(contentType) {
     return withClearance({
       "content-type": contentType || "application/json",
-      "authorization": "Bearer " + (localStorage.getItem(TOKEN_KEY) || ""),
+      "authorization": "Bearer " + authToken(),
       "x-csrf-token": meta("csrf-token") || ""
     });
   }
@@ -61,9 +83,20 @@
   function getHeaders() {
     return withClearance({
       "accept": "application/json",
-      "authorization": "Bearer " + (localStorage.getItem(TOKEN_KEY) || ""),
+      "authorization": "Bearer " + authToken(),
       "x-csrf-token": meta("csrf-token") || ""
     });
+  }
+
+  // The think shape's page fetches its token with the session cookie when it loads and keeps
+  // it in localStorage, wrapped the way its storage library does; sending waits for it.
+  var pageReady = Promise.resolve();
+  if (SHAPE === "think") {
+    pageReady = fetch("/api/v1/auths/", { credentials: "same-origin" }).then(async function (r) {
+      if (!r.ok) return;
+      var j = await r.json();
+      localStorage.setItem(WRAPPED_TOKEN_KEY, JSON.stringify({ value: j.token, __version: "0" }));
+    }).catch(function () { /* the chat call will say what is wrong */ });
   }
 
   // ---------------------------------------------------------------- anti-bot clearance
@@ -310,7 +343,8 @@
         this.details.querySelector("summary").textContent = "Thought";
       }
     }
-    this.answerEl.innerHTML = renderMarkdown(this.answer);
+    this.answerEl.innerHTML = renderMarkdown(this.answer) +
+      (RENDER_SUFFIX && this.answer ? "<p>" + escapeHtml(RENDER_SUFFIX) + "</p>" : "");
     scrollDown();
   };
 
@@ -415,6 +449,26 @@
     });
   }
 
+  // Reasoning marked up inside the text (details and think shapes): the whole text so far →
+  // the reasoning (its <summary> heading and `> ` quote marks left out) and the answer (its
+  // <answer> tags left out). A tag still arriving at the end is not shown.
+  function splitMarkup(text) {
+    var open = /<details type="reasoning"[^>]*>|<think>/.exec(text);
+    var reasoning = "";
+    var answer = text;
+    if (open) {
+      var closeTag = open[0].indexOf("<think") === 0 ? "</think>" : "</details>";
+      var inner = text.slice(open.index + open[0].length);
+      var end = inner.indexOf(closeTag);
+      reasoning = end < 0 ? inner : inner.slice(0, end);
+      answer = text.slice(0, open.index) + (end < 0 ? "" : inner.slice(end + closeTag.length));
+      reasoning = reasoning.replace(/<summary>[\s\S]*?(<\/summary>|$)/, "")
+        .split("\n").map(function (line) { return line.replace(/^\s*> ?/, ""); }).join("\n");
+    }
+    answer = answer.replace(/<\/?answer>/g, "").replace(/<[^>]*$/, "");
+    return { reasoning: reasoning.replace(/<[^>]*$/, "").trim(), answer: answer.trim() };
+  }
+
   // ---------------------------------------------------------------- the shapes
 
   function createConversationRequest() {
@@ -424,8 +478,51 @@
         body: { title: "New Chat", models: ["demo"], chat_mode: "normal", timestamp: Date.now() }
       };
     }
+    if (SHAPE === "think") {
+      return { url: "/api/v1/chats/new", body: { title: "New Chat", models: ["demo"] } };
+    }
     return { url: "/api/conversations", body: { title: "New chat" } };
   }
+
+  // A JSON-patch document (patch and batch shapes): ops with `p`/`o`, `{"v": …}` continuing the
+  // last path and op, and batches: `o: "patch"`, or a list of ops as the value of an op that
+  // has neither `p` nor `o`.
+  function PatchDoc() {
+    this.root = null;
+    this.lastP = null;
+    this.lastO = null;
+  }
+
+  PatchDoc.prototype.apply = function (op) {
+    var self = this;
+    var batch = op.o === "patch" || (op.p === undefined && op.o === undefined &&
+      Array.isArray(op.v) && op.v.length > 0 && op.v.every(function (x) {
+        return x && typeof x === "object" && (x.p !== undefined || x.o !== undefined);
+      }));
+    if (batch) {
+      op.v.forEach(function (sub) { self.apply(sub); });
+      return;
+    }
+    var p = op.p === undefined ? this.lastP : op.p;
+    var o = op.o === undefined ? this.lastO : op.o;
+    this.lastP = p;
+    this.lastO = o;
+    if (p === "") {
+      if (o === "add" || o === "replace") this.root = op.v;
+      return;
+    }
+    var keys = p.split("/").slice(1);
+    var parent = this.root;
+    for (var i = 0; i < keys.length - 1 && parent; i++) parent = parent[keys[i]];
+    if (!parent) return;
+    var key = keys[keys.length - 1];
+    if (o === "append") {
+      if (Array.isArray(parent[key])) parent[key].push(op.v);
+      else parent[key] = (parent[key] || "") + op.v;
+    } else if (o === "replace" || o === "add") {
+      parent[key] = op.v;
+    }
+  };
 
   var SHAPES = {
     openai: {
@@ -730,12 +827,179 @@
           })
         };
       },
-      sign: signRequest,
       read: function (response, msg) {
         return SHAPES.openai.read(response, msg);
       },
       after: function (text, msg) {
         SHAPES.openai.after(text, msg);
+      }
+    },
+
+    newchat: {
+      // The first message goes in the tRPC "new chat" call, answered with ids; the reply
+      // streams from /api/chat, which then carries the chat id only. Later messages go in
+      // /api/chat itself.
+      prepare: function () { return Promise.resolve(); },
+      exchange: async function (text, msg) {
+        var body;
+        if (!conversationId) {
+          var r = await fetch("/api/trpc/message.newChat?batch=1", {
+            method: "POST",
+            credentials: "same-origin",
+            headers: apiHeaders(),
+            body: JSON.stringify({ "0": { json: { content: text, clientMessageId: uuid(), model: "demo" } } })
+          });
+          if (!r.ok) throw await failure(r);
+          var created = await r.json();
+          conversationId = created[0].result.data.json.chatId;
+          body = { chatId: conversationId, mode: "start", model: "demo" };
+        } else {
+          body = { chatId: conversationId, mode: "append", model: "demo", messageInput: text, messageId: uuid() };
+        }
+        var response = await postChat({ url: "/api/chat", body: JSON.stringify(body) });
+        await readLines(response, function (line) {
+          var i = line.indexOf(":");
+          if (i < 0) return;
+          var tag = line.slice(0, i);
+          var payload = JSON.parse(line.slice(i + 1));
+          if (tag === "0") msg.addAnswer(payload);
+          else if (tag === "f") parentMessageId = payload.messageId;
+          else if (tag === "3") throw new Error(String(payload));
+        });
+      }
+    },
+
+    batch: {
+      // No create call: the first message names no conversation; the reply's first patch
+      // names it, and the reply's message id is the parent of the next message.
+      prepare: function () { return Promise.resolve(); },
+      request: function (text) {
+        var body = {
+          action: "next",
+          messages: [{
+            id: uuid(),
+            author: { role: "user" },
+            content: { content_type: "text", parts: [text] },
+            metadata: {}
+          }],
+          parent_message_id: parentMessageId || "client-created-root",
+          model: "demo",
+          timezone_offset_min: new Date().getTimezoneOffset(),
+          client_ts: Date.now()
+        };
+        if (conversationId) body.conversation_id = conversationId;
+        return { url: "/backend-api/f/conversation", body: JSON.stringify(body) };
+      },
+      read: function (response, msg) {
+        var doc = new PatchDoc();
+        return readSse(response, function (name, data) {
+          if (data === "[DONE]") return;
+          var j = JSON.parse(data);
+          if (name === "delta") {
+            doc.apply(j);
+            var root = doc.root;
+            if (root && root.conversation_id) conversationId = root.conversation_id;
+            if (root && root.message) {
+              parentMessageId = root.message.id;
+              msg.answer = (root.message.content && root.message.content.parts[0]) || "";
+              msg.render();
+            }
+          } else if (j && j.error) {
+            throw new Error(j.error.message || j.error);
+          }
+        });
+      }
+    },
+
+    details: {
+      // No create call: the first event names the chat and the reply; a later message sends
+      // both back, with a turn counter.
+      prepare: function () { return Promise.resolve(); },
+      request: function (text) {
+        return {
+          url: "/api/chat/completions",
+          body: JSON.stringify({
+            model: "demo",
+            stream: true,
+            chat_id: conversationId,
+            parent_id: parentMessageId,
+            turn: turnCount,
+            messages: [{ role: "user", content: text }],
+            params: {}
+          })
+        };
+      },
+      read: function (response, msg) {
+        var raw = "";
+        return readSse(response, function (name, data) {
+          if (data === "[DONE]") return;
+          var j = JSON.parse(data);
+          if (j.error) throw new Error(j.error.message || "error");
+          if (j.chat_id) {
+            conversationId = j.chat_id;
+            parentMessageId = j.message_id;
+            return;
+          }
+          var d = (j.choices && j.choices[0] && j.choices[0].delta) || {};
+          if (typeof d.content !== "string") return;
+          raw += d.content;
+          var split = splitMarkup(raw);
+          msg.reasoning = split.reasoning;
+          msg.answer = split.answer;
+          msg.render();
+        });
+      },
+      after: function () { turnCount += 1; }
+    },
+
+    think: {
+      request: function (text) {
+        return {
+          url: "/api/v1/chats/" + encodeURIComponent(conversationId) + "/completions",
+          body: JSON.stringify({
+            stream: true,
+            model: "demo",
+            parent_id: parentMessageId,
+            message: { role: "user", content: text, id: uuid(), timestamp: Date.now() }
+          })
+        };
+      },
+      read: function (response, msg) {
+        return readSse(response, function (name, data) {
+          var j = JSON.parse(data);
+          if (j.error) throw new Error(j.error.message || "error");
+          if (j.response_id) {
+            parentMessageId = j.response_id;
+            return;
+          }
+          if (typeof j.text !== "string") return;
+          // Every event is the whole marked-up text so far.
+          var split = splitMarkup(j.text);
+          msg.reasoning = split.reasoning;
+          msg.answer = split.answer;
+          msg.render();
+        });
+      }
+    },
+
+    fragile: {
+      request: function (text) {
+        return {
+          url: "/api/fragile/chat",
+          body: JSON.stringify({
+            conversation_id: conversationId,
+            message: text,
+            request_id: uuid(),
+            model: "demo"
+          })
+        };
+      },
+      read: function (response, msg) {
+        return readSse(response, function (name, data) {
+          var j = JSON.parse(data);
+          if (name === "token") msg.addAnswer(j.t);
+          else if (name === "error") throw new Error(j.message || "error");
+        });
       }
     }
   };
@@ -837,15 +1101,21 @@
   }
 
   async function exchange(shape, text, msg) {
+    await pageReady;
     await ensureClearance();
     await (shape.prepare ? shape.prepare() : ensureConversation());
     if (shape.exchange) {
       await shape.exchange(text, msg);
       return;
     }
-    var req = shape.request(text);
+    var response = await postChat(shape.request(text));
+    await shape.read(response, msg);
+  }
+
+  // The chat call: signed when the site wants it, refused calls turned into errors.
+  async function postChat(req) {
     var headers = apiHeaders(req.contentType);
-    if (shape.sign) await shape.sign(req, headers);
+    if (SIGNED) await signRequest(req, headers);
     var response = await fetch(req.url, {
       method: "POST",
       credentials: "same-origin",
@@ -853,7 +1123,7 @@
       body: req.body
     });
     if (!response.ok) throw await failure(response);
-    await shape.read(response, msg);
+    return response;
   }
 
   async function send(text) {
@@ -877,6 +1147,18 @@
       msg.fail(String((e && e.message) || e));
     }
   }
+
+  // The fragile shape's page takes over its form only once it has been loaded in this tab
+  // before: the first time, a click on send submits the form natively and the page reloads
+  // (as when a click lands before a site's script is ready).
+  var takesOver = true;
+  if (SHAPE === "fragile") {
+    try {
+      takesOver = sessionStorage.getItem("demo_ready") === "1";
+      sessionStorage.setItem("demo_ready", "1");
+    } catch (e) { /* storage unavailable: behave */ }
+  }
+  if (!takesOver) return;
 
   form.addEventListener("submit", function (event) {
     event.preventDefault();

@@ -112,7 +112,10 @@ fn single_json_and_plain_text() {
         spec.reasoning,
         Some(ReasoningRule::Markup {
             open: "<think>".into(),
-            close: "</think>".into()
+            close: "</think>".into(),
+            summary: false,
+            quoted: false,
+            answer: None,
         })
     );
 }
@@ -131,9 +134,87 @@ data: {\"c\":\" it</details>\\nDone\"}\n\n";
         spec.reasoning,
         Some(ReasoningRule::Markup {
             open: "<details type=\"reasoning\"".into(),
-            close: "</details>".into()
+            close: "</details>".into(),
+            summary: false,
+            quoted: false,
+            answer: None,
         })
     );
+}
+
+/// Open WebUI: the opening tag is a piece of its own, later pieces carry a phase, the
+/// reasoning is quoted line by line under a `<summary>`, the answer sits in `<answer>`. The
+/// phase alone would leave tags in the answer; the markup reading is the one the page shows.
+#[test]
+fn open_webui_markup_in_a_delta_stream_with_a_phase() {
+    let body = include_bytes!("../../../tests/fixtures/responses/openwebui_details.txt");
+    let spec = infer_response(
+        &exchange("text/event-stream", body),
+        "Hello there, friend.",
+        Some("First I read it.\nThen I answer."),
+    )
+    .unwrap();
+    assert_eq!(
+        spec.text,
+        rule("/choices/0/delta/content", Accrual::Delta, None)
+    );
+    assert_eq!(
+        spec.reasoning,
+        Some(ReasoningRule::Markup {
+            open: "<details type=\"reasoning\"".into(),
+            close: "</details>".into(),
+            summary: true,
+            quoted: true,
+            answer: Some(Tags {
+                open: "<answer>".into(),
+                close: "</answer>".into()
+            }),
+        })
+    );
+    let decoded = run(
+        &spec,
+        &input_of(&exchange("text/event-stream", body)).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(decoded.0, "Hello there, friend.");
+    assert_eq!(decoded.1, "First I read it.\nThen I answer.");
+}
+
+/// A cumulative stream of `<think>` markup: every event repeats the whole text with the
+/// closing tag moved to its end, so no event extends the previous one.
+#[test]
+fn think_markup_in_a_cumulative_stream_whose_closing_tag_moves() {
+    let body = include_bytes!("../../../tests/fixtures/responses/cumulative_think.txt");
+    let spec = infer_response(
+        &exchange("text/event-stream", body),
+        "The answer is 4.",
+        Some("Two and two make four."),
+    )
+    .unwrap();
+    assert_eq!(spec.text, rule("/text", Accrual::Cumulative, None));
+    assert_eq!(
+        spec.reasoning,
+        Some(ReasoningRule::Markup {
+            open: "<think>".into(),
+            close: "</think>".into(),
+            summary: false,
+            quoted: false,
+            answer: None,
+        })
+    );
+    let deltas = decode_all(&spec, body).unwrap();
+    // Incremental: one piece per event, never a tag.
+    assert!(deltas.len() >= 8, "{deltas:?}");
+    for delta in &deltas {
+        if let crate::replay::decode::Delta::Text(t) | crate::replay::decode::Delta::Reasoning(t) =
+            delta
+        {
+            assert!(!t.contains('<'), "{deltas:?}");
+        }
+    }
+    let (text, reasoning) = collect_text(&deltas);
+    assert_eq!(text, "The answer is 4.");
+    assert_eq!(reasoning, "Two and two make four.");
 }
 
 #[test]
@@ -161,6 +242,25 @@ data: [DONE]\n\n";
         )
     );
     assert_eq!(spec.ids["message_id"], "/v/message/id");
+}
+
+#[test]
+fn batches_without_a_path_of_their_own_keep_the_last_words() {
+    let body = include_bytes!("../../../tests/fixtures/responses/chatgpt_batch.txt");
+    let spec = infer_response(
+        &exchange("text/event-stream", body),
+        "Batched hello, there at the end!",
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        spec.text,
+        rule(
+            "/message/content/parts/0",
+            Accrual::AppendPatch,
+            Some("delta")
+        )
+    );
 }
 
 #[test]

@@ -128,6 +128,15 @@ impl<'r> Sources<'r> {
                 }
             }
         }
+        self.find_in_session(value)
+    }
+
+    /// Where `value` came from when the session holds it: a cookie, a `<meta>` tag of the
+    /// chat page, localStorage or sessionStorage (whole, or a leaf of a JSON entry).
+    pub(crate) fn find_in_session(&self, value: &str) -> Option<Origin> {
+        if value.is_empty() {
+            return None;
+        }
         let storage = &self.recording.storage;
         for (name, cookie) in &storage.cookies {
             let decoded = percent_encoding::percent_decode_str(cookie).decode_utf8_lossy();

@@ -51,28 +51,6 @@ fn dom_text(markdown: &str) -> String {
         .join("\n")
 }
 
-/// The chat exchange of a recording: the last one carrying the marker with a response.
-fn chat_exchange(recording: &Recording) -> &Exchange {
-    recording
-        .exchanges
-        .iter()
-        .rev()
-        .find(|e| {
-            let body = e
-                .request_body
-                .as_ref()
-                .map(|b| String::from_utf8_lossy(&b.0).into_owned())
-                .unwrap_or_default();
-            let frames = e
-                .frames
-                .iter()
-                .any(|f| f.sent && f.payload.contains(&recording.marker));
-            (body.contains(&recording.marker) || frames)
-                && (e.response_body.is_some() || !e.frames.is_empty())
-        })
-        .expect("a chat exchange")
-}
-
 /// Decodes a recorded response with `spec`: (text, reasoning).
 fn decode_recorded(spec: &ResponseSpec, exchange: &Exchange) -> (String, String) {
     if exchange.frames.is_empty() {
@@ -95,74 +73,85 @@ fn decode_recorded(spec: &ResponseSpec, exchange: &Exchange) -> (String, String)
 // Comparing flows where it matters
 
 /// The essentials of a flow with preflight names replaced by what they are (step index and
-/// extract rule), so that two flows naming the same value differently compare equal.
+/// extract rule), so that two flows naming the same value differently compare equal. A
+/// follow-up's `conversation.NAME` of a first-turn preflight value is renamed the same way;
+/// its own preflights' names by their index in the follow-up.
 fn essentials(flow: &Flow) -> Value {
-    let mut renames = BTreeMap::new();
-    for (i, step) in flow.preflight.iter().enumerate() {
-        for (name, extract) in &step.extract {
-            let rule = serde_json::to_string(extract).unwrap();
-            renames.insert(name.clone(), format!("#{i}:{rule}"));
-        }
-    }
-    let rename = |text: &str| -> String {
-        let re = regex::Regex::new(r"\{\{\s*preflight\.([A-Za-z0-9_]+)\s*\}\}").unwrap();
-        let replaced = re.replace_all(text, |c: &regex::Captures<'_>| {
-            format!(
-                "{{{{preflight.{}}}}}",
-                renames
-                    .get(&c[1])
-                    .cloned()
-                    .unwrap_or_else(|| c[1].to_owned())
-            )
-        });
-        match replaced.strip_prefix("preflight.") {
-            Some(name) if !text.contains("{{") => {
-                format!(
-                    "preflight.{}",
-                    renames.get(name).cloned().unwrap_or(name.to_owned())
-                )
+    let names = |steps: &[crate::flow::Step], tag: &str| {
+        let mut renames = BTreeMap::new();
+        for (i, step) in steps.iter().enumerate() {
+            for (name, extract) in &step.extract {
+                let rule = serde_json::to_string(extract).unwrap();
+                renames.insert(name.clone(), format!("{tag}{i}:{rule}"));
             }
-            _ => replaced.into_owned(),
         }
+        renames
     };
-    let http = |http: &HttpTemplate| {
+    let first = names(&flow.preflight, "#");
+    let later = flow
+        .follow_up
+        .as_ref()
+        .map(|f| names(&f.preflight, "f#"))
+        .unwrap_or_default();
+    let rename = |text: &str, own: &BTreeMap<String, String>| -> String {
+        let re = regex::Regex::new(r"(preflight|conversation)\.([A-Za-z0-9_]+)").unwrap();
+        re.replace_all(text, |c: &regex::Captures<'_>| {
+            let table = if &c[1] == "preflight" { own } else { &first };
+            format!(
+                "{}.{}",
+                &c[1],
+                table.get(&c[2]).cloned().unwrap_or_else(|| c[2].to_owned())
+            )
+        })
+        .into_owned()
+    };
+    let http = |http: &HttpTemplate, own: &BTreeMap<String, String>| {
         let headers: BTreeMap<String, String> = http
             .headers
             .iter()
             .filter(|(name, value)| value.contains("{{") || *name == "content-type")
-            .map(|(name, value)| (name.clone(), rename(value)))
+            .map(|(name, value)| (name.clone(), rename(value, own)))
             .collect();
         let slots: BTreeMap<String, String> = http
             .slots
             .iter()
-            .map(|(pointer, source)| (pointer.clone(), rename(source)))
+            .map(|(pointer, source)| (pointer.clone(), rename(source, own)))
             .collect();
         json!({
             "method": http.method,
-            "url": rename(&http.url),
+            "url": rename(&http.url, own),
             "headers": headers,
             "slots": slots,
             "body_kind": http.body_kind,
         })
     };
-    let preflight: Vec<Value> = flow
-        .preflight
-        .iter()
-        .map(|step| {
-            let mut value = http(&step.http);
-            value["extract"] = json!(step.extract.values().collect::<Vec<_>>());
-            value
+    let steps = |steps: &[crate::flow::Step], own: &BTreeMap<String, String>| -> Vec<Value> {
+        steps
+            .iter()
+            .map(|step| {
+                let mut value = http(&step.http, own);
+                value["extract"] = json!(step.extract.values().collect::<Vec<_>>());
+                value
+            })
+            .collect()
+    };
+    let follow_up = flow.follow_up.as_ref().map(|f| {
+        json!({
+            "preflight": steps(&f.preflight, &later),
+            "request": http(&f.request, &later),
+            "resends_history": f.resends_history,
         })
-        .collect();
+    });
     json!({
-        "preflight": preflight,
-        "request": http(&flow.request),
+        "preflight": steps(&flow.preflight, &first),
+        "request": http(&flow.request, &first),
         "response": {
             "transport": flow.response.transport,
             "text": flow.response.text,
             "reasoning": flow.response.reasoning,
             "ids": flow.response.ids,
         },
+        "follow_up": follow_up,
     })
 }
 
@@ -212,7 +201,7 @@ fn check_demo(shape: Shape, recording: &Recording, learned: &Learned) {
             "{shape}: a token leaked"
         );
     }
-    let decoded = decode_recorded(&flow.response, chat_exchange(recording));
+    let decoded = decode_recorded(&flow.response, &recording.exchanges[learned.chat_index]);
     assert_eq!(
         normalize(&decoded.0),
         normalize(&recording.rendered_reply),
@@ -245,8 +234,14 @@ fn check_demo(shape: Shape, recording: &Recording, learned: &Learned) {
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("{shape}: no hand-written flow {}: {e}", path.display()));
     let hand = Flow::from_json(&text).unwrap();
+    let mut inferred = flow.clone();
+    if hand.replay.needs_browser {
+        // Verification drops the follow-up of a flow that only runs in the browser, where the
+        // site's own page continues its conversations.
+        inferred.follow_up = None;
+    }
     let mut diffs = Vec::new();
-    differences(&essentials(flow), &essentials(&hand), "", &mut diffs);
+    differences(&essentials(&inferred), &essentials(&hand), "", &mut diffs);
     assert!(
         diffs.is_empty(),
         "{shape}: the inferred flow differs from {}:\n{}\ninferred: {}",
@@ -262,11 +257,15 @@ fn check_demo(shape: Shape, recording: &Recording, learned: &Learned) {
 #[derive(Debug, Deserialize)]
 struct Driver {
     probe: String,
+    /// The second message, sent in the same conversation.
+    follow_up_probe: String,
     /// The `<meta>` whose content the page sends in the CSRF header.
     csrf_meta: String,
     /// Headers of a signed call: `timestamp`, `signature`.
     sign_headers: BTreeMap<String, String>,
     shapes: BTreeMap<String, Vec<DriverStep>>,
+    /// Per shape, the steps of the page's second message.
+    follow_up: BTreeMap<String, Vec<DriverStep>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -283,8 +282,14 @@ struct DriverStep {
     sign: bool,
     #[serde(default)]
     websocket: bool,
+    /// A WebSocket step of a follow-up: on the first turn's socket.
+    #[serde(default)]
+    reuse: bool,
     #[serde(default)]
     frames: Vec<Value>,
+    /// Name → JSON pointer into the first event of a streamed response that has it.
+    #[serde(default)]
+    save_stream: BTreeMap<String, String>,
     #[serde(default)]
     until: Option<Until>,
 }
@@ -365,7 +370,35 @@ fn sha256_hex(text: &str) -> String {
     hex::encode(sha2::Sha256::digest(text.as_bytes()))
 }
 
-/// Records one probe against a live demo site of `shape`.
+/// What every step of a recorded probe shares.
+struct Live {
+    base: String,
+    port: u16,
+    cookie_header: String,
+    client: reqwest::Client,
+    page_url: String,
+    html: String,
+    csrf: String,
+    token: String,
+    started: Instant,
+}
+
+impl Live {
+    fn elapsed(&self) -> f64 {
+        self.started.elapsed().as_secs_f64() * 1000.0
+    }
+}
+
+/// A WebSocket the first turn opened, kept for the follow-up.
+struct OpenSocket {
+    socket: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    exchange: Exchange,
+}
+
+/// Records one probe against a live demo site of `shape`, then a second in the same
+/// conversation (the follow-up), as the page's script would send them.
 async fn record_live(shape: Shape) -> Recording {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -382,7 +415,15 @@ async fn record_live(shape: Shape) -> Recording {
         .unwrap();
     let cookies: BTreeMap<String, String> = login.cookies.iter().cloned().collect();
     let local: BTreeMap<String, String> = login.local_storage.iter().cloned().collect();
-    let token = local.get(crate::demo::TOKEN_KEY).cloned().unwrap();
+    let token = local
+        .get(crate::demo::TOKEN_KEY)
+        .cloned()
+        .or_else(|| {
+            let wrapped = local.get(crate::demo::WRAPPED_TOKEN_KEY)?;
+            let value: Value = serde_json::from_str(wrapped).ok()?;
+            value["value"].as_str().map(str::to_owned)
+        })
+        .unwrap();
     let cookie_header = cookies
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
@@ -406,7 +447,6 @@ async fn record_live(shape: Shape) -> Recording {
             .map(|c| (c[1].to_owned(), c[2].to_owned()))
             .collect();
     let driver = driver();
-    let csrf_header = crate::demo::CSRF_HEADER;
     let csrf = meta
         .get(&driver.csrf_meta)
         .cloned()
@@ -417,25 +457,92 @@ async fn record_live(shape: Shape) -> Recording {
         .shapes
         .get(shape.as_str())
         .expect("the shape in the driver");
+    let live = Live {
+        base: base.clone(),
+        port,
+        cookie_header,
+        client,
+        page_url: page_url.clone(),
+        html,
+        csrf,
+        token: token.clone(),
+        started: Instant::now(),
+    };
     let mut vars = Vars {
         prompt: probe.clone(),
-        token: token.clone(),
+        token,
         saved: BTreeMap::new(),
         now_ms: now_ms(),
     };
-    let started = Instant::now();
-    let elapsed = || started.elapsed().as_secs_f64() * 1000.0;
+    let mut socket = None;
+    let exchanges = run_steps(&live, &driver, shape, steps, &mut vars, &mut socket).await;
+    let reply = crate::demo::reply_for(shape, &probe);
+
+    // The second message, in the same conversation.
+    let second_marker = format!("ct{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let second_probe = driver.follow_up_probe.replace("{marker}", &second_marker);
+    vars.saved.insert("first_prompt".into(), probe.clone());
+    vars.saved.insert("reply".into(), reply.content.clone());
+    vars.prompt = second_probe.clone();
+    let sent_ms = live.elapsed();
+    let follow_steps = &driver.follow_up[shape.as_str()];
+    let second_exchanges =
+        run_steps(&live, &driver, shape, follow_steps, &mut vars, &mut socket).await;
+    if let Some(mut open) = socket {
+        let _ = futures_util::SinkExt::close(&mut open.socket).await;
+    }
+    server.abort();
+    let storage = StorageSnapshot {
+        cookies,
+        local_storage: local,
+        session_storage: BTreeMap::new(),
+        meta,
+        user_agent: Some(USER_AGENT.to_owned()),
+    };
+    let second_reply = crate::demo::reply_for_turn(shape, &second_probe, 2);
+    Recording {
+        page_url: page_url.clone(),
+        marker,
+        probe,
+        rendered_reply: dom_text(&reply.content),
+        rendered_reasoning: reply.reasoning,
+        storage: storage.clone(),
+        exchanges,
+        sent_ms: None,
+        follow_up: Some(Box::new(Recording {
+            page_url,
+            marker: second_marker,
+            probe: second_probe,
+            rendered_reply: dom_text(&second_reply.content),
+            rendered_reasoning: second_reply.reasoning,
+            storage,
+            exchanges: second_exchanges,
+            sent_ms: Some(sent_ms),
+            follow_up: None,
+        })),
+    }
+}
+
+/// Runs driver steps against the live site, as recorded exchanges.
+async fn run_steps(
+    live: &Live,
+    driver: &Driver,
+    shape: Shape,
+    steps: &[DriverStep],
+    vars: &mut Vars,
+    socket: &mut Option<OpenSocket>,
+) -> Vec<Exchange> {
+    let csrf_header = crate::demo::CSRF_HEADER;
     let mut exchanges = Vec::new();
     for (n, step) in steps.iter().enumerate() {
         vars.now_ms = now_ms();
-        let url = format!("{base}{}", vars.url(&step.url));
+        let url = format!("{}{}", live.base, vars.url(&step.url));
         if step.websocket {
-            exchanges
-                .push(record_websocket(step, &vars, &url, &cookie_header, &base, started).await);
+            exchanges.push(record_websocket(step, vars, &url, live, socket).await);
             continue;
         }
         let mut headers: Vec<(String, String)> = vec![
-            ("host".into(), format!("127.0.0.1:{port}")),
+            ("host".into(), format!("127.0.0.1:{}", live.port)),
             ("connection".into(), "keep-alive".into()),
             ("sec-ch-ua".into(), "\"Chromium\";v=\"124\"".into()),
         ];
@@ -471,10 +578,10 @@ async fn record_live(shape: Shape) -> Recording {
         if let Some(ct) = content_type.filter(|_| body.is_some()) {
             headers.push(("content-type".into(), ct.into()));
         }
-        headers.push(("authorization".into(), format!("Bearer {token}")));
-        headers.push((csrf_header.into(), csrf.clone()));
+        headers.push(("authorization".into(), format!("Bearer {}", live.token)));
+        headers.push((csrf_header.into(), live.csrf.clone()));
         if step.sign {
-            let key = page_signing_key(&html).expect("the signing script");
+            let key = page_signing_key(&live.html).expect("the signing script");
             let ts = now_ms().to_string();
             let signature = sha256_hex(&format!(
                 "{key}\n{ts}\n{}",
@@ -489,20 +596,20 @@ async fn record_live(shape: Shape) -> Recording {
             ("sec-ch-ua-platform".into(), "\"Linux\"".into()),
         ]);
         if step.method != "GET" {
-            headers.push(("origin".into(), base.clone()));
+            headers.push(("origin".into(), live.base.clone()));
         }
         headers.extend([
             ("sec-fetch-site".into(), "same-origin".into()),
             ("sec-fetch-mode".into(), "cors".into()),
             ("sec-fetch-dest".into(), "empty".into()),
-            ("referer".into(), page_url.clone()),
+            ("referer".into(), live.page_url.clone()),
             ("accept-encoding".into(), "gzip, deflate, br, zstd".into()),
             ("accept-language".into(), "en-US,en;q=0.9".into()),
-            ("cookie".into(), cookie_header.clone()),
+            ("cookie".into(), live.cookie_header.clone()),
         ]);
-        let started_ms = elapsed();
+        let started_ms = live.elapsed();
         let method = reqwest::Method::from_bytes(step.method.as_bytes()).unwrap();
-        let mut request = client.request(method, &url);
+        let mut request = live.client.request(method, &url);
         for (name, value) in &headers {
             if !matches!(
                 name.as_str(),
@@ -515,7 +622,7 @@ async fn record_live(shape: Shape) -> Recording {
             request = request.body(body.clone());
         }
         let response = request.send().await.unwrap();
-        let first_byte_ms = elapsed();
+        let first_byte_ms = live.elapsed();
         let status = response.status().as_u16();
         assert!(
             response.status().is_success(),
@@ -539,8 +646,22 @@ async fn record_live(shape: Shape) -> Recording {
                 vars.saved.insert(name.clone(), value.to_owned());
             }
         }
+        for (name, pointer) in &step.save_stream {
+            let text = String::from_utf8_lossy(&bytes);
+            let found = text
+                .lines()
+                .map(|line| line.strip_prefix("data: ").unwrap_or(line))
+                .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+                .find_map(|v| {
+                    v.pointer(pointer)
+                        .and_then(Value::as_str)
+                        .map(str::to_owned)
+                })
+                .unwrap_or_else(|| panic!("{shape}: no {pointer} in the stream"));
+            vars.saved.insert(name.clone(), found);
+        }
         exchanges.push(Exchange {
-            id: format!("{}.{n}", 1000 + n),
+            id: format!("{}.{n}", 1000 + exchanges.len()),
             started_ms,
             resource_type: "Fetch".into(),
             method: step.method.clone(),
@@ -551,85 +672,118 @@ async fn record_live(shape: Shape) -> Recording {
             response_headers,
             response_body: Some(Body(bytes)),
             first_byte_ms: Some(first_byte_ms),
-            finished_ms: Some(elapsed()),
+            finished_ms: Some(live.elapsed()),
             frames: Vec::new(),
             error: None,
         });
     }
-    server.abort();
-    let reply = crate::demo::reply_for(shape, &probe);
-    Recording {
-        page_url,
-        marker,
-        probe,
-        rendered_reply: dom_text(&reply.content),
-        rendered_reasoning: reply.reasoning,
-        storage: StorageSnapshot {
-            cookies,
-            local_storage: local,
-            session_storage: BTreeMap::new(),
-            meta,
-            user_agent: Some(USER_AGENT.to_owned()),
-        },
-        exchanges,
-    }
+    exchanges
 }
 
+/// A WebSocket step: a new socket (kept open in `socket` for a follow-up), or with `reuse`
+/// the first turn's, whose exchange (started then) gets only the frames sent now.
 async fn record_websocket(
     step: &DriverStep,
     vars: &Vars,
     http_url: &str,
-    cookie_header: &str,
-    base: &str,
-    started: Instant,
+    live: &Live,
+    socket: &mut Option<OpenSocket>,
 ) -> Exchange {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let elapsed = || started.elapsed().as_secs_f64() * 1000.0;
-    let ws_url = http_url.replacen("http://", "ws://", 1);
-    let mut request = ws_url.as_str().into_client_request().unwrap();
-    request
-        .headers_mut()
-        .insert("cookie", cookie_header.parse().unwrap());
-    request
-        .headers_mut()
-        .insert("origin", base.parse().unwrap());
-    request
-        .headers_mut()
-        .insert("user-agent", USER_AGENT.parse().unwrap());
-    let started_ms = elapsed();
-    let (mut socket, response) = tokio_tungstenite::connect_async(request).await.unwrap();
-    let response_headers: Vec<(String, String)> = response
-        .headers()
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.as_str().to_owned(),
-                v.to_str().unwrap_or_default().to_owned(),
-            )
-        })
-        .collect();
+    if !step.reuse || socket.is_none() {
+        let ws_url = http_url.replacen("http://", "ws://", 1);
+        let mut request = ws_url.as_str().into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("cookie", live.cookie_header.parse().unwrap());
+        request
+            .headers_mut()
+            .insert("origin", live.base.parse().unwrap());
+        request
+            .headers_mut()
+            .insert("user-agent", USER_AGENT.parse().unwrap());
+        let started_ms = live.elapsed();
+        let (opened, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+        let response_headers: Vec<(String, String)> = response
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_owned(),
+                    v.to_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect();
+        let host = http_url
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let exchange = Exchange {
+            id: "ws.1".into(),
+            started_ms,
+            resource_type: "WebSocket".into(),
+            method: step.method.clone(),
+            url: ws_url,
+            request_headers: vec![
+                ("host".into(), host),
+                ("connection".into(), "Upgrade".into()),
+                ("pragma".into(), "no-cache".into()),
+                ("cache-control".into(), "no-cache".into()),
+                ("user-agent".into(), USER_AGENT.into()),
+                ("upgrade".into(), "websocket".into()),
+                ("origin".into(), live.base.clone()),
+                ("sec-websocket-version".into(), "13".into()),
+                ("accept-encoding".into(), "gzip, deflate, br, zstd".into()),
+                ("accept-language".into(), "en-US,en;q=0.9".into()),
+                ("cookie".into(), live.cookie_header.clone()),
+                (
+                    "sec-websocket-key".into(),
+                    "dGhlIHNhbXBsZSBub25jZQ==".into(),
+                ),
+                (
+                    "sec-websocket-extensions".into(),
+                    "permessage-deflate; client_max_window_bits".into(),
+                ),
+            ],
+            request_body: None,
+            status: Some(101),
+            response_headers,
+            response_body: None,
+            first_byte_ms: Some(started_ms),
+            finished_ms: None,
+            frames: Vec::new(),
+            error: None,
+        };
+        *socket = Some(OpenSocket {
+            socket: opened,
+            exchange,
+        });
+    }
+    let open = socket.as_mut().expect("an open socket");
     let mut frames = Vec::new();
     for frame in &step.frames {
         let text = vars.fill(frame).to_string();
         frames.push(Frame {
             sent: true,
-            at_ms: elapsed(),
+            at_ms: live.elapsed(),
             payload: text.clone(),
             binary: false,
         });
-        socket.send(Message::text(text)).await.unwrap();
+        open.socket.send(Message::text(text)).await.unwrap();
     }
     let until = step.until.as_ref().expect("an end condition");
-    while let Some(Ok(message)) = socket.next().await {
+    while let Some(Ok(message)) = open.socket.next().await {
         let Message::Text(text) = message else {
             continue;
         };
         let text = text.as_str().to_owned();
         frames.push(Frame {
             sent: false,
-            at_ms: elapsed(),
+            at_ms: live.elapsed(),
             payload: text.clone(),
             binary: false,
         });
@@ -638,76 +792,17 @@ async fn record_websocket(
             break;
         }
     }
-    let _ = socket.close(None).await;
-    let host = http_url
-        .trim_start_matches("http://")
-        .split('/')
-        .next()
-        .unwrap_or_default()
-        .to_owned();
     Exchange {
-        id: "ws.1".into(),
-        started_ms,
-        resource_type: "WebSocket".into(),
-        method: step.method.clone(),
-        url: ws_url,
-        request_headers: vec![
-            ("host".into(), host),
-            ("connection".into(), "Upgrade".into()),
-            ("pragma".into(), "no-cache".into()),
-            ("cache-control".into(), "no-cache".into()),
-            ("user-agent".into(), USER_AGENT.into()),
-            ("upgrade".into(), "websocket".into()),
-            ("origin".into(), base.to_owned()),
-            ("sec-websocket-version".into(), "13".into()),
-            ("accept-encoding".into(), "gzip, deflate, br, zstd".into()),
-            ("accept-language".into(), "en-US,en;q=0.9".into()),
-            ("cookie".into(), cookie_header.to_owned()),
-            (
-                "sec-websocket-key".into(),
-                "dGhlIHNhbXBsZSBub25jZQ==".into(),
-            ),
-            (
-                "sec-websocket-extensions".into(),
-                "permessage-deflate; client_max_window_bits".into(),
-            ),
-        ],
-        request_body: None,
-        status: Some(101),
-        response_headers,
-        response_body: None,
-        first_byte_ms: Some(started_ms),
-        finished_ms: Some(elapsed()),
         frames,
-        error: None,
+        finished_ms: Some(live.elapsed()),
+        ..open.exchange.clone()
     }
 }
 
 /// The recording with its secrets (cookie values, the bearer token, the CSRF token) replaced
 /// by fixed fakes, the same fake for the same secret everywhere.
 fn sanitized(recording: &Recording) -> Recording {
-    let mut secrets: Vec<(String, String)> = Vec::new();
-    for (i, value) in recording.storage.cookies.values().enumerate() {
-        secrets.push((
-            value.clone(),
-            format!("fakeCookie{i}Value00000000000000000{i}"),
-        ));
-    }
-    for (i, value) in recording.storage.local_storage.values().enumerate() {
-        secrets.push((
-            value.clone(),
-            format!("fakeStoredToken{i}000000000000000000{i}"),
-        ));
-    }
-    let csrf = recording.storage.meta[&driver().csrf_meta].clone();
-    secrets.push((csrf, "fakeCsrfToken00000000000000000001".to_owned()));
-    let mut text = serde_json::to_string_pretty(recording).unwrap();
-    for (secret, fake) in &secrets {
-        if secret.len() >= 8 {
-            text = text.replace(secret.as_str(), fake);
-        }
-    }
-    serde_json::from_str(&text).unwrap()
+    recording.redacted(&[])
 }
 
 fn load_recording(name: &str) -> Option<Recording> {
@@ -754,6 +849,39 @@ async fn live_shapes_infer_like_the_hand_written_flows() {
             std::fs::write(&path, text + "\n").unwrap();
         }
     }
+}
+
+/// Every recording kept in the fixtures, saved ones included (a failed learn saves one; a
+/// developer drops it here), must infer a flow that reads the rendered reply from its own
+/// bytes. A recording that fails is a failing test in milliseconds.
+#[test]
+fn every_saved_recording_infers_a_flow_that_reads_its_reply() {
+    let mut names: Vec<String> = std::fs::read_dir(fixtures_dir())
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".json") && !n.starts_with("hand-") && n != "demo-driver.json")
+        .collect();
+    names.sort();
+    assert!(names.len() >= Shape::ALL.len(), "{names:?}");
+    let mut failures = Vec::new();
+    for name in names {
+        let recording = load_recording(&name).unwrap();
+        let learned = match infer(&recording, "saved") {
+            Ok(learned) => learned,
+            Err(e) => {
+                failures.push(format!("{name}: {e}"));
+                continue;
+            }
+        };
+        let decoded = decode_recorded(
+            &learned.flow.response,
+            &recording.exchanges[learned.chat_index],
+        );
+        if normalize(&decoded.0) != normalize(&recording.rendered_reply) {
+            failures.push(format!("{name}: the flow reads another reply"));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
 }
 
 /// A hand-written recording with what its flow must hold.
@@ -884,7 +1012,10 @@ fn hand_written_recordings_infer_their_expected_flows() {
         if let Some(ids) = &expect.ids {
             assert_eq!(&flow.response.ids, ids, "{name}: {shown}");
         }
-        let decoded = decode_recorded(&flow.response, chat_exchange(&fixture.recording));
+        let decoded = decode_recorded(
+            &flow.response,
+            &fixture.recording.exchanges[learned.chat_index],
+        );
         assert_eq!(
             normalize(&decoded.0),
             normalize(&fixture.recording.rendered_reply),
@@ -950,6 +1081,7 @@ fn minimal_recording() -> Recording {
             ..StorageSnapshot::default()
         },
         exchanges: vec![exchange],
+        ..Recording::default()
     }
 }
 

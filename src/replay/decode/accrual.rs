@@ -22,8 +22,11 @@ struct Rule {
     pointer: Pointer,
     /// `true` for the reasoning field rule: everything it finds is reasoning.
     reasoning: bool,
-    /// Cumulative mode: the previous value, per output channel (text, reasoning).
+    /// Cumulative mode: the previous value, per output channel (text, reasoning); with markup,
+    /// the text and the reasoning the previous value held.
     previous: [String; 2],
+    /// Cumulative mode with markup: the last value, whole (its end may be a partial tag).
+    last: String,
 }
 
 impl Rule {
@@ -34,6 +37,7 @@ impl Rule {
             pointer: Pointer::parse(path),
             reasoning,
             previous: Default::default(),
+            last: String::new(),
         }
     }
 
@@ -126,6 +130,36 @@ impl Output {
     fn flush(&mut self, out: &mut Vec<Delta>) {
         if let Some(markup) = &mut self.markup {
             markup.flush(out);
+        }
+    }
+
+    /// One value of a cumulative stream with markup: every value is the whole marked-up text
+    /// so far (its closing tags move as it grows), so it is split first and each channel is
+    /// then diffed against what the previous value held. `last` is the end of the stream: a
+    /// partial tag held back so far is text after all.
+    fn cumulative_markup(
+        &mut self,
+        value: &str,
+        previous: &mut [String; 2],
+        last: bool,
+        out: &mut Vec<Delta>,
+    ) {
+        let Some(markup) = &self.markup else {
+            return;
+        };
+        let (text, reasoning) = markup.split_whole(value, last);
+        for (channel, now) in [(1, reasoning), (0, text)] {
+            let before = &mut previous[channel];
+            if let Some(piece) = now.strip_prefix(before.as_str()) {
+                emit_piece(channel == 1, piece, out);
+            } else if before.starts_with(&now) {
+                // Shorter than before (a partial tag held back): nothing new yet.
+                continue;
+            } else {
+                // Not an extension: a new segment, as in plain cumulative accrual.
+                emit_piece(channel == 1, &now, out);
+            }
+            *before = now;
         }
     }
 }
@@ -281,8 +315,8 @@ impl Engine {
                     current: false,
                 });
             }
-            Some(ReasoningRule::Markup { open, close }) => {
-                output.markup = Some(Markup::new(open, close));
+            Some(rule @ ReasoningRule::Markup { .. }) => {
+                output.markup = Markup::from_rule(rule);
             }
         }
         let mut targets = Vec::new();
@@ -503,7 +537,7 @@ impl Engine {
     /// End of the body (or of the reply): pending markup state is flushed.
     pub(super) fn finish(&mut self, out: &mut Vec<Delta>) {
         if !self.stopped {
-            self.output.flush(out);
+            self.flush(out);
             self.stopped = true;
         }
     }
@@ -513,10 +547,21 @@ impl Engine {
         if self.stopped {
             return;
         }
-        self.output.flush(out);
+        self.flush(out);
         out.push(Delta::Done);
         self.finished_done = true;
         self.stopped = true;
+    }
+
+    /// Flushes what markup holds back, in the streaming splitter or in the last value of a
+    /// cumulative stream.
+    fn flush(&mut self, out: &mut Vec<Delta>) {
+        self.output.flush(out);
+        if self.text.mode == Accrual::Cumulative && !self.text.last.is_empty() {
+            let last = std::mem::take(&mut self.text.last);
+            self.output
+                .cumulative_markup(&last, &mut self.text.previous, true, out);
+        }
     }
 
     /// Marks the engine failed after a framing error.
@@ -537,6 +582,11 @@ fn accrue(rule: &mut Rule, value: &Value, output: &mut Output, out: &mut Vec<Del
     let reasoning = rule.reasoning || output.flag_says_reasoning(None);
     match rule.mode {
         Accrual::Delta => output.emit_to(reasoning, found, out),
+        Accrual::Cumulative if !reasoning && output.markup.is_some() => {
+            output.cumulative_markup(found, &mut rule.previous, false, out);
+            rule.last.clear();
+            rule.last.push_str(found);
+        }
         Accrual::Cumulative => {
             let previous = &mut rule.previous[usize::from(reasoning)];
             let piece = found.strip_prefix(previous.as_str()).unwrap_or(found);
@@ -546,6 +596,17 @@ fn accrue(rule: &mut Rule, value: &Value, output: &mut Output, out: &mut Vec<Del
         }
         Accrual::AppendPatch => {}
     }
+}
+
+fn emit_piece(reasoning: bool, piece: &str, out: &mut Vec<Delta>) {
+    if piece.is_empty() {
+        return;
+    }
+    out.push(if reasoning {
+        Delta::Reasoning(piece.to_owned())
+    } else {
+        Delta::Text(piece.to_owned())
+    });
 }
 
 /// The start of `data`, for error messages.

@@ -43,6 +43,7 @@ use futures_util::Stream;
 
 use self::accrual::Engine;
 use self::framing::Framer;
+pub(crate) use self::patch::is_op_list;
 use crate::flow::{ResponseSpec, Transport};
 
 /// The largest frame (SSE event, line, binary frame, JSON document) the decoder accepts.

@@ -6,7 +6,9 @@
 //!   sets the whole document); `{"p": …, "v": …}` without `o` continues the last op on the same
 //!   path and sets otherwise.
 //! - Ops, case-insensitive: `append`; `add`/`replace`/`set`; `patch`/`batch` (a list of ops whose
-//!   paths are relative to `p`); a bare list of ops is a batch too. Other ops are ignored.
+//!   paths are relative to `p`); a bare list of ops is a batch too, and so is `{"v": [ops]}`
+//!   with neither `p` nor `o` (a list of operations is a batch, not a value continuing the
+//!   last path). Other ops are ignored.
 //! - Text comes from an append to the text path, from a set of it (emitting the suffix when the
 //!   new value extends the old one, else the whole), from an append of elements to the list a
 //!   `-1` step names (each element's text), and from a set of an ancestor (each list element's
@@ -191,6 +193,7 @@ impl Patch {
             }
             None => match named {
                 Some(Op::Batch) => (prefix.to_owned(), Op::Batch),
+                None if is_op_list(&value) => (prefix.to_owned(), Op::Batch),
                 _ if self.has_last => {
                     continued = true;
                     (
@@ -221,6 +224,23 @@ impl Patch {
         self.last_op = kind;
         self.has_last = true;
     }
+}
+
+/// Whether `value` is a list of patch operations: objects with a `p` or an `o`, and nothing
+/// but `p`, `o`, `v` and `c`. A text or a list of values never looks like that.
+pub(crate) fn is_op_list(value: &Value) -> bool {
+    let Value::Array(items) = value else {
+        return false;
+    };
+    !items.is_empty()
+        && items.iter().all(|item| {
+            item.as_object().is_some_and(|op| {
+                (op.contains_key("p") || op.contains_key("o"))
+                    && op
+                        .keys()
+                        .all(|k| matches!(k.as_str(), "p" | "o" | "v" | "c"))
+            })
+        })
 }
 
 /// How the op path `path` stands to `target`, given the document before the op.

@@ -125,6 +125,30 @@ fn chatgpt() -> Case {
     }
 }
 
+/// Newer patch streams batch operations as `{"v": [ops]}` with no `p` or `o` of their own:
+/// a batch, not a continuation whose value is a list (the last words of a reply travel so).
+fn chatgpt_batch() -> Case {
+    Case {
+        name: "chatgpt_batch",
+        spec: spec(json!({
+            "transport": "sse",
+            "text": {"path": "/message/content/parts/0", "mode": "append_patch", "event": "delta"},
+            "done": [{"data": "[DONE]"}],
+            "ids": {"message": "/v/message/id"}
+        })),
+        body: include_bytes!("../../../tests/fixtures/responses/chatgpt_batch.txt").to_vec(),
+        expected: Ok(vec![
+            id("message", "msg-2"),
+            text("Batched"),
+            text(" hello"),
+            text(", there"),
+            text(" at the end"),
+            text("!"),
+            Delta::Done,
+        ]),
+    }
+}
+
 fn deepseek() -> Case {
     Case {
         name: "deepseek",
@@ -304,6 +328,51 @@ fn markup() -> Case {
     }
 }
 
+/// Open WebUI's markup in a delta stream: summary, quote prefixes and answer tags dropped,
+/// whitespace at the block edges too.
+fn open_webui() -> Case {
+    Case {
+        name: "open_webui",
+        spec: spec(json!({
+            "transport": "sse",
+            "text": {"path": "/choices/0/delta/content", "mode": "delta"},
+            "reasoning": {"markup": {"open": "<details type=\"reasoning\"", "close": "</details>",
+                "summary": true, "quoted": true, "answer": {"open": "<answer>", "close": "</answer>"}}},
+            "done": [{"data": "[DONE]"}]
+        })),
+        body: include_bytes!("../../../tests/fixtures/responses/openwebui_details.txt").to_vec(),
+        expected: Ok(vec![
+            thought("First I"),
+            thought(" read it."),
+            thought("\nThen I answer."),
+            text("Hello"),
+            text(" there, friend."),
+            Delta::Done,
+        ]),
+    }
+}
+
+/// Cumulative events of `<think>` markup whose closing tag moves: one clean piece per event.
+fn cumulative_think() -> Case {
+    let reasoning = ["Two", " and", " two", " make", " four."].map(thought);
+    let answer = ["The", " answer", " is", " 4."].map(text);
+    Case {
+        name: "cumulative_think",
+        spec: spec(json!({
+            "transport": "sse",
+            "text": {"path": "/text", "mode": "cumulative"},
+            "reasoning": {"markup": {"open": "<think>", "close": "</think>"}},
+            "done": [{"path": "/done", "equals": true}]
+        })),
+        body: include_bytes!("../../../tests/fixtures/responses/cumulative_think.txt").to_vec(),
+        expected: Ok(reasoning
+            .into_iter()
+            .chain(answer)
+            .chain([Delta::Done])
+            .collect()),
+    }
+}
+
 fn inband_error() -> Case {
     Case {
         name: "inband_error",
@@ -321,6 +390,7 @@ fn cases() -> Vec<Case> {
     vec![
         openai(),
         chatgpt(),
+        chatgpt_batch(),
         deepseek(),
         qwen(),
         ndjson(),
@@ -329,6 +399,8 @@ fn cases() -> Vec<Case> {
         length_prefixed_error(),
         single_json(),
         markup(),
+        open_webui(),
+        cumulative_think(),
         inband_error(),
     ]
 }
