@@ -51,6 +51,8 @@ struct Slot {
     /// How long a reply holds a slot, in ms, as a moving average (0 until one has ended):
     /// what a full queue's `Retry-After` is estimated from.
     avg_hold_ms: AtomicU64,
+    /// Whether the first wait for a slot has been logged (once per account and process).
+    wait_logged: std::sync::atomic::AtomicBool,
     state: Mutex<SlotState>,
 }
 
@@ -109,6 +111,16 @@ impl Drop for Permit {
     }
 }
 
+/// What an operator can do when requests queue for an account's slots (logged once, shown
+/// on `/admin`).
+pub fn waiting_advice(account: &str, per_account: usize) -> String {
+    format!(
+        "requests are waiting for a free slot on account {account} ({per_account} at once): \
+         add accounts to its service (`computetower account add --name SERVICE …`) or raise \
+         `[limits] per_account_concurrency` (COMPUTETOWER_PER_ACCOUNT_CONCURRENCY)"
+    )
+}
+
 /// One account's load, for `/metrics` and `/admin`.
 #[derive(Debug, Clone, Serialize)]
 pub struct AccountLoad {
@@ -150,6 +162,7 @@ impl AccountPool {
                     served: AtomicU64::new(0),
                     queued_total: AtomicU64::new(0),
                     avg_hold_ms: AtomicU64::new(0),
+                    wait_logged: std::sync::atomic::AtomicBool::new(false),
                     state: Mutex::new(SlotState::default()),
                 })
             })
@@ -224,6 +237,14 @@ impl AccountPool {
             });
         }
         slot.queued_total.fetch_add(1, Ordering::Relaxed);
+        if !slot.wait_logged.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                account,
+                per_account_concurrency = self.limits.per_account,
+                "{}",
+                waiting_advice(account, self.limits.per_account)
+            );
+        }
         // The semaphore is never closed, so acquiring only fails if it were.
         let permit = slot.semaphore.clone().acquire_owned().await;
         slot.waiting.fetch_sub(1, Ordering::SeqCst);

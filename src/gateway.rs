@@ -48,8 +48,12 @@ const BROWSER_TIER_TIMEOUT: Duration = Duration::from_secs(90);
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
-    #[error("The model `{model}` does not exist. Available models: {available}.")]
-    UnknownModel { model: String, available: String },
+    #[error("The model `{model}` does not exist. {}", available_models(.available))]
+    UnknownModel {
+        model: String,
+        /// The models that can serve now.
+        available: Vec<String>,
+    },
     #[error(
         "No flow is known for `{0}` yet: learn it (`computetower learn`) or import one (`computetower flows import`)."
     )]
@@ -71,6 +75,17 @@ pub enum GatewayError {
     },
     #[error("internal error: {0}")]
     Store(#[from] StoreError),
+}
+
+/// The end of an unknown model's message: what can serve, or how to add a model.
+pub fn available_models(available: &[String]) -> String {
+    if available.is_empty() {
+        return "No model can serve yet: add an account (`computetower account add --url URL \
+                --name NAME`, or the Accounts page at /admin), then learn its flow \
+                (`computetower learn NAME`)."
+            .to_owned();
+    }
+    format!("Available models: {}.", available.join(", "))
 }
 
 /// An account the service may use: with a usable session, or one a login can give it.
@@ -175,17 +190,27 @@ impl Gateway {
         self.services.invalidate_all();
     }
 
-    /// Model ids: the services that have an enabled account.
+    /// The tier floor raised for `flow_id`, if any (for the admin page).
+    pub fn tier_floor(&self, flow_id: &str) -> Option<crate::tier_floor::FloorView> {
+        self.floors.floor(flow_id)
+    }
+
+    /// Model ids: the services that can serve (an enabled account and a flow).
     pub async fn models(&self) -> Result<Vec<String>, StoreError> {
-        let mut services: Vec<String> = self
+        let mut services: Vec<String> = Vec::new();
+        for account in self
             .store
             .accounts()
             .await?
             .into_iter()
             .filter(|a| a.enabled)
-            .map(|a| a.service)
-            .collect();
-        services.dedup();
+        {
+            if !services.contains(&account.service)
+                && self.store.active_flow(&account.service).await?.is_some()
+            {
+                services.push(account.service);
+            }
+        }
         Ok(services)
     }
 
@@ -197,7 +222,7 @@ impl Gateway {
         if accounts.is_empty() {
             return Err(GatewayError::UnknownModel {
                 model: model.to_owned(),
-                available: self.models().await?.join(", "),
+                available: self.models().await?,
             });
         }
         let flow = self

@@ -90,6 +90,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     if off_loopback && !store_may_hold_keys(&config)? {
         return Err(ServeError::OpenNonLoopback(config.bind));
     }
+    let fresh = !config.database_path().exists();
     let store = open_store(&config).await?;
     if off_loopback && store.live_key_count().await? == 0 {
         return Err(ServeError::OpenNonLoopback(config.bind));
@@ -102,7 +103,25 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         })?;
     let addr = listener.local_addr()?;
     let (events, writer_task) = EventWriter::start(store.clone());
+    let runtime_file = config.data_dir.join(RUNTIME_FILE);
     let state = app_state(config, store.clone(), events);
+    let url = reachable_url(addr);
+    // A CLI on the same data hands its logins and learns to this server with this token.
+    let token = hex::encode(rand::random::<[u8; 32]>());
+    state.keys.allow_local_token(&token);
+    state.jobs.set_handoff(url.clone(), String::new());
+    let runtime = Runtime {
+        pid: std::process::id(),
+        url: url.clone(),
+        token,
+    };
+    if let Err(e) = write_private(
+        &runtime_file,
+        &serde_json::to_vec(&runtime).unwrap_or_default(),
+    ) {
+        tracing::warn!(path = %runtime_file.display(), error = %e, "cannot write the runtime file; CLI logins will not be handed to this server");
+    }
+    print_summary(&state, &url, fresh).await;
     let app = api::router(state);
     announce(addr);
     // `into_make_service` turns the routes into services once; handing `axum::serve` the
@@ -110,6 +129,10 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     axum::serve(no_delay(listener), app.into_make_service())
         .with_graceful_shutdown(shutdown_signal())
         .await?;
+    // Only this server's own file: a newer `serve` may have replaced it.
+    if read_runtime(&runtime_file).is_some_and(|r| r.pid == std::process::id()) {
+        let _ = std::fs::remove_file(&runtime_file);
+    }
     // Flush queued events before the store closes (bounded, so shutdown cannot hang).
     let _ = tokio::time::timeout(Duration::from_secs(5), writer_task).await;
     store.close().await;
@@ -162,6 +185,7 @@ pub fn app_state(config: Config, store: Store, events: EventWriter) -> AppState 
         learner: Some(learner),
         config: Arc::new(config),
         keys,
+        jobs: Arc::new(crate::api::jobs::Jobs::new()),
     }
 }
 
@@ -210,6 +234,124 @@ pub fn no_delay(
     listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     })
+}
+
+/// In the data dir while `serve` runs: its pid, URL and local admin token (mode 0600, like
+/// the master key beside it: whoever can read one can read the other).
+pub const RUNTIME_FILE: &str = "serve.json";
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Runtime {
+    pub pid: u32,
+    pub url: String,
+    pub token: String,
+}
+
+pub fn read_runtime(path: &std::path::Path) -> Option<Runtime> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("json.tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(bytes)?;
+    std::fs::rename(tmp, path)
+}
+
+/// `http://ADDR` as a person on this machine opens it (an unspecified address as loopback).
+fn reachable_url(addr: SocketAddr) -> String {
+    let mut addr = addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    format!("http://{addr}")
+}
+
+/// What `serve` prints before it listens: the data dir, the models with whether each has a
+/// flow and a session, or what to do when there is nothing yet.
+async fn print_summary(state: &AppState, url: &str, fresh: bool) {
+    use std::io::Write;
+    let lines = summary_lines(state, url, fresh)
+        .await
+        .unwrap_or_else(|e| vec![format!("(cannot read the store: {e})")]);
+    let mut out = std::io::stdout().lock();
+    for line in lines {
+        let _ = writeln!(out, "{line}");
+    }
+    let _ = out.flush();
+}
+
+async fn summary_lines(
+    state: &AppState,
+    url: &str,
+    fresh: bool,
+) -> Result<Vec<String>, crate::store::StoreError> {
+    let store = state.gateway.store();
+    let dir = &state.config.data_dir;
+    let shown = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone());
+    let accounts = store.accounts().await?;
+    let mut lines = vec![format!(
+        "data dir {}{}",
+        shown.display(),
+        if fresh { " (new)" } else { "" }
+    )];
+    if accounts.is_empty() {
+        lines.push(format!(
+            "no account in this data dir yet, so there is no model to serve: add one with              `computetower account add --url URL --name NAME` (then `computetower learn NAME`),              or on the admin page {url}/admin"
+        ));
+        lines.push(format!("admin page {url}/admin"));
+        return Ok(lines);
+    }
+    let sessions = store.sessions().await?;
+    let now = crate::store::now();
+    let mut services: Vec<String> = accounts.iter().map(|a| a.service.clone()).collect();
+    services.dedup();
+    lines.push("models:".to_owned());
+    for service in services {
+        let of: Vec<_> = accounts.iter().filter(|a| a.service == service).collect();
+        let enabled = of.iter().filter(|a| a.enabled).count();
+        let with_session = of
+            .iter()
+            .filter(|a| {
+                sessions
+                    .iter()
+                    .rev()
+                    .find(|s| s.account_id == a.id)
+                    .is_some_and(|s| s.authenticated && s.expires_at.is_none_or(|e| e > now))
+            })
+            .count();
+        let flow = match store.active_flow(&service).await? {
+            Some(f) if f.replay.needs_browser => format!("flow v{} (needs the browser)", f.version),
+            Some(f) if f.stats.tested => format!("flow v{} (verified)", f.version),
+            Some(f) => format!("flow v{}", f.version),
+            None => format!("NO FLOW: learn it (`computetower learn {service}`)"),
+        };
+        let session = match with_session {
+            0 if state.gateway.renewer().is_some() => {
+                "no session yet (logs in on first use)".into()
+            }
+            0 => "NO SESSION".to_owned(),
+            n => format!("session on {n} of {} accounts", of.len()),
+        };
+        let disabled = if enabled == 0 {
+            ", every account disabled"
+        } else {
+            ""
+        };
+        lines.push(format!("  {service:<20} {flow}; {session}{disabled}"));
+    }
+    lines.push(format!("admin page {url}/admin"));
+    Ok(lines)
 }
 
 /// The line tests and scripts wait for; printed on stdout and flushed.

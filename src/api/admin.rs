@@ -35,6 +35,10 @@ pub fn routes() -> Router<AppState> {
         .route("/admin/flows/{id}", get(show_flow).delete(delete_flow))
         .route("/admin/events", get(recent_events))
         .route("/admin/decisions", get(recent_decisions))
+        .route("/admin/overview", get(super::admin_view::overview))
+        .route("/admin/traffic", get(super::admin_view::traffic))
+        .route("/admin/jobs", get(super::admin_view::jobs))
+        .route("/admin/stream", get(super::admin_view::stream))
 }
 
 #[derive(Debug, Deserialize)]
@@ -72,6 +76,17 @@ async fn add_account(
     let url = body
         .url
         .ok_or_else(|| ApiError::bad_request("`url` is required.").param("url"))?;
+    // A bad URL (credentials in it, say) is told as such before anything else.
+    crate::store::accounts::parse_site_url(&url)?;
+    if body.name.is_none()
+        && let Some(host) = unnamed_host(&url)
+    {
+        return Err(ApiError::bad_request(format!(
+            "{host} has no name to call the model by: give the account a `name` (the model id \
+             clients ask for, such as `local-chat`)."
+        ))
+        .param("name"));
+    }
     let store = state.gateway.store();
     let account = store
         .add_account(NewAccount {
@@ -133,66 +148,70 @@ async fn remove_account(
 }
 
 /// Logs the account in with the browser now. While a captcha waits for a person, the login
-/// is listed under `/admin/sessions` (`live`).
+/// is listed under `/admin/sessions` (`live`) and a progress line links its handoff page.
+/// Asked as `text/event-stream`, it streams the progress lines and then the result.
 async fn login_account(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let store = state.gateway.store();
-    let account = store.account(&id).await?;
-    let renewer = state
-        .gateway
-        .renewer()
-        .ok_or_else(|| ApiError::not_found("The browser is not enabled on this server."))?;
-    let renewed = renewer.renew(&account, None).await.map_err(|e| match e {
-        crate::renew::RenewError::Store(e) => ApiError::from(e),
-        login => ApiError::bad_gateway(login.to_string()).code("login_failed"),
-    })?;
-    state.gateway.invalidate();
-    let session = crate::store::sessions::SessionSummary::from(&renewed.session);
-    let outcome = renewed.outcome.map(|o| {
-        json!({
-            "pages": o.page_kinds.iter().map(|k| k.as_str()).collect::<Vec<_>>(),
-            "elapsed_ms": o.elapsed.as_millis() as u64,
-        })
-    });
-    Ok(
-        Json(json!({ "account_id": account.id, "session": session, "login": outcome }))
-            .into_response(),
-    )
+    let account = state.gateway.store().account(&id).await?;
+    let lines = state.jobs.subscribe();
+    let started = state.jobs.start_login(&state, account)?;
+    answer_job(&headers, lines, started).await
 }
 
 /// Learns the account's flow now: probe, infer, verify, store (the previous version is kept).
+/// Asked as `text/event-stream`, it streams the progress lines and then the result.
 async fn learn_account(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    Query(query): Query<LearnQuery>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let account = state.gateway.store().account(&id).await?;
-    let learner = state
-        .learner
-        .as_ref()
-        .ok_or_else(|| ApiError::not_found("The browser is not enabled on this server."))?;
-    let report = learner
-        .learn(
-            &account,
-            &|stage| tracing::info!(account = %id, stage = stage.as_str(), "learning"),
-        )
+    let lines = state.jobs.subscribe();
+    let started = state.jobs.start_learn(&state, account, query.explain)?;
+    answer_job(&headers, lines, started).await
+}
+
+#[derive(Debug, Deserialize)]
+struct LearnQuery {
+    /// Also say why each recorded call was or was not taken.
+    #[serde(default)]
+    explain: bool,
+}
+
+/// The job's result as JSON once it ends, or (for `Accept: text/event-stream`) its lines as
+/// `progress` events, then a `result` or `error` event.
+async fn answer_job(
+    headers: &HeaderMap,
+    lines: tokio::sync::broadcast::Receiver<super::jobs::JobLine>,
+    started: super::jobs::Started,
+) -> Result<Response, ApiError> {
+    let streamed = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    if streamed {
+        return Ok(super::admin_view::job_events(lines, started).into_response());
+    }
+    drop(lines);
+    let result = started
+        .result
         .await
-        .map_err(|e| match e {
-            crate::learn::LearnError::Store(e) => ApiError::from(e),
-            other => ApiError::bad_gateway(other.to_string()).code("learn_failed"),
-        })?;
-    state.gateway.invalidate();
-    Ok(Json(json!({
-        "flow": report.flow.redacted(),
-        "previous_version": report.previous_version,
-        "notes": report.notes,
-        "suspicious": report.suspicious,
-        "verified": report.verification.ok,
-        "verification_failure": report.verification.failure,
-        "timings": report.timings,
-    }))
-    .into_response())
+        .map_err(|_| ApiError::internal("The job ended without a result."))?;
+    Ok(Json(result?).into_response())
+}
+
+/// The host of an IP-address or `localhost` URL: nothing readable to name a model after.
+pub(crate) fn unnamed_host(url: &str) -> Option<String> {
+    let parsed = url::Url::parse(url.trim()).ok()?;
+    let named = matches!(parsed.host(), Some(url::Host::Domain(d)) if d != "localhost");
+    (!named).then(|| match parsed.port() {
+        Some(port) => format!("{}:{port}", parsed.host_str().unwrap_or_default()),
+        None => parsed.host_str().unwrap_or_default().to_owned(),
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -212,10 +231,13 @@ async fn list_flows(
         .flows(query.all)
         .await?
         .into_iter()
-        .map(|mut stored| {
-            stored.flow = stored.flow.redacted();
-            stored
+        .filter(|stored| {
+            query
+                .service
+                .as_ref()
+                .is_none_or(|s| *s == stored.flow.service)
         })
+        .map(|stored| shown_flow(&state, stored))
         .collect();
     Ok(Json(json!({ "object": "list", "data": flows })).into_response())
 }
@@ -224,9 +246,20 @@ async fn show_flow(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let mut stored = state.gateway.store().flow(&id).await?;
+    let stored = state.gateway.store().flow(&id).await?;
+    Ok(Json(shown_flow(&state, stored)).into_response())
+}
+
+/// A stored flow as listings show it: redacted, with its tier floor (when one is raised) and
+/// what learning found (when this server learned it).
+fn shown_flow(state: &AppState, mut stored: crate::store::flows::StoredFlow) -> serde_json::Value {
     stored.flow = stored.flow.redacted();
-    Ok(Json(stored).into_response())
+    let floor = state.gateway.tier_floor(&stored.flow.id);
+    let findings = state.jobs.findings(&stored.flow.id);
+    let mut shown = serde_json::to_value(&stored).unwrap_or_default();
+    shown["tier_floor"] = json!(floor);
+    shown["findings"] = json!(findings);
+    shown
 }
 
 async fn import_flow(

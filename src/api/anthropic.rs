@@ -56,7 +56,14 @@ pub async fn messages(
 ) -> Result<Response, ApiError> {
     let forced_tier = forced_tier(&headers)?;
     let bytes = read_body(body, &headers, state.config.max_body_bytes).await?;
-    let wire: MessagesRequest = parse_json(&bytes)?;
+    let wire: MessagesRequest = super::openai::parse_request(&bytes, "messages")?;
+    crate::chat::ignored::note_set(
+        "messages",
+        &[
+            ("temperature", wire.temperature.is_some()),
+            ("top_p", wire.top_p.is_some()),
+        ],
+    );
     if wire.max_tokens.is_none() {
         return Err(ApiError::bad_request("max_tokens: Field required").param("max_tokens"));
     }

@@ -27,6 +27,8 @@ pub struct KeyCheck {
     by_hash: moka::future::Cache<String, Option<Arc<ApiKey>>>,
     live_count: moka::future::Cache<(), i64>,
     budgets: Arc<KeyBudgets>,
+    /// SHA-256 of this process's own admin token (see [`KeyCheck::allow_local_token`]).
+    local: Arc<std::sync::OnceLock<String>>,
 }
 
 /// Requests per minute per key (0: unlimited), as token buckets.
@@ -58,7 +60,19 @@ impl KeyCheck {
             live_count: moka::future::Cache::builder()
                 .time_to_live(CACHE_TTL)
                 .build(),
+            local: Arc::default(),
         }
+    }
+
+    /// Accepts `token` as an admin key for this process's life: how a CLI on the same data
+    /// dir hands a login to a running `serve` (the token is in a 0600 file beside the master
+    /// key), and what the CLI's own handoff page is opened with. Set once.
+    pub fn allow_local_token(&self, token: &str) {
+        let _ = self.local.set(hash_key(token));
+    }
+
+    fn is_local_token(&self, presented: &str) -> bool {
+        self.local.get().is_some_and(|h| *h == hash_key(presented))
     }
 
     async fn any_key_exists(&self) -> Result<bool, ApiError> {
@@ -118,6 +132,9 @@ pub async fn require_key(State(state): State<AppState>, request: Request, next: 
     // Read what is needed up front: `Request` is not `Sync`, so no reference to it may be
     // held across an await.
     let path = request.uri().path().to_owned();
+    if super::admin_ui::is_public(request.method(), &path, request.headers()) {
+        return next.run(request).await;
+    }
     let presented = presented_key(request.headers());
     match check(&state, &path, presented.as_deref()).await {
         Ok(()) => next.run(request).await,
@@ -145,6 +162,9 @@ fn presented_key(headers: &axum::http::HeaderMap) -> Option<String> {
 async fn check(state: &AppState, path: &str, presented: Option<&str>) -> Result<(), ApiError> {
     let admin = path.starts_with("/admin");
     if !(admin || path.starts_with("/v1") || path == "/metrics") {
+        return Ok(());
+    }
+    if presented.is_some_and(|p| state.keys.is_local_token(p)) {
         return Ok(());
     }
     if !state.keys.any_key_exists().await? {

@@ -10,11 +10,14 @@
 //! JSON 404.
 
 pub mod admin;
+pub mod admin_ui;
+pub mod admin_view;
 pub mod anthropic;
 pub mod auth;
 pub mod error;
 pub mod extract;
 pub mod front;
+pub mod jobs;
 pub mod openai;
 pub mod responses;
 pub mod sessions;
@@ -42,9 +45,47 @@ pub struct AppState {
     /// Learns flows with the browser (`POST /admin/accounts/{id}/learn`).
     pub learner: Option<Arc<crate::learn::Learner>>,
     pub keys: auth::KeyCheck,
+    /// Learn and login jobs with their progress lines.
+    pub jobs: Arc<jobs::Jobs>,
 }
 
 pub fn router(state: AppState) -> Router {
+    let cors = cors(&state.config);
+    let routes = Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/models/{id}", get(openai::model))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
+        .route("/v1/responses", post(responses::create))
+        .route(
+            "/v1/responses/{id}",
+            get(responses::retrieve).delete(responses::delete),
+        )
+        .merge(admin::routes())
+        .merge(admin_ui::routes())
+        .merge(sessions::routes());
+    let router = layered(routes, state);
+    // Outermost, so a browser's preflight (which carries no key) is answered.
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
+}
+
+/// What a CLI serves on loopback while its own login waits for a person: the captcha handoff
+/// (`/admin/sessions…`) and the page assets, behind the same layers as the full API.
+pub fn handoff_router(state: AppState) -> Router {
+    let routes = Router::new()
+        .merge(admin_ui::routes())
+        .merge(sessions::routes());
+    layered(routes, state)
+}
+
+/// `routes` behind the one layer stack every route has.
+fn layered(routes: Router<AppState>, state: AppState) -> Router {
     let layers = ServiceBuilder::new()
         .layer(middleware::from_fn(error::anthropic_shape))
         .layer(CatchPanicLayer::custom(|_| {
@@ -61,31 +102,11 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             auth::require_key,
         ));
-    let cors = cors(&state.config);
-    let router = Router::new()
-        .route("/health", get(health))
-        .route("/metrics", get(metrics))
-        .route("/v1/models", get(openai::models))
-        .route("/v1/models/{id}", get(openai::model))
-        .route("/v1/chat/completions", post(openai::chat_completions))
-        .route("/v1/messages", post(anthropic::messages))
-        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
-        .route("/v1/responses", post(responses::create))
-        .route(
-            "/v1/responses/{id}",
-            get(responses::retrieve).delete(responses::delete),
-        )
-        .merge(admin::routes())
-        .merge(sessions::routes())
+    routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(layers)
-        .with_state(state);
-    // Outermost, so a browser's preflight (which carries no key) is answered.
-    match cors {
-        Some(cors) => router.layer(cors),
-        None => router,
-    }
+        .with_state(state)
 }
 
 /// CORS for browser front ends, from `[api] cors_origins` (none by default). `*` is honoured
@@ -243,6 +264,7 @@ mod tests {
             gateway: Arc::new(gateway),
             learner: None,
             keys: auth::KeyCheck::new(store, 0),
+            jobs: Arc::new(jobs::Jobs::new()),
         });
         let health = app
             .clone()

@@ -45,8 +45,8 @@ pub async fn model(
         .map(axum::Json)
         .ok_or_else(|| {
             ApiError::not_found(format!(
-                "The model `{id}` does not exist. Available models: {}.",
-                known.join(", ")
+                "The model `{id}` does not exist. {}",
+                crate::gateway::available_models(&known)
             ))
             .code("model_not_found")
             .param("model")
@@ -101,20 +101,38 @@ pub async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<
 /// Parses JSON, naming the field at fault.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if inner.is_syntax() || inner.is_eof() {
-            ApiError::bad_request(format!(
-                "We could not parse the JSON body of your request: {inner}."
-            ))
-            .code("invalid_json")
-        } else if path == "." || path.is_empty() {
-            ApiError::bad_request(format!("Invalid request body: {inner}."))
-        } else {
-            ApiError::bad_request(format!("Invalid value for `{path}`: {inner}.")).param(path)
-        }
-    })
+    serde_path_to_error::deserialize(&mut de).map_err(json_error)
+}
+
+/// A front door's request: as [`parse_json`], and each field nothing reads is logged once as
+/// accepted and ignored (clients such as LibreChat send fields of their own).
+pub fn parse_request<T: DeserializeOwned>(bytes: &[u8], door: &str) -> Result<T, ApiError> {
+    let mut ignored = Vec::new();
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let mut collect =
+        |path: serde_ignored::Path<'_>| ignored.push(crate::chat::ignored::path_name(&path));
+    let parsed =
+        serde_path_to_error::deserialize(serde_ignored::Deserializer::new(&mut de, &mut collect))
+            .map_err(json_error)?;
+    for field in ignored {
+        crate::chat::ignored::note(door, &field);
+    }
+    Ok(parsed)
+}
+
+fn json_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+    let path = e.path().to_string();
+    let inner = e.into_inner();
+    if inner.is_syntax() || inner.is_eof() {
+        ApiError::bad_request(format!(
+            "We could not parse the JSON body of your request: {inner}."
+        ))
+        .code("invalid_json")
+    } else if path == "." || path.is_empty() {
+        ApiError::bad_request(format!("Invalid request body: {inner}."))
+    } else {
+        ApiError::bad_request(format!("Invalid value for `{path}`: {inner}.")).param(path)
+    }
 }
 
 /// The tier the request forces, if any. Checked before the body is read, so a bad value
@@ -143,7 +161,16 @@ pub async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let forced_tier = forced_tier(&headers)?;
     let bytes = read_body(body, &headers, state.config.max_body_bytes).await?;
-    let wire: ChatRequest = parse_json(&bytes)?;
+    let wire: ChatRequest = parse_request(&bytes, "chat.completions")?;
+    crate::chat::ignored::note_set(
+        "chat.completions",
+        &[
+            ("temperature", wire.temperature.is_some()),
+            ("top_p", wire.top_p.is_some()),
+            ("presence_penalty", wire.presence_penalty.is_some()),
+            ("frequency_penalty", wire.frequency_penalty.is_some()),
+        ],
+    );
     let stream = wire.stream.unwrap_or(false);
     let include_usage = wire
         .stream_options

@@ -19,7 +19,7 @@ use super::AppState;
 use super::error::ApiError;
 use super::extract::Path;
 use super::front::{self, Encoder, Hold, SseBody, named_frame};
-use super::openai::{TIER_HEADER, parse_json, read_body};
+use super::openai::{TIER_HEADER, read_body};
 use crate::chat::{self, Event, FinishReason, Message, OutputFormat, Part, ToolCall, ToolChoice};
 use crate::store::Store;
 
@@ -65,7 +65,14 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let forced_tier = super::openai::forced_tier(&headers)?;
     let bytes = read_body(body, &headers, state.config.max_body_bytes).await?;
-    let wire: ResponsesRequest = parse_json(&bytes)?;
+    let wire: ResponsesRequest = super::openai::parse_request(&bytes, "responses")?;
+    crate::chat::ignored::note_set(
+        "responses",
+        &[
+            ("temperature", wire.temperature.is_some()),
+            ("top_p", wire.top_p.is_some()),
+        ],
+    );
     let store = state.gateway.store().clone();
     let earlier = match &wire.previous_response_id {
         Some(id) => previous_conversation(&store, id).await?,

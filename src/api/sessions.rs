@@ -9,7 +9,7 @@ use axum::extract::State;
 
 use super::extract::Path;
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
@@ -54,6 +54,7 @@ async fn list(State(state): State<AppState>) -> Result<Response, ApiError> {
             .await
             .into_iter()
             .map(|s| {
+                state.jobs.remember_live(&s.id, &s.account_id, s.since);
                 json!({
                     "id": s.id, "account_id": s.account_id, "url": s.url,
                     "state": s.state, "since": s.since,
@@ -65,30 +66,69 @@ async fn list(State(state): State<AppState>) -> Result<Response, ApiError> {
     Ok(Json(json!({ "object": "list", "data": stored, "live": live })).into_response())
 }
 
-/// JSON for programs; for a browser (`Accept: text/html`), a page showing the live screenshot
-/// where a click on the picture is forwarded to the site's page.
+/// A live session id as the pool makes them; anything else is no session (and never reaches
+/// the page's markup).
+fn is_live_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// `GET /admin/sessions/{id}` for a browser: the handoff page, which holds no data (it reads
+/// the session with the admin key it asks for), so it needs no key itself.
+pub fn is_handoff_page(path: &str, headers: &HeaderMap) -> bool {
+    path.strip_prefix("/admin/sessions/")
+        .is_some_and(|id| is_live_id(id) && super::admin_ui::wants_html(headers))
+}
+
+/// JSON for programs; for a browser (`Accept: text/html`), the handoff page: the live
+/// screenshot, where a click on the picture is forwarded to the site's page. A session that
+/// ended answers `state: ended` and whether its login stored a session (`logged_in`).
 async fn show(
     State(state): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    if !is_live_id(&id) {
+        return Err(ApiError::not_found(format!(
+            "No live browser session `{id}`."
+        )));
+    }
+    if super::admin_ui::wants_html(&headers) {
+        return Ok(super::admin_ui::page(HANDOFF_PAGE.replace("{{id}}", &id)));
+    }
     let live = pool(&state)?
         .live_sessions()
         .await
         .into_iter()
-        .find(|s| s.id == id)
-        .ok_or_else(|| ApiError::not_found(format!("No live browser session `{id}`.")))?;
-    let wants_html = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("text/html"));
-    if wants_html {
-        return Ok(Html(HANDOFF_PAGE.replace("{{id}}", &live.id)).into_response());
+        .find(|s| s.id == id);
+    if let Some(live) = live {
+        state
+            .jobs
+            .remember_live(&live.id, &live.account_id, live.since);
+        return Ok(Json(json!({
+            "id": live.id, "account_id": live.account_id, "url": live.url,
+            "state": live.state, "since": live.since,
+            "screenshot": format!("/admin/sessions/{}/screenshot", live.id),
+        }))
+        .into_response());
     }
+    let (account_id, since) = state
+        .jobs
+        .live_seen(&id)
+        .ok_or_else(|| ApiError::not_found(format!("No live browser session `{id}`.")))?;
+    // The login stored a session after this one started: it worked.
+    let logged_in = state
+        .gateway
+        .store()
+        .latest_session(&account_id)
+        .await?
+        .is_some_and(|s| s.authenticated && s.created_at >= since);
     Ok(Json(json!({
-        "id": live.id, "account_id": live.account_id, "url": live.url,
-        "state": live.state, "since": live.since,
-        "screenshot": format!("/admin/sessions/{}/screenshot", live.id),
+        "id": id, "account_id": account_id, "state": "ended", "since": since,
+        "logged_in": logged_in,
     }))
     .into_response())
 }
@@ -182,39 +222,31 @@ async fn close(
     Ok(Json(json!({ "id": id, "closed": true })).into_response())
 }
 
-/// The handoff page: the screenshot refreshes every second; clicks and keys are forwarded.
-/// An admin key, when needed, is taken from `#key=…` in the URL (never sent to the server
-/// except as the Authorization header).
+/// The handoff page: the screenshot refreshes every second; clicks and keys are forwarded;
+/// once the login ends, the page says how. Its script asks for the admin key when the server
+/// wants one (or takes it from the admin page's tab, or `#key=…`).
 const HANDOFF_PAGE: &str = r#"<!doctype html>
-<html><head><meta charset="utf-8"><title>Live session {{id}}</title>
-<style>body{font:14px system-ui;margin:16px}img{border:1px solid #888;cursor:crosshair}</style></head>
-<body><h1>Live browser session {{id}}</h1>
-<p>Click on the picture to click in the page. Type below to type into the focused field.</p>
-<img id="shot" alt="live screenshot"><p>
-<input id="text" placeholder="text to type"> <button id="send">Type</button>
-<button id="enter">Press Enter</button> <span id="status"></span></p>
-<script>
-const id = "{{id}}";
-const key = new URLSearchParams(location.hash.slice(1)).get("key");
-const auth = key ? { authorization: "Bearer " + key } : {};
-const shot = document.getElementById("shot");
-const status = document.getElementById("status");
-async function refresh() {
-  const r = await fetch(`/admin/sessions/${id}/screenshot`, { headers: auth });
-  if (!r.ok) { status.textContent = "session ended"; return; }
-  shot.src = URL.createObjectURL(await r.blob());
-  setTimeout(refresh, 1000);
-}
-async function post(path, body) {
-  await fetch(`/admin/sessions/${id}/${path}`, { method: "POST",
-    headers: { ...auth, "content-type": "application/json" }, body: JSON.stringify(body) });
-}
-shot.addEventListener("click", (e) => {
-  const scale = shot.naturalWidth / shot.clientWidth;
-  post("click", { x: e.offsetX * scale, y: e.offsetY * scale });
-});
-document.getElementById("send").onclick = () => post("type", { text: document.getElementById("text").value });
-document.getElementById("enter").onclick = () => post("key", { key: "Enter" });
-refresh();
-</script></body></html>
+<html lang="en"><head><meta charset="utf-8"><title>Live session · ComputeTower</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="stylesheet" href="/admin/ui/admin.css"></head>
+<body class="handoff" data-session="{{id}}">
+<header class="top"><a class="brand" href="/admin#sessions">ComputeTower</a><span class="muted">live browser session {{id}}</span></header>
+<main>
+<section id="handoff-live">
+<p>The site wants a person. Click on the picture to click in the page; type below to type into the focused field.</p>
+<p id="handoff-state" class="muted">connecting…</p>
+<img id="shot" alt="live screenshot of the site's page">
+<form id="typing" class="row"><input id="text" autocomplete="off" placeholder="text to type">
+<button type="submit">Type</button> <button type="button" id="enter">Press Enter</button>
+<button type="button" id="tab">Press Tab</button></form>
+</section>
+<section id="handoff-done" hidden><h1 id="done-title"></h1><p id="done-text"></p>
+<p><a href="/admin#accounts">Back to the admin page</a></p></section>
+<dialog id="key-dialog"><form method="dialog" id="key-form"><h2>Admin key</h2>
+<p>This server needs an admin key (<code>computetower keys create --admin</code>).</p>
+<input id="key-input" type="password" autocomplete="off" placeholder="ct-…">
+<button type="submit">Continue</button></form></dialog>
+</main>
+<script src="/admin/ui/handoff.js"></script>
+</body></html>
 "#;

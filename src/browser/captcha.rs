@@ -198,8 +198,10 @@ async fn wait_for_human(attempt: &mut Attempt<'_>) -> Result<(), LoginError> {
         }
         if started.elapsed() >= limit {
             break Err(LoginError::Captcha {
+                // The live session ends with this error: its page is no place to send anyone.
                 reason: format!(
-                    "nobody solved the challenge within {} s; solve it at /admin/sessions/{}",
+                    "nobody solved the challenge within {} s (live session {}); log in again \
+                     and solve it on the handoff page while the login waits",
                     limit.as_secs(),
                     attempt.live.id
                 ),

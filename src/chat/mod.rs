@@ -12,6 +12,7 @@
 pub mod calls;
 pub mod cut;
 pub mod emulate;
+pub mod ignored;
 pub mod prompt;
 pub mod reply;
 pub mod request;

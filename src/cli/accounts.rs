@@ -85,6 +85,17 @@ pub async fn run(cmd: AccountCommand, config: &Config) -> CliResult {
             cookies,
             proxy,
         } => {
+            // A bad URL (credentials in it, say) is told as such before anything else.
+            crate::store::accounts::parse_site_url(&url)?;
+            if name.is_none()
+                && let Some(host) = crate::api::admin::unnamed_host(&url)
+            {
+                return Err(format!(
+                    "{host} has no name to call the model by: give one with `--name` (the model \
+                     id clients ask for), e.g. `--name local-chat`"
+                )
+                .into());
+            }
             // Read every input before writing anything, so a bad file stores nothing.
             let password = password_stdin.then(read_password).transpose()?;
             let cookies = cookies.as_ref().map(read_cookie_file).transpose()?;
@@ -157,7 +168,7 @@ pub async fn run(cmd: AccountCommand, config: &Config) -> CliResult {
         } => {
             let password = password_stdin.then(read_password).transpose()?;
             let cookies = cookies.as_ref().map(read_cookie_file).transpose()?;
-            let current = store.account(&account).await?;
+            let current = super::find_account(&store, &account).await?;
             if let Some(text) = cookies {
                 store.import_session(&current, &text).await?;
             }
@@ -182,7 +193,8 @@ pub async fn run(cmd: AccountCommand, config: &Config) -> CliResult {
             println!("updated account {}", updated.id);
         }
         AccountCommand::Remove { account } => {
-            let removed = store.remove_account(&account).await?;
+            let account = super::find_account(&store, &account).await?;
+            let removed = store.remove_account(&account.id).await?;
             println!("removed account {} ({})", removed.id, removed.service);
         }
     }

@@ -38,10 +38,6 @@ pub struct DemoArgs {
 
 const EMAIL: &str = "demo@example.com";
 
-fn step(text: &str) {
-    eprintln!("==> {text}");
-}
-
 pub async fn run(args: DemoArgs, mut config: Config) -> CliResult {
     // The demo keeps its own data dir, fresh each run, beside (not inside) real data.
     config.data_dir = config.data_dir.join("demo");
@@ -49,7 +45,8 @@ pub async fn run(args: DemoArgs, mut config: Config) -> CliResult {
         std::fs::remove_dir_all(&config.data_dir)?;
     }
 
-    step(&format!(
+    let progress = super::progress::Progress::stderr();
+    progress.step(&format!(
         "starting the demo chat site (shape `{}`)",
         args.shape
     ));
@@ -63,7 +60,7 @@ pub async fn run(args: DemoArgs, mut config: Config) -> CliResult {
     };
     let password = demo_config.password.clone();
     tokio::spawn(crate::demo::serve(site_listener, demo_config));
-    eprintln!("    {site}");
+    progress.note(&site);
 
     let store = crate::server::open_store(&config).await?;
     let service = format!("demo-{}", args.shape);
@@ -83,40 +80,42 @@ pub async fn run(args: DemoArgs, mut config: Config) -> CliResult {
         return Err("the browser is not available".into());
     };
 
-    step(&format!(
+    progress.step(&format!(
         "learning the site with Chromium: log in as {EMAIL} (`{}` login pages), send one probe message, infer its chat API",
         args.login
     ));
-    let progress = |stage: crate::learn::Stage| eprintln!("    … {}", stage.as_str());
-    let learned = learner.learn(&account, &progress).await;
+    let on_stage = |stage: crate::learn::Stage| progress.step(stage.as_str());
+    let learned = learner.learn(&account, &on_stage).await;
     let report = match learned {
         Ok(report) => report,
         Err(e) => {
+            progress.finish();
             renewer.pool().shutdown().await;
             return Err(e.into());
         }
     };
     let flow = &report.flow;
     let t = &report.timings;
-    eprintln!(
-        "    learned in {:.1} s (login {:.1} s, probe {:.1} s, infer {} ms, verify {} ms); session and flow stored in {}",
+    progress.note(&format!(
+        "learned in {:.1} s (login {:.1} s, probe {:.1} s, infer {} ms, verify {} ms); session and flow stored in {}",
         t.total_ms as f64 / 1000.0,
         t.login_ms.unwrap_or_default() as f64 / 1000.0,
         t.probe_ms as f64 / 1000.0,
         t.infer_ms,
         t.verify_ms,
         config.data_dir.display()
-    );
-    eprintln!(
-        "    flow {}: {} preflight(s), then {} {} → {:?} ({:?})",
+    ));
+    progress.note(&format!(
+        "flow {}: {} preflight(s), then {} {} → {:?} ({:?})",
         flow.id,
         flow.preflight.len(),
         flow.request.method,
         flow.request.url,
         flow.response.transport,
         flow.response.text.mode
-    );
+    ));
     if flow.replay.needs_browser {
+        progress.finish();
         renewer.pool().shutdown().await;
         return Err(format!(
             "the learned flow cannot be replayed directly: {}",
@@ -125,15 +124,16 @@ pub async fn run(args: DemoArgs, mut config: Config) -> CliResult {
         .into());
     }
 
-    step("serving the OpenAI API");
+    progress.step("serving the OpenAI API");
     let listener = tokio::net::TcpListener::bind(args.bind).await?;
     let addr = listener.local_addr()?;
     let app = crate::api::router(state.clone());
     let listener = crate::server::no_delay(listener);
     tokio::spawn(async move { axum::serve(listener, app).await });
-    eprintln!("    http://{addr}/v1  (model `{service}`)");
-
-    step(&format!("asking: {}", args.prompt));
+    progress.note(&format!("http://{addr}/v1  (model `{service}`)"));
+    progress.step(&format!("asking: {}", args.prompt));
+    // The answer streams on stdout: the spinner would draw over it.
+    progress.finish();
     let answer = ask(addr, &service, &args.prompt).await?;
     let expected = crate::demo::reply_for(args.shape, &args.prompt);
     if answer.content != expected.content
@@ -150,7 +150,11 @@ pub async fn run(args: DemoArgs, mut config: Config) -> CliResult {
     if args.serve {
         eprintln!(
             "\nStill serving. Try:\n  curl -N http://{addr}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"model\":\"{service}\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}'\n\
-             or with the openai SDK: OpenAI(base_url=\"http://{addr}/v1\", api_key=\"unused\")\nCtrl-C to stop."
+             or with the openai SDK: OpenAI(base_url=\"http://{addr}/v1\", api_key=\"unused\")\n\
+             The admin page (accounts, flows, live traffic): http://{addr}/admin\n\
+             Next, a real site: computetower account add --url https://chat.example.com --name example \\\n\
+             \x20   --email you@example.com --password-stdin  (or --cookies FILE), then computetower learn example\n\
+             Ctrl-C to stop."
         );
         tokio::signal::ctrl_c().await?;
     }

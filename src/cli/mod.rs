@@ -3,11 +3,12 @@
 
 mod accounts;
 mod demo;
+mod doctor;
 mod flows;
+mod job;
 mod keys;
-mod learn;
-mod login;
 mod migrate;
+pub mod progress;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -96,6 +97,9 @@ pub enum Command {
         #[arg(long)]
         explain: bool,
     },
+    /// Check the setup: Chromium, the data dir and its key, each account's session and flow;
+    /// prints what to fix (exit code 1 when something needs fixing).
+    Doctor,
     /// Manage accounts (a site URL plus credentials or cookies).
     #[command(subcommand)]
     Account(accounts::AccountCommand),
@@ -187,12 +191,15 @@ async fn dispatch(command: Command, mut config: Config) -> CliResult {
             };
             crate::demo::serve(listener, config).await?;
         }
-        Command::Login { account, json } => login::run(&account, json, &config).await?,
+        Command::Login { account, json } => {
+            job::run(job::Kind::Login, &account, json, &config).await?
+        }
         Command::Learn {
             account,
             json,
             explain,
-        } => learn::run(&account, json, explain, &config).await?,
+        } => job::run(job::Kind::Learn { explain }, &account, json, &config).await?,
+        Command::Doctor => doctor::run(&config).await?,
         Command::Account(cmd) => accounts::run(cmd, &config).await?,
         Command::Flows(cmd) => flows::run(cmd, &config).await?,
         Command::Keys(cmd) => keys::run(cmd, &config).await?,
@@ -219,6 +226,38 @@ fn init_tracing(config: &Config, server: bool) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// The account `name` names (an id, or a service with one account); when there is none, the
+/// error lists the accounts that exist, or says how to add one.
+async fn find_account(
+    store: &crate::store::Store,
+    name: &str,
+) -> Result<crate::store::accounts::Account, Box<dyn std::error::Error + Send + Sync>> {
+    match store.account(name).await {
+        Ok(account) => Ok(account),
+        Err(crate::store::StoreError::NotFound(_)) => {
+            let accounts = store.accounts().await?;
+            if accounts.is_empty() {
+                return Err(format!(
+                    "no account `{name}`: this data dir has no account yet; add one with \
+                     `computetower account add --url URL --name NAME`"
+                )
+                .into());
+            }
+            let known: Vec<String> = accounts
+                .iter()
+                .map(|a| format!("{} (model `{}`, {})", a.id, a.service, a.url))
+                .collect();
+            Err(format!(
+                "no account `{name}`. Accounts: {}. Give an account id, or a model name that \
+                 has one account.",
+                known.join("; ")
+            )
+            .into())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn fail(error: &(dyn std::error::Error + 'static)) -> ExitCode {

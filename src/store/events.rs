@@ -65,7 +65,21 @@ pub enum Record {
     },
 }
 
+/// What a watcher of live traffic sees: requests and fallback decisions as they are
+/// recorded (before they are written), never remembered conversations (they hold site ids).
+#[derive(Debug, Clone)]
+pub enum Observed {
+    Execution {
+        /// Unix milliseconds when it was recorded.
+        at_ms: i64,
+        event: ExecutionEvent,
+    },
+    Decision(Decision),
+}
+
 const QUEUE: usize = 4096;
+/// Live records a slow watcher may fall behind by before it misses some.
+const LIVE_BACKLOG: usize = 1024;
 const BATCH: usize = 256;
 /// How long a batch gathers records before it is written.
 const WINDOW: std::time::Duration = std::time::Duration::from_millis(50);
@@ -76,6 +90,8 @@ pub struct EventWriter {
     tx: mpsc::Sender<Message>,
     dropped: Arc<AtomicU64>,
     health: Arc<WriteHealth>,
+    /// Live watchers (`/admin/stream`); sending costs nothing while nobody watches.
+    live: tokio::sync::broadcast::Sender<Observed>,
 }
 
 /// Whether the store's last write succeeded: a full disk or a failing database shows here
@@ -181,11 +197,47 @@ impl EventWriter {
             tx,
             dropped,
             health,
+            live: tokio::sync::broadcast::channel(LIVE_BACKLOG).0,
         };
         (writer, handle)
     }
 
+    /// Every execution event and decision recorded from now on, as it is recorded.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Observed> {
+        self.live.subscribe()
+    }
+
+    fn observe(&self, record: &Record) {
+        if self.live.receiver_count() == 0 {
+            return;
+        }
+        let observed = match record {
+            Record::Execution(event) => Observed::Execution {
+                at_ms: now_ms(),
+                event: event.clone(),
+            },
+            Record::Decision {
+                request_id,
+                service,
+                account_id,
+                failure,
+                action,
+            } => Observed::Decision(Decision {
+                request_id: request_id.clone(),
+                service: service.clone(),
+                account_id: account_id.clone(),
+                failure: failure.clone(),
+                action: action.clone(),
+                detail: None,
+                created_at: now(),
+            }),
+            Record::Conversation { .. } => return,
+        };
+        let _ = self.live.send(observed);
+    }
+
     pub fn record(&self, record: Record) {
+        self.observe(&record);
         if self.tx.try_send(Message::Record(record)).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -195,6 +247,7 @@ impl EventWriter {
     /// its write failed), so a reply can end only after its record is safe. `None` when the
     /// queue is full (the record is dropped and counted, as with [`EventWriter::record`]).
     pub fn record_durably(&self, record: Record) -> Option<oneshot::Receiver<()>> {
+        self.observe(&record);
         let (done, written) = oneshot::channel();
         match self.tx.try_send(Message::Durable(record, done)) {
             Ok(()) => Some(written),
@@ -222,6 +275,12 @@ impl EventWriter {
     pub fn write_failure(&self) -> Option<String> {
         self.health.failure()
     }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 impl Store {
@@ -447,5 +506,54 @@ mod tests {
             assert!(!raw[0].windows(11).any(|w| w == b"conv-secret"), "stored sealed");
             assert!(writer.write_failure().is_none());
         }
+    }
+
+    #[tokio::test]
+    async fn watchers_see_requests_and_decisions_as_they_are_recorded() {
+        let (_dir, store) = store().await;
+        let (writer, _task) = EventWriter::start(store.clone());
+        let mut live = writer.subscribe();
+        writer.record(Record::Decision {
+            request_id: "r1".into(),
+            service: "svc".into(),
+            account_id: Some("a_1".into()),
+            failure: "rate_limit".into(),
+            action: "next_account".into(),
+        });
+        writer.record(Record::Conversation {
+            request_id: "r1".into(),
+            service: "svc".into(),
+            key: "k".into(),
+            continuation: Arc::new(Continuation {
+                account_id: "a_1".into(),
+                values: Default::default(),
+            }),
+        });
+        let _ = writer.record_durably(Record::Execution(ExecutionEvent {
+            request_id: "r1".into(),
+            service: "svc".into(),
+            account_id: Some("a_1".into()),
+            flow_id: None,
+            tier: Some(1),
+            outcome: "ok".into(),
+            status: Some(200),
+            ttft_ms: Some(5),
+            latency_ms: Some(9),
+            queue_ms: None,
+            detail: None,
+        }));
+        match live.try_recv().unwrap() {
+            Observed::Decision(d) => assert_eq!(d.action, "next_account"),
+            other => panic!("{other:?}"),
+        }
+        // The remembered conversation is not shown; the request is.
+        match live.try_recv().unwrap() {
+            Observed::Execution { event, at_ms } => {
+                assert_eq!(event.ttft_ms, Some(5));
+                assert!(at_ms > 0);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(live.try_recv().is_err());
     }
 }

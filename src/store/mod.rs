@@ -29,6 +29,7 @@ pub mod history;
 pub mod keys;
 pub mod responses;
 pub mod sessions;
+pub mod traffic;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

@@ -151,7 +151,7 @@ impl Data {
         self.dir.path()
     }
 
-    fn command(&self) -> Command {
+    pub fn command(&self) -> Command {
         let mut cmd = Command::new(BIN);
         cmd.env("COMPUTETOWER_DATA", self.path())
             .env("COMPUTETOWER_MASTER_KEY", MASTER_KEY)
