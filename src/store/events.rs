@@ -510,7 +510,7 @@ mod tests {
 
     #[tokio::test]
     async fn watchers_see_requests_and_decisions_as_they_are_recorded() {
-        let (_dir, store) = store().await;
+        let (_dir, store) = crate::store::testing::store().await;
         let (writer, _task) = EventWriter::start(store.clone());
         let mut live = writer.subscribe();
         writer.record(Record::Decision {

@@ -3,12 +3,11 @@
 //! `created_at` column only, so the queries stay cheap on a long history).
 
 use serde::Serialize;
-use sqlx::Row;
 
-use super::{Store, StoreError};
+use super::{Op, Store, StoreError, on_pool};
 
 /// One request as the traffic view shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct TrafficRow {
     pub request_id: String,
     pub service: String,
@@ -32,32 +31,18 @@ impl Store {
         since: i64,
         limit: i64,
     ) -> Result<Vec<TrafficRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT request_id, service, account_id, tier, outcome, status, ttft_ms, latency_ms,
-                    queue_ms, detail, created_at
-             FROM execution_events WHERE created_at >= ? ORDER BY id DESC LIMIT ?",
-        )
-        .bind(since)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(TrafficRow {
-                    request_id: row.try_get("request_id")?,
-                    service: row.try_get("service")?,
-                    account_id: row.try_get("account_id")?,
-                    tier: row.try_get("tier")?,
-                    outcome: row.try_get("outcome")?,
-                    status: row.try_get("status")?,
-                    ttft_ms: row.try_get("ttft_ms")?,
-                    latency_ms: row.try_get("latency_ms")?,
-                    queue_ms: row.try_get("queue_ms")?,
-                    detail: row.try_get("detail")?,
-                    created_at: row.try_get("created_at")?,
-                })
-            })
-            .collect()
+        on_pool!(self, Op::Read, |pool| {
+            Ok(sqlx::query_as(
+                "SELECT request_id, service, account_id, tier, outcome, status, ttft_ms,
+                        latency_ms, queue_ms, detail, created_at
+                 FROM execution_events WHERE created_at >= $1 ORDER BY id DESC LIMIT $2",
+            )
+            .bind(since)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?)
+        })
+        .await
     }
 }
 
