@@ -3,6 +3,7 @@
 //!
 //! Groups: `decoders` (this file's). Another group (`chunk_encoder`) can be added to
 //! `criterion_main!` at the bottom.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a bench run fails by panicking
 
 use std::hint::black_box;
 

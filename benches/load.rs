@@ -18,6 +18,7 @@
 //!
 //! Output: a markdown report on stdout, in `target/bench/results.md`, and the raw numbers in
 //! `target/bench/results.json`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a bench run fails by panicking
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

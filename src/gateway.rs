@@ -1297,3 +1297,7 @@ impl Drop for Reply {
         self.finish("cancelled", Some("the client went away".into()), false);
     }
 }
+
+#[cfg(test)]
+#[path = "gateway_tests.rs"]
+mod tests;
