@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use std::hint::black_box;
 
 use computetower::flow::Flow;
-use computetower::openai::{ChunkEncoder, Role};
+use computetower::openai::ChunkEncoder;
 use computetower::replay::render::{Context, Prompt, render};
+use computetower::role::Role;
 use computetower::session::SessionData;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 

@@ -10,27 +10,18 @@
 //! Invariant: the remembered values (conversation ids, and whatever preflight values the
 //! exchange used, which may include tokens) are stored sealed.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::openai::Role;
+use crate::role::Role;
 use crate::store::Store;
 use crate::store::events::{EventWriter, Record};
+pub use crate::store::history::Continuation;
 
 /// How long a conversation can be continued from memory; the store keeps it longer.
 const CACHE_TTL: Duration = Duration::from_secs(3600);
-
-/// Where a site conversation stands after an exchange.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Continuation {
-    pub account_id: String,
-    /// Preflight values and reply ids of the exchange (see `replay::client::Target`).
-    pub values: BTreeMap<String, String>,
-}
 
 /// Builds the key of a conversation, message by message.
 #[derive(Clone)]

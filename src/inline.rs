@@ -4,16 +4,14 @@
 //!
 //! Invariant: credentials are recognised in any message of any role, in plain strings and in
 //! content parts alike, in any order, separated by `|`, `｜`, `;`, `,` or newlines, after any
-//! prefix, and are taken out of the internal request (which every front door builds) before
-//! anything logs, stores or sends it — with the feature off, such a request is refused rather
-//! than forwarded with a password in it.
+//! prefix, and are taken out of the internal request (`chat::Request::take_inline_credentials`,
+//! which every front door calls) before anything logs, stores or sends it — with the feature
+//! off, such a request is refused rather than forwarded with a password in it.
 
 use std::fmt;
 use std::sync::OnceLock;
 
 use regex::Regex;
-
-use crate::chat::{Message, Part, Request};
 
 #[derive(Clone, PartialEq, Eq)]
 pub struct InlineCredentials {
@@ -140,53 +138,19 @@ fn looks_like_a_site(value: &str) -> bool {
         && (value.contains("://") || value.contains('.') || value.starts_with("localhost"))
 }
 
-/// Takes every credentials line out of `request` and returns the first credentials found.
-/// A message left with no text is removed.
-pub fn take(request: &mut Request) -> Option<InlineCredentials> {
+/// Takes every credentials line out of `text` and returns the first credentials found.
+pub fn take_from(text: &mut String) -> Option<InlineCredentials> {
     let mut first = None;
-    for message in &mut request.messages {
-        for text in texts(message) {
-            while let Some(found) = find(text) {
-                text.replace_range(found.span, "");
-                first.get_or_insert(found.credentials);
-            }
-        }
-    }
-    if first.is_some() {
-        request.messages.retain(|m| !is_empty(m));
+    while let Some(found) = find(text) {
+        text.replace_range(found.span, "");
+        first.get_or_insert(found.credentials);
     }
     first
 }
 
-fn texts(message: &mut Message) -> Vec<&mut String> {
-    match message {
-        Message::System { text } | Message::Assistant { text, .. } => vec![text],
-        Message::User { parts } | Message::Tool { parts, .. } => parts
-            .iter_mut()
-            .filter_map(|p| match p {
-                Part::Text { text } => Some(text),
-                _ => None,
-            })
-            .collect(),
-    }
-}
-
-fn is_empty(message: &Message) -> bool {
-    let blank = |parts: &[Part]| {
-        parts
-            .iter()
-            .all(|p| matches!(p, Part::Text { text } if text.trim().is_empty()))
-    };
-    match message {
-        Message::System { text } => text.trim().is_empty(),
-        Message::User { parts } => blank(parts),
-        Message::Assistant { .. } | Message::Tool { .. } => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::chat::{Message, Part, Request};
 
     fn request(messages: Vec<Message>) -> Request {
         Request::new("m", messages)
@@ -208,7 +172,7 @@ mod tests {
             system("URL: https://chat.example.com | Email: me@example.com | Password: p|a ss"),
             user("hello"),
         ]);
-        let creds = take(&mut r).unwrap();
+        let creds = r.take_inline_credentials().unwrap();
         assert_eq!(creds.url, "https://chat.example.com");
         assert_eq!(creds.email, "me@example.com");
         assert_eq!(creds.password, "p|a ss");
@@ -234,7 +198,9 @@ mod tests {
             };
             for message in [system(form), user(&format!("hi\n{form}\nthanks")), as_part] {
                 let mut r = request(vec![message]);
-                let creds = take(&mut r).unwrap_or_else(|| panic!("missed: {form}"));
+                let creds = r
+                    .take_inline_credentials()
+                    .unwrap_or_else(|| panic!("missed: {form}"));
                 assert_eq!(creds.password, "hunter2", "{form}");
                 assert!(creds.url.contains("chat.example.com"), "{form}");
                 assert_eq!(creds.email, "me@example.com", "{form}");
@@ -245,7 +211,7 @@ mod tests {
         let mut r = request(vec![user(
             "hi\nURL: https://a.b | Email: e | Password: x\nthanks",
         )]);
-        take(&mut r).unwrap();
+        r.take_inline_credentials().unwrap();
         assert_eq!(r.messages, vec![user("hi\n\nthanks")]);
     }
 
@@ -259,7 +225,7 @@ mod tests {
         ];
         for text in texts {
             let mut r = request(vec![system(text), user(text)]);
-            assert!(take(&mut r).is_none(), "{text}");
+            assert!(r.take_inline_credentials().is_none(), "{text}");
             assert_eq!(r.messages.len(), 2);
         }
     }

@@ -19,9 +19,18 @@ pub mod openai;
 pub mod pinning;
 pub mod renew;
 pub mod replay;
+pub mod role;
 pub mod server;
 pub mod session;
 pub mod store;
 pub mod telemetry;
 pub mod tier_floor;
+pub mod tokens;
 pub mod vault;
+
+/// Installs the TLS crypto provider once per process (reqwest is built without one). At the
+/// root because every layer that opens a client needs it, and none of them should depend on
+/// another for it.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

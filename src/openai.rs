@@ -3,11 +3,11 @@
 //! The chunk encoder is on the hot path: it writes each SSE frame straight into bytes from a
 //! prefix rendered once per response, escaping only the delta text.
 
-use std::sync::OnceLock;
-
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use crate::role::Role;
 
 /// `POST /v1/chat/completions`. Unknown fields are accepted (clients send many); the ones
 /// named here are honoured, checked or refused by `api::openai`.
@@ -139,28 +139,6 @@ pub struct WireFunction {
     /// JSON text (some clients send the object itself).
     #[serde(default)]
     pub arguments: Value,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    System,
-    Developer,
-    User,
-    Assistant,
-    Tool,
-    Function,
-}
-
-impl Role {
-    pub fn label(self) -> &'static str {
-        match self {
-            Role::System | Role::Developer => "System",
-            Role::User => "User",
-            Role::Assistant => "Assistant",
-            Role::Tool | Role::Function => "Tool",
-        }
-    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -396,46 +374,6 @@ pub fn write_json_string(out: &mut BytesMut, s: &str) {
     out.put_u8(b'"');
 }
 
-/// Tokens of `text` in the o200k encoding. The tokenizer is built on first use (it is large),
-/// so an idle server does not carry it.
-pub fn count_tokens(text: &str) -> u64 {
-    match bpe() {
-        Some(bpe) => bpe.encode_ordinary(text).len() as u64,
-        // Unreachable in practice (the table is embedded); a rough count beats no usage.
-        None => text.len().div_ceil(4) as u64,
-    }
-}
-
-fn bpe() -> Option<&'static tiktoken_rs::CoreBPE> {
-    static BPE: OnceLock<Option<tiktoken_rs::CoreBPE>> = OnceLock::new();
-    BPE.get_or_init(|| tiktoken_rs::o200k_base().ok()).as_ref()
-}
-
-/// The text of the first `n` tokens of `text` (fewer when the `n`th ends inside a character).
-pub fn token_prefix(text: &str, n: usize) -> String {
-    let Some(bpe) = bpe() else {
-        let end = (n * 4).min(text.len());
-        let end = (0..=end)
-            .rev()
-            .find(|&i| text.is_char_boundary(i))
-            .unwrap_or(0);
-        return text[..end].to_owned();
-    };
-    let tokens = bpe.encode_ordinary(text);
-    (0..=n.min(tokens.len()))
-        .rev()
-        .find_map(|k| bpe.decode(&tokens[..k]).ok())
-        .unwrap_or_default()
-}
-
-/// Prompt tokens the way OpenAI counts chat messages: a few tokens of framing per message.
-pub fn count_prompt_tokens(messages: &[(Role, String)]) -> u64 {
-    3 + messages
-        .iter()
-        .map(|(role, text)| 3 + count_tokens(role.label()) + count_tokens(text))
-        .sum::<u64>()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -469,15 +407,6 @@ mod tests {
             parse(&enc.role())["choices"][0]["delta"]["role"],
             "assistant"
         );
-    }
-
-    #[test]
-    fn token_counts_are_plausible() {
-        assert_eq!(count_tokens(""), 0);
-        let n = count_tokens("Hello, world! This is a test.");
-        assert!((5..=12).contains(&n), "{n}");
-        assert_eq!(token_prefix("Hello, world!", 2), "Hello,");
-        assert_eq!(token_prefix("Hi", 9), "Hi");
     }
 
     #[test]

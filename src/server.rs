@@ -75,10 +75,7 @@ fn store_may_hold_keys(config: &Config) -> Result<bool, ServeError> {
     })
 }
 
-/// Installs the TLS crypto provider once per process (reqwest is built without one).
-pub fn install_tls_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
+pub use crate::install_tls_provider;
 
 /// Serves until SIGINT/SIGTERM. Prints `computetower listening on http://ADDR` once bound.
 pub async fn serve(config: Config) -> Result<(), ServeError> {

@@ -279,7 +279,7 @@ fn flow_import_and_rendering_survive_mutated_flow_files() {
         ..Default::default()
     };
     let prompt = Prompt {
-        messages: vec![(computetower::openai::Role::User, "hi {{uuid}}".to_owned())],
+        messages: vec![(computetower::role::Role::User, "hi {{uuid}}".to_owned())],
         model: "m".into(),
     };
     let preflight = [

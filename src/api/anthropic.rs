@@ -119,7 +119,7 @@ pub async fn count_tokens(
     front::admit(&state, &mut request).await?;
     let prompt = chat::prompt::prompt_of(&request);
     Ok(axum::Json(json!({
-        "input_tokens": crate::openai::count_prompt_tokens(&prompt.messages)
+        "input_tokens": crate::tokens::count_prompt_tokens(&prompt.messages)
     })))
 }
 

@@ -26,7 +26,7 @@ const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(15);
 /// Takes inline credentials out (refusing them unless allowed) and checks what holds for
 /// every front door. Runs before anything logs, stores or forwards the request.
 pub async fn admit(state: &AppState, request: &mut chat::Request) -> Result<(), ApiError> {
-    if let Some(credentials) = crate::inline::take(request) {
+    if let Some(credentials) = request.take_inline_credentials() {
         if !state.config.allow_inline_credentials {
             return Err(ApiError::bad_request(
                 "This request carries inline credentials (a site URL, a login and a password), \

@@ -19,8 +19,9 @@ use super::front::{self, Encoder, SseBody};
 use crate::chat::{self, Event, FinishReason, Message, OutputFormat, Part, ToolCall, ToolChoice};
 use crate::openai::{
     AssistantMessage, ChatCompletion, ChatMessage, ChatRequest, Choice, ChunkEncoder, Model,
-    ModelList, Role, Usage, WireFunction, WireToolCall, error_frame,
+    ModelList, Usage, WireFunction, WireToolCall, error_frame,
 };
+use crate::role::Role;
 
 /// Request header that forces a tier (`1`, `2` or `3`, no fallback); the response header of
 /// the same name says which tier served the reply.

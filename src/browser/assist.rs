@@ -157,7 +157,7 @@ pub(crate) async fn ask(
     png: &[u8],
     summary: &PageSummary,
 ) -> Option<AssistAnswer> {
-    crate::server::install_tls_provider();
+    crate::install_tls_provider();
     let url = format!("{}/chat/completions", config.url.trim_end_matches('/'));
     let client = reqwest::Client::builder()
         .timeout(ASSIST_TIMEOUT)

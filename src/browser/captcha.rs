@@ -138,7 +138,7 @@ async fn run_command(command: &str, body: &[u8]) -> Option<SolverAnswer> {
 }
 
 async fn post(url: &str, body: &[u8]) -> Option<SolverAnswer> {
-    crate::server::install_tls_provider();
+    crate::install_tls_provider();
     let client = reqwest::Client::builder()
         .timeout(SOLVER_TIMEOUT)
         .build()

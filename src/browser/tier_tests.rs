@@ -10,10 +10,10 @@ use tokio::time::Instant;
 use super::tests::{BROWSERS, PASSWORD, Site, config, flow_of, request, site_with};
 use super::*;
 use crate::demo::{DemoConfig, Shape, reply_for};
-use crate::openai::Role;
 use crate::replay::client::{Call, DeltaStream, FailureKind, ReplayError};
 use crate::replay::decode::Delta;
 use crate::replay::render::Prompt;
+use crate::role::Role;
 
 fn tier_request(account: &str, site: &Site, shape: Shape, text: &str) -> TierRequest {
     TierRequest {

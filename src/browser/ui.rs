@@ -214,7 +214,7 @@ pub(super) async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStr
 /// (`None` for a first message).
 fn shown_key(prompt: &crate::replay::render::Prompt) -> Option<String> {
     let (last, earlier) = prompt.messages.split_last()?;
-    (last.0 == crate::openai::Role::User && !earlier.is_empty())
+    (last.0 == crate::role::Role::User && !earlier.is_empty())
         .then(|| crate::conversations::key_of(earlier))
 }
 
@@ -228,13 +228,13 @@ fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn remembering(
     stream: DeltaStream,
     work: std::sync::Arc<WorkPage>,
-    messages: Vec<(crate::openai::Role, String)>,
+    messages: Vec<(crate::role::Role, String)>,
 ) -> DeltaStream {
     let mut key = crate::conversations::KeyBuilder::default();
     for (role, text) in &messages {
         key.push(*role, text);
     }
-    key.open(crate::openai::Role::Assistant);
+    key.open(crate::role::Role::Assistant);
     let complete = move |key: crate::conversations::KeyBuilder, work: &WorkPage| {
         let mut key = key;
         key.close();

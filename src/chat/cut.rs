@@ -3,7 +3,7 @@
 //! Invariant: a stop sequence split across pieces is still found, and the only text held
 //! back is a tail that could begin one.
 
-use crate::openai::{count_tokens, token_prefix};
+use crate::tokens::{count_tokens, token_prefix};
 
 /// Finds the first stop sequence in streamed text.
 #[derive(Debug)]

@@ -14,8 +14,8 @@ use super::calls::{CLOSE, CallParser, OPEN, Piece, parse_block, strip_fence};
 use super::cut::{StopCutter, TokenLimit};
 use super::reply::{Event, FinishReason};
 use super::request::{OutputFormat, Request, Tool, ToolChoice};
-use crate::openai::count_tokens;
 use crate::replay::decode::Delta;
+use crate::tokens::count_tokens;
 
 /// What the driver does next.
 #[derive(Debug, Clone, PartialEq)]

@@ -12,8 +12,8 @@ use serde_json::Value;
 
 use super::calls::{CLOSE, OPEN};
 use super::request::{Message, OutputFormat, Part, Request, ToolCall, ToolChoice};
-use crate::openai::Role;
 use crate::replay::render::Prompt;
+use crate::role::Role;
 
 /// Heads the tool instructions.
 pub const TOOLS_HEADER: &str = "# Tools";

@@ -93,6 +93,36 @@ pub enum OutputFormat {
     JsonSchema { name: String, schema: Value },
 }
 
+impl Message {
+    /// The message's own text, in every part that holds text.
+    fn texts_mut(&mut self) -> Vec<&mut String> {
+        match self {
+            Message::System { text } | Message::Assistant { text, .. } => vec![text],
+            Message::User { parts } | Message::Tool { parts, .. } => parts
+                .iter_mut()
+                .filter_map(|p| match p {
+                    Part::Text { text } => Some(text),
+                    _ => None,
+                })
+                .collect(),
+        }
+    }
+
+    /// A system or user message with nothing but whitespace left.
+    fn is_blank(&self) -> bool {
+        let blank = |parts: &[Part]| {
+            parts
+                .iter()
+                .all(|p| matches!(p, Part::Text { text } if text.trim().is_empty()))
+        };
+        match self {
+            Message::System { text } => text.trim().is_empty(),
+            Message::User { parts } => blank(parts),
+            Message::Assistant { .. } | Message::Tool { .. } => false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {
     pub model: String,
@@ -113,6 +143,23 @@ pub struct Request {
 }
 
 impl Request {
+    /// Takes every inline credentials line out of the messages (see `inline`) and returns
+    /// the first credentials found. A message left with no text is removed.
+    pub fn take_inline_credentials(&mut self) -> Option<crate::inline::InlineCredentials> {
+        let mut first = None;
+        for message in &mut self.messages {
+            for text in message.texts_mut() {
+                if let Some(found) = crate::inline::take_from(text) {
+                    first.get_or_insert(found);
+                }
+            }
+        }
+        if first.is_some() {
+            self.messages.retain(|m| !m.is_blank());
+        }
+        first
+    }
+
     pub fn new(model: impl Into<String>, messages: Vec<Message>) -> Self {
         Self {
             model: model.into(),

@@ -13,9 +13,9 @@ use super::prompt::{prompt_of, repair_prompt};
 use super::reply::{Event, Finish, FinishReason, Usage};
 use super::request::Request;
 use crate::gateway::{Gateway, GatewayError, Reply};
-use crate::openai::count_prompt_tokens;
 use crate::replay::decode::Delta;
 use crate::store::events::Record;
+use crate::tokens::count_prompt_tokens;
 
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<Event, GatewayError>> + Send>>;
 

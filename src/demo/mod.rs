@@ -592,7 +592,7 @@ pub enum DemoError {
 /// Note for the real crate: reqwest is built with `rustls-no-provider` there, so a rustls
 /// crypto provider must be installed before this is called (reqwest panics otherwise).
 pub(crate) fn http_client() -> Result<reqwest::Client, DemoError> {
-    crate::server::install_tls_provider();
+    crate::install_tls_provider();
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(30))

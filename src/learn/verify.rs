@@ -16,11 +16,11 @@ use futures_util::StreamExt;
 use url::Url;
 
 use crate::flow::{Flow, TURNS};
-use crate::openai::Role;
 use crate::pinning::Pins;
 use crate::replay::client::{FailureKind, Replayer, Target};
 use crate::replay::decode::Delta;
 use crate::replay::render::Prompt;
+use crate::role::Role;
 use crate::session::SessionData;
 
 /// How the direct replay went.

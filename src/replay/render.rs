@@ -10,8 +10,8 @@ use serde_json::Value;
 use url::Url;
 
 use crate::flow::{BodyKind, HttpTemplate};
-use crate::openai::Role;
 use crate::pinning::{PinError, Pins};
+use crate::role::Role;
 use crate::session::SessionData;
 
 /// The conversation to send, already reduced to text.

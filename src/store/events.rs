@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
+use super::history::Continuation;
 use super::{Op, Store, StoreError, now, on_pool};
-use crate::conversations::Continuation;
 
 /// One request's outcome, as stored in `execution_events`.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]

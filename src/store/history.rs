@@ -1,11 +1,21 @@
 //! Site conversations remembered per exchange (`chat_history.prefix_hash` → sealed values).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
 
 use super::events::Record;
 use super::{Op, Store, StoreError, on_pool};
-use crate::conversations::Continuation;
 use crate::vault::Place;
+
+/// Where a site conversation stands after an exchange.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Continuation {
+    pub account_id: String,
+    /// Preflight values and reply ids of the exchange (see `replay::client::Target`).
+    pub values: BTreeMap<String, String>,
+}
 
 fn place(request_id: &str) -> Place<'_> {
     Place {
