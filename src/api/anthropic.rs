@@ -15,8 +15,8 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::error::ApiError;
+use super::extract::{TIER_HEADER, forced_tier, parse_json, read_body};
 use super::front::{self, Encoder, SseBody, named_frame};
-use super::openai::{TIER_HEADER, forced_tier, parse_json, read_body};
 use crate::chat::{self, Event, FinishReason, Message, Part, ToolCall, ToolChoice};
 
 #[derive(Debug, Deserialize)]
@@ -56,7 +56,7 @@ pub async fn messages(
 ) -> Result<Response, ApiError> {
     let forced_tier = forced_tier(&headers)?;
     let bytes = read_body(body, &headers, state.config.max_body_bytes).await?;
-    let wire: MessagesRequest = super::openai::parse_request(&bytes, "messages")?;
+    let wire: MessagesRequest = super::extract::parse_request(&bytes, "messages")?;
     crate::chat::ignored::note_set(
         "messages",
         &[

@@ -15,7 +15,7 @@ use futures_util::{Stream, StreamExt};
 
 use super::AppState;
 use super::error::ApiError;
-use super::openai::TIER_HEADER;
+use super::extract::TIER_HEADER;
 use crate::chat::{self, Event};
 use crate::gateway::GatewayError;
 

@@ -141,7 +141,7 @@ fn cors(config: &Config) -> Option<tower_http::cors::CorsLayer> {
             // SDKs in a browser send their own headers (x-stainless-*, anthropic-version).
             .allow_headers(AllowHeaders::mirror_request())
             .expose_headers([
-                header::HeaderName::from_static(openai::TIER_HEADER),
+                header::HeaderName::from_static(extract::TIER_HEADER),
                 header::RETRY_AFTER,
             ])
             .max_age(std::time::Duration::from_secs(600)),
@@ -274,7 +274,7 @@ mod tests {
         assert_eq!(json_of(health).await["tiers"], serde_json::json!([1]));
         let chat = Request::post("/v1/chat/completions")
             .header("content-type", "application/json")
-            .header(openai::TIER_HEADER, "2")
+            .header(extract::TIER_HEADER, "2")
             .body(Body::from(
                 r#"{"model":"site","messages":[{"role":"user","content":"hi"}]}"#,
             ))

@@ -9,12 +9,12 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::AppState;
 use super::error::ApiError;
 use super::extract::Path;
+use super::extract::{TIER_HEADER, forced_tier, parse_request, read_body};
 use super::front::{self, Encoder, SseBody};
 use crate::chat::{self, Event, FinishReason, Message, OutputFormat, Part, ToolCall, ToolChoice};
 use crate::openai::{
@@ -22,10 +22,6 @@ use crate::openai::{
     ModelList, Usage, WireFunction, WireToolCall, error_frame,
 };
 use crate::role::Role;
-
-/// Request header that forces a tier (`1`, `2` or `3`, no fallback); the response header of
-/// the same name says which tier served the reply.
-pub const TIER_HEADER: &str = "x-computetower-tier";
 
 pub async fn models(State(state): State<AppState>) -> Result<axum::Json<ModelList>, ApiError> {
     Ok(axum::Json(ModelList {
@@ -77,82 +73,6 @@ pub async fn serving_models(state: &AppState) -> Result<Vec<Model>, ApiError> {
         });
     }
     Ok(models)
-}
-
-/// Reads a request body within the size limit.
-pub async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(ApiError::too_large(limit));
-    }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let too_large = std::error::Error::source(&e)
-            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-        if too_large {
-            ApiError::too_large(limit)
-        } else {
-            ApiError::bad_request("The request body could not be read.")
-        }
-    })
-}
-
-/// Parses JSON, naming the field at fault.
-pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(&mut de).map_err(json_error)
-}
-
-/// A front door's request: as [`parse_json`], and each field nothing reads is logged once as
-/// accepted and ignored (clients such as LibreChat send fields of their own).
-pub fn parse_request<T: DeserializeOwned>(bytes: &[u8], door: &str) -> Result<T, ApiError> {
-    let mut ignored = Vec::new();
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    let mut collect =
-        |path: serde_ignored::Path<'_>| ignored.push(crate::chat::ignored::path_name(&path));
-    let parsed =
-        serde_path_to_error::deserialize(serde_ignored::Deserializer::new(&mut de, &mut collect))
-            .map_err(json_error)?;
-    for field in ignored {
-        crate::chat::ignored::note(door, &field);
-    }
-    Ok(parsed)
-}
-
-fn json_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
-    let path = e.path().to_string();
-    let inner = e.into_inner();
-    if inner.is_syntax() || inner.is_eof() {
-        ApiError::bad_request(format!(
-            "We could not parse the JSON body of your request: {inner}."
-        ))
-        .code("invalid_json")
-    } else if path == "." || path.is_empty() {
-        ApiError::bad_request(format!("Invalid request body: {inner}."))
-    } else {
-        ApiError::bad_request(format!("Invalid value for `{path}`: {inner}.")).param(path)
-    }
-}
-
-/// The tier the request forces, if any. Checked before the body is read, so a bad value
-/// costs nothing.
-pub fn forced_tier(headers: &HeaderMap) -> Result<Option<u8>, ApiError> {
-    let Some(value) = headers.get(TIER_HEADER) else {
-        return Ok(None);
-    };
-    match value.to_str().map(str::trim) {
-        Ok("1") => Ok(Some(1)),
-        Ok("2") => Ok(Some(2)),
-        Ok("3") => Ok(Some(3)),
-        _ => Err(ApiError::bad_request(format!(
-            "Invalid `{TIER_HEADER}` header: it must be 1 (direct replay), 2 (fetch() in the \
-             site's page) or 3 (the site's own chat UI)."
-        ))
-        .param(TIER_HEADER)
-        .code("invalid_tier")),
-    }
 }
 
 pub async fn chat_completions(
@@ -639,6 +559,7 @@ impl Encoder for ChatEncoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::extract::parse_json;
 
     #[test]
     fn field_errors_name_the_field() {

@@ -18,8 +18,8 @@ use serde_json::{Value, json};
 use super::AppState;
 use super::error::ApiError;
 use super::extract::Path;
+use super::extract::{TIER_HEADER, read_body};
 use super::front::{self, Encoder, Hold, SseBody, named_frame};
-use super::openai::{TIER_HEADER, read_body};
 use crate::chat::{self, Event, FinishReason, Message, OutputFormat, Part, ToolCall, ToolChoice};
 use crate::store::Store;
 
@@ -63,9 +63,9 @@ pub async fn create(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let forced_tier = super::openai::forced_tier(&headers)?;
+    let forced_tier = super::extract::forced_tier(&headers)?;
     let bytes = read_body(body, &headers, state.config.max_body_bytes).await?;
-    let wire: ResponsesRequest = super::openai::parse_request(&bytes, "responses")?;
+    let wire: ResponsesRequest = super::extract::parse_request(&bytes, "responses")?;
     crate::chat::ignored::note_set(
         "responses",
         &[

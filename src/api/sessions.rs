@@ -16,7 +16,7 @@ use serde_json::json;
 
 use super::AppState;
 use super::error::ApiError;
-use super::openai::{parse_json, read_body};
+use super::extract::{parse_json, read_body};
 use crate::browser::{BrowserPool, LoginError};
 
 pub fn routes() -> Router<AppState> {
