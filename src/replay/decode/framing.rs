@@ -1,8 +1,8 @@
 //! Framing: body bytes → events, per `Transport`, robust to any chunking.
 //!
-//! - `sse`: `eventsource-stream`'s `EventStream`, fed through an in-memory queue and polled
-//!   with a no-op waker (the queue is always ready, so a poll never waits). As the SSE spec
-//!   says, an event not terminated by a blank line when the body ends is dropped.
+//! - `sse`: `sse.rs`'s push parser (`eventsource-stream`'s semantics, each chunk read in
+//!   place). As the SSE spec says, an event not terminated by a blank line when the body ends
+//!   is dropped.
 //! - `ndjson` / `numbered_lines`: one event per line (`\n` or `\r\n`); a last line without a
 //!   newline is decoded at the end of the body.
 //! - `length_prefixed`: flag byte, u32 big-endian length, payload; the flag in decimal is the
@@ -15,18 +15,10 @@
 //!
 //! No frame (SSE event, line, binary frame, JSON document) may exceed [`MAX_FRAME`].
 
-use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::fmt::Write as _;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll, Waker};
-
-use bytes::Bytes;
-use eventsource_stream::EventStream;
-use futures_util::Stream;
 
 use super::accrual::{Engine, snippet};
+use super::sse::SseParser;
 use super::{DecodeError, Delta, MAX_FRAME};
 use crate::flow::Transport;
 
@@ -116,6 +108,16 @@ pub(super) struct Utf8Joiner {
 }
 
 impl Utf8Joiner {
+    /// `chunk` as text without a copy, when nothing is held and it is whole valid UTF-8.
+    pub(super) fn borrow_whole<'a>(&mut self, chunk: &'a [u8]) -> Option<&'a str> {
+        if !self.tail.is_empty() {
+            return None;
+        }
+        let text = std::str::from_utf8(chunk).ok()?;
+        self.seen += chunk.len();
+        Some(text)
+    }
+
     /// Appends the complete characters of the held bytes + `chunk` to `text`. Invalid bytes
     /// become U+FFFD when `lossy`, else an error naming their position.
     pub(super) fn push(
@@ -182,64 +184,19 @@ impl Utf8Joiner {
     }
 }
 
-/// The byte queue the SSE `EventStream` reads: always ready, `Pending` only when empty.
-///
-/// It hands out one line at a time (cheap `Bytes` slices): the `EventStream` copies the rest
-/// of its buffer after every line it parses, so small pieces keep that copy small.
-#[derive(Debug, Default)]
-struct Queue {
-    chunks: VecDeque<Bytes>,
-    closed: bool,
-}
-
-impl Queue {
-    fn next_line(&mut self) -> Option<Bytes> {
-        let chunk = self.chunks.front_mut()?;
-        match chunk.iter().position(|&b| b == b'\n') {
-            Some(end) if end + 1 < chunk.len() => Some(chunk.split_to(end + 1)),
-            _ => self.chunks.pop_front(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Default)]
-struct Inbox(Arc<Mutex<Queue>>);
-
-impl Inbox {
-    fn with<R>(&self, f: impl FnOnce(&mut Queue) -> R) -> R {
-        f(&mut self.0.lock().unwrap_or_else(PoisonError::into_inner))
-    }
-}
-
-impl Stream for Inbox {
-    type Item = Result<Bytes, Infallible>;
-
-    fn poll_next(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.with(|queue| match queue.next_line() {
-            Some(chunk) => Poll::Ready(Some(Ok(chunk))),
-            None if queue.closed => Poll::Ready(None),
-            // Nothing to wake: the decoder polls again after the next push.
-            None => Poll::Pending,
-        })
-    }
-}
-
 pub(super) struct Sse {
-    inbox: Inbox,
-    events: EventStream<Inbox>,
+    parser: SseParser,
     utf8: Utf8Joiner,
-    /// Bytes pushed since the last event came out: bounds the size of one event.
-    since_event: usize,
+    /// A chunk's text when it must be joined with the held bytes of a split character.
+    joined: String,
 }
 
 impl Sse {
     fn new() -> Self {
-        let inbox = Inbox::default();
         Self {
-            events: EventStream::new(inbox.clone()),
-            inbox,
+            parser: SseParser::default(),
             utf8: Utf8Joiner::default(),
-            since_event: 0,
+            joined: String::new(),
         }
     }
 
@@ -249,24 +206,26 @@ impl Sse {
         engine: &mut Engine,
         out: &mut Vec<Delta>,
     ) -> Result<(), DecodeError> {
-        // Validated here so that invalid bytes fail at once (the `EventStream` would hold them
-        // to the end of the body), and so the queue only ever holds whole characters.
-        let mut text = String::with_capacity(chunk.len() + 4);
-        // The valid prefix is decoded first: bytes after a done signal are not the reply's,
-        // so invalid ones there fail nothing (as when they come in a later chunk).
-        let utf8 = self.utf8.push(chunk, false, &mut text);
-        self.since_event += chunk.len();
-        if self.since_event > MAX_FRAME {
+        // Validated here so that invalid bytes fail at once. A chunk of whole characters (the
+        // usual case) is parsed in place; one that ends or starts inside a character goes
+        // through the joiner. The valid prefix is decoded first: bytes after a done signal are
+        // not the reply's, so invalid ones there fail nothing (as when they come in a later
+        // chunk).
+        let (text, utf8) = match self.utf8.borrow_whole(chunk) {
+            Some(text) => (text, Ok(())),
+            None => {
+                self.joined.clear();
+                let utf8 = self.utf8.push(chunk, false, &mut self.joined);
+                (self.joined.as_str(), utf8)
+            }
+        };
+        push_events(&mut self.parser, text, engine, out)?;
+        if self.parser.pending() > MAX_FRAME {
             return Err(DecodeError::Malformed(format!(
                 "SSE event larger than {} MiB",
                 MAX_FRAME >> 20
             )));
         }
-        if !text.is_empty() {
-            self.inbox
-                .with(|queue| queue.chunks.push_back(Bytes::from(text.into_bytes())));
-        }
-        self.drain(engine, out)?;
         match utf8 {
             Err(e) if !engine.is_stopped() => Err(DecodeError::Malformed(format!("SSE body: {e}"))),
             _ => Ok(()),
@@ -278,27 +237,27 @@ impl Sse {
         self.utf8
             .finish(false, &mut rest)
             .map_err(|e| DecodeError::Malformed(format!("SSE body: {e}")))?;
-        self.inbox.with(|queue| queue.closed = true);
-        self.drain(engine, out)
+        // As the SSE spec says, an event the body did not end with a blank line is dropped.
+        push_events(&mut self.parser, &rest, engine, out)
     }
+}
 
-    /// Decodes every event the queued bytes complete.
-    fn drain(&mut self, engine: &mut Engine, out: &mut Vec<Delta>) -> Result<(), DecodeError> {
-        let mut cx = Context::from_waker(Waker::noop());
-        while !engine.is_stopped() {
-            match Pin::new(&mut self.events).poll_next(&mut cx) {
-                Poll::Ready(Some(Ok(event))) => {
-                    self.since_event = 0;
-                    engine.on_event(Some(&event.event), &event.data, out)?;
-                }
-                Poll::Ready(Some(Err(e))) => {
-                    return Err(DecodeError::Malformed(format!("SSE framing: {e}")));
-                }
-                Poll::Ready(None) | Poll::Pending => break,
-            }
-        }
-        Ok(())
+/// Hands every event `text` completes to the engine, until the engine stops.
+fn push_events(
+    parser: &mut SseParser,
+    text: &str,
+    engine: &mut Engine,
+    out: &mut Vec<Delta>,
+) -> Result<(), DecodeError> {
+    if engine.is_stopped() {
+        return Ok(());
     }
+    parser.push(text, &mut |name, data| {
+        if engine.is_stopped() {
+            return Ok(());
+        }
+        engine.on_event(Some(name), data, out)
+    })
 }
 
 /// Line framing for `ndjson` and `numbered_lines`.

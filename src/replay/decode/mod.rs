@@ -13,8 +13,8 @@
 //! - In a stream ([`decode_stream`]), a body that ends without any of the flow's end signals
 //!   (when it has some) ends with [`DecodeError::Truncated`]: a cut reply is never passed
 //!   off as complete.
-//! - The SSE framer is `eventsource-stream`: an event not terminated by a blank line when the
-//!   body ends is dropped, as the SSE spec says.
+//! - The SSE framer (`sse.rs`) has `eventsource-stream`'s semantics, checked against it: an
+//!   event not terminated by a blank line when the body ends is dropped, as the SSE spec says.
 //!
 //! Rule details:
 //! - Pointers may omit the leading `/`; `-1` names the last element of a list.
@@ -31,6 +31,7 @@ mod markup;
 mod patch;
 mod pointer;
 mod select;
+mod sse;
 
 #[cfg(test)]
 mod tests;
