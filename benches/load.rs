@@ -1892,6 +1892,7 @@ async fn run(opts: &Opts, report: &mut Report) -> Result<(), String> {
 
     if opts.wants("memory") {
         tokio::time::sleep(Duration::from_secs(1)).await;
+        let load_ended = Instant::now();
         let (rss, pss) = memory_kib(pid);
         report
             .memory
@@ -1932,6 +1933,13 @@ async fn run(opts: &Opts, report: &mut Report) -> Result<(), String> {
             .memory
             .push(("fresh `serve`, 2 s after closing them".into(), rss2, pss2));
         drop(fresh);
+        // The target: back within 20 % of the idle figure a minute after an overload ends
+        // (the allocator's free memory handed back by `memory.rs`'s trimmer).
+        tokio::time::sleep(Duration::from_secs(60).saturating_sub(load_ended.elapsed())).await;
+        let (rss, pss) = memory_kib(pid);
+        report
+            .memory
+            .push(("the load phases' `serve`, 60 s after them".into(), rss, pss));
     }
 
     if opts.wants("tiers") {

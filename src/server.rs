@@ -119,6 +119,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         tracing::warn!(path = %runtime_file.display(), error = %e, "cannot write the runtime file; CLI logins will not be handed to this server");
     }
     print_summary(&state, &url, fresh).await;
+    crate::memory::spawn_trimmer();
     let app = api::router(state);
     announce(addr);
     // `into_make_service` turns the routes into services once; handing `axum::serve` the
