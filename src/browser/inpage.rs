@@ -39,10 +39,10 @@ use super::recorder::RecorderEvent;
 use super::{TierRequest, evaluate_string, is_connection};
 use crate::flow::{Flow, ResponseSpec, Transport};
 use crate::learn::recording::Frame;
-use crate::replay::client::{
-    self, Call, DeltaStream, ERROR_EXCERPT, FailureKind, PREFLIGHT_BODY_LIMIT, ReplayError,
-};
+use crate::replay::DeltaStream;
+use crate::replay::client::{self, PREFLIGHT_BODY_LIMIT};
 use crate::replay::decode::{Decoder, Delta};
+use crate::replay::failure::{self, Call, ERROR_EXCERPT, FailureKind, ReplayError};
 use crate::replay::render::{self, Context, Rendered};
 use crate::session::{Cookie, SessionData};
 
@@ -150,17 +150,11 @@ pub(super) async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStr
         let excerpt = collect_excerpt(&mut feed, &id).await;
         return Err(status_error(Call::Chat, status, &headers, &excerpt));
     }
-    let content_type = header(&headers, "content-type")
-        .unwrap_or_default()
-        .to_ascii_lowercase();
-    if req.flow.response.transport != Transport::Text && content_type.starts_with("text/html") {
+    let content_type = header(&headers, "content-type").unwrap_or_default();
+    let wants_data = req.flow.response.transport != Transport::Text;
+    if failure::is_page_instead_of_data(content_type, wants_data) {
         let excerpt = collect_excerpt(&mut feed, &id).await;
-        let (kind, message) = client::classify_html(&String::from_utf8_lossy(&excerpt));
-        return Err(ReplayError::Unexpected {
-            call: Call::Chat,
-            kind,
-            message: message.to_owned(),
-        });
+        return Err(failure::html_error(Call::Chat, &excerpt));
     }
     guard.armed = true;
     let events = forward(feed, id, Vec::new());
@@ -215,7 +209,7 @@ async fn in_page_result(
             message: format!("no complete response within {} s", limit.as_secs()),
         })?
         .map_err(|e| browser_failure(call, &e))?;
-    let result: Result_ = serde_json::from_str(&answer).map_err(|_| ReplayError::Network {
+    let result: Result_ = serde_json::from_str(&answer).map_err(|_| ReplayError::Browser {
         call,
         message: "the page returned no result for the call".into(),
     })?;
@@ -346,7 +340,7 @@ async fn run_script(page: &Page, script: &str, call: Call) -> Result<(), ReplayE
     let answer = evaluate_string(page, script)
         .await
         .map_err(|e| browser_failure(call, &e))?;
-    let answer: ScriptAnswer = serde_json::from_str(&answer).map_err(|_| ReplayError::Network {
+    let answer: ScriptAnswer = serde_json::from_str(&answer).map_err(|_| ReplayError::Browser {
         call,
         message: "the page did not start the call".into(),
     })?;
@@ -364,7 +358,7 @@ async fn run_script(page: &Page, script: &str, call: Call) -> Result<(), ReplayE
 }
 
 fn browser_failure(call: Call, e: &chromiumoxide::error::CdpError) -> ReplayError {
-    ReplayError::Network {
+    ReplayError::Browser {
         call,
         message: if is_connection(e) {
             "lost the connection to Chromium".into()
@@ -436,7 +430,7 @@ async fn await_response(
 }
 
 fn feed_closed(call: Call) -> ReplayError {
-    ReplayError::Network {
+    ReplayError::Browser {
         call,
         message: "the browser stopped reporting the page's network traffic".into(),
     }
@@ -484,25 +478,14 @@ fn header_map(headers: &[(String, String)]) -> HeaderMap {
     map
 }
 
-/// A non-2xx answer, classified as tier 1 does. (`fetch()` follows redirects, so a lost
-/// session shows as the login page, not as a redirect.)
+/// A non-2xx answer, classified as tier 1 does.
 pub(super) fn status_error(
     call: Call,
     status: u16,
     headers: &[(String, String)],
     body: &[u8],
 ) -> ReplayError {
-    let excerpt = String::from_utf8_lossy(&body[..body.len().min(ERROR_EXCERPT)]).into_owned();
-    let retry_after = header(headers, "retry-after").and_then(client::retry_after_secs);
-    let challenge =
-        header(headers, "cf-mitigated").is_some() || client::looks_like_challenge(&excerpt);
-    ReplayError::Status {
-        call,
-        status,
-        kind: client::status_kind(status, challenge, false),
-        retry_after,
-        detail: client::error_message(&excerpt),
-    }
+    failure::status_error(call, status, &header_map(headers), body)
 }
 
 /// The session the page itself holds: its storage and cookies (HttpOnly included), over
@@ -524,7 +507,7 @@ async fn live_session(page: &Page, base: Option<&SessionData>) -> Result<Session
     let json = evaluate_string(page, STORAGE_JS)
         .await
         .map_err(|e| browser_failure(Call::Chat, &e))?;
-    let storage: Storage = serde_json::from_str(&json).map_err(|_| ReplayError::Network {
+    let storage: Storage = serde_json::from_str(&json).map_err(|_| ReplayError::Browser {
         call: Call::Chat,
         message: "could not read the page's storage".into(),
     })?;

@@ -49,7 +49,8 @@ use super::{
 };
 use crate::learn::probe::{self, ProbeError, ProbeOptions, ProbeRequest};
 use crate::learn::recording::Recording;
-use crate::replay::client::{Call, DeltaStream, FailureKind, ReplayError};
+use crate::replay::DeltaStream;
+use crate::replay::failure::{Call, FailureKind, ReplayError};
 use crate::session::SessionData;
 
 /// Browser-wide flags (CHROMIUM.md): chromiumoxide's defaults minus `--enable-automation`,
@@ -1656,8 +1657,8 @@ async fn dies_with(
 }
 
 fn browser_died() -> ReplayError {
-    ReplayError::Network {
-        call: crate::replay::client::Call::Chat,
+    ReplayError::Browser {
+        call: Call::Chat,
         message: "the browser died during the reply".into(),
     }
 }

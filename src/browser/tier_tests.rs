@@ -10,8 +10,9 @@ use tokio::time::Instant;
 use super::tests::{BROWSERS, PASSWORD, Site, config, flow_of, request, site_with};
 use super::*;
 use crate::demo::{DemoConfig, Shape, reply_for};
-use crate::replay::client::{Call, DeltaStream, FailureKind, ReplayError};
+use crate::replay::DeltaStream;
 use crate::replay::decode::Delta;
+use crate::replay::failure::{Call, FailureKind, ReplayError};
 use crate::replay::render::Prompt;
 use crate::role::Role;
 

@@ -38,8 +38,9 @@ use super::recorder::RecorderEvent;
 use super::{TierRequest, is_connection};
 use crate::flow::{Flow, Transport};
 use crate::learn::probe::{self, Found, Rendered};
-use crate::replay::client::{Call, DeltaStream, FailureKind, ReplayError};
+use crate::replay::DeltaStream;
 use crate::replay::decode::Delta;
+use crate::replay::failure::{Call, FailureKind, ReplayError};
 
 /// The page property the probe scripts keep their state under.
 const KEY: &str = "__ct_ui";
@@ -112,7 +113,7 @@ pub(super) async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStr
         tokio::select! {
             event = feed.recv() => {
                 let Some(event) = event else {
-                    return Err(ReplayError::Network {
+                    return Err(ReplayError::Browser {
                         call: Call::Chat,
                         message: "the browser stopped reporting the page's network traffic".into(),
                     });
@@ -269,7 +270,7 @@ fn remembering(
 }
 
 fn page_error(e: chromiumoxide::error::CdpError) -> ReplayError {
-    ReplayError::Network {
+    ReplayError::Browser {
         call: Call::Chat,
         message: if is_connection(&e) {
             "lost the connection to Chromium".into()
