@@ -353,8 +353,8 @@ impl Gateway {
             timeout: self.browser_tier_timeout,
         };
         match tier {
-            2 => renewer.pool().inpage(request).await,
-            _ => renewer.pool().ui(request).await,
+            2 => crate::browser::in_page_tier(renewer.pool(), request).await,
+            _ => crate::browser::ui_tier(renewer.pool(), request).await,
         }
     }
 

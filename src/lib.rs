@@ -17,6 +17,7 @@ pub mod inline;
 pub mod learn;
 pub mod openai;
 pub mod pinning;
+pub mod recording;
 pub mod renew;
 pub mod replay;
 pub mod role;

@@ -38,7 +38,7 @@ use super::pool::{BrowserPool, Fresh, PageLease, Tier};
 use super::recorder::RecorderEvent;
 use super::{TierRequest, evaluate_string, is_connection};
 use crate::flow::{Flow, ResponseSpec, Transport};
-use crate::learn::recording::Frame;
+use crate::recording::Frame;
 use crate::replay::DeltaStream;
 use crate::replay::client::{self, PREFLIGHT_BODY_LIMIT};
 use crate::replay::decode::{Decoder, Delta};
@@ -83,7 +83,16 @@ fn forbidden(name: &str) -> bool {
         || name.starts_with("proxy-")
 }
 
-pub(super) async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStream, ReplayError> {
+/// Tier 2: the flow's preflights and chat call run by `fetch()` inside the account's
+/// logged-in page (see the module docs).
+pub async fn in_page_tier(
+    pool: &BrowserPool,
+    req: TierRequest,
+) -> Result<DeltaStream, ReplayError> {
+    pool.dies_with(run(pool, req)).await
+}
+
+async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStream, ReplayError> {
     let base = Url::parse(&req.account_url).map_err(|_| ReplayError::Unexpected {
         call: Call::Chat,
         kind: FailureKind::Flow,

@@ -6,11 +6,14 @@
 //! - `login` classifies each page generically (login form, landing page, two-step, captcha,
 //!   chat) and acts on it; `harvest` turns the logged-in page into a [`SessionData`].
 //! - `recorder` captures a page's network traffic (headers with cookies, complete streamed
-//!   bodies, frames); [`BrowserPool::probe`] runs `learn::probe` on an account's chat page.
+//!   bodies, frames) into the crate's neutral `recording` types; [`BrowserPool::chat_page`]
+//!   opens an account's chat page for `learn::probe`, which drives it with `chatbox`.
 //! - The fallback tiers run a flow through the account's logged-in page when direct replay is
-//!   refused: `inpage` (tier 2, [`BrowserPool::inpage`]) makes the flow's calls with `fetch()`
-//!   inside the page, `ui` (tier 3, [`BrowserPool::ui`]) types the prompt into the site's own
-//!   chat box. Both read the reply from the recorder's live feed as it streams.
+//!   refused: `inpage` (tier 2, [`in_page_tier`]) makes the flow's calls with `fetch()`
+//!   inside the page, `ui` (tier 3, [`ui_tier`]) types the prompt into the site's own chat
+//!   box. Both ask the pool for the account's work page and read the reply from the
+//!   recorder's live feed as it streams. The pool opens pages and logs in; it runs neither
+//!   the tiers nor the probe.
 //!
 //! Invariants:
 //! - Nothing this module returns or logs carries a password, a cookie value or a token: error
@@ -26,6 +29,7 @@
 
 mod assist;
 mod captcha;
+pub(crate) mod chatbox;
 pub mod guard;
 mod harvest;
 mod inpage;
@@ -42,9 +46,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use crate::learn::probe::{ProbeError, ProbeRequest};
-pub use pool::BrowserPool;
+pub use inpage::in_page_tier;
+pub use pool::{BrowserPool, ChatPage, PageRequest};
 pub use recorder::{Recorder, RecorderEvent};
+pub use ui::ui_tier;
 
 pub(crate) use login::{cdp_error, evaluate_string, insert_text, is_connection, press_key};
 
@@ -310,6 +315,123 @@ impl LoginError {
             | LoginError::Timeout { screenshot, .. }
             | LoginError::Unclassified { screenshot, .. } => screenshot.as_deref(),
             _ => None,
+        }
+    }
+}
+
+/// Why an account's chat page could not be opened or driven (by a probe or by tier 3).
+/// Messages are for the user and never carry secrets.
+#[derive(Debug, thiserror::Error)]
+pub enum PageError {
+    #[error("could not find the chat input on {url}")]
+    NoComposer {
+        url: String,
+        screenshot: Option<PathBuf>,
+    },
+    #[error("the message was typed and sent, but the page made no request carrying it")]
+    NotSent { screenshot: Option<PathBuf> },
+    #[error("the site answered the message with HTTP {status}")]
+    Rejected {
+        status: u16,
+        screenshot: Option<PathBuf>,
+    },
+    #[error("the page's chat request failed: {reason}")]
+    CallFailed {
+        reason: String,
+        screenshot: Option<PathBuf>,
+    },
+    #[error("timed out {stage}")]
+    Timeout {
+        stage: String,
+        screenshot: Option<PathBuf>,
+    },
+    #[error("the page at {url} is a {kind}, not a chat, and no login was given for the account")]
+    NotLoggedIn {
+        url: String,
+        kind: PageKind,
+        screenshot: Option<PathBuf>,
+    },
+    #[error("no chat page to open: give a chat URL or a login")]
+    NoChatUrl,
+    #[error("could not restore the saved session: {0}")]
+    Session(String),
+    #[error("logging in on the way to the chat page failed: {0}")]
+    Login(#[source] LoginError),
+    #[error("could not open {url}: {reason}")]
+    Navigation { url: String, reason: String },
+    #[error("could not start Chromium: {0}")]
+    Launch(String),
+    #[error("Chromium crashed: {0}")]
+    Crashed(String),
+    #[error("browser protocol error: {0}")]
+    Cdp(String),
+}
+
+impl PageError {
+    /// The failure screenshot saved for this error, if any.
+    pub fn screenshot(&self) -> Option<&std::path::Path> {
+        match self {
+            PageError::NoComposer { screenshot, .. }
+            | PageError::NotSent { screenshot }
+            | PageError::Rejected { screenshot, .. }
+            | PageError::CallFailed { screenshot, .. }
+            | PageError::Timeout { screenshot, .. }
+            | PageError::NotLoggedIn { screenshot, .. } => screenshot.as_deref(),
+            PageError::Login(e) => e.screenshot(),
+            _ => None,
+        }
+    }
+
+    /// Whether a screenshot of the page would explain this error.
+    pub fn wants_screenshot(&self) -> bool {
+        matches!(
+            self,
+            PageError::NoComposer { .. }
+                | PageError::NotSent { .. }
+                | PageError::Rejected { .. }
+                | PageError::CallFailed { .. }
+                | PageError::Timeout { .. }
+                | PageError::NotLoggedIn { .. }
+        )
+    }
+
+    pub fn set_screenshot(&mut self, path: Option<PathBuf>) {
+        match self {
+            PageError::NoComposer { screenshot, .. }
+            | PageError::NotSent { screenshot }
+            | PageError::Rejected { screenshot, .. }
+            | PageError::CallFailed { screenshot, .. }
+            | PageError::Timeout { screenshot, .. }
+            | PageError::NotLoggedIn { screenshot, .. } => *screenshot = path,
+            _ => {}
+        }
+    }
+
+    /// Whether the browser itself may have died (the pool then checks, and relaunches).
+    pub fn is_crash_like(&self) -> bool {
+        matches!(
+            self,
+            PageError::Crashed(_)
+                | PageError::Cdp(_)
+                | PageError::Login(LoginError::Crashed(_) | LoginError::Cdp(_))
+        )
+    }
+
+    pub(crate) fn from_cdp(e: chromiumoxide::error::CdpError) -> PageError {
+        PageError::from(cdp_error(e))
+    }
+}
+
+impl From<LoginError> for PageError {
+    /// Browser-level failures (launch, crash, protocol, navigation) outside a login.
+    fn from(e: LoginError) -> Self {
+        match e {
+            LoginError::Launch(m) => PageError::Launch(m),
+            LoginError::Crashed(m) => PageError::Crashed(m),
+            LoginError::Cdp(m) => PageError::Cdp(m),
+            LoginError::Navigation { url, reason } => PageError::Navigation { url, reason },
+            LoginError::Timeout { stage, screenshot } => PageError::Timeout { stage, screenshot },
+            other => PageError::Cdp(other.to_string()),
         }
     }
 }

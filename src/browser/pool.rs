@@ -45,10 +45,9 @@ use super::guard;
 use super::login::{self, Attempt, cdp_error};
 use super::recorder::{RawTaps, Recorder};
 use super::{
-    BrowserConfig, LiveSession, LoginError, LoginOutcome, LoginRequest, PageKind, TierRequest,
+    BrowserConfig, LiveSession, LoginError, LoginOutcome, LoginRequest, PageError, PageKind,
+    TierRequest,
 };
-use crate::learn::probe::{self, ProbeError, ProbeOptions, ProbeRequest};
-use crate::learn::recording::Recording;
 use crate::replay::DeltaStream;
 use crate::replay::failure::{Call, FailureKind, ReplayError};
 use crate::session::SessionData;
@@ -198,6 +197,104 @@ impl Drop for PageLease {
     }
 }
 
+/// What [`BrowserPool::chat_page`] opens: the account's chat page, and what to get there.
+#[derive(Clone)]
+pub struct PageRequest {
+    pub account_id: String,
+    /// Where the chat UI is. Default: the chat page the account's last login in this pool
+    /// reached, else the login URL.
+    pub chat_url: Option<String>,
+    /// Injected (cookies, then local and session storage) when the account has no browser
+    /// context yet.
+    pub session: Option<SessionData>,
+    /// Used when the chat page turns out to need a login (no context and no session, or an
+    /// expired one).
+    pub login: Option<LoginRequest>,
+}
+
+impl std::fmt::Debug for PageRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageRequest")
+            .field("account_id", &self.account_id)
+            .field("chat_url", &self.chat_url.as_deref().map(super::redact_url))
+            .field("has_session", &self.session.is_some())
+            .field("login", &self.login)
+            .finish()
+    }
+}
+
+/// A tab on an account's chat page, opened by [`BrowserPool::chat_page`] for one probe. It
+/// holds the account's context (not reaped while in use); [`ChatPage::close`] closes the tab.
+pub struct ChatPage {
+    page: Page,
+    pool: BrowserPool,
+    running: Arc<Running>,
+    account_id: String,
+    lease: ContextLease,
+    closed: bool,
+}
+
+impl ChatPage {
+    pub fn page(&self) -> &Page {
+        &self.page
+    }
+
+    /// Starts recording the page's network traffic, request headers with cookies included.
+    pub async fn record(&self) -> Result<Recorder, CdpError> {
+        Recorder::start(&self.page, &self.running.taps).await
+    }
+
+    /// After `error`, whether the browser died: a new [`BrowserPool::chat_page`] then runs on
+    /// a relaunched one.
+    pub async fn browser_died(&self, error: &PageError) -> bool {
+        self.running.crashed(error.is_crash_like()).await
+    }
+
+    /// Saves a screenshot of the page (for a failure) under the data dir; its path.
+    pub async fn screenshot(&self) -> Option<PathBuf> {
+        if self.running.is_dead() {
+            return None;
+        }
+        let png = login::page_screenshot(&self.page).await?;
+        login::write_screenshot(&self.pool.shared.config.data_dir, &self.account_id, &png).await
+    }
+
+    /// Closes the tab. With `harvest`, first hands what the page holds now (a token the page
+    /// stored while it ran, say) to the pool's harvest hook, and waits for it.
+    pub async fn close(mut self, harvest: bool) {
+        if harvest {
+            self.pool
+                .reharvest(
+                    &self.running,
+                    &self.lease.id,
+                    &self.page,
+                    &self.account_id,
+                    true,
+                )
+                .await;
+        }
+        if !self.running.is_dead() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), self.page.clone().close()).await;
+        }
+        self.closed = true;
+    }
+}
+
+impl Drop for ChatPage {
+    /// A tab dropped without [`ChatPage::close`] (its task was cancelled) is closed anyway.
+    fn drop(&mut self) {
+        if self.closed {
+            return;
+        }
+        let page = self.page.clone();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(5), page.close()).await;
+            });
+        }
+    }
+}
+
 /// One launched Chromium.
 pub(crate) struct Running {
     browser: RwLock<Browser>,
@@ -282,6 +379,14 @@ impl Running {
     /// [`PROCESS_CHECK`], but a launch decision should not use a browser that just died.
     fn is_gone(&self) -> bool {
         self.is_dead() || self.pid.is_some_and(|pid| !process_alive(pid))
+    }
+
+    /// After a failure (`crash_like`: one that looks like the browser's), whether this browser
+    /// died: not closed on purpose, and dead now or within a second.
+    pub(crate) async fn crashed(&self, crash_like: bool) -> bool {
+        (crash_like || self.is_dead())
+            && !self.retired.load(Ordering::SeqCst)
+            && (self.is_dead() || self.became_dead(Duration::from_secs(1)).await)
     }
 
     /// Waits up to `limit` for the drain task to declare this browser dead.
@@ -477,57 +582,35 @@ impl BrowserPool {
         result
     }
 
-    /// Types one probe message into the account's chat page while recording the network, and
-    /// returns the [`Recording`] (see `learn::probe`). The page is a new tab in the account's
-    /// context:
+    /// A new tab on the account's chat page, logged in, for a probe (`learn::probe`) to drive.
+    /// The tab is in the account's context:
     /// - a context kept from an earlier login or probe in this pool is reused as it is;
     /// - a new context gets `req.session` injected: its cookies (`Storage.setCookies`), then
     ///   its local and session storage (set on the chat URL's origin) before the chat page
     ///   is opened;
     /// - the chat page is `req.chat_url`, else the chat page the account's last login here
     ///   reached, else `req.login`'s URL; when it turns out not to be a chat (a login form, a
-    ///   landing page…), `req.login` logs in first (in the same context) and the probe runs on
+    ///   landing page…), `req.login` logs in first (in the same context) and the tab ends on
     ///   the chat page the login reached.
     ///
-    /// When Chromium dies during the probe, relaunches it and retries once. Page-level
-    /// failures carry a screenshot.
-    pub async fn probe(&self, req: ProbeRequest) -> Result<Recording, ProbeError> {
+    /// When Chromium dies on the way, relaunches it and retries once. Page-level failures
+    /// carry a screenshot.
+    pub async fn chat_page(&self, req: &PageRequest) -> Result<ChatPage, PageError> {
         let mut retried = false;
         loop {
             let running = self.ensure_browser().await?;
-            let started = std::time::Instant::now();
-            let result = self.probe_once(&running, &req).await;
-            match &result {
-                Ok(recording) => {
-                    tracing::info!(
-                        account = %req.account_id,
-                        elapsed_ms = started.elapsed().as_millis() as u64,
-                        exchanges = recording.exchanges.len(),
-                        "probe recorded"
-                    );
-                    return result;
-                }
-                Err(error) => {
-                    tracing::info!(account = %req.account_id, error = %error, "probe failed");
-                    let crash_like = matches!(
-                        error,
-                        ProbeError::Crashed(_)
-                            | ProbeError::Cdp(_)
-                            | ProbeError::Login(LoginError::Crashed(_) | LoginError::Cdp(_))
-                    ) || running.is_dead();
-                    let crashed = crash_like
-                        && !running.retired.load(Ordering::SeqCst)
-                        && (running.is_dead() || running.became_dead(Duration::from_secs(1)).await);
-                    if !crashed || retried {
-                        return result;
-                    }
-                    tracing::warn!(
-                        account = %req.account_id,
-                        "Chromium died during the probe; relaunching it and retrying once"
-                    );
-                    retried = true;
-                }
+            let error = match self.chat_page_once(&running, req).await {
+                Ok(page) => return Ok(page),
+                Err(error) => error,
+            };
+            if retried || !running.crashed(error.is_crash_like()).await {
+                return Err(error);
             }
+            tracing::warn!(
+                account = %req.account_id,
+                "Chromium died while opening the chat page; relaunching it and retrying once"
+            );
+            retried = true;
         }
     }
 
@@ -554,11 +637,11 @@ impl BrowserPool {
         )
     }
 
-    async fn probe_once(
+    async fn chat_page_once(
         &self,
         running: &Arc<Running>,
-        req: &ProbeRequest,
-    ) -> Result<Recording, ProbeError> {
+        req: &PageRequest,
+    ) -> Result<ChatPage, PageError> {
         let deadline = Instant::now() + self.shared.config.login_timeout;
         let (existed, proxy, known_chat) =
             self.known_context(running, &req.account_id, req.login.as_ref());
@@ -567,7 +650,7 @@ impl BrowserPool {
             .clone()
             .or(known_chat)
             .or_else(|| req.login.as_ref().map(|l| l.url.clone()))
-            .ok_or(ProbeError::NoChatUrl)?;
+            .ok_or(PageError::NoChatUrl)?;
         let lease = self
             .acquire_context(running, &req.account_id, proxy.as_deref(), deadline)
             .await?;
@@ -576,85 +659,77 @@ impl BrowserPool {
             inject_cookies(running, &lease.id, session).await?;
         }
         let page = self.new_page(running, &lease.id).await?;
-        let mut result = self
-            .probe_on_page(running, &page, req, &chat_url, inject)
+        let chat = ChatPage {
+            page,
+            pool: self.clone(),
+            running: running.clone(),
+            account_id: req.account_id.clone(),
+            lease,
+            closed: false,
+        };
+        let opened = self
+            .open_with_session(
+                running,
+                &chat.page,
+                &req.account_id,
+                req.login.as_ref(),
+                &chat_url,
+                inject,
+            )
             .await;
-        if result.is_ok() {
-            self.reharvest(running, &lease.id, &page, &req.account_id, true)
-                .await;
-        }
-        if let Err(error) = &mut result
-            && error.wants_screenshot()
-            && !running.is_dead()
-        {
-            let png = login::page_screenshot(&page).await;
-            let path = match png {
-                Some(png) => {
-                    login::write_screenshot(&self.shared.config.data_dir, &req.account_id, &png)
-                        .await
+        match opened {
+            Ok(_) => Ok(chat),
+            Err(mut error) => {
+                if error.wants_screenshot() {
+                    error.set_screenshot(chat.screenshot().await);
                 }
-                None => None,
-            };
-            error.set_screenshot(path);
+                chat.close(false).await;
+                Err(error)
+            }
         }
-        if !running.is_dead() {
-            let _ = tokio::time::timeout(Duration::from_secs(5), page.close()).await;
-        }
-        drop(lease);
-        result
     }
 
-    async fn probe_on_page(
+    /// Opens the chat page in `page`, first writing `inject`'s storage into its origin when
+    /// the context is new, logging in on the way as needed. Returns the chat page's URL.
+    async fn open_with_session(
         &self,
         running: &Arc<Running>,
         page: &Page,
-        req: &ProbeRequest,
+        account_id: &str,
+        login: Option<&LoginRequest>,
         chat_url: &str,
         inject: Option<&SessionData>,
-    ) -> Result<Recording, ProbeError> {
+    ) -> Result<String, PageError> {
         let deadline = Instant::now() + self.shared.config.login_timeout;
         if let Some(session) =
             inject.filter(|s| !s.local_storage.is_empty() || !s.session_storage.is_empty())
         {
             let origin = url::Url::parse(chat_url)
                 .map(|u| u.origin().ascii_serialization())
-                .map_err(|e| ProbeError::Navigation {
+                .map_err(|e| PageError::Navigation {
                     url: super::redact_url(chat_url),
                     reason: format!("not a valid URL ({e})"),
                 })?;
             navigate(page, &format!("{origin}/"), deadline).await?;
             restore_storage(page, session).await?;
         }
-        self.open_chat(
-            running,
-            page,
-            &req.account_id,
-            req.login.as_ref(),
-            chat_url,
-            deadline,
-        )
-        .await?;
-        let options = ProbeOptions::for_request(req);
-        probe::run(page, &running.taps, &options).await
+        self.open_chat(running, page, account_id, login, chat_url, deadline)
+            .await
     }
 
-    /// Tier 2: the flow's preflights and chat call run by `fetch()` inside the account's
-    /// logged-in page (see `browser::inpage`).
-    pub async fn inpage(&self, req: TierRequest) -> Result<DeltaStream, ReplayError> {
+    /// `start` (a browser tier starting its reply) and then its reply, failing as soon as the
+    /// browser is known dead instead of waiting out their timeouts (see [`dies_with`]).
+    pub(crate) async fn dies_with(
+        &self,
+        start: impl std::future::Future<Output = Result<DeltaStream, ReplayError>>,
+    ) -> Result<DeltaStream, ReplayError> {
         let running = self.ensure_browser().await.map_err(login_to_replay)?;
-        dies_with(&running, super::inpage::run(self, req)).await
-    }
-
-    /// Tier 3: the prompt typed into the site's chat UI; the reply decoded from the recorded
-    /// chat call as it streams, the page's text as a last resort (see `browser::ui`).
-    pub async fn ui(&self, req: TierRequest) -> Result<DeltaStream, ReplayError> {
-        let running = self.ensure_browser().await.map_err(login_to_replay)?;
-        dies_with(&running, super::ui::run(self, req)).await
+        dies_with(&running, start).await
     }
 
     /// The account's work page for `tier`, opened on its chat page (created, injected with
     /// `req.session` in a new context, logged in with `req.login` as needed, like
-    /// [`BrowserPool::probe`]). With `fresh`, an existing page is reloaded on the chat page
+    /// [`BrowserPool::chat_page`]). With `fresh`, an existing page is reloaded on the chat page
     /// (a new conversation), unless it shows the conversation `fresh` names. The UI tier's
     /// lease holds the account's UI turn.
     pub(crate) async fn work_page(
@@ -756,7 +831,7 @@ impl BrowserPool {
                         .await;
                         return Ok(work.clone());
                     }
-                    Err(e) if !matches!(e, ProbeError::Crashed(_) | ProbeError::Cdp(_)) => {
+                    Err(e) if !matches!(e, PageError::Crashed(_) | PageError::Cdp(_)) => {
                         return Err(probe_to_replay(e));
                     }
                     // The page itself is broken (closed, crashed renderer): a new one.
@@ -766,7 +841,6 @@ impl BrowserPool {
         }
         // Dropping the old page closes it.
         *slot = None;
-        let deadline = Instant::now() + self.shared.config.login_timeout;
         if let Some(session) = setup.inject {
             inject_cookies(running, setup.context, session)
                 .await
@@ -777,33 +851,20 @@ impl BrowserPool {
             .await
             .map_err(login_to_replay)?;
         let opened = async {
-            if let Some(session) = setup
-                .inject
-                .filter(|s| !s.local_storage.is_empty() || !s.session_storage.is_empty())
-            {
-                let origin = url::Url::parse(&setup.chat_url)
-                    .map(|u| u.origin().ascii_serialization())
-                    .map_err(|e| ProbeError::Navigation {
-                        url: super::redact_url(&setup.chat_url),
-                        reason: format!("not a valid URL ({e})"),
-                    })?;
-                navigate(&page, &format!("{origin}/"), deadline).await?;
-                restore_storage(&page, session).await?;
-            }
             let chat_url = self
-                .open_chat(
+                .open_with_session(
                     running,
                     &page,
                     &setup.req.account_id,
                     setup.req.login.as_ref(),
                     &setup.chat_url,
-                    deadline,
+                    setup.inject,
                 )
                 .await?;
             let recorder = Recorder::start_live(&page, &running.taps)
                 .await
-                .map_err(probe::cdp)?;
-            Ok::<_, ProbeError>((chat_url, recorder))
+                .map_err(PageError::from_cdp)?;
+            Ok::<_, PageError>((chat_url, recorder))
         }
         .await;
         let (chat_url, recorder) = match opened {
@@ -840,14 +901,14 @@ impl BrowserPool {
         login: Option<&LoginRequest>,
         chat_url: &str,
         deadline: Instant,
-    ) -> Result<String, ProbeError> {
+    ) -> Result<String, PageError> {
         navigate(page, chat_url, deadline).await?;
         let (kind, url) = wait_for_page(page, deadline).await?;
         if kind == PageKind::ChatInterface {
             return Ok(url);
         }
         let Some(login) = login else {
-            return Err(ProbeError::NotLoggedIn {
+            return Err(PageError::NotLoggedIn {
                 url: super::redact_url(&url),
                 kind,
                 screenshot: None,
@@ -857,12 +918,12 @@ impl BrowserPool {
         let outcome = self
             .login_once(running, login, std::time::Instant::now())
             .await
-            .map_err(ProbeError::Login)?;
+            .map_err(PageError::Login)?;
         let deadline = Instant::now() + self.shared.config.login_timeout;
         navigate(page, &outcome.chat_url, deadline).await?;
         let (kind, url) = wait_for_page(page, deadline).await?;
         if kind != PageKind::ChatInterface {
-            return Err(ProbeError::NotLoggedIn {
+            return Err(PageError::NotLoggedIn {
                 url: super::redact_url(&url),
                 kind,
                 screenshot: None,
@@ -1251,7 +1312,7 @@ async fn inject_cookies(
     running: &Running,
     context: &BrowserContextId,
     session: &SessionData,
-) -> Result<(), ProbeError> {
+) -> Result<(), PageError> {
     let cookies: Vec<CookieParam> = session
         .cookies
         .iter()
@@ -1272,7 +1333,7 @@ async fn inject_cookies(
             if let Some(expires) = c.expires {
                 param = param.expires(TimeSinceEpoch::new(expires as f64));
             }
-            param.build().map_err(ProbeError::Session)
+            param.build().map_err(PageError::Session)
         })
         .collect::<Result<_, _>>()?;
     if cookies.is_empty() {
@@ -1282,23 +1343,23 @@ async fn inject_cookies(
         .cookies(cookies)
         .browser_context_id(context.clone())
         .build()
-        .map_err(ProbeError::Session)?;
+        .map_err(PageError::Session)?;
     running.execute(params).await.map_err(|e| {
         if login::is_connection(&e) {
-            ProbeError::from(cdp_error(e))
+            PageError::from(cdp_error(e))
         } else {
-            ProbeError::Session("Chromium refused the session's cookies".into())
+            PageError::Session("Chromium refused the session's cookies".into())
         }
     })?;
     Ok(())
 }
 
 /// Writes `session`'s local and session storage into the page's current origin.
-async fn restore_storage(page: &Page, session: &SessionData) -> Result<(), ProbeError> {
+async fn restore_storage(page: &Page, session: &SessionData) -> Result<(), PageError> {
     let local = serde_json::to_string(&session.local_storage)
-        .map_err(|e| ProbeError::Session(e.to_string()))?;
+        .map_err(|e| PageError::Session(e.to_string()))?;
     let tab = serde_json::to_string(&session.session_storage)
-        .map_err(|e| ProbeError::Session(e.to_string()))?;
+        .map_err(|e| PageError::Session(e.to_string()))?;
     let expression = format!(
         "(() => {{ const put = (s, o) => {{ for (const [k, v] of Object.entries(o)) s.setItem(k, v); }}; \
          put(localStorage, {local}); put(sessionStorage, {tab}); return 'ok'; }})()"
@@ -1307,22 +1368,22 @@ async fn restore_storage(page: &Page, session: &SessionData) -> Result<(), Probe
         .await
         .map_err(|e| {
             if login::is_connection(&e) {
-                ProbeError::from(cdp_error(e))
+                PageError::from(cdp_error(e))
             } else {
-                ProbeError::Session("the page refused the session's storage".into())
+                PageError::Session("the page refused the session's storage".into())
             }
         })?;
     Ok(())
 }
 
 /// Opens `url` in `page` and waits for the new document to be past loading.
-async fn navigate(page: &Page, url: &str, deadline: Instant) -> Result<(), ProbeError> {
-    let parsed = url::Url::parse(url).map_err(|e| ProbeError::Navigation {
+async fn navigate(page: &Page, url: &str, deadline: Instant) -> Result<(), PageError> {
+    let parsed = url::Url::parse(url).map_err(|e| PageError::Navigation {
         url: super::redact_url(url),
         reason: format!("not a valid URL ({e})"),
     })?;
     if !matches!(parsed.scheme(), "http" | "https") {
-        return Err(ProbeError::Navigation {
+        return Err(PageError::Navigation {
             url: super::redact_url(url),
             reason: "only http and https URLs can be opened".into(),
         });
@@ -1333,9 +1394,9 @@ async fn navigate(page: &Page, url: &str, deadline: Instant) -> Result<(), Probe
     let reply = page
         .execute(NavigateParams::new(parsed.as_str()))
         .await
-        .map_err(|e| ProbeError::from(cdp_error(e)))?;
+        .map_err(|e| PageError::from(cdp_error(e)))?;
     if let Some(error) = reply.result.error_text.filter(|e| !e.is_empty()) {
-        return Err(ProbeError::Navigation {
+        return Err(PageError::Navigation {
             url: super::redact_url(url),
             reason: error,
         });
@@ -1354,11 +1415,11 @@ async fn navigate(page: &Page, url: &str, deadline: Instant) -> Result<(), Probe
                     return Ok(());
                 }
             }
-            Err(e) if login::is_connection(&e) => return Err(ProbeError::from(cdp_error(e))),
+            Err(e) if login::is_connection(&e) => return Err(PageError::from(cdp_error(e))),
             Err(_) => {}
         }
         if Instant::now() >= deadline {
-            return Err(ProbeError::Timeout {
+            return Err(PageError::Timeout {
                 stage: format!("while opening {}", super::redact_url(url)),
                 screenshot: None,
             });
@@ -1374,7 +1435,7 @@ const NOT_CHAT_SETTLE: Duration = Duration::from_secs(1);
 /// Classifies the page once it is recognisable: a chat at once, anything else once stable
 /// for [`NOT_CHAT_SETTLE`] (an unrecognisable page: until `deadline`). Returns the kind and
 /// the page's URL.
-async fn wait_for_page(page: &Page, deadline: Instant) -> Result<(PageKind, String), ProbeError> {
+async fn wait_for_page(page: &Page, deadline: Instant) -> Result<(PageKind, String), PageError> {
     let mut last: Option<(PageKind, String, Instant)> = None;
     loop {
         match login::summarize(page).await {
@@ -1394,13 +1455,13 @@ async fn wait_for_page(page: &Page, deadline: Instant) -> Result<(PageKind, Stri
                 }
             }
             Ok(_) => {}
-            Err(e) if login::is_connection(&e) => return Err(ProbeError::from(cdp_error(e))),
+            Err(e) if login::is_connection(&e) => return Err(PageError::from(cdp_error(e))),
             Err(_) => {}
         }
         if Instant::now() >= deadline {
             return match last {
                 Some((kind, url, _)) => Ok((kind, url)),
-                None => Err(ProbeError::Timeout {
+                None => Err(PageError::Timeout {
                     stage: "while waiting for the chat page to load".into(),
                     screenshot: None,
                 }),
@@ -1742,11 +1803,11 @@ pub(crate) fn login_to_replay(e: LoginError) -> ReplayError {
 }
 
 /// A page-level failure of the browser tiers as a replay error.
-pub(crate) fn probe_to_replay(e: ProbeError) -> ReplayError {
+pub(crate) fn probe_to_replay(e: PageError) -> ReplayError {
     let kind = match &e {
-        ProbeError::Login(login) => return login_to_replay_ref(login, &e),
-        ProbeError::NotLoggedIn { .. } | ProbeError::Session(_) => FailureKind::Auth,
-        ProbeError::NoComposer { .. } | ProbeError::NotSent { .. } => FailureKind::FormatDrift,
+        PageError::Login(login) => return login_to_replay_ref(login, &e),
+        PageError::NotLoggedIn { .. } | PageError::Session(_) => FailureKind::Auth,
+        PageError::NoComposer { .. } | PageError::NotSent { .. } => FailureKind::FormatDrift,
         _ => FailureKind::Network,
     };
     ReplayError::Unexpected {
@@ -1756,7 +1817,7 @@ pub(crate) fn probe_to_replay(e: ProbeError) -> ReplayError {
     }
 }
 
-fn login_to_replay_ref(login: &LoginError, outer: &ProbeError) -> ReplayError {
+fn login_to_replay_ref(login: &LoginError, outer: &PageError) -> ReplayError {
     let kind = match login {
         LoginError::WrongCredentials { .. } | LoginError::NoCredentials => FailureKind::Auth,
         LoginError::Captcha { .. } => FailureKind::AntiBot,

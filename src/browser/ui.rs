@@ -9,8 +9,8 @@
 //!   conversation, so earlier turns never leak in), logging in if it has to, and types the
 //!   whole history flattened.
 //! - The composer, the send control and the reply are found as the probe finds them
-//!   (`learn::probe`'s page scripts); the text is typed with `Input.insertText` (set by
-//!   script if that did not land), then sent as the probe sends ([`probe::Sending`]: a send
+//!   (`chatbox`'s page scripts); the text is typed with `Input.insertText` (set by
+//!   script if that did not land), then sent as the probe sends ([`chatbox::Sending`]: a send
 //!   that reloads the page or loses the text is retyped and sent with Enter).
 //! - The chat call is the first request after sending whose method is the flow's and whose
 //!   URL path matches the flow's URL template (a segment with a placeholder matches any
@@ -32,12 +32,12 @@ use chromiumoxide::Page;
 use futures_util::StreamExt;
 use tokio::time::Instant;
 
+use super::chatbox::{self, Found, Rendered};
 use super::inpage::{self, Keep};
 use super::pool::{BrowserPool, Fresh, Tier, WorkPage, probe_to_replay};
 use super::recorder::RecorderEvent;
 use super::{TierRequest, is_connection};
 use crate::flow::{Flow, Transport};
-use crate::learn::probe::{self, Found, Rendered};
 use crate::replay::DeltaStream;
 use crate::replay::decode::Delta;
 use crate::replay::failure::{Call, FailureKind, ReplayError};
@@ -51,7 +51,13 @@ pub const DOM_STABLE: Duration = Duration::from_secs(2);
 /// How often the page is read while waiting.
 const POLL: Duration = Duration::from_millis(100);
 
-pub(super) async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStream, ReplayError> {
+/// Tier 3: the prompt typed into the site's chat UI; the reply decoded from the recorded chat
+/// call as it streams, the page's text as a last resort (see the module docs).
+pub async fn ui_tier(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStream, ReplayError> {
+    pool.dies_with(run(pool, req)).await
+}
+
+async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStream, ReplayError> {
     // A history that extends the conversation the page shows goes on there; anything else
     // starts a new one on a reloaded page.
     let shown = shown_key(&req.prompt);
@@ -68,7 +74,7 @@ pub(super) async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStr
     let work = lease.work.clone();
     let messages = req.prompt.messages.clone();
     let remember = move |stream: DeltaStream| remembering(stream, work, messages);
-    let found: Found = probe::script(&page, KEY, probe::FIND_COMPOSER_JS, &[])
+    let found: Found = chatbox::script(&page, KEY, chatbox::FIND_COMPOSER_JS, &[])
         .await
         .map_err(page_error)?;
     if !found.found {
@@ -79,16 +85,16 @@ pub(super) async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStr
         });
     }
     super::insert_text(&page, &text).await.map_err(page_error)?;
-    let typed: Option<String> = probe::script(&page, KEY, probe::COMPOSER_TEXT_JS, &[])
+    let typed: Option<String> = chatbox::script(&page, KEY, chatbox::COMPOSER_TEXT_JS, &[])
         .await
         .map_err(page_error)?;
     if typed.as_deref().map(normalize) != Some(normalize(&text)) {
         tracing::debug!("Input.insertText did not reach the chat input; setting it by script");
-        probe::script::<bool>(&page, KEY, probe::SET_TEXT_JS, &[("TEXT", &text)])
+        chatbox::script::<bool>(&page, KEY, chatbox::SET_TEXT_JS, &[("TEXT", &text)])
             .await
             .map_err(page_error)?;
     }
-    probe::script::<bool>(&page, KEY, probe::WATCH_JS, &[])
+    chatbox::script::<bool>(&page, KEY, chatbox::WATCH_JS, &[])
         .await
         .map_err(page_error)?;
     let mut feed = lease.work.recorder.subscribe();
@@ -100,7 +106,7 @@ pub(super) async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStr
         .chars()
         .take(60)
         .collect();
-    let mut sending = probe::Sending::start(&page, KEY, &text, &needle)
+    let mut sending = chatbox::Sending::start(&page, KEY, &text, &needle)
         .await
         .map_err(probe_to_replay)?;
     let sent_at = Instant::now();
@@ -376,10 +382,10 @@ fn template_path(template: &str) -> Vec<Option<String>> {
 
 async fn read_reply(page: &Page, typed: &str) -> Result<Rendered, ReplayError> {
     let marker: String = normalize(typed).chars().take(80).collect();
-    match probe::script(
+    match chatbox::script(
         page,
         KEY,
-        probe::READ_REPLY_JS,
+        chatbox::READ_REPLY_JS,
         &[("PROBE", typed), ("MARKER", &marker)],
     )
     .await

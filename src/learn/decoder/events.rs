@@ -7,7 +7,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::Value;
 
 use crate::flow::Transport;
-use crate::learn::recording::{Exchange, Frame};
+use crate::recording::{Exchange, Frame};
 
 /// One framed event: its name (SSE `event:`, numbered-line tag, frame flag), its raw data and,
 /// when the data is JSON, its value.
