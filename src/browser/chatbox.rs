@@ -16,7 +16,7 @@
 //!   form natively) or the text leaves the input with no request carrying it, the composer is
 //!   found again, the text retyped and sent with Enter; when the text is still in the input a
 //!   few seconds after the click, Enter is pressed.
-//! - The reply ([`READ_REPLY_JS`]): a `MutationObserver` installed just before sending notes
+//! - The reply ([`READ_REPLY`]): a `MutationObserver` installed just before sending notes
 //!   every element added or changed. The user's own message is the first (in document
 //!   order), outermost new element whose text contains the marker and is at most a little
 //!   longer than the message (a reply quoting it comes after it). Each touched element is
@@ -28,7 +28,7 @@
 //!   scripts, `aria-hidden` and screen-reader-only text.
 //!
 //! Invariants: typed text is never logged; the scripts keep their state under one page
-//! property (`KEY`), which [`CLEANUP_JS`] removes.
+//! property (`KEY`), which [`CLEANUP`] removes.
 
 use std::time::Duration;
 
@@ -38,6 +38,11 @@ use chromiumoxide::layout::Point;
 use serde::Deserialize;
 use tokio::time::Instant;
 
+// The scripts callers run with [`script`] are named here too.
+pub(crate) use super::js::chatbox::{
+    CLEANUP, CLICK_SEND, COMPOSER_TEXT, FIND_COMPOSER, FIND_SEND, FOCUS, HELPERS, READ_REPLY,
+    SET_TEXT, WATCH,
+};
 use super::{PageError, redact_url};
 
 /// After sending, how long before Enter is tried when no request carries the message.
@@ -51,252 +56,6 @@ fn cdp(e: CdpError) -> PageError {
     PageError::from_cdp(e)
 }
 
-/// Shared helpers of the page scripts below.
-pub(crate) const HELPERS_JS: &str = r#"
-  const vis = (el) => {
-    if (!el || !el.isConnected) return false;
-    if (typeof el.checkVisibility === 'function' &&
-        !el.checkVisibility({ opacityProperty: true, visibilityProperty: true })) return false;
-    const r = el.getBoundingClientRect();
-    return r.width > 1 && r.height > 1;
-  };
-  const norm = (s) => String(s || '').replace(/\s+/g, ' ').trim();
-  const cls = (el) => { const c = el.className; return typeof c === 'string' ? c : (c && c.baseVal) || ''; };
-  const labelOf = (el) => {
-    let t = '';
-    if (el.labels && el.labels.length) t = Array.from(el.labels).map((l) => l.innerText).join(' ');
-    const by = el.getAttribute('aria-labelledby');
-    if (!t && by) t = by.split(/\s+/).map((id) => { const n = document.getElementById(id); return n ? n.innerText : ''; }).join(' ');
-    return t;
-  };
-  const disabled = (el) => !!el.disabled || el.getAttribute('aria-disabled') === 'true';
-"#;
-
-/// Finds the chat input, remembers it under `window[KEY]`, focuses it and selects its content
-/// (so typing replaces a draft).
-pub(crate) const FIND_COMPOSER_JS: &str = r#"
-  const cands = [];
-  const sel = 'textarea, [contenteditable=""], [contenteditable="true"], [contenteditable="plaintext-only"], [role=textbox], input:not([type]), input[type=text], input[type=search]';
-  for (const el of document.querySelectorAll(sel)) {
-    if (!vis(el) || disabled(el) || el.readOnly) continue;
-    if (el.parentElement && el.parentElement.isContentEditable) continue;
-    const form = el.closest('form');
-    if (form && Array.from(form.querySelectorAll('input[type=password]')).some(vis)) continue;
-    const hint = [el.getAttribute('placeholder'), el.getAttribute('aria-label'), el.getAttribute('aria-placeholder'),
-      el.getAttribute('data-placeholder'), el.getAttribute('title'), labelOf(el), el.getAttribute('name'), el.id].join(' ');
-    const rich = el.localName === 'textarea' || el.isContentEditable || el.getAttribute('role') === 'textbox';
-    const chatty = /message|ask|prompt|chat|type|send|question|anything|reply|talk|write/i.test(hint);
-    const searchy = /search|filter|find|e-?mail|user|login|phone|url/i.test(hint) || el.type === 'search';
-    if (!rich && !chatty) continue;
-    const r = el.getBoundingClientRect();
-    let score = (rich ? 3 : 0) + (chatty ? 2 : 0) - (searchy ? 4 : 0);
-    score += Math.min((r.width * r.height) / 20000, 2);
-    if (r.top > window.innerHeight / 2) score += 1;
-    if (document.activeElement === el) score += 1;
-    cands.push({ el, score });
-  }
-  cands.sort((a, b) => b.score - a.score);
-  if (!cands.length) return JSON.stringify({ found: false });
-  const el = cands[0].el;
-  window[KEY] = { input: el };
-  el.scrollIntoView({ block: 'center' });
-  el.focus();
-  if (typeof el.select === 'function') el.select();
-  else if (el.isContentEditable) {
-    const range = document.createRange();
-    range.selectNodeContents(el);
-    const s = window.getSelection();
-    s.removeAllRanges();
-    s.addRange(range);
-  }
-  return JSON.stringify({ found: true, kind: el.localName, candidates: cands.length });
-"#;
-
-/// The chat input's current text.
-pub(crate) const COMPOSER_TEXT_JS: &str = r#"
-  const st = window[KEY];
-  if (!st || !st.input || !st.input.isConnected) return JSON.stringify(null);
-  const el = st.input;
-  return JSON.stringify(typeof el.value === 'string' ? el.value : el.innerText);
-"#;
-
-/// Types `TEXT` into the input by script (fallback when `Input.insertText` did not land).
-pub(crate) const SET_TEXT_JS: &str = r#"
-  const st = window[KEY];
-  const el = st.input;
-  el.focus();
-  if (el.isContentEditable) {
-    document.execCommand('selectAll', false);
-    document.execCommand('insertText', false, TEXT);
-  } else {
-    const proto = el.localName === 'textarea' ? HTMLTextAreaElement.prototype : HTMLInputElement.prototype;
-    const setter = Object.getOwnPropertyDescriptor(proto, 'value').set;
-    setter.call(el, TEXT);
-    el.dispatchEvent(new Event('input', { bubbles: true }));
-    el.dispatchEvent(new Event('change', { bubbles: true }));
-  }
-  return JSON.stringify(true);
-"#;
-
-/// Notes the elements present now and starts observing what is added or changed.
-pub(crate) const WATCH_JS: &str = r#"
-  const st = window[KEY];
-  st.before = new WeakSet(document.querySelectorAll('*'));
-  st.touched = new Set();
-  st.obs = new MutationObserver((ms) => {
-    for (const m of ms) {
-      if (m.type === 'childList') {
-        st.touched.add(m.target);
-        m.addedNodes.forEach((n) => { if (n.nodeType === 1) st.touched.add(n); });
-      } else if (m.target.parentElement) {
-        st.touched.add(m.target.parentElement);
-      }
-    }
-  });
-  st.obs.observe(document.documentElement, { childList: true, subtree: true, characterData: true });
-  return JSON.stringify(true);
-"#;
-
-/// Finds the send control near the input; returns where to click it.
-pub(crate) const FIND_SEND_JS: &str = r#"
-  const st = window[KEY];
-  const input = st.input;
-  const ir = input.getBoundingClientRect();
-  const form = input.closest('form');
-  const scopes = [];
-  if (form) scopes.push(form);
-  let node = input.parentElement;
-  for (let i = 0; node && i < 6; i++, node = node.parentElement) scopes.push(node);
-  const seen = new Set();
-  let best = null;
-  for (const scope of scopes) {
-    for (const el of scope.querySelectorAll('button, [role=button], input[type=submit], input[type=button], input[type=image]')) {
-      if (seen.has(el)) continue;
-      seen.add(el);
-      if (!vis(el) || disabled(el)) continue;
-      const label = [el.innerText, el.value, el.getAttribute('aria-label'), el.getAttribute('title'),
-        el.getAttribute('data-testid'), el.id, cls(el), el.getAttribute('name')].join(' ');
-      if (/attach|upload|file|image|photo|voice|micro|\bmic\b|record|dictat|stop|cancel|clear|emoji|setting|model|menu|more|share|search|tool|plus|log ?in|sign/i.test(label)) continue;
-      const type = (el.getAttribute('type') || (el.localName === 'button' ? 'submit' : '')).toLowerCase();
-      let score = 0;
-      if (/send|submit|ask|\bgo\b|arrow|paper.?plane|➤|↑|→/i.test(label)) score += 4;
-      if (form && el.form === form && type === 'submit') score += 3;
-      if (!norm(el.innerText) && el.querySelector('svg, img')) score += 1;
-      const r = el.getBoundingClientRect();
-      const dx = Math.max(ir.left - r.right, r.left - ir.right, 0);
-      const dy = Math.max(ir.top - r.bottom, r.top - ir.bottom, 0);
-      score += Math.max(0, 2 - Math.hypot(dx, dy) / 150);
-      if (!best || score > best.score) best = { el, score };
-    }
-  }
-  if (!best || best.score < 4) return JSON.stringify({ found: false });
-  const el = best.el;
-  st.send = el;
-  el.scrollIntoView({ block: 'center' });
-  const r = el.getBoundingClientRect();
-  const x = r.left + r.width / 2, y = r.top + r.height / 2;
-  const hit = document.elementFromPoint(x, y);
-  return JSON.stringify({ found: true, x, y, hit: !!hit && (hit === el || el.contains(hit)) });
-"#;
-
-pub(crate) const FOCUS_JS: &str = r#"
-  const st = window[KEY];
-  if (st && st.input) st.input.focus();
-  return JSON.stringify(true);
-"#;
-
-pub(crate) const CLICK_SEND_JS: &str = r#"
-  const st = window[KEY];
-  if (st && st.send) st.send.click();
-  return JSON.stringify(true);
-"#;
-
-/// Reads the reply (see the module docs). Returns `{found, text, reasoning}`.
-pub(crate) const READ_REPLY_JS: &str = r#"
-  const st = window[KEY];
-  if (!st || !st.before) return JSON.stringify({ found: false });
-  const composer = st.input;
-  const isNew = (el) => !st.before.has(el);
-  const probe = norm(PROBE);
-  const body = document.body;
-  const touched = Array.from(st.touched).filter((el) => el.isConnected && body && body.contains(el) && el !== body);
-  // The user's own message: the outermost new element showing the marker, about the probe's size.
-  const fresh = [];
-  for (const el of touched) {
-    if (!isNew(el)) continue;
-    fresh.push(el);
-    for (const d of el.querySelectorAll('*')) fresh.push(d);
-  }
-  let user = null;
-  for (const el of fresh) {
-    const t = norm(el.innerText);
-    if (!t.includes(MARKER) || t.length > probe.length + 40) continue;
-    if (composer && (el.contains(composer) || composer.contains(el))) continue;
-    // The first in document order (a reply may quote the probe later), outermost there.
-    if (!user || el.contains(user) || (!user.contains(el) && (el.compareDocumentPosition(user) & Node.DOCUMENT_POSITION_FOLLOWING))) user = el;
-  }
-  const excluded = (el) => (user && (el === user || el.contains(user) || user.contains(el))) ||
-    (composer && (el === composer || el.contains(composer) || composer.contains(el)));
-  const roots = new Set();
-  for (let el of touched) {
-    if (excluded(el)) continue;
-    if (isNew(el)) {
-      while (el.parentElement && el.parentElement !== body && isNew(el.parentElement) && !excluded(el.parentElement)) el = el.parentElement;
-    }
-    roots.add(el);
-  }
-  let list = Array.from(roots).filter((r) => !Array.from(roots).some((o) => o !== r && o.contains(r)));
-  if (user) list = list.filter((r) => user.compareDocumentPosition(r) & Node.DOCUMENT_POSITION_FOLLOWING);
-  const REASON = /reason|think|thought/i;
-  const attrs = (el) => [cls(el), el.id, el.getAttribute('aria-label'), el.getAttribute('title'), el.getAttribute('data-testid'), el.getAttribute('data-type')].join(' ');
-  const skip = (el) => ['button', 'script', 'style', 'svg', 'noscript', 'template', 'textarea', 'input', 'select'].includes(el.localName) ||
-    el.getAttribute('role') === 'button' || el.getAttribute('aria-hidden') === 'true' || /sr-only|visually-hidden|screen-reader/i.test(cls(el));
-  const read = (root) => {
-    const reasoning = Array.from(root.querySelectorAll('*')).filter((el) => el.localName === 'details' || REASON.test(attrs(el)));
-    const outer = reasoning.filter((el) => !reasoning.some((o) => o !== el && o.contains(el)));
-    const cut = new Set(outer);
-    for (const el of root.querySelectorAll('*')) if (skip(el)) cut.add(el);
-    const dirty = new Set();
-    for (const el of cut) for (let p = el.parentElement; p && p !== root.parentElement; p = p.parentElement) dirty.add(p);
-    const textOf = (node) => {
-      if (node.nodeType === 3) return node.textContent;
-      if (node.nodeType !== 1 || cut.has(node)) return '';
-      if (!dirty.has(node)) return node.innerText || '';
-      return Array.from(node.childNodes).map(textOf).join('\n');
-    };
-    const pieces = [];
-    for (const el of outer) {
-      let t = '';
-      if (el.localName === 'details') {
-        const was = el.open;
-        el.open = true;
-        t = Array.from(el.childNodes).filter((c) => c.localName !== 'summary').map((c) => c.nodeType === 1 ? (c.innerText || c.textContent) : c.textContent).join('\n');
-        el.open = was;
-      } else {
-        const kids = Array.from(el.children).filter((c) => !skip(c) && !/header|title|label|toggle|summary/i.test(attrs(c)));
-        t = kids.length ? kids.map((c) => c.innerText || c.textContent).join('\n') : (el.innerText || el.textContent);
-      }
-      if (norm(t)) pieces.push(t.trim());
-    }
-    return { text: textOf(root).trim(), reasoning: pieces.length ? pieces.join('\n\n') : null };
-  };
-  let best = null;
-  for (const root of list) {
-    const r = read(root);
-    if (!norm(r.text) && !r.reasoning) continue;
-    if (!best || norm(r.text).length >= norm(best.text).length) best = r;
-  }
-  if (!best) return JSON.stringify({ found: false, user: !!user });
-  return JSON.stringify({ found: true, user: !!user, text: best.text, reasoning: best.reasoning });
-"#;
-
-pub(crate) const CLEANUP_JS: &str = r#"
-  const st = window[KEY];
-  if (st && st.obs) st.obs.disconnect();
-  delete window[KEY];
-  return JSON.stringify(true);
-"#;
-
 #[derive(Debug, Default, Deserialize)]
 pub(crate) struct Found {
     pub(crate) found: bool,
@@ -308,7 +67,7 @@ pub(crate) struct Found {
     hit: bool,
 }
 
-/// What [`READ_REPLY_JS`] read.
+/// What [`READ_REPLY`] read.
 #[derive(Debug, Default, Clone, PartialEq, Deserialize)]
 pub(crate) struct Rendered {
     pub(crate) found: bool,
@@ -333,7 +92,7 @@ pub(crate) async fn script<T: serde::de::DeserializeOwned>(
             serde_json::to_string(value)?
         ));
     }
-    let expression = format!("(() => {{ {bindings} {HELPERS_JS} {body} }})()");
+    let expression = format!("(() => {{ {bindings} {HELPERS} {body} }})()");
     let json = super::evaluate_string(page, &expression).await?;
     Ok(serde_json::from_str(&json)?)
 }
@@ -346,9 +105,7 @@ pub(crate) async fn type_message(
     text: &str,
     marker: &str,
 ) -> Result<(), PageError> {
-    let found: Found = script(page, key, FIND_COMPOSER_JS, &[])
-        .await
-        .map_err(cdp)?;
+    let found: Found = script(page, key, FIND_COMPOSER, &[]).await.map_err(cdp)?;
     if !found.found {
         let url = page.url().await.ok().flatten().unwrap_or_default();
         return Err(PageError::NoComposer {
@@ -357,18 +114,14 @@ pub(crate) async fn type_message(
         });
     }
     super::insert_text(page, text).await.map_err(cdp)?;
-    let typed: Option<String> = script(page, key, COMPOSER_TEXT_JS, &[])
-        .await
-        .map_err(cdp)?;
+    let typed: Option<String> = script(page, key, COMPOSER_TEXT, &[]).await.map_err(cdp)?;
     if !typed.is_some_and(|t| t.contains(marker)) {
         tracing::debug!("Input.insertText did not reach the chat input; setting it by script");
-        script::<bool>(page, key, SET_TEXT_JS, &[("TEXT", text)])
+        script::<bool>(page, key, SET_TEXT, &[("TEXT", text)])
             .await
             .map_err(cdp)?;
     }
-    script::<bool>(page, key, WATCH_JS, &[])
-        .await
-        .map_err(cdp)?;
+    script::<bool>(page, key, WATCH, &[]).await.map_err(cdp)?;
     Ok(())
 }
 
@@ -430,9 +183,7 @@ impl Sending {
     /// One poll while no request carried the text: re-sends or gives up as the type docs say.
     pub(crate) async fn check(&mut self, page: &Page, now: Instant) -> Result<(), PageError> {
         let key = self.key.clone();
-        let in_input: Option<String> = script(page, &key, COMPOSER_TEXT_JS, &[])
-            .await
-            .unwrap_or(None);
+        let in_input: Option<String> = script(page, &key, COMPOSER_TEXT, &[]).await.unwrap_or(None);
         let still_typed = in_input
             .as_deref()
             .is_some_and(|t| t.contains(&self.needle));
@@ -455,7 +206,7 @@ impl Sending {
                 tracing::debug!(
                     "no request carried the message after clicking send; pressing Enter"
                 );
-                let _ = script::<bool>(page, &key, FOCUS_JS, &[]).await;
+                let _ = script::<bool>(page, &key, FOCUS, &[]).await;
                 super::press_key(page, "Enter").await.map_err(cdp)?;
             }
         }
@@ -472,7 +223,7 @@ impl Sending {
         let deadline = Instant::now() + COMPOSER_BACK;
         let key = self.key.clone();
         loop {
-            let found: Found = script(page, &key, FIND_COMPOSER_JS, &[])
+            let found: Found = script(page, &key, FIND_COMPOSER, &[])
                 .await
                 .unwrap_or_default();
             if found.found {
@@ -484,17 +235,13 @@ impl Sending {
             tokio::time::sleep(POLL).await;
         }
         super::insert_text(page, &self.text).await.map_err(cdp)?;
-        let typed: Option<String> = script(page, &key, COMPOSER_TEXT_JS, &[])
-            .await
-            .map_err(cdp)?;
+        let typed: Option<String> = script(page, &key, COMPOSER_TEXT, &[]).await.map_err(cdp)?;
         if !typed.is_some_and(|t| t.contains(&self.needle)) {
-            script::<bool>(page, &key, SET_TEXT_JS, &[("TEXT", &self.text)])
+            script::<bool>(page, &key, SET_TEXT, &[("TEXT", &self.text)])
                 .await
                 .map_err(cdp)?;
         }
-        script::<bool>(page, &key, WATCH_JS, &[])
-            .await
-            .map_err(cdp)?;
+        script::<bool>(page, &key, WATCH, &[]).await.map_err(cdp)?;
         super::press_key(page, "Enter").await.map_err(cdp)?;
         self.sent_at = Instant::now();
         self.navigated = false;
@@ -505,7 +252,7 @@ impl Sending {
 
 /// Clicks the send control; presses Enter when there is none. Returns whether it clicked.
 async fn send(page: &Page, key: &str) -> Result<bool, PageError> {
-    let control: Found = script(page, key, FIND_SEND_JS, &[]).await.map_err(cdp)?;
+    let control: Found = script(page, key, FIND_SEND, &[]).await.map_err(cdp)?;
     if !control.found {
         super::press_key(page, "Enter").await.map_err(cdp)?;
         return Ok(false);
@@ -519,7 +266,7 @@ async fn send(page: &Page, key: &str) -> Result<bool, PageError> {
         .map_err(cdp)?;
     } else {
         // Something covers the control: click it by script.
-        script::<bool>(page, key, CLICK_SEND_JS, &[])
+        script::<bool>(page, key, CLICK_SEND, &[])
             .await
             .map_err(cdp)?;
     }

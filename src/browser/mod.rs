@@ -4,7 +4,12 @@
 //! - [`BrowserPool`] owns at most one Chromium process, launched lazily, and one browser
 //!   context per account (cookies and storage never leak between accounts).
 //! - `login` classifies each page generically (login form, landing page, two-step, captcha,
-//!   chat) and acts on it; `harvest` turns the logged-in page into a [`SessionData`].
+//!   chat) and acts on it, with `login::captcha` (solver hook, human handoff) and
+//!   `login::assist` (the optional vision assist); `harvest` turns the logged-in page into a
+//!   [`SessionData`].
+//! - Layers, each using only those below it: `js` (the page scripts, `js/*.js`) and `page`
+//!   (CDP on one page) at the bottom; `process` (one Chromium), `recorder`, `harvest`,
+//!   `chatbox`; `login`; `pool`; the tiers `inpage` and `ui` on top.
 //! - `recorder` captures a page's network traffic (headers with cookies, complete streamed
 //!   bodies, frames) into the crate's neutral `recording` types; [`BrowserPool::chat_page`]
 //!   opens an account's chat page for `learn::probe`, which drives it with `chatbox`.
@@ -27,14 +32,15 @@
 //!
 //! [`SessionData`]: crate::session::SessionData
 
-mod assist;
-mod captcha;
 pub(crate) mod chatbox;
 pub mod guard;
 mod harvest;
 mod inpage;
+mod js;
 mod login;
+mod page;
 mod pool;
+mod process;
 pub mod recorder;
 #[cfg(test)]
 mod tests;
@@ -51,8 +57,11 @@ pub use pool::{BrowserPool, ChatPage, PageRequest};
 pub use recorder::{Recorder, RecorderEvent};
 pub use ui::ui_tier;
 
-pub(crate) use login::{cdp_error, evaluate_string, insert_text, is_connection, press_key};
+pub(crate) use page::{
+    cdp_error, evaluate_string, insert_text, is_connection, press_key, read_storage,
+};
 
+use crate::replay::failure::{Call, FailureKind, ReplayError};
 use crate::session::SessionData;
 
 /// Tracing filter directives to append to the subscriber's filter (e.g. to `RUST_LOG`'s
@@ -447,6 +456,54 @@ pub struct LiveSession {
     pub state: String,
     /// Unix seconds when the session started.
     pub since: i64,
+}
+
+/// What a login failure means for the gateway.
+fn login_kind(e: &LoginError) -> FailureKind {
+    match e {
+        LoginError::WrongCredentials { .. } | LoginError::NoCredentials => FailureKind::Auth,
+        LoginError::Captcha { .. } => FailureKind::AntiBot,
+        LoginError::FieldNotFound { .. } | LoginError::Unclassified { .. } => {
+            FailureKind::FormatDrift
+        }
+        _ => FailureKind::Network,
+    }
+}
+
+/// A browser-level failure of a browser tier, as the replay error the gateway classifies.
+impl From<LoginError> for ReplayError {
+    fn from(e: LoginError) -> Self {
+        ReplayError::Unexpected {
+            call: Call::Chat,
+            kind: login_kind(&e),
+            message: format!("browser: {e}"),
+        }
+    }
+}
+
+/// A page-level failure of a browser tier, as the replay error the gateway classifies.
+impl From<PageError> for ReplayError {
+    fn from(e: PageError) -> Self {
+        let kind = match &e {
+            PageError::Login(login) => login_kind(login),
+            PageError::NotLoggedIn { .. } | PageError::Session(_) => FailureKind::Auth,
+            PageError::NoComposer { .. } | PageError::NotSent { .. } => FailureKind::FormatDrift,
+            _ => FailureKind::Network,
+        };
+        ReplayError::Unexpected {
+            call: Call::Chat,
+            kind,
+            message: format!("browser: {e}"),
+        }
+    }
+}
+
+/// A std mutex guard that survives a poisoned lock: the data the browser layer keeps under
+/// std mutexes (maps, strings) stays consistent even if a holder panicked.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// `url` without query string or fragment: those may carry tokens (OAuth codes, magic links).

@@ -1,89 +1,52 @@
-//! The Chromium process, its account contexts and the live sessions.
+//! The browser pool: one Chromium at a time (`process`), a browser context per account, the
+//! pages the probe and the browser tiers ask for, and the live login sessions.
 //!
 //! Invariants:
 //! - At most one [`Running`] browser at a time; it is launched lazily, under the `browser`
 //!   lock, and replaced (killed, reaped, its user-data dir removed) when found dead.
-//! - Its handler is drained by one task for the browser's whole life. That task is also the
-//!   crash detector: a CDP connection error, the end of the handler stream or the process
-//!   having exited (checked every 250 ms) marks the browser dead and drops the handler,
-//!   which fails every command still waiting for an answer at once instead of after the
-//!   request timeout.
 //! - One browser context per account, at most `max_contexts`; a context in use is never
 //!   evicted or reaped. Context bookkeeping sits behind a std mutex that is never held
 //!   across an await, so a lease can be returned from `Drop`.
+//! - The pool opens pages and logs in; what runs on a page (a probe, a tier) is its caller's.
 //! - Background tasks run on the runtime that launched the browser and hold only a `Weak`
 //!   to the pool; `shutdown` (or the pool's last clone going away) ends them.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use chromiumoxide::Page;
-use chromiumoxide::browser::Browser;
 use chromiumoxide::cdp::browser_protocol::browser::BrowserContextId;
 use chromiumoxide::cdp::browser_protocol::emulation::{
     SetUserAgentOverrideParams, UserAgentBrandVersion, UserAgentMetadata,
 };
 use chromiumoxide::cdp::browser_protocol::network::{CookieParam, TimeSinceEpoch};
-use chromiumoxide::cdp::browser_protocol::page::{CaptureScreenshotFormat, NavigateParams};
+use chromiumoxide::cdp::browser_protocol::page::CaptureScreenshotFormat;
 use chromiumoxide::cdp::browser_protocol::storage::SetCookiesParams as StorageSetCookiesParams;
 use chromiumoxide::cdp::browser_protocol::target::{
     CreateBrowserContextParams, CreateTargetParams,
 };
 use chromiumoxide::error::CdpError;
-use chromiumoxide::handler::viewport::Viewport;
 use chromiumoxide::layout::Point;
 use chromiumoxide::page::ScreenshotParams;
-use futures_util::StreamExt;
-use tokio::sync::{Notify, RwLock, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::guard;
-use super::login::{self, Attempt, cdp_error};
-use super::recorder::{RawTaps, Recorder};
+use super::login::{self, Attempt, LiveEntry};
+use super::page::{self, cdp_error};
+use super::process::{self, Running};
+#[cfg(test)]
+use super::recorder::RawTaps;
+use super::recorder::Recorder;
 use super::{
     BrowserConfig, LiveSession, LoginError, LoginOutcome, LoginRequest, PageError, PageKind,
-    TierRequest,
+    TierRequest, lock,
 };
 use crate::replay::DeltaStream;
-use crate::replay::failure::{Call, FailureKind, ReplayError};
+use crate::replay::failure::ReplayError;
 use crate::session::SessionData;
-
-/// Browser-wide flags (CHROMIUM.md): chromiumoxide's defaults minus `--enable-automation`,
-/// plus what keeps Chromium from calling outside hosts.
-const CHROME_ARGS: &[&str] = &[
-    "disable-background-networking",
-    "disable-background-timer-throttling",
-    "disable-backgrounding-occluded-windows",
-    "disable-breakpad",
-    "disable-client-side-phishing-detection",
-    "disable-component-extensions-with-background-pages",
-    "disable-component-update",
-    "disable-default-apps",
-    "disable-dev-shm-usage",
-    "disable-gpu",
-    "disable-quic",
-    "disable-hang-monitor",
-    "disable-ipc-flooding-protection",
-    "disable-popup-blocking",
-    "disable-prompt-on-repost",
-    "disable-renderer-backgrounding",
-    "disable-sync",
-    "disable-domain-reliability",
-    "metrics-recording-only",
-    "no-first-run",
-    "no-default-browser-check",
-    "use-mock-keychain",
-];
-
-const VIEWPORT: (u32, u32) = (1280, 800);
-/// Budget of one CDP command; a hung command fails after this instead of chromiumoxide's 30 s.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
-/// How often the drain task checks that the Chromium process still exists.
-const PROCESS_CHECK: Duration = Duration::from_millis(250);
 
 /// Cheap to clone; launches Chromium lazily on first use. See the module docs.
 #[derive(Clone)]
@@ -255,8 +218,8 @@ impl ChatPage {
         if self.running.is_dead() {
             return None;
         }
-        let png = login::page_screenshot(&self.page).await?;
-        login::write_screenshot(&self.pool.shared.config.data_dir, &self.account_id, &png).await
+        let png = page::page_screenshot(&self.page).await?;
+        page::write_screenshot(&self.pool.shared.config.data_dir, &self.account_id, &png).await
     }
 
     /// Closes the tab. With `harvest`, first hands what the page holds now (a token the page
@@ -295,23 +258,6 @@ impl Drop for ChatPage {
     }
 }
 
-/// One launched Chromium.
-pub(crate) struct Running {
-    browser: RwLock<Browser>,
-    generation: u64,
-    pid: Option<u32>,
-    user_data_dir: PathBuf,
-    user_agent: String,
-    major_version: String,
-    dead: watch::Receiver<bool>,
-    /// Routes messages chromiumoxide cannot parse (request headers with `cookie`) to recorders.
-    taps: Arc<RawTaps>,
-    /// Set when the pool closes this browser on purpose: a login it interrupts is not retried
-    /// and the drain task does not report a crash.
-    retired: Arc<AtomicBool>,
-    tasks: Mutex<Vec<JoinHandle<()>>>,
-}
-
 struct AccountContext {
     id: BrowserContextId,
     generation: u64,
@@ -320,128 +266,6 @@ struct AccountContext {
     chat_url: Option<String>,
     in_use: usize,
     last_used: Instant,
-}
-
-/// A login in progress, visible to humans through the admin API.
-pub(crate) struct LiveEntry {
-    pub(crate) id: String,
-    account_id: String,
-    context_id: BrowserContextId,
-    page: Page,
-    url: Mutex<String>,
-    state: Mutex<&'static str>,
-    since: i64,
-    cancelled: AtomicBool,
-}
-
-impl LiveEntry {
-    pub(crate) fn context_id(&self) -> &BrowserContextId {
-        &self.context_id
-    }
-
-    pub(crate) fn set_url(&self, url: &str) {
-        *lock(&self.url) = super::redact_url(url);
-    }
-
-    pub(crate) fn set_state(&self, state: &'static str) {
-        *lock(&self.state) = state;
-    }
-
-    pub(crate) fn is_cancelled(&self) -> bool {
-        self.cancelled.load(Ordering::SeqCst)
-    }
-
-    fn view(&self) -> LiveSession {
-        LiveSession {
-            id: self.id.clone(),
-            account_id: self.account_id.clone(),
-            url: lock(&self.url).clone(),
-            state: (*lock(&self.state)).to_owned(),
-            since: self.since,
-        }
-    }
-}
-
-/// A std mutex guard that survives a poisoned lock: the data here (maps, strings) stays
-/// consistent even if a holder panicked.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-impl Running {
-    pub(crate) fn is_dead(&self) -> bool {
-        *self.dead.borrow()
-    }
-
-    /// `is_dead`, plus a look at the process itself: the drain task notices an exit within
-    /// [`PROCESS_CHECK`], but a launch decision should not use a browser that just died.
-    fn is_gone(&self) -> bool {
-        self.is_dead() || self.pid.is_some_and(|pid| !process_alive(pid))
-    }
-
-    /// After a failure (`crash_like`: one that looks like the browser's), whether this browser
-    /// died: not closed on purpose, and dead now or within a second.
-    pub(crate) async fn crashed(&self, crash_like: bool) -> bool {
-        (crash_like || self.is_dead())
-            && !self.retired.load(Ordering::SeqCst)
-            && (self.is_dead() || self.became_dead(Duration::from_secs(1)).await)
-    }
-
-    /// Waits up to `limit` for the drain task to declare this browser dead.
-    async fn became_dead(&self, limit: Duration) -> bool {
-        let mut dead = self.dead.clone();
-        tokio::time::timeout(limit, dead.wait_for(|d| *d))
-            .await
-            .is_ok_and(|r| r.is_ok())
-    }
-
-    pub(crate) async fn execute<T: chromiumoxide::types::Command>(
-        &self,
-        cmd: T,
-    ) -> Result<T::Response, CdpError> {
-        let browser = self.browser.read().await;
-        Ok(browser.execute(cmd).await?.result)
-    }
-
-    /// Ends the process: `close` + `wait` when `graceful`, else (or when that fails) kill +
-    /// wait; then removes the user-data dir (in the background when not `graceful`).
-    async fn dispose(&self, graceful: bool) {
-        {
-            let mut browser = self.browser.write().await;
-            let mut closed = false;
-            if graceful && !self.is_dead() {
-                let close = async {
-                    browser.close().await.ok()?;
-                    browser.wait().await.ok()
-                };
-                closed = tokio::time::timeout(Duration::from_secs(5), close)
-                    .await
-                    .ok()
-                    .flatten()
-                    .is_some();
-            }
-            if !closed {
-                let exited = matches!(browser.try_wait(), Ok(Some(_)));
-                if !exited {
-                    let _ = browser.kill().await;
-                }
-                let _ = tokio::time::timeout(Duration::from_secs(5), browser.wait()).await;
-            }
-        }
-        for task in lock(&self.tasks).drain(..) {
-            task.abort();
-        }
-        if graceful {
-            remove_user_data_dir(&self.user_data_dir).await;
-        } else {
-            // After a crash the helpers take a moment to die; the relaunch need not wait for
-            // their directory to go. Not awaited on purpose: it ends within 3 s by itself.
-            let dir = self.user_data_dir.clone();
-            tokio::spawn(async move { remove_user_data_dir(&dir).await });
-        }
-    }
 }
 
 impl BrowserPool {
@@ -546,20 +370,25 @@ impl BrowserPool {
             .acquire_context(running, &req.account_id, req.proxy.as_deref(), deadline)
             .await?;
         let page = self.new_page(running, &lease.id).await?;
-        let live = Arc::new(LiveEntry {
-            id: uuid::Uuid::new_v4().simple().to_string(),
-            account_id: req.account_id.clone(),
-            context_id: lease.id.clone(),
-            page: page.clone(),
-            url: Mutex::new(super::redact_url(&req.url)),
-            state: Mutex::new("logging_in"),
-            since: super::unix_now(),
-            cancelled: AtomicBool::new(false),
-        });
+        let live = Arc::new(LiveEntry::new(
+            &req.account_id,
+            lease.id.clone(),
+            page.clone(),
+            &req.url,
+        ));
         lock(&self.shared.live).insert(live.id.clone(), live.clone());
-        let result = Attempt::new(&self.shared, running, &page, &live, req, started)
-            .run()
-            .await;
+        let observe = |kind: PageKind| self.shared.observe(kind);
+        let result = Attempt::new(
+            &self.shared.config,
+            &observe,
+            running,
+            &page,
+            &live,
+            req,
+            started,
+        )
+        .run()
+        .await;
         lock(&self.shared.live).remove(&live.id);
         if !running.is_dead() {
             let _ = tokio::time::timeout(Duration::from_secs(5), page.close()).await;
@@ -710,8 +539,8 @@ impl BrowserPool {
                     url: super::redact_url(chat_url),
                     reason: format!("not a valid URL ({e})"),
                 })?;
-            navigate(page, &format!("{origin}/"), deadline).await?;
-            restore_storage(page, session).await?;
+            page::navigate(page, &format!("{origin}/"), deadline).await?;
+            page::restore_storage(page, session).await?;
         }
         self.open_chat(running, page, account_id, login, chat_url, deadline)
             .await
@@ -723,8 +552,8 @@ impl BrowserPool {
         &self,
         start: impl std::future::Future<Output = Result<DeltaStream, ReplayError>>,
     ) -> Result<DeltaStream, ReplayError> {
-        let running = self.ensure_browser().await.map_err(login_to_replay)?;
-        dies_with(&running, start).await
+        let running = self.ensure_browser().await.map_err(ReplayError::from)?;
+        process::dies_with(&running, start).await
     }
 
     /// The account's work page for `tier`, opened on its chat page (created, injected with
@@ -738,7 +567,7 @@ impl BrowserPool {
         tier: Tier,
         fresh: Fresh,
     ) -> Result<PageLease, ReplayError> {
-        let running = self.ensure_browser().await.map_err(login_to_replay)?;
+        let running = self.ensure_browser().await.map_err(ReplayError::from)?;
         let account = lock(&self.shared.work)
             .entry(req.account_id.clone())
             .or_default()
@@ -749,7 +578,7 @@ impl BrowserPool {
         let lease = self
             .acquire_context(&running, &req.account_id, proxy.as_deref(), deadline)
             .await
-            .map_err(login_to_replay)?;
+            .map_err(ReplayError::from)?;
         let setup = Setup {
             running: &running,
             context: &lease.id,
@@ -798,7 +627,7 @@ impl BrowserPool {
                 Fresh::UnlessShowing(key) => lock(&work.conversation).as_ref() == Some(key),
             };
             if keep {
-                if login::evaluate_string(&work.page, "location.href")
+                if page::evaluate_string(&work.page, "location.href")
                     .await
                     .is_ok()
                 {
@@ -832,7 +661,7 @@ impl BrowserPool {
                         return Ok(work.clone());
                     }
                     Err(e) if !matches!(e, PageError::Crashed(_) | PageError::Cdp(_)) => {
-                        return Err(probe_to_replay(e));
+                        return Err(ReplayError::from(e));
                     }
                     // The page itself is broken (closed, crashed renderer): a new one.
                     Err(_) => {}
@@ -844,12 +673,12 @@ impl BrowserPool {
         if let Some(session) = setup.inject {
             inject_cookies(running, setup.context, session)
                 .await
-                .map_err(probe_to_replay)?;
+                .map_err(ReplayError::from)?;
         }
         let page = self
             .new_page(running, setup.context)
             .await
-            .map_err(login_to_replay)?;
+            .map_err(ReplayError::from)?;
         let opened = async {
             let chat_url = self
                 .open_with_session(
@@ -873,7 +702,7 @@ impl BrowserPool {
                 if !running.is_dead() {
                     let _ = tokio::time::timeout(Duration::from_secs(5), page.close()).await;
                 }
-                return Err(probe_to_replay(e));
+                return Err(ReplayError::from(e));
             }
         };
         self.reharvest(running, setup.context, &page, &setup.req.account_id, false)
@@ -902,7 +731,7 @@ impl BrowserPool {
         chat_url: &str,
         deadline: Instant,
     ) -> Result<String, PageError> {
-        navigate(page, chat_url, deadline).await?;
+        page::navigate(page, chat_url, deadline).await?;
         let (kind, url) = wait_for_page(page, deadline).await?;
         if kind == PageKind::ChatInterface {
             return Ok(url);
@@ -920,7 +749,7 @@ impl BrowserPool {
             .await
             .map_err(PageError::Login)?;
         let deadline = Instant::now() + self.shared.config.login_timeout;
-        navigate(page, &outcome.chat_url, deadline).await?;
+        page::navigate(page, &outcome.chat_url, deadline).await?;
         let (kind, url) = wait_for_page(page, deadline).await?;
         if kind != PageKind::ChatInterface {
             return Err(PageError::NotLoggedIn {
@@ -948,7 +777,7 @@ impl BrowserPool {
             old.dispose(false).await;
         }
         let generation = self.shared.generation.fetch_add(1, Ordering::SeqCst) + 1;
-        let running = launch(&self.shared.config, generation).await?;
+        let running = process::launch(&self.shared.config, generation).await?;
         let reaper = tokio::spawn(reap_idle(Arc::downgrade(&self.shared), running.clone()));
         lock(&running.tasks).push(reaper);
         *slot = Some(running.clone());
@@ -1112,7 +941,7 @@ impl BrowserPool {
     /// A PNG of the live session's viewport.
     pub async fn screenshot(&self, live_id: &str) -> Result<Vec<u8>, LoginError> {
         let live = self.live(live_id)?;
-        live.page
+        live.page()
             .screenshot(
                 ScreenshotParams::builder()
                     .format(CaptureScreenshotFormat::Png)
@@ -1125,16 +954,16 @@ impl BrowserPool {
     /// Clicks at viewport CSS pixel `(x, y)` of the live session's page.
     pub async fn click(&self, live_id: &str, x: f64, y: f64) -> Result<(), LoginError> {
         let live = self.live(live_id)?;
-        live.page.click(Point { x, y }).await.map_err(cdp_error)?;
+        live.page().click(Point { x, y }).await.map_err(cdp_error)?;
         Ok(())
     }
 
     /// Types `text` into the focused element of the live session's page.
     pub async fn type_text(&self, live_id: &str, text: &str) -> Result<(), LoginError> {
         let live = self.live(live_id)?;
-        login::insert_text(&live.page, text)
+        page::insert_text(live.page(), text)
             .await
-            .map_err(|e| match login::is_connection(&e) {
+            .map_err(|e| match page::is_connection(&e) {
                 true => cdp_error(e),
                 false => LoginError::Cdp("could not type into the page".into()),
             })
@@ -1143,8 +972,8 @@ impl BrowserPool {
     /// Presses a key (`Enter`, `Tab`, `Escape`, `a`, …) in the live session's page.
     pub async fn press_key(&self, live_id: &str, key: &str) -> Result<(), LoginError> {
         let live = self.live(live_id)?;
-        login::press_key(&live.page, key).await.map_err(|e| {
-            if login::is_connection(&e) {
+        page::press_key(live.page(), key).await.map_err(|e| {
+            if page::is_connection(&e) {
                 cdp_error(e)
             } else {
                 LoginError::Cdp(format!("could not press `{key}`"))
@@ -1157,7 +986,7 @@ impl BrowserPool {
         let live = lock(&self.shared.live)
             .remove(live_id)
             .ok_or_else(|| LoginError::NoSuchLiveSession(live_id.to_owned()))?;
-        live.cancelled.store(true, Ordering::SeqCst);
+        live.cancel();
         Ok(())
     }
 
@@ -1165,7 +994,7 @@ impl BrowserPool {
     pub async fn shutdown(&self) {
         let running = self.shared.browser.lock().await.take();
         for live in lock(&self.shared.live).values() {
-            live.cancelled.store(true, Ordering::SeqCst);
+            live.cancel();
         }
         lock(&self.shared.contexts).clear();
         lock(&self.shared.work).clear();
@@ -1345,87 +1174,13 @@ async fn inject_cookies(
         .build()
         .map_err(PageError::Session)?;
     running.execute(params).await.map_err(|e| {
-        if login::is_connection(&e) {
+        if page::is_connection(&e) {
             PageError::from(cdp_error(e))
         } else {
             PageError::Session("Chromium refused the session's cookies".into())
         }
     })?;
     Ok(())
-}
-
-/// Writes `session`'s local and session storage into the page's current origin.
-async fn restore_storage(page: &Page, session: &SessionData) -> Result<(), PageError> {
-    let local = serde_json::to_string(&session.local_storage)
-        .map_err(|e| PageError::Session(e.to_string()))?;
-    let tab = serde_json::to_string(&session.session_storage)
-        .map_err(|e| PageError::Session(e.to_string()))?;
-    let expression = format!(
-        "(() => {{ const put = (s, o) => {{ for (const [k, v] of Object.entries(o)) s.setItem(k, v); }}; \
-         put(localStorage, {local}); put(sessionStorage, {tab}); return 'ok'; }})()"
-    );
-    login::evaluate_string(page, &expression)
-        .await
-        .map_err(|e| {
-            if login::is_connection(&e) {
-                PageError::from(cdp_error(e))
-            } else {
-                PageError::Session("the page refused the session's storage".into())
-            }
-        })?;
-    Ok(())
-}
-
-/// Opens `url` in `page` and waits for the new document to be past loading.
-async fn navigate(page: &Page, url: &str, deadline: Instant) -> Result<(), PageError> {
-    let parsed = url::Url::parse(url).map_err(|e| PageError::Navigation {
-        url: super::redact_url(url),
-        reason: format!("not a valid URL ({e})"),
-    })?;
-    if !matches!(parsed.scheme(), "http" | "https") {
-        return Err(PageError::Navigation {
-            url: super::redact_url(url),
-            reason: "only http and https URLs can be opened".into(),
-        });
-    }
-    let before = login::evaluate_string(page, "String(performance.timeOrigin)")
-        .await
-        .unwrap_or_default();
-    let reply = page
-        .execute(NavigateParams::new(parsed.as_str()))
-        .await
-        .map_err(|e| PageError::from(cdp_error(e)))?;
-    if let Some(error) = reply.result.error_text.filter(|e| !e.is_empty()) {
-        return Err(PageError::Navigation {
-            url: super::redact_url(url),
-            reason: error,
-        });
-    }
-    loop {
-        let state = login::evaluate_string(
-            page,
-            "JSON.stringify([String(performance.timeOrigin), document.readyState, location.href])",
-        )
-        .await;
-        match state {
-            Ok(json) => {
-                let (origin, ready, href): (String, String, String) =
-                    serde_json::from_str(&json).unwrap_or_default();
-                if origin != before && ready != "loading" && href != "about:blank" {
-                    return Ok(());
-                }
-            }
-            Err(e) if login::is_connection(&e) => return Err(PageError::from(cdp_error(e))),
-            Err(_) => {}
-        }
-        if Instant::now() >= deadline {
-            return Err(PageError::Timeout {
-                stage: format!("while opening {}", super::redact_url(url)),
-                screenshot: None,
-            });
-        }
-        tokio::time::sleep(login::POLL).await;
-    }
 }
 
 /// How long a page that is not (yet) a chat must stay so before it counts: SPAs render a
@@ -1455,7 +1210,7 @@ async fn wait_for_page(page: &Page, deadline: Instant) -> Result<(PageKind, Stri
                 }
             }
             Ok(_) => {}
-            Err(e) if login::is_connection(&e) => return Err(PageError::from(cdp_error(e))),
+            Err(e) if page::is_connection(&e) => return Err(PageError::from(cdp_error(e))),
             Err(_) => {}
         }
         if Instant::now() >= deadline {
@@ -1467,7 +1222,7 @@ async fn wait_for_page(page: &Page, deadline: Instant) -> Result<(PageKind, Stri
                 }),
             };
         }
-        tokio::time::sleep(login::POLL).await;
+        tokio::time::sleep(page::POLL).await;
     }
 }
 
@@ -1534,246 +1289,6 @@ async fn reap_idle(shared: Weak<PoolShared>, running: Arc<Running>) {
     }
 }
 
-/// Removes a user-data dir. After a crash, Chromium's helper processes outlive the main one
-/// for a moment and keep writing there, so removal is retried until it succeeds or 3 s pass.
-async fn remove_user_data_dir(dir: &std::path::Path) {
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        match tokio::fs::remove_dir_all(dir).await {
-            Ok(()) => return,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
-            Err(e) if Instant::now() >= deadline => {
-                tracing::debug!(error = %e, dir = %dir.display(), "could not remove a Chromium user-data dir");
-                return;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-}
-
-/// Launches Chromium with a fresh user-data dir and starts draining its handler.
-async fn launch(config: &BrowserConfig, generation: u64) -> Result<Arc<Running>, LoginError> {
-    let user_data_dir = std::env::temp_dir().join(format!(
-        "computetower-chromium-{}",
-        uuid::Uuid::new_v4().simple()
-    ));
-    tokio::fs::create_dir_all(&user_data_dir)
-        .await
-        .map_err(|e| {
-            LoginError::Launch(format!("cannot create {}: {e}", user_data_dir.display()))
-        })?;
-    let mut builder = chromiumoxide::BrowserConfig::builder();
-    builder = match guard::launcher(&config.chrome) {
-        Some((launcher, (key, value))) => builder.chrome_executable(launcher).env(key, value),
-        None => builder.chrome_executable(&config.chrome),
-    };
-    builder = builder
-        .user_data_dir(&user_data_dir)
-        .disable_default_args()
-        .args(CHROME_ARGS.iter().copied())
-        .arg(("disable-blink-features", "AutomationControlled"))
-        .arg(("disable-features", "TranslateUI"))
-        .arg(("password-store", "basic"))
-        .arg(("lang", "en-US"))
-        .no_sandbox()
-        // `requestWillBeSentExtraInfo` does not parse (CHROMIUM.md): surfaced as raw JSON,
-        // the drain task hands it to the recorders.
-        .surface_invalid_messages()
-        .respect_https_errors()
-        .request_timeout(REQUEST_TIMEOUT)
-        .launch_timeout(Duration::from_secs(20))
-        .window_size(VIEWPORT.0, VIEWPORT.1)
-        .viewport(Viewport {
-            width: VIEWPORT.0,
-            height: VIEWPORT.1,
-            ..Viewport::default()
-        });
-    if !config.headless {
-        builder = builder.with_head();
-    }
-    let chrome_config = builder.build().map_err(LoginError::Launch)?;
-    let started = std::time::Instant::now();
-    let (mut browser, handler) = match Browser::launch(chrome_config).await {
-        Ok(launched) => launched,
-        Err(e) => {
-            remove_user_data_dir(&user_data_dir).await;
-            return Err(LoginError::Launch(format!(
-                "{} did not start: {e}",
-                config.chrome.display()
-            )));
-        }
-    };
-    let pid = browser
-        .get_mut_child()
-        .and_then(|child| child.as_mut_inner().id());
-    let (dead_tx, dead_rx) = watch::channel(false);
-    let retired = Arc::new(AtomicBool::new(false));
-    let taps = Arc::new(RawTaps::default());
-    let drain = tokio::spawn(drain_handler(
-        handler,
-        dead_tx,
-        pid,
-        retired.clone(),
-        taps.clone(),
-    ));
-    let version = match browser.user_agent().await {
-        Ok(ua) => ua,
-        Err(e) => {
-            let _ = browser.kill().await;
-            let _ = browser.wait().await;
-            drain.abort();
-            remove_user_data_dir(&user_data_dir).await;
-            return Err(LoginError::Launch(format!("Chromium did not answer: {e}")));
-        }
-    };
-    let user_agent = version.replace("HeadlessChrome", "Chrome");
-    let major_version = user_agent
-        .split("Chrome/")
-        .nth(1)
-        .and_then(|v| v.split('.').next())
-        .unwrap_or("0")
-        .to_owned();
-    tracing::info!(
-        pid,
-        generation,
-        launch_ms = started.elapsed().as_millis() as u64,
-        "Chromium launched"
-    );
-    Ok(Arc::new(Running {
-        browser: RwLock::new(browser),
-        generation,
-        pid,
-        user_data_dir,
-        user_agent,
-        major_version,
-        dead: dead_rx,
-        taps,
-        retired,
-        tasks: Mutex::new(vec![drain]),
-    }))
-}
-
-/// Drives the CDP handler for the browser's life and detects its death. `Err` items do not
-/// end the loop unless they mean the connection is gone (an unparsable event — see the
-/// `requestWillBeSentExtraInfo` defect in CHROMIUM.md — is not).
-async fn drain_handler(
-    mut handler: chromiumoxide::Handler,
-    dead: watch::Sender<bool>,
-    pid: Option<u32>,
-    retired: Arc<AtomicBool>,
-    taps: Arc<RawTaps>,
-) {
-    let mut check = tokio::time::interval(PROCESS_CHECK);
-    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let reason = loop {
-        tokio::select! {
-            item = handler.next() => match item {
-                None => break "the CDP connection closed",
-                Some(Ok(())) => {}
-                // Not logged: the raw message carries cookies.
-                Some(Err(CdpError::InvalidMessage(raw, _))) => taps.dispatch(&raw),
-                Some(Err(e)) if login::is_connection(&e) => {
-                    tracing::debug!(error = %e, "CDP connection error");
-                    break "the CDP connection failed";
-                }
-                Some(Err(e)) => tracing::trace!(error = %e, "ignored CDP handler error"),
-            },
-            _ = check.tick() => {
-                if pid.is_some_and(|pid| !process_alive(pid)) {
-                    break "the Chromium process exited";
-                }
-            }
-        }
-    };
-    if retired.load(Ordering::SeqCst) {
-        tracing::debug!(pid, "Chromium closed: {reason}");
-    } else {
-        tracing::warn!(pid, "Chromium is dead: {reason}");
-    }
-    dead.send_replace(true);
-    // Dropping the handler fails every command still waiting for an answer right away.
-    drop(handler);
-}
-
-/// A browser tier's start and reply that fail as soon as `running` is known dead, instead of
-/// waiting out their timeouts. The error is a network failure, so before the first token the
-/// gateway retries it (on a relaunched browser); after it, the client sees an error event.
-async fn dies_with(
-    running: &Running,
-    start: impl std::future::Future<Output = Result<DeltaStream, ReplayError>>,
-) -> Result<DeltaStream, ReplayError> {
-    let mut dead = running.dead.clone();
-    let stream = tokio::select! {
-        result = start => result?,
-        _ = dead.wait_for(|d| *d) => return Err(browser_died()),
-    };
-    let died = Box::pin(async move {
-        // An error means the sender is gone, which only happens once the browser is.
-        let _ = dead.wait_for(|d| *d).await;
-    });
-    Ok(Box::pin(DiesWith {
-        inner: Some(stream),
-        died,
-    }))
-}
-
-fn browser_died() -> ReplayError {
-    ReplayError::Browser {
-        call: Call::Chat,
-        message: "the browser died during the reply".into(),
-    }
-}
-
-/// See [`dies_with`].
-struct DiesWith {
-    inner: Option<DeltaStream>,
-    died: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
-}
-
-impl futures_util::Stream for DiesWith {
-    type Item = Result<crate::replay::decode::Delta, ReplayError>;
-
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        use std::task::Poll;
-        let Some(inner) = self.inner.as_mut() else {
-            return Poll::Ready(None);
-        };
-        // The reply first: what the browser sent before it died still goes out.
-        match inner.as_mut().poll_next(cx) {
-            Poll::Ready(None) => {
-                self.inner = None;
-                return Poll::Ready(None);
-            }
-            Poll::Ready(item) => return Poll::Ready(item),
-            Poll::Pending => {}
-        }
-        if self.died.as_mut().poll(cx).is_ready() {
-            self.inner = None;
-            return Poll::Ready(Some(Err(browser_died())));
-        }
-        Poll::Pending
-    }
-}
-
-/// Whether `pid` is a live process (not gone, not a zombie waiting to be reaped).
-fn process_alive(pid: u32) -> bool {
-    if !cfg!(target_os = "linux") {
-        return true;
-    }
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state is the first field after the parenthesised command name.
-        Ok(stat) => !matches!(
-            stat.rsplit_once(')')
-                .and_then(|(_, rest)| rest.trim_start().chars().next()),
-            Some('Z' | 'X')
-        ),
-        Err(_) => false,
-    }
-}
-
 /// What [`BrowserPool::ready_page`] needs to (re)open a work page.
 struct Setup<'a> {
     running: &'a Arc<Running>,
@@ -1783,49 +1298,4 @@ struct Setup<'a> {
     inject: Option<&'a SessionData>,
     chat_url: String,
     fresh: Fresh,
-}
-
-/// A browser-level failure as the replay error the gateway classifies.
-pub(crate) fn login_to_replay(e: LoginError) -> ReplayError {
-    let kind = match &e {
-        LoginError::WrongCredentials { .. } | LoginError::NoCredentials => FailureKind::Auth,
-        LoginError::Captcha { .. } => FailureKind::AntiBot,
-        LoginError::FieldNotFound { .. } | LoginError::Unclassified { .. } => {
-            FailureKind::FormatDrift
-        }
-        _ => FailureKind::Network,
-    };
-    ReplayError::Unexpected {
-        call: Call::Chat,
-        kind,
-        message: format!("browser: {e}"),
-    }
-}
-
-/// A page-level failure of the browser tiers as a replay error.
-pub(crate) fn probe_to_replay(e: PageError) -> ReplayError {
-    let kind = match &e {
-        PageError::Login(login) => return login_to_replay_ref(login, &e),
-        PageError::NotLoggedIn { .. } | PageError::Session(_) => FailureKind::Auth,
-        PageError::NoComposer { .. } | PageError::NotSent { .. } => FailureKind::FormatDrift,
-        _ => FailureKind::Network,
-    };
-    ReplayError::Unexpected {
-        call: Call::Chat,
-        kind,
-        message: format!("browser: {e}"),
-    }
-}
-
-fn login_to_replay_ref(login: &LoginError, outer: &PageError) -> ReplayError {
-    let kind = match login {
-        LoginError::WrongCredentials { .. } | LoginError::NoCredentials => FailureKind::Auth,
-        LoginError::Captcha { .. } => FailureKind::AntiBot,
-        _ => FailureKind::Network,
-    };
-    ReplayError::Unexpected {
-        call: Call::Chat,
-        kind,
-        message: format!("browser: {outer}"),
-    }
 }

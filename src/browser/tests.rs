@@ -961,7 +961,7 @@ async fn the_live_feed_delivers_body_chunks_while_the_reply_streams() {
     let (page, taps) = pool.page_for_tests("sam").await;
     page.goto(format!("{}chat", site.url)).await.unwrap();
     poll(Duration::from_secs(10), "the chat page", || async {
-        login::evaluate_string(&page, "String(!!document.getElementById('prompt'))")
+        page::evaluate_string(&page, "String(!!document.getElementById('prompt'))")
             .await
             .ok()
             .filter(|v| v == "true")
@@ -969,7 +969,7 @@ async fn the_live_feed_delivers_body_chunks_while_the_reply_streams() {
     .await;
     let recorder = recorder::Recorder::start(&page, &taps).await.unwrap();
     let mut feed = recorder.subscribe();
-    login::evaluate_string(
+    page::evaluate_string(
         &page,
         "document.getElementById('prompt').value = 'stream me ctfeed000001'; \
          document.getElementById('composer').requestSubmit(); 'ok'",

@@ -34,7 +34,7 @@ use tokio::time::Instant;
 
 use super::chatbox::{self, Found, Rendered};
 use super::inpage::{self, Keep};
-use super::pool::{BrowserPool, Fresh, Tier, WorkPage, probe_to_replay};
+use super::pool::{BrowserPool, Fresh, Tier, WorkPage};
 use super::recorder::RecorderEvent;
 use super::{TierRequest, is_connection};
 use crate::flow::{Flow, Transport};
@@ -74,7 +74,7 @@ async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStream, Replay
     let work = lease.work.clone();
     let messages = req.prompt.messages.clone();
     let remember = move |stream: DeltaStream| remembering(stream, work, messages);
-    let found: Found = chatbox::script(&page, KEY, chatbox::FIND_COMPOSER_JS, &[])
+    let found: Found = chatbox::script(&page, KEY, chatbox::FIND_COMPOSER, &[])
         .await
         .map_err(page_error)?;
     if !found.found {
@@ -85,16 +85,16 @@ async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStream, Replay
         });
     }
     super::insert_text(&page, &text).await.map_err(page_error)?;
-    let typed: Option<String> = chatbox::script(&page, KEY, chatbox::COMPOSER_TEXT_JS, &[])
+    let typed: Option<String> = chatbox::script(&page, KEY, chatbox::COMPOSER_TEXT, &[])
         .await
         .map_err(page_error)?;
     if typed.as_deref().map(normalize) != Some(normalize(&text)) {
         tracing::debug!("Input.insertText did not reach the chat input; setting it by script");
-        chatbox::script::<bool>(&page, KEY, chatbox::SET_TEXT_JS, &[("TEXT", &text)])
+        chatbox::script::<bool>(&page, KEY, chatbox::SET_TEXT, &[("TEXT", &text)])
             .await
             .map_err(page_error)?;
     }
-    chatbox::script::<bool>(&page, KEY, chatbox::WATCH_JS, &[])
+    chatbox::script::<bool>(&page, KEY, chatbox::WATCH, &[])
         .await
         .map_err(page_error)?;
     let mut feed = lease.work.recorder.subscribe();
@@ -108,7 +108,7 @@ async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStream, Replay
         .collect();
     let mut sending = chatbox::Sending::start(&page, KEY, &text, &needle)
         .await
-        .map_err(probe_to_replay)?;
+        .map_err(ReplayError::from)?;
     let sent_at = Instant::now();
     let matcher = Matcher::new(&req.flow, &text);
     let mut tick = tokio::time::interval(POLL);
@@ -197,7 +197,7 @@ async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStream, Replay
                     }
                     continue;
                 }
-                sending.check(&page, now).await.map_err(probe_to_replay)?;
+                sending.check(&page, now).await.map_err(ReplayError::from)?;
                 if now >= sent_at + DOM_AFTER {
                     let rendered = read_reply(&page, &text).await?;
                     if rendered.found && !rendered.text.trim().is_empty() {
@@ -385,7 +385,7 @@ async fn read_reply(page: &Page, typed: &str) -> Result<Rendered, ReplayError> {
     match chatbox::script(
         page,
         KEY,
-        chatbox::READ_REPLY_JS,
+        chatbox::READ_REPLY,
         &[("PROBE", typed), ("MARKER", &marker)],
     )
     .await

@@ -31,11 +31,10 @@ use std::time::Duration;
 use chromiumoxide::Page;
 use chromiumoxide::error::CdpError;
 use rand::Rng;
-use serde::Deserialize;
 use tokio::time::Instant;
 
 use crate::browser::chatbox::{
-    self, CLEANUP_JS, FIND_COMPOSER_JS, Found, READ_REPLY_JS, Rendered, Sending, script,
+    self, CLEANUP, FIND_COMPOSER, Found, READ_REPLY, Rendered, Sending, script,
 };
 use crate::browser::recorder::RecorderEvent;
 use crate::browser::{BrowserPool, ChatPage, LoginRequest, PageError, PageRequest, redact_url};
@@ -168,28 +167,6 @@ impl ProbeOptions {
     }
 }
 
-#[derive(Debug, Deserialize)]
-struct PageStorage {
-    url: String,
-    ua: String,
-    #[serde(default)]
-    local: BTreeMap<String, String>,
-    #[serde(default)]
-    session: BTreeMap<String, String>,
-    #[serde(default)]
-    meta: BTreeMap<String, String>,
-}
-
-const STORAGE_JS: &str = r#"(() => {
-  const dump = (name) => { try { const s = window[name]; const o = {}; for (let i = 0; i < s.length; i++) { const k = s.key(i); o[k] = s.getItem(k); } return o; } catch (e) { return {}; } };
-  const meta = {};
-  document.querySelectorAll('meta[content]').forEach((m) => {
-    const name = m.getAttribute('name') || m.getAttribute('property');
-    if (name && !(name in meta)) meta[name] = m.getAttribute('content');
-  });
-  return JSON.stringify({ url: location.href, ua: navigator.userAgent, local: dump('localStorage'), session: dump('sessionStorage'), meta });
-})()"#;
-
 /// Types one probe message (and the follow-up, when asked) into the account's chat page while
 /// recording the network, and returns the [`Recording`]. The page is a new tab in the
 /// account's context (see [`BrowserPool::chat_page`]); a successful probe hands what the
@@ -240,7 +217,7 @@ async fn run(chat: &ChatPage, options: &ProbeOptions) -> Result<Recording, PageE
     let page = chat.page();
     let key = format!("__{}", options.marker);
     let result = probe_page(chat, options, &key).await;
-    let _ = script::<bool>(page, &key, CLEANUP_JS, &[]).await;
+    let _ = script::<bool>(page, &key, CLEANUP, &[]).await;
     result
 }
 
@@ -250,9 +227,7 @@ async fn probe_page(
     key: &str,
 ) -> Result<Recording, PageError> {
     let page = chat.page();
-    let found: Found = script(page, key, FIND_COMPOSER_JS, &[])
-        .await
-        .map_err(cdp)?;
+    let found: Found = script(page, key, FIND_COMPOSER, &[]).await.map_err(cdp)?;
     if !found.found {
         let url = page.url().await.ok().flatten().unwrap_or_default();
         return Err(PageError::NoComposer {
@@ -397,7 +372,7 @@ async fn converse(
             }
             _ = tick.tick() => {
                 let now = Instant::now();
-                let current: Rendered = match script(page, key, READ_REPLY_JS, &[("PROBE", text), ("MARKER", marker)]).await {
+                let current: Rendered = match script(page, key, READ_REPLY, &[("PROBE", text), ("MARKER", marker)]).await {
                     Ok(r) => r,
                     Err(e) if crate::browser::is_connection(&e) => return Err(cdp(e)),
                     // A navigation in progress (some sites move to the conversation's URL).
@@ -601,11 +576,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 /// The page URL and its storage: cookies for the page's URL (HttpOnly included, from CDP),
 /// local and session storage, `<meta>` name/content pairs and the user agent.
 async fn snapshot_storage(page: &Page) -> Result<(String, StorageSnapshot), PageError> {
-    let json = crate::browser::evaluate_string(page, STORAGE_JS)
-        .await
-        .map_err(cdp)?;
-    let storage: PageStorage =
-        serde_json::from_str(&json).map_err(|e| PageError::Cdp(format!("storage dump: {e}")))?;
+    let storage = crate::browser::read_storage(page).await.map_err(cdp)?;
     let cookies = page.get_cookies().await.map_err(cdp)?;
     Ok((
         storage.url,
