@@ -14,7 +14,7 @@
 
 use std::time::Duration;
 
-use crate::replay::client::FailureKind;
+use crate::replay::failure::FailureKind;
 
 /// Tries of one tier on one account for network errors (with exponential backoff).
 pub const NETWORK_ATTEMPTS: u32 = 3;
@@ -59,8 +59,9 @@ pub struct Situation {
     pub relogged: bool,
     /// The server runs the browser (tiers 2 and 3, re-login, re-learn).
     pub browser: bool,
-    /// The failure is an HTTP status (a 5xx is worth one retry; an in-band error is not).
-    pub status: bool,
+    /// Sending the same call again is safe (`ReplayError::retry_safe`): a 5xx is worth one
+    /// retry, an in-band error (the site took the message) is not.
+    pub retry_safe: bool,
 }
 
 const fn decide(next: Next, action: &'static str) -> Decision {
@@ -103,7 +104,7 @@ pub fn next(tier: u8, kind: FailureKind, attempt: u32, situation: &Situation) ->
             },
             "retry",
         ),
-        Upstream if attempt < 2 && situation.status => decide(
+        Upstream if attempt < 2 && situation.retry_safe => decide(
             Next::Retry {
                 after: Duration::ZERO,
             },
@@ -139,7 +140,7 @@ mod tests {
     fn plain() -> Situation {
         Situation {
             browser: true,
-            status: true,
+            retry_safe: true,
             ..Situation::default()
         }
     }
@@ -204,7 +205,7 @@ mod tests {
         assert_eq!(next(1, Upstream, 2, &plain()).next, Next::Fail);
         // An in-band error is the site's answer: no retry.
         let in_band = Situation {
-            status: false,
+            retry_safe: false,
             ..plain()
         };
         assert_eq!(next(1, Upstream, 1, &in_band).next, Next::Fail);

@@ -26,8 +26,10 @@ use crate::inline::InlineCredentials;
 use crate::learn::Learner;
 use crate::pinning::Pins;
 use crate::renew::{RenewError, Renewer};
-use crate::replay::client::{Call, DeltaStream, FailureKind, ReplayError, Replayer, Target};
+use crate::replay::DeltaStream;
+use crate::replay::client::{Replayer, Target};
 use crate::replay::decode::Delta;
+use crate::replay::failure::{Call, FailureKind, ReplayError};
 use crate::replay::render::Prompt;
 use crate::role::Role;
 use crate::store::accounts::Account;
@@ -351,8 +353,8 @@ impl Gateway {
             timeout: self.browser_tier_timeout,
         };
         match tier {
-            2 => renewer.pool().inpage(request).await,
-            _ => renewer.pool().ui(request).await,
+            2 => crate::browser::in_page_tier(renewer.pool(), request).await,
+            _ => crate::browser::ui_tier(renewer.pool(), request).await,
         }
     }
 
@@ -798,7 +800,7 @@ impl Gateway {
             continuing: attempt.continuing.is_some(),
             relogged: attempt.relogged,
             browser: self.renewer.is_some(),
-            status: matches!(error, ReplayError::Status { .. }),
+            retry_safe: error.retry_safe(),
         };
         let decision = fallback::next(attempt.tier, kind, attempt.number, &situation);
         self.decide(request_id, &name, &account.id, kind, decision.action);
@@ -984,7 +986,7 @@ impl Gateway {
         started: Instant,
         tier: u8,
     ) {
-        tracing::info!(request_id, service, account = account_id, kind = error.kind().as_str(), error = %error, "replay failed");
+        tracing::info!(request_id, service, account = account_id, kind = error.kind().as_str(), source = error.came_from().as_str(), retry_safe = error.retry_safe(), error = %error, "replay failed");
         crate::telemetry::attempt_failed(service, tier, error.kind().as_str());
         self.events.record(Record::Execution(ExecutionEvent {
             request_id: request_id.to_owned(),

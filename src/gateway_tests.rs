@@ -5,7 +5,7 @@
 
 use super::*;
 use crate::demo::{self, DemoConfig, Shape};
-use crate::replay::client::Timeouts;
+use crate::replay::Timeouts;
 use crate::store::accounts::NewAccount;
 use crate::store::testing;
 

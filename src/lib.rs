@@ -18,6 +18,7 @@ pub mod learn;
 pub mod memory;
 pub mod openai;
 pub mod pinning;
+pub mod recording;
 pub mod renew;
 pub mod replay;
 pub mod role;

@@ -355,7 +355,7 @@ async fn a_failed_learn_leaves_a_redacted_recording_and_a_clear_message() {
     let path = stderr[at..].split_whitespace().next().unwrap();
     assert!(path.starts_with(data.path().to_str().unwrap()), "{path}");
     let text = std::fs::read_to_string(path).unwrap();
-    let recording: computetower::learn::recording::Recording = serde_json::from_str(&text).unwrap();
+    let recording: computetower::recording::Recording = serde_json::from_str(&text).unwrap();
     // No password, cookie value or token: every one is a placeholder.
     assert!(!text.contains(common::PASSWORD));
     assert!(

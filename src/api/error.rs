@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use crate::gateway::GatewayError;
-use crate::replay::client::FailureKind;
+use crate::replay::failure::FailureKind;
 use crate::store::StoreError;
 
 #[derive(Debug, Clone)]

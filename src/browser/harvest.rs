@@ -7,36 +7,17 @@
 //! - Storage is read from the chat page's origin only.
 //! - Nothing here logs a value: counts and names at most.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chromiumoxide::Page;
 use chromiumoxide::cdp::browser_protocol::browser::BrowserContextId;
 use chromiumoxide::cdp::browser_protocol::network;
 use chromiumoxide::cdp::browser_protocol::storage::GetCookiesParams;
-use serde::Deserialize;
 
 use super::LoginError;
-use super::login::{cdp_error, evaluate_string};
-use super::pool::Running;
+use super::page::{cdp_error, read_storage};
+use super::process::Running;
 use crate::session::{Cookie, SessionData};
-
-/// Reads the page's origin storage, URL and user agent in one evaluation. Storage access
-/// throws on opaque origins; that yields empty maps, not a failure.
-const STORAGE_JS: &str = r#"(() => {
-  const dump = (name) => { try { const s = window[name]; const o = {}; for (let i = 0; i < s.length; i++) { const k = s.key(i); o[k] = s.getItem(k); } return o; } catch (e) { return {}; } };
-  return JSON.stringify({ url: location.href, ua: navigator.userAgent, local: dump('localStorage'), session: dump('sessionStorage') });
-})()"#;
-
-#[derive(Deserialize)]
-struct PageStorage {
-    url: String,
-    ua: String,
-    #[serde(default)]
-    local: BTreeMap<String, String>,
-    #[serde(default)]
-    session: BTreeMap<String, String>,
-}
 
 pub(crate) struct Harvested {
     pub session: SessionData,
@@ -49,9 +30,7 @@ pub(crate) async fn harvest(
     context: &BrowserContextId,
     page: &Page,
 ) -> Result<Harvested, LoginError> {
-    let json = evaluate_string(page, STORAGE_JS).await.map_err(cdp_error)?;
-    let storage: PageStorage =
-        serde_json::from_str(&json).map_err(|e| LoginError::Cdp(format!("storage dump: {e}")))?;
+    let storage = read_storage(page).await.map_err(cdp_error)?;
     let host = url::Url::parse(&storage.url)
         .ok()
         .and_then(|u| u.host_str().map(str::to_owned))

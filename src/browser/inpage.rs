@@ -34,15 +34,17 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use url::Url;
 
+use super::TierRequest;
+use super::js::inpage as js;
+use super::page::{self, is_connection, read_storage};
 use super::pool::{BrowserPool, Fresh, PageLease, Tier};
 use super::recorder::RecorderEvent;
-use super::{TierRequest, evaluate_string, is_connection};
 use crate::flow::{Flow, ResponseSpec, Transport};
-use crate::learn::recording::Frame;
-use crate::replay::client::{
-    self, Call, DeltaStream, ERROR_EXCERPT, FailureKind, PREFLIGHT_BODY_LIMIT, ReplayError,
-};
+use crate::recording::Frame;
+use crate::replay::DeltaStream;
+use crate::replay::client::{self, PREFLIGHT_BODY_LIMIT};
 use crate::replay::decode::{Decoder, Delta};
+use crate::replay::failure::{self, Call, ERROR_EXCERPT, FailureKind, ReplayError};
 use crate::replay::render::{self, Context, Rendered};
 use crate::session::{Cookie, SessionData};
 
@@ -83,7 +85,16 @@ fn forbidden(name: &str) -> bool {
         || name.starts_with("proxy-")
 }
 
-pub(super) async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStream, ReplayError> {
+/// Tier 2: the flow's preflights and chat call run by `fetch()` inside the account's
+/// logged-in page (see the module docs).
+pub async fn in_page_tier(
+    pool: &BrowserPool,
+    req: TierRequest,
+) -> Result<DeltaStream, ReplayError> {
+    pool.dies_with(run(pool, req)).await
+}
+
+async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStream, ReplayError> {
     let base = Url::parse(&req.account_url).map_err(|_| ReplayError::Unexpected {
         call: Call::Chat,
         kind: FailureKind::Flow,
@@ -150,17 +161,11 @@ pub(super) async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStr
         let excerpt = collect_excerpt(&mut feed, &id).await;
         return Err(status_error(Call::Chat, status, &headers, &excerpt));
     }
-    let content_type = header(&headers, "content-type")
-        .unwrap_or_default()
-        .to_ascii_lowercase();
-    if req.flow.response.transport != Transport::Text && content_type.starts_with("text/html") {
+    let content_type = header(&headers, "content-type").unwrap_or_default();
+    let wants_data = req.flow.response.transport != Transport::Text;
+    if failure::is_page_instead_of_data(content_type, wants_data) {
         let excerpt = collect_excerpt(&mut feed, &id).await;
-        let (kind, message) = client::classify_html(&String::from_utf8_lossy(&excerpt));
-        return Err(ReplayError::Unexpected {
-            call: Call::Chat,
-            kind,
-            message: message.to_owned(),
-        });
+        return Err(failure::html_error(Call::Chat, &excerpt));
     }
     guard.armed = true;
     let events = forward(feed, id, Vec::new());
@@ -193,29 +198,15 @@ async fn in_page_result(
         #[serde(default)]
         error: Option<String>,
     }
-    let expression = format!(
-        r#"(async () => {{
-  const S = window[{key}] || {{}};
-  const c = S[{tag}];
-  if (!c) return JSON.stringify({{ error: 'the call is gone from the page' }});
-  await c.finished;
-  delete S[{tag}];
-  if (c.error) return JSON.stringify({{ error: c.error }});
-  let bin = '';
-  for (const part of c.parts) for (let i = 0; i < part.length; i += 0x8000) bin += String.fromCharCode.apply(null, part.subarray(i, i + 0x8000));
-  return JSON.stringify({{ status: c.status, headers: c.headers, body: btoa(bin) }});
-}})()"#,
-        key = json(STATE_KEY),
-        tag = json(tag),
-    );
-    let answer = tokio::time::timeout(limit, evaluate_string(page, &expression))
+    let args = serde_json::json!({ "key": STATE_KEY, "tag": tag });
+    let answer = tokio::time::timeout(limit, page::call(page, js::FETCH_RESULT, &args))
         .await
         .map_err(|_| ReplayError::Network {
             call,
             message: format!("no complete response within {} s", limit.as_secs()),
         })?
         .map_err(|e| browser_failure(call, &e))?;
-    let result: Result_ = serde_json::from_str(&answer).map_err(|_| ReplayError::Network {
+    let result: Result_ = serde_json::from_str(&answer).map_err(|_| ReplayError::Browser {
         call,
         message: "the page returned no result for the call".into(),
     })?;
@@ -292,38 +283,17 @@ async fn start_fetch(
             Err(_) => (None, Some(base64_encode(bytes))),
         },
     };
-    let script = format!(
-        r#"(() => {{
-  const S = (window[{key}] = window[{key}] || {{}});
-  const TAG = {tag};
-  const ctl = new AbortController();
-  let body = {text};
-  const bin = {binary};
-  if (bin !== null) {{ const raw = atob(bin); body = Uint8Array.from(raw, (c) => c.charCodeAt(0)); }}
-  const KEEP = {keep};
-  const init = {{ method: {method}, headers: {headers}, credentials: 'include', signal: ctl.signal }};
-  if (body !== null && init.method !== 'GET' && init.method !== 'HEAD') init.body = body;
-  let request;
-  try {{ request = new Request({url}, init); }} catch (e) {{ return JSON.stringify({{ ok: false, error: String((e && e.message) || e) }}); }}
-  const c = (S[TAG] = {{ stop: () => ctl.abort(), error: null, status: 0, headers: [], parts: [], done: false, keep: KEEP }});
-  c.finished = fetch(request).then(async (r) => {{
-    c.status = r.status;
-    r.headers.forEach((v, k) => c.headers.push([k, v]));
-    if (r.body) {{ const reader = r.body.getReader(); for (;;) {{ const step = await reader.read(); if (step.done) break; if (c.keep) c.parts.push(step.value); }} }}
-    c.done = true;
-  }}).catch((e) => {{ c.error = String((e && e.message) || e); }});
-  return JSON.stringify({{ ok: true }});
-}})()"#,
-        key = json(STATE_KEY),
-        tag = json(&tag),
-        text = json(&text),
-        binary = json(&binary),
-        method = json(&rendered.method),
-        headers = json(&headers.into_iter().collect::<Vec<_>>()),
-        url = json(url.as_str()),
-        keep = keep,
-    );
-    run_script(page, &script, call).await?;
+    let args = serde_json::json!({
+        "key": STATE_KEY,
+        "tag": tag,
+        "text": text,
+        "binary": binary,
+        "method": rendered.method,
+        "headers": headers,
+        "url": url.as_str(),
+        "keep": keep,
+    });
+    run_script(page, js::FETCH_START, &args, call).await?;
     Ok(Started {
         tag,
         call,
@@ -333,20 +303,21 @@ async fn start_fetch(
     })
 }
 
-fn json<T: serde::Serialize + ?Sized>(value: &T) -> String {
-    serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
-}
-
 fn base64_encode(bytes: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-async fn run_script(page: &Page, script: &str, call: Call) -> Result<(), ReplayError> {
-    let answer = evaluate_string(page, script)
+async fn run_script(
+    page: &Page,
+    script: &str,
+    args: &serde_json::Value,
+    call: Call,
+) -> Result<(), ReplayError> {
+    let answer = page::call(page, script, args)
         .await
         .map_err(|e| browser_failure(call, &e))?;
-    let answer: ScriptAnswer = serde_json::from_str(&answer).map_err(|_| ReplayError::Network {
+    let answer: ScriptAnswer = serde_json::from_str(&answer).map_err(|_| ReplayError::Browser {
         call,
         message: "the page did not start the call".into(),
     })?;
@@ -364,7 +335,7 @@ async fn run_script(page: &Page, script: &str, call: Call) -> Result<(), ReplayE
 }
 
 fn browser_failure(call: Call, e: &chromiumoxide::error::CdpError) -> ReplayError {
-    ReplayError::Network {
+    ReplayError::Browser {
         call,
         message: if is_connection(e) {
             "lost the connection to Chromium".into()
@@ -376,12 +347,8 @@ fn browser_failure(call: Call, e: &chromiumoxide::error::CdpError) -> ReplayErro
 
 /// A failure the page's script recorded for `tag` (the fetch rejected before any request).
 async fn script_error(page: &Page, tag: &str) -> Option<String> {
-    let expression = format!(
-        "(() => {{ const S = window[{}]; const c = S && S[{}]; return String((c && c.error) || ''); }})()",
-        json(STATE_KEY),
-        json(tag)
-    );
-    evaluate_string(page, &expression)
+    let args = serde_json::json!({ "key": STATE_KEY, "tag": tag });
+    page::call(page, js::CALL_ERROR, &args)
         .await
         .ok()
         .filter(|e| !e.is_empty())
@@ -436,7 +403,7 @@ async fn await_response(
 }
 
 fn feed_closed(call: Call) -> ReplayError {
-    ReplayError::Network {
+    ReplayError::Browser {
         call,
         message: "the browser stopped reporting the page's network traffic".into(),
     }
@@ -484,50 +451,23 @@ fn header_map(headers: &[(String, String)]) -> HeaderMap {
     map
 }
 
-/// A non-2xx answer, classified as tier 1 does. (`fetch()` follows redirects, so a lost
-/// session shows as the login page, not as a redirect.)
+/// A non-2xx answer, classified as tier 1 does.
 pub(super) fn status_error(
     call: Call,
     status: u16,
     headers: &[(String, String)],
     body: &[u8],
 ) -> ReplayError {
-    let excerpt = String::from_utf8_lossy(&body[..body.len().min(ERROR_EXCERPT)]).into_owned();
-    let retry_after = header(headers, "retry-after").and_then(client::retry_after_secs);
-    let challenge =
-        header(headers, "cf-mitigated").is_some() || client::looks_like_challenge(&excerpt);
-    ReplayError::Status {
-        call,
-        status,
-        kind: client::status_kind(status, challenge, false),
-        retry_after,
-        detail: client::error_message(&excerpt),
-    }
+    failure::status_error(call, status, &header_map(headers), body)
 }
 
 /// The session the page itself holds: its storage and cookies (HttpOnly included), over
 /// `base` (the caller's session) for anything the page lacks.
 async fn live_session(page: &Page, base: Option<&SessionData>) -> Result<SessionData, ReplayError> {
-    #[derive(Deserialize)]
-    struct Storage {
-        ua: String,
-        #[serde(default)]
-        local: BTreeMap<String, String>,
-        #[serde(default)]
-        session: BTreeMap<String, String>,
-    }
-    const STORAGE_JS: &str = r#"(() => {
-  const dump = (name) => { try { const s = window[name]; const o = {}; for (let i = 0; i < s.length; i++) { const k = s.key(i); o[k] = s.getItem(k); } return o; } catch (e) { return {}; } };
-  return JSON.stringify({ ua: navigator.userAgent, local: dump('localStorage'), session: dump('sessionStorage') });
-})()"#;
     let mut session = base.cloned().unwrap_or_default();
-    let json = evaluate_string(page, STORAGE_JS)
+    let storage = read_storage(page)
         .await
         .map_err(|e| browser_failure(Call::Chat, &e))?;
-    let storage: Storage = serde_json::from_str(&json).map_err(|_| ReplayError::Network {
-        call: Call::Chat,
-        message: "could not read the page's storage".into(),
-    })?;
     session.local_storage.extend(storage.local);
     session.session_storage.extend(storage.session);
     session.user_agent = Some(storage.ua);
@@ -578,22 +518,12 @@ async fn open_socket(
         Some(Err(_)) | None => Vec::new(),
     };
     let tag = format!("ct-{}", uuid::Uuid::new_v4().simple());
-    let script = format!(
-        r#"(() => {{
-  const S = (window[{key}] = window[{key}] || {{}});
-  const TAG = {tag};
-  let ws;
-  try {{ ws = new WebSocket({url}); }} catch (e) {{ return JSON.stringify({{ ok: false, error: String((e && e.message) || e) }}); }}
-  S[TAG] = {{ stop: () => {{ try {{ ws.close(); }} catch (e) {{}} delete S[TAG]; }}, error: null }};
-  ws.addEventListener('open', () => {{ for (const m of {messages}) ws.send(m); }});
-  ws.addEventListener('error', () => {{ if (S[TAG]) S[TAG].error = 'the WebSocket failed'; }});
-  return JSON.stringify({{ ok: true }});
-}})()"#,
-        key = json(STATE_KEY),
-        tag = json(&tag),
-        url = json(url.as_str()),
-        messages = json(&messages),
-    );
+    let args = serde_json::json!({
+        "key": STATE_KEY,
+        "tag": tag,
+        "url": url.as_str(),
+        "messages": messages,
+    });
     let started = Started {
         tag: tag.clone(),
         call,
@@ -601,7 +531,7 @@ async fn open_socket(
         socket_url: Some(url.to_string()),
         last_message: messages.last().cloned(),
     };
-    run_script(&page, &script, call).await?;
+    run_script(&page, js::SOCKET_OPEN, &args, call).await?;
     let mut guard = StopOnDrop::new(page.clone(), tag);
     guard.armed = true;
     let (id, early) = await_socket(&mut feed, &page, &started, Instant::now() + timeout).await?;
@@ -762,16 +692,11 @@ impl StopOnDrop {
 impl Drop for StopOnDrop {
     /// Stops the call when armed; forgets it in the page either way.
     fn drop(&mut self) {
-        let expression = format!(
-            "(() => {{ const S = window[{}]; const t = {}; const c = S && S[t]; if (c && c.stop && {}) c.stop(); if (S) delete S[t]; return 'ok'; }})()",
-            json(STATE_KEY),
-            json(&self.tag),
-            self.armed,
-        );
+        let args = serde_json::json!({ "key": STATE_KEY, "tag": self.tag, "stop": self.armed });
         let page = self.page.clone();
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
-                let _ = evaluate_string(&page, &expression).await;
+                let _ = page::call(&page, js::CALL_STOP, &args).await;
             });
         }
     }
@@ -891,21 +816,8 @@ pub(super) fn reply_stream(
 /// The body bytes after the first `skip` of a call the page read completely, if it did
 /// (waiting up to two seconds for the page to finish reading).
 async fn in_page_rest(page: &Page, tag: &str, skip: usize) -> Option<Vec<u8>> {
-    let expression = format!(
-        r#"(async () => {{
-  const S = window[{key}] || {{}};
-  const c = S[{tag}];
-  if (!c) return 'null';
-  await Promise.race([c.finished, new Promise((r) => setTimeout(r, 2000))]);
-  if (!c.done) return 'null';
-  let bin = '';
-  for (const part of c.parts) for (let i = 0; i < part.length; i += 0x8000) bin += String.fromCharCode.apply(null, part.subarray(i, i + 0x8000));
-  return JSON.stringify(btoa(bin));
-}})()"#,
-        key = json(STATE_KEY),
-        tag = json(tag),
-    );
-    let answer = evaluate_string(page, &expression).await.ok()?;
+    let args = serde_json::json!({ "key": STATE_KEY, "tag": tag });
+    let answer = page::call(page, js::FETCH_REST, &args).await.ok()?;
     let encoded: Option<String> = serde_json::from_str(&answer).ok()?;
     use base64::Engine;
     let body = base64::engine::general_purpose::STANDARD

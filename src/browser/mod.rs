@@ -4,13 +4,21 @@
 //! - [`BrowserPool`] owns at most one Chromium process, launched lazily, and one browser
 //!   context per account (cookies and storage never leak between accounts).
 //! - `login` classifies each page generically (login form, landing page, two-step, captcha,
-//!   chat) and acts on it; `harvest` turns the logged-in page into a [`SessionData`].
+//!   chat) and acts on it, with `login::captcha` (solver hook, human handoff) and
+//!   `login::assist` (the optional vision assist); `harvest` turns the logged-in page into a
+//!   [`SessionData`].
+//! - Layers, each using only those below it: `js` (the page scripts, `js/*.js`) and `page`
+//!   (CDP on one page) at the bottom; `process` (one Chromium), `recorder`, `harvest`,
+//!   `chatbox`; `login`; `pool`; the tiers `inpage` and `ui` on top.
 //! - `recorder` captures a page's network traffic (headers with cookies, complete streamed
-//!   bodies, frames); [`BrowserPool::probe`] runs `learn::probe` on an account's chat page.
+//!   bodies, frames) into the crate's neutral `recording` types; [`BrowserPool::chat_page`]
+//!   opens an account's chat page for `learn::probe`, which drives it with `chatbox`.
 //! - The fallback tiers run a flow through the account's logged-in page when direct replay is
-//!   refused: `inpage` (tier 2, [`BrowserPool::inpage`]) makes the flow's calls with `fetch()`
-//!   inside the page, `ui` (tier 3, [`BrowserPool::ui`]) types the prompt into the site's own
-//!   chat box. Both read the reply from the recorder's live feed as it streams.
+//!   refused: `inpage` (tier 2, [`in_page_tier`]) makes the flow's calls with `fetch()`
+//!   inside the page, `ui` (tier 3, [`ui_tier`]) types the prompt into the site's own chat
+//!   box. Both ask the pool for the account's work page and read the reply from the
+//!   recorder's live feed as it streams. The pool opens pages and logs in; it runs neither
+//!   the tiers nor the probe.
 //!
 //! Invariants:
 //! - Nothing this module returns or logs carries a password, a cookie value or a token: error
@@ -24,13 +32,15 @@
 //!
 //! [`SessionData`]: crate::session::SessionData
 
-mod assist;
-mod captcha;
+pub(crate) mod chatbox;
 pub mod guard;
 mod harvest;
 mod inpage;
+mod js;
 mod login;
+mod page;
 mod pool;
+mod process;
 pub mod recorder;
 #[cfg(test)]
 mod tests;
@@ -42,12 +52,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use crate::learn::probe::{ProbeError, ProbeRequest};
-pub use pool::BrowserPool;
+pub use inpage::in_page_tier;
+pub use pool::{BrowserPool, ChatPage, PageRequest};
 pub use recorder::{Recorder, RecorderEvent};
+pub use ui::ui_tier;
 
-pub(crate) use login::{cdp_error, evaluate_string, insert_text, is_connection, press_key};
+pub(crate) use page::{
+    cdp_error, evaluate_string, insert_text, is_connection, press_key, read_storage,
+};
 
+use crate::replay::failure::{Call, FailureKind, ReplayError};
 use crate::session::SessionData;
 
 /// Tracing filter directives to append to the subscriber's filter (e.g. to `RUST_LOG`'s
@@ -314,6 +328,123 @@ impl LoginError {
     }
 }
 
+/// Why an account's chat page could not be opened or driven (by a probe or by tier 3).
+/// Messages are for the user and never carry secrets.
+#[derive(Debug, thiserror::Error)]
+pub enum PageError {
+    #[error("could not find the chat input on {url}")]
+    NoComposer {
+        url: String,
+        screenshot: Option<PathBuf>,
+    },
+    #[error("the message was typed and sent, but the page made no request carrying it")]
+    NotSent { screenshot: Option<PathBuf> },
+    #[error("the site answered the message with HTTP {status}")]
+    Rejected {
+        status: u16,
+        screenshot: Option<PathBuf>,
+    },
+    #[error("the page's chat request failed: {reason}")]
+    CallFailed {
+        reason: String,
+        screenshot: Option<PathBuf>,
+    },
+    #[error("timed out {stage}")]
+    Timeout {
+        stage: String,
+        screenshot: Option<PathBuf>,
+    },
+    #[error("the page at {url} is a {kind}, not a chat, and no login was given for the account")]
+    NotLoggedIn {
+        url: String,
+        kind: PageKind,
+        screenshot: Option<PathBuf>,
+    },
+    #[error("no chat page to open: give a chat URL or a login")]
+    NoChatUrl,
+    #[error("could not restore the saved session: {0}")]
+    Session(String),
+    #[error("logging in on the way to the chat page failed: {0}")]
+    Login(#[source] LoginError),
+    #[error("could not open {url}: {reason}")]
+    Navigation { url: String, reason: String },
+    #[error("could not start Chromium: {0}")]
+    Launch(String),
+    #[error("Chromium crashed: {0}")]
+    Crashed(String),
+    #[error("browser protocol error: {0}")]
+    Cdp(String),
+}
+
+impl PageError {
+    /// The failure screenshot saved for this error, if any.
+    pub fn screenshot(&self) -> Option<&std::path::Path> {
+        match self {
+            PageError::NoComposer { screenshot, .. }
+            | PageError::NotSent { screenshot }
+            | PageError::Rejected { screenshot, .. }
+            | PageError::CallFailed { screenshot, .. }
+            | PageError::Timeout { screenshot, .. }
+            | PageError::NotLoggedIn { screenshot, .. } => screenshot.as_deref(),
+            PageError::Login(e) => e.screenshot(),
+            _ => None,
+        }
+    }
+
+    /// Whether a screenshot of the page would explain this error.
+    pub fn wants_screenshot(&self) -> bool {
+        matches!(
+            self,
+            PageError::NoComposer { .. }
+                | PageError::NotSent { .. }
+                | PageError::Rejected { .. }
+                | PageError::CallFailed { .. }
+                | PageError::Timeout { .. }
+                | PageError::NotLoggedIn { .. }
+        )
+    }
+
+    pub fn set_screenshot(&mut self, path: Option<PathBuf>) {
+        match self {
+            PageError::NoComposer { screenshot, .. }
+            | PageError::NotSent { screenshot }
+            | PageError::Rejected { screenshot, .. }
+            | PageError::CallFailed { screenshot, .. }
+            | PageError::Timeout { screenshot, .. }
+            | PageError::NotLoggedIn { screenshot, .. } => *screenshot = path,
+            _ => {}
+        }
+    }
+
+    /// Whether the browser itself may have died (the pool then checks, and relaunches).
+    pub fn is_crash_like(&self) -> bool {
+        matches!(
+            self,
+            PageError::Crashed(_)
+                | PageError::Cdp(_)
+                | PageError::Login(LoginError::Crashed(_) | LoginError::Cdp(_))
+        )
+    }
+
+    pub(crate) fn from_cdp(e: chromiumoxide::error::CdpError) -> PageError {
+        PageError::from(cdp_error(e))
+    }
+}
+
+impl From<LoginError> for PageError {
+    /// Browser-level failures (launch, crash, protocol, navigation) outside a login.
+    fn from(e: LoginError) -> Self {
+        match e {
+            LoginError::Launch(m) => PageError::Launch(m),
+            LoginError::Crashed(m) => PageError::Crashed(m),
+            LoginError::Cdp(m) => PageError::Cdp(m),
+            LoginError::Navigation { url, reason } => PageError::Navigation { url, reason },
+            LoginError::Timeout { stage, screenshot } => PageError::Timeout { stage, screenshot },
+            other => PageError::Cdp(other.to_string()),
+        }
+    }
+}
+
 /// A browser page a human may look at and drive: a login in progress.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LiveSession {
@@ -325,6 +456,54 @@ pub struct LiveSession {
     pub state: String,
     /// Unix seconds when the session started.
     pub since: i64,
+}
+
+/// What a login failure means for the gateway.
+fn login_kind(e: &LoginError) -> FailureKind {
+    match e {
+        LoginError::WrongCredentials { .. } | LoginError::NoCredentials => FailureKind::Auth,
+        LoginError::Captcha { .. } => FailureKind::AntiBot,
+        LoginError::FieldNotFound { .. } | LoginError::Unclassified { .. } => {
+            FailureKind::FormatDrift
+        }
+        _ => FailureKind::Network,
+    }
+}
+
+/// A browser-level failure of a browser tier, as the replay error the gateway classifies.
+impl From<LoginError> for ReplayError {
+    fn from(e: LoginError) -> Self {
+        ReplayError::Unexpected {
+            call: Call::Chat,
+            kind: login_kind(&e),
+            message: format!("browser: {e}"),
+        }
+    }
+}
+
+/// A page-level failure of a browser tier, as the replay error the gateway classifies.
+impl From<PageError> for ReplayError {
+    fn from(e: PageError) -> Self {
+        let kind = match &e {
+            PageError::Login(login) => login_kind(login),
+            PageError::NotLoggedIn { .. } | PageError::Session(_) => FailureKind::Auth,
+            PageError::NoComposer { .. } | PageError::NotSent { .. } => FailureKind::FormatDrift,
+            _ => FailureKind::Network,
+        };
+        ReplayError::Unexpected {
+            call: Call::Chat,
+            kind,
+            message: format!("browser: {e}"),
+        }
+    }
+}
+
+/// A std mutex guard that survives a poisoned lock: the data the browser layer keeps under
+/// std mutexes (maps, strings) stays consistent even if a holder panicked.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// `url` without query string or fragment: those may carry tokens (OAuth codes, magic links).

@@ -1,89 +1,52 @@
-//! The Chromium process, its account contexts and the live sessions.
+//! The browser pool: one Chromium at a time (`process`), a browser context per account, the
+//! pages the probe and the browser tiers ask for, and the live login sessions.
 //!
 //! Invariants:
 //! - At most one [`Running`] browser at a time; it is launched lazily, under the `browser`
 //!   lock, and replaced (killed, reaped, its user-data dir removed) when found dead.
-//! - Its handler is drained by one task for the browser's whole life. That task is also the
-//!   crash detector: a CDP connection error, the end of the handler stream or the process
-//!   having exited (checked every 250 ms) marks the browser dead and drops the handler,
-//!   which fails every command still waiting for an answer at once instead of after the
-//!   request timeout.
 //! - One browser context per account, at most `max_contexts`; a context in use is never
 //!   evicted or reaped. Context bookkeeping sits behind a std mutex that is never held
 //!   across an await, so a lease can be returned from `Drop`.
+//! - The pool opens pages and logs in; what runs on a page (a probe, a tier) is its caller's.
 //! - Background tasks run on the runtime that launched the browser and hold only a `Weak`
 //!   to the pool; `shutdown` (or the pool's last clone going away) ends them.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use chromiumoxide::Page;
-use chromiumoxide::browser::Browser;
 use chromiumoxide::cdp::browser_protocol::browser::BrowserContextId;
 use chromiumoxide::cdp::browser_protocol::emulation::{
     SetUserAgentOverrideParams, UserAgentBrandVersion, UserAgentMetadata,
 };
 use chromiumoxide::cdp::browser_protocol::network::{CookieParam, TimeSinceEpoch};
-use chromiumoxide::cdp::browser_protocol::page::{CaptureScreenshotFormat, NavigateParams};
+use chromiumoxide::cdp::browser_protocol::page::CaptureScreenshotFormat;
 use chromiumoxide::cdp::browser_protocol::storage::SetCookiesParams as StorageSetCookiesParams;
 use chromiumoxide::cdp::browser_protocol::target::{
     CreateBrowserContextParams, CreateTargetParams,
 };
 use chromiumoxide::error::CdpError;
-use chromiumoxide::handler::viewport::Viewport;
 use chromiumoxide::layout::Point;
 use chromiumoxide::page::ScreenshotParams;
-use futures_util::StreamExt;
-use tokio::sync::{Notify, RwLock, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::guard;
-use super::login::{self, Attempt, cdp_error};
-use super::recorder::{RawTaps, Recorder};
+use super::login::{self, Attempt, LiveEntry};
+use super::page::{self, cdp_error};
+use super::process::{self, Running};
+#[cfg(test)]
+use super::recorder::RawTaps;
+use super::recorder::Recorder;
 use super::{
-    BrowserConfig, LiveSession, LoginError, LoginOutcome, LoginRequest, PageKind, TierRequest,
+    BrowserConfig, LiveSession, LoginError, LoginOutcome, LoginRequest, PageError, PageKind,
+    TierRequest, lock,
 };
-use crate::learn::probe::{self, ProbeError, ProbeOptions, ProbeRequest};
-use crate::learn::recording::Recording;
-use crate::replay::client::{Call, DeltaStream, FailureKind, ReplayError};
+use crate::replay::DeltaStream;
+use crate::replay::failure::ReplayError;
 use crate::session::SessionData;
-
-/// Browser-wide flags (CHROMIUM.md): chromiumoxide's defaults minus `--enable-automation`,
-/// plus what keeps Chromium from calling outside hosts.
-const CHROME_ARGS: &[&str] = &[
-    "disable-background-networking",
-    "disable-background-timer-throttling",
-    "disable-backgrounding-occluded-windows",
-    "disable-breakpad",
-    "disable-client-side-phishing-detection",
-    "disable-component-extensions-with-background-pages",
-    "disable-component-update",
-    "disable-default-apps",
-    "disable-dev-shm-usage",
-    "disable-gpu",
-    "disable-quic",
-    "disable-hang-monitor",
-    "disable-ipc-flooding-protection",
-    "disable-popup-blocking",
-    "disable-prompt-on-repost",
-    "disable-renderer-backgrounding",
-    "disable-sync",
-    "disable-domain-reliability",
-    "metrics-recording-only",
-    "no-first-run",
-    "no-default-browser-check",
-    "use-mock-keychain",
-];
-
-const VIEWPORT: (u32, u32) = (1280, 800);
-/// Budget of one CDP command; a hung command fails after this instead of chromiumoxide's 30 s.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
-/// How often the drain task checks that the Chromium process still exists.
-const PROCESS_CHECK: Duration = Duration::from_millis(250);
 
 /// Cheap to clone; launches Chromium lazily on first use. See the module docs.
 #[derive(Clone)]
@@ -197,21 +160,102 @@ impl Drop for PageLease {
     }
 }
 
-/// One launched Chromium.
-pub(crate) struct Running {
-    browser: RwLock<Browser>,
-    generation: u64,
-    pid: Option<u32>,
-    user_data_dir: PathBuf,
-    user_agent: String,
-    major_version: String,
-    dead: watch::Receiver<bool>,
-    /// Routes messages chromiumoxide cannot parse (request headers with `cookie`) to recorders.
-    taps: Arc<RawTaps>,
-    /// Set when the pool closes this browser on purpose: a login it interrupts is not retried
-    /// and the drain task does not report a crash.
-    retired: Arc<AtomicBool>,
-    tasks: Mutex<Vec<JoinHandle<()>>>,
+/// What [`BrowserPool::chat_page`] opens: the account's chat page, and what to get there.
+#[derive(Clone)]
+pub struct PageRequest {
+    pub account_id: String,
+    /// Where the chat UI is. Default: the chat page the account's last login in this pool
+    /// reached, else the login URL.
+    pub chat_url: Option<String>,
+    /// Injected (cookies, then local and session storage) when the account has no browser
+    /// context yet.
+    pub session: Option<SessionData>,
+    /// Used when the chat page turns out to need a login (no context and no session, or an
+    /// expired one).
+    pub login: Option<LoginRequest>,
+}
+
+impl std::fmt::Debug for PageRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageRequest")
+            .field("account_id", &self.account_id)
+            .field("chat_url", &self.chat_url.as_deref().map(super::redact_url))
+            .field("has_session", &self.session.is_some())
+            .field("login", &self.login)
+            .finish()
+    }
+}
+
+/// A tab on an account's chat page, opened by [`BrowserPool::chat_page`] for one probe. It
+/// holds the account's context (not reaped while in use); [`ChatPage::close`] closes the tab.
+pub struct ChatPage {
+    page: Page,
+    pool: BrowserPool,
+    running: Arc<Running>,
+    account_id: String,
+    lease: ContextLease,
+    closed: bool,
+}
+
+impl ChatPage {
+    pub fn page(&self) -> &Page {
+        &self.page
+    }
+
+    /// Starts recording the page's network traffic, request headers with cookies included.
+    pub async fn record(&self) -> Result<Recorder, CdpError> {
+        Recorder::start(&self.page, &self.running.taps).await
+    }
+
+    /// After `error`, whether the browser died: a new [`BrowserPool::chat_page`] then runs on
+    /// a relaunched one.
+    pub async fn browser_died(&self, error: &PageError) -> bool {
+        self.running.crashed(error.is_crash_like()).await
+    }
+
+    /// Saves a screenshot of the page (for a failure) under the data dir; its path.
+    pub async fn screenshot(&self) -> Option<PathBuf> {
+        if self.running.is_dead() {
+            return None;
+        }
+        let png = page::page_screenshot(&self.page).await?;
+        page::write_screenshot(&self.pool.shared.config.data_dir, &self.account_id, &png).await
+    }
+
+    /// Closes the tab. With `harvest`, first hands what the page holds now (a token the page
+    /// stored while it ran, say) to the pool's harvest hook, and waits for it.
+    pub async fn close(mut self, harvest: bool) {
+        if harvest {
+            self.pool
+                .reharvest(
+                    &self.running,
+                    &self.lease.id,
+                    &self.page,
+                    &self.account_id,
+                    true,
+                )
+                .await;
+        }
+        if !self.running.is_dead() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), self.page.clone().close()).await;
+        }
+        self.closed = true;
+    }
+}
+
+impl Drop for ChatPage {
+    /// A tab dropped without [`ChatPage::close`] (its task was cancelled) is closed anyway.
+    fn drop(&mut self) {
+        if self.closed {
+            return;
+        }
+        let page = self.page.clone();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(5), page.close()).await;
+            });
+        }
+    }
 }
 
 struct AccountContext {
@@ -222,120 +266,6 @@ struct AccountContext {
     chat_url: Option<String>,
     in_use: usize,
     last_used: Instant,
-}
-
-/// A login in progress, visible to humans through the admin API.
-pub(crate) struct LiveEntry {
-    pub(crate) id: String,
-    account_id: String,
-    context_id: BrowserContextId,
-    page: Page,
-    url: Mutex<String>,
-    state: Mutex<&'static str>,
-    since: i64,
-    cancelled: AtomicBool,
-}
-
-impl LiveEntry {
-    pub(crate) fn context_id(&self) -> &BrowserContextId {
-        &self.context_id
-    }
-
-    pub(crate) fn set_url(&self, url: &str) {
-        *lock(&self.url) = super::redact_url(url);
-    }
-
-    pub(crate) fn set_state(&self, state: &'static str) {
-        *lock(&self.state) = state;
-    }
-
-    pub(crate) fn is_cancelled(&self) -> bool {
-        self.cancelled.load(Ordering::SeqCst)
-    }
-
-    fn view(&self) -> LiveSession {
-        LiveSession {
-            id: self.id.clone(),
-            account_id: self.account_id.clone(),
-            url: lock(&self.url).clone(),
-            state: (*lock(&self.state)).to_owned(),
-            since: self.since,
-        }
-    }
-}
-
-/// A std mutex guard that survives a poisoned lock: the data here (maps, strings) stays
-/// consistent even if a holder panicked.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-impl Running {
-    pub(crate) fn is_dead(&self) -> bool {
-        *self.dead.borrow()
-    }
-
-    /// `is_dead`, plus a look at the process itself: the drain task notices an exit within
-    /// [`PROCESS_CHECK`], but a launch decision should not use a browser that just died.
-    fn is_gone(&self) -> bool {
-        self.is_dead() || self.pid.is_some_and(|pid| !process_alive(pid))
-    }
-
-    /// Waits up to `limit` for the drain task to declare this browser dead.
-    async fn became_dead(&self, limit: Duration) -> bool {
-        let mut dead = self.dead.clone();
-        tokio::time::timeout(limit, dead.wait_for(|d| *d))
-            .await
-            .is_ok_and(|r| r.is_ok())
-    }
-
-    pub(crate) async fn execute<T: chromiumoxide::types::Command>(
-        &self,
-        cmd: T,
-    ) -> Result<T::Response, CdpError> {
-        let browser = self.browser.read().await;
-        Ok(browser.execute(cmd).await?.result)
-    }
-
-    /// Ends the process: `close` + `wait` when `graceful`, else (or when that fails) kill +
-    /// wait; then removes the user-data dir (in the background when not `graceful`).
-    async fn dispose(&self, graceful: bool) {
-        {
-            let mut browser = self.browser.write().await;
-            let mut closed = false;
-            if graceful && !self.is_dead() {
-                let close = async {
-                    browser.close().await.ok()?;
-                    browser.wait().await.ok()
-                };
-                closed = tokio::time::timeout(Duration::from_secs(5), close)
-                    .await
-                    .ok()
-                    .flatten()
-                    .is_some();
-            }
-            if !closed {
-                let exited = matches!(browser.try_wait(), Ok(Some(_)));
-                if !exited {
-                    let _ = browser.kill().await;
-                }
-                let _ = tokio::time::timeout(Duration::from_secs(5), browser.wait()).await;
-            }
-        }
-        for task in lock(&self.tasks).drain(..) {
-            task.abort();
-        }
-        if graceful {
-            remove_user_data_dir(&self.user_data_dir).await;
-        } else {
-            // After a crash the helpers take a moment to die; the relaunch need not wait for
-            // their directory to go. Not awaited on purpose: it ends within 3 s by itself.
-            let dir = self.user_data_dir.clone();
-            tokio::spawn(async move { remove_user_data_dir(&dir).await });
-        }
-    }
 }
 
 impl BrowserPool {
@@ -440,20 +370,25 @@ impl BrowserPool {
             .acquire_context(running, &req.account_id, req.proxy.as_deref(), deadline)
             .await?;
         let page = self.new_page(running, &lease.id).await?;
-        let live = Arc::new(LiveEntry {
-            id: uuid::Uuid::new_v4().simple().to_string(),
-            account_id: req.account_id.clone(),
-            context_id: lease.id.clone(),
-            page: page.clone(),
-            url: Mutex::new(super::redact_url(&req.url)),
-            state: Mutex::new("logging_in"),
-            since: super::unix_now(),
-            cancelled: AtomicBool::new(false),
-        });
+        let live = Arc::new(LiveEntry::new(
+            &req.account_id,
+            lease.id.clone(),
+            page.clone(),
+            &req.url,
+        ));
         lock(&self.shared.live).insert(live.id.clone(), live.clone());
-        let result = Attempt::new(&self.shared, running, &page, &live, req, started)
-            .run()
-            .await;
+        let observe = |kind: PageKind| self.shared.observe(kind);
+        let result = Attempt::new(
+            &self.shared.config,
+            &observe,
+            running,
+            &page,
+            &live,
+            req,
+            started,
+        )
+        .run()
+        .await;
         lock(&self.shared.live).remove(&live.id);
         if !running.is_dead() {
             let _ = tokio::time::timeout(Duration::from_secs(5), page.close()).await;
@@ -476,57 +411,35 @@ impl BrowserPool {
         result
     }
 
-    /// Types one probe message into the account's chat page while recording the network, and
-    /// returns the [`Recording`] (see `learn::probe`). The page is a new tab in the account's
-    /// context:
+    /// A new tab on the account's chat page, logged in, for a probe (`learn::probe`) to drive.
+    /// The tab is in the account's context:
     /// - a context kept from an earlier login or probe in this pool is reused as it is;
     /// - a new context gets `req.session` injected: its cookies (`Storage.setCookies`), then
     ///   its local and session storage (set on the chat URL's origin) before the chat page
     ///   is opened;
     /// - the chat page is `req.chat_url`, else the chat page the account's last login here
     ///   reached, else `req.login`'s URL; when it turns out not to be a chat (a login form, a
-    ///   landing page…), `req.login` logs in first (in the same context) and the probe runs on
+    ///   landing page…), `req.login` logs in first (in the same context) and the tab ends on
     ///   the chat page the login reached.
     ///
-    /// When Chromium dies during the probe, relaunches it and retries once. Page-level
-    /// failures carry a screenshot.
-    pub async fn probe(&self, req: ProbeRequest) -> Result<Recording, ProbeError> {
+    /// When Chromium dies on the way, relaunches it and retries once. Page-level failures
+    /// carry a screenshot.
+    pub async fn chat_page(&self, req: &PageRequest) -> Result<ChatPage, PageError> {
         let mut retried = false;
         loop {
             let running = self.ensure_browser().await?;
-            let started = std::time::Instant::now();
-            let result = self.probe_once(&running, &req).await;
-            match &result {
-                Ok(recording) => {
-                    tracing::info!(
-                        account = %req.account_id,
-                        elapsed_ms = started.elapsed().as_millis() as u64,
-                        exchanges = recording.exchanges.len(),
-                        "probe recorded"
-                    );
-                    return result;
-                }
-                Err(error) => {
-                    tracing::info!(account = %req.account_id, error = %error, "probe failed");
-                    let crash_like = matches!(
-                        error,
-                        ProbeError::Crashed(_)
-                            | ProbeError::Cdp(_)
-                            | ProbeError::Login(LoginError::Crashed(_) | LoginError::Cdp(_))
-                    ) || running.is_dead();
-                    let crashed = crash_like
-                        && !running.retired.load(Ordering::SeqCst)
-                        && (running.is_dead() || running.became_dead(Duration::from_secs(1)).await);
-                    if !crashed || retried {
-                        return result;
-                    }
-                    tracing::warn!(
-                        account = %req.account_id,
-                        "Chromium died during the probe; relaunching it and retrying once"
-                    );
-                    retried = true;
-                }
+            let error = match self.chat_page_once(&running, req).await {
+                Ok(page) => return Ok(page),
+                Err(error) => error,
+            };
+            if retried || !running.crashed(error.is_crash_like()).await {
+                return Err(error);
             }
+            tracing::warn!(
+                account = %req.account_id,
+                "Chromium died while opening the chat page; relaunching it and retrying once"
+            );
+            retried = true;
         }
     }
 
@@ -553,11 +466,11 @@ impl BrowserPool {
         )
     }
 
-    async fn probe_once(
+    async fn chat_page_once(
         &self,
         running: &Arc<Running>,
-        req: &ProbeRequest,
-    ) -> Result<Recording, ProbeError> {
+        req: &PageRequest,
+    ) -> Result<ChatPage, PageError> {
         let deadline = Instant::now() + self.shared.config.login_timeout;
         let (existed, proxy, known_chat) =
             self.known_context(running, &req.account_id, req.login.as_ref());
@@ -566,7 +479,7 @@ impl BrowserPool {
             .clone()
             .or(known_chat)
             .or_else(|| req.login.as_ref().map(|l| l.url.clone()))
-            .ok_or(ProbeError::NoChatUrl)?;
+            .ok_or(PageError::NoChatUrl)?;
         let lease = self
             .acquire_context(running, &req.account_id, proxy.as_deref(), deadline)
             .await?;
@@ -575,85 +488,77 @@ impl BrowserPool {
             inject_cookies(running, &lease.id, session).await?;
         }
         let page = self.new_page(running, &lease.id).await?;
-        let mut result = self
-            .probe_on_page(running, &page, req, &chat_url, inject)
+        let chat = ChatPage {
+            page,
+            pool: self.clone(),
+            running: running.clone(),
+            account_id: req.account_id.clone(),
+            lease,
+            closed: false,
+        };
+        let opened = self
+            .open_with_session(
+                running,
+                &chat.page,
+                &req.account_id,
+                req.login.as_ref(),
+                &chat_url,
+                inject,
+            )
             .await;
-        if result.is_ok() {
-            self.reharvest(running, &lease.id, &page, &req.account_id, true)
-                .await;
-        }
-        if let Err(error) = &mut result
-            && error.wants_screenshot()
-            && !running.is_dead()
-        {
-            let png = login::page_screenshot(&page).await;
-            let path = match png {
-                Some(png) => {
-                    login::write_screenshot(&self.shared.config.data_dir, &req.account_id, &png)
-                        .await
+        match opened {
+            Ok(_) => Ok(chat),
+            Err(mut error) => {
+                if error.wants_screenshot() {
+                    error.set_screenshot(chat.screenshot().await);
                 }
-                None => None,
-            };
-            error.set_screenshot(path);
+                chat.close(false).await;
+                Err(error)
+            }
         }
-        if !running.is_dead() {
-            let _ = tokio::time::timeout(Duration::from_secs(5), page.close()).await;
-        }
-        drop(lease);
-        result
     }
 
-    async fn probe_on_page(
+    /// Opens the chat page in `page`, first writing `inject`'s storage into its origin when
+    /// the context is new, logging in on the way as needed. Returns the chat page's URL.
+    async fn open_with_session(
         &self,
         running: &Arc<Running>,
         page: &Page,
-        req: &ProbeRequest,
+        account_id: &str,
+        login: Option<&LoginRequest>,
         chat_url: &str,
         inject: Option<&SessionData>,
-    ) -> Result<Recording, ProbeError> {
+    ) -> Result<String, PageError> {
         let deadline = Instant::now() + self.shared.config.login_timeout;
         if let Some(session) =
             inject.filter(|s| !s.local_storage.is_empty() || !s.session_storage.is_empty())
         {
             let origin = url::Url::parse(chat_url)
                 .map(|u| u.origin().ascii_serialization())
-                .map_err(|e| ProbeError::Navigation {
+                .map_err(|e| PageError::Navigation {
                     url: super::redact_url(chat_url),
                     reason: format!("not a valid URL ({e})"),
                 })?;
-            navigate(page, &format!("{origin}/"), deadline).await?;
-            restore_storage(page, session).await?;
+            page::navigate(page, &format!("{origin}/"), deadline).await?;
+            page::restore_storage(page, session).await?;
         }
-        self.open_chat(
-            running,
-            page,
-            &req.account_id,
-            req.login.as_ref(),
-            chat_url,
-            deadline,
-        )
-        .await?;
-        let options = ProbeOptions::for_request(req);
-        probe::run(page, &running.taps, &options).await
+        self.open_chat(running, page, account_id, login, chat_url, deadline)
+            .await
     }
 
-    /// Tier 2: the flow's preflights and chat call run by `fetch()` inside the account's
-    /// logged-in page (see `browser::inpage`).
-    pub async fn inpage(&self, req: TierRequest) -> Result<DeltaStream, ReplayError> {
-        let running = self.ensure_browser().await.map_err(login_to_replay)?;
-        dies_with(&running, super::inpage::run(self, req)).await
-    }
-
-    /// Tier 3: the prompt typed into the site's chat UI; the reply decoded from the recorded
-    /// chat call as it streams, the page's text as a last resort (see `browser::ui`).
-    pub async fn ui(&self, req: TierRequest) -> Result<DeltaStream, ReplayError> {
-        let running = self.ensure_browser().await.map_err(login_to_replay)?;
-        dies_with(&running, super::ui::run(self, req)).await
+    /// `start` (a browser tier starting its reply) and then its reply, failing as soon as the
+    /// browser is known dead instead of waiting out their timeouts (see [`dies_with`]).
+    pub(crate) async fn dies_with(
+        &self,
+        start: impl std::future::Future<Output = Result<DeltaStream, ReplayError>>,
+    ) -> Result<DeltaStream, ReplayError> {
+        let running = self.ensure_browser().await.map_err(ReplayError::from)?;
+        process::dies_with(&running, start).await
     }
 
     /// The account's work page for `tier`, opened on its chat page (created, injected with
     /// `req.session` in a new context, logged in with `req.login` as needed, like
-    /// [`BrowserPool::probe`]). With `fresh`, an existing page is reloaded on the chat page
+    /// [`BrowserPool::chat_page`]). With `fresh`, an existing page is reloaded on the chat page
     /// (a new conversation), unless it shows the conversation `fresh` names. The UI tier's
     /// lease holds the account's UI turn.
     pub(crate) async fn work_page(
@@ -662,7 +567,7 @@ impl BrowserPool {
         tier: Tier,
         fresh: Fresh,
     ) -> Result<PageLease, ReplayError> {
-        let running = self.ensure_browser().await.map_err(login_to_replay)?;
+        let running = self.ensure_browser().await.map_err(ReplayError::from)?;
         let account = lock(&self.shared.work)
             .entry(req.account_id.clone())
             .or_default()
@@ -673,7 +578,7 @@ impl BrowserPool {
         let lease = self
             .acquire_context(&running, &req.account_id, proxy.as_deref(), deadline)
             .await
-            .map_err(login_to_replay)?;
+            .map_err(ReplayError::from)?;
         let setup = Setup {
             running: &running,
             context: &lease.id,
@@ -722,7 +627,7 @@ impl BrowserPool {
                 Fresh::UnlessShowing(key) => lock(&work.conversation).as_ref() == Some(key),
             };
             if keep {
-                if login::evaluate_string(&work.page, "location.href")
+                if page::evaluate_string(&work.page, "location.href")
                     .await
                     .is_ok()
                 {
@@ -755,8 +660,8 @@ impl BrowserPool {
                         .await;
                         return Ok(work.clone());
                     }
-                    Err(e) if !matches!(e, ProbeError::Crashed(_) | ProbeError::Cdp(_)) => {
-                        return Err(probe_to_replay(e));
+                    Err(e) if !matches!(e, PageError::Crashed(_) | PageError::Cdp(_)) => {
+                        return Err(ReplayError::from(e));
                     }
                     // The page itself is broken (closed, crashed renderer): a new one.
                     Err(_) => {}
@@ -765,44 +670,30 @@ impl BrowserPool {
         }
         // Dropping the old page closes it.
         *slot = None;
-        let deadline = Instant::now() + self.shared.config.login_timeout;
         if let Some(session) = setup.inject {
             inject_cookies(running, setup.context, session)
                 .await
-                .map_err(probe_to_replay)?;
+                .map_err(ReplayError::from)?;
         }
         let page = self
             .new_page(running, setup.context)
             .await
-            .map_err(login_to_replay)?;
+            .map_err(ReplayError::from)?;
         let opened = async {
-            if let Some(session) = setup
-                .inject
-                .filter(|s| !s.local_storage.is_empty() || !s.session_storage.is_empty())
-            {
-                let origin = url::Url::parse(&setup.chat_url)
-                    .map(|u| u.origin().ascii_serialization())
-                    .map_err(|e| ProbeError::Navigation {
-                        url: super::redact_url(&setup.chat_url),
-                        reason: format!("not a valid URL ({e})"),
-                    })?;
-                navigate(&page, &format!("{origin}/"), deadline).await?;
-                restore_storage(&page, session).await?;
-            }
             let chat_url = self
-                .open_chat(
+                .open_with_session(
                     running,
                     &page,
                     &setup.req.account_id,
                     setup.req.login.as_ref(),
                     &setup.chat_url,
-                    deadline,
+                    setup.inject,
                 )
                 .await?;
             let recorder = Recorder::start_live(&page, &running.taps)
                 .await
-                .map_err(probe::cdp)?;
-            Ok::<_, ProbeError>((chat_url, recorder))
+                .map_err(PageError::from_cdp)?;
+            Ok::<_, PageError>((chat_url, recorder))
         }
         .await;
         let (chat_url, recorder) = match opened {
@@ -811,7 +702,7 @@ impl BrowserPool {
                 if !running.is_dead() {
                     let _ = tokio::time::timeout(Duration::from_secs(5), page.close()).await;
                 }
-                return Err(probe_to_replay(e));
+                return Err(ReplayError::from(e));
             }
         };
         self.reharvest(running, setup.context, &page, &setup.req.account_id, false)
@@ -839,14 +730,14 @@ impl BrowserPool {
         login: Option<&LoginRequest>,
         chat_url: &str,
         deadline: Instant,
-    ) -> Result<String, ProbeError> {
-        navigate(page, chat_url, deadline).await?;
+    ) -> Result<String, PageError> {
+        page::navigate(page, chat_url, deadline).await?;
         let (kind, url) = wait_for_page(page, deadline).await?;
         if kind == PageKind::ChatInterface {
             return Ok(url);
         }
         let Some(login) = login else {
-            return Err(ProbeError::NotLoggedIn {
+            return Err(PageError::NotLoggedIn {
                 url: super::redact_url(&url),
                 kind,
                 screenshot: None,
@@ -856,12 +747,12 @@ impl BrowserPool {
         let outcome = self
             .login_once(running, login, std::time::Instant::now())
             .await
-            .map_err(ProbeError::Login)?;
+            .map_err(PageError::Login)?;
         let deadline = Instant::now() + self.shared.config.login_timeout;
-        navigate(page, &outcome.chat_url, deadline).await?;
+        page::navigate(page, &outcome.chat_url, deadline).await?;
         let (kind, url) = wait_for_page(page, deadline).await?;
         if kind != PageKind::ChatInterface {
-            return Err(ProbeError::NotLoggedIn {
+            return Err(PageError::NotLoggedIn {
                 url: super::redact_url(&url),
                 kind,
                 screenshot: None,
@@ -886,7 +777,7 @@ impl BrowserPool {
             old.dispose(false).await;
         }
         let generation = self.shared.generation.fetch_add(1, Ordering::SeqCst) + 1;
-        let running = launch(&self.shared.config, generation).await?;
+        let running = process::launch(&self.shared.config, generation).await?;
         let reaper = tokio::spawn(reap_idle(Arc::downgrade(&self.shared), running.clone()));
         lock(&running.tasks).push(reaper);
         *slot = Some(running.clone());
@@ -1050,7 +941,7 @@ impl BrowserPool {
     /// A PNG of the live session's viewport.
     pub async fn screenshot(&self, live_id: &str) -> Result<Vec<u8>, LoginError> {
         let live = self.live(live_id)?;
-        live.page
+        live.page()
             .screenshot(
                 ScreenshotParams::builder()
                     .format(CaptureScreenshotFormat::Png)
@@ -1063,16 +954,16 @@ impl BrowserPool {
     /// Clicks at viewport CSS pixel `(x, y)` of the live session's page.
     pub async fn click(&self, live_id: &str, x: f64, y: f64) -> Result<(), LoginError> {
         let live = self.live(live_id)?;
-        live.page.click(Point { x, y }).await.map_err(cdp_error)?;
+        live.page().click(Point { x, y }).await.map_err(cdp_error)?;
         Ok(())
     }
 
     /// Types `text` into the focused element of the live session's page.
     pub async fn type_text(&self, live_id: &str, text: &str) -> Result<(), LoginError> {
         let live = self.live(live_id)?;
-        login::insert_text(&live.page, text)
+        page::insert_text(live.page(), text)
             .await
-            .map_err(|e| match login::is_connection(&e) {
+            .map_err(|e| match page::is_connection(&e) {
                 true => cdp_error(e),
                 false => LoginError::Cdp("could not type into the page".into()),
             })
@@ -1081,8 +972,8 @@ impl BrowserPool {
     /// Presses a key (`Enter`, `Tab`, `Escape`, `a`, …) in the live session's page.
     pub async fn press_key(&self, live_id: &str, key: &str) -> Result<(), LoginError> {
         let live = self.live(live_id)?;
-        login::press_key(&live.page, key).await.map_err(|e| {
-            if login::is_connection(&e) {
+        page::press_key(live.page(), key).await.map_err(|e| {
+            if page::is_connection(&e) {
                 cdp_error(e)
             } else {
                 LoginError::Cdp(format!("could not press `{key}`"))
@@ -1095,7 +986,7 @@ impl BrowserPool {
         let live = lock(&self.shared.live)
             .remove(live_id)
             .ok_or_else(|| LoginError::NoSuchLiveSession(live_id.to_owned()))?;
-        live.cancelled.store(true, Ordering::SeqCst);
+        live.cancel();
         Ok(())
     }
 
@@ -1103,7 +994,7 @@ impl BrowserPool {
     pub async fn shutdown(&self) {
         let running = self.shared.browser.lock().await.take();
         for live in lock(&self.shared.live).values() {
-            live.cancelled.store(true, Ordering::SeqCst);
+            live.cancel();
         }
         lock(&self.shared.contexts).clear();
         lock(&self.shared.work).clear();
@@ -1250,7 +1141,7 @@ async fn inject_cookies(
     running: &Running,
     context: &BrowserContextId,
     session: &SessionData,
-) -> Result<(), ProbeError> {
+) -> Result<(), PageError> {
     let cookies: Vec<CookieParam> = session
         .cookies
         .iter()
@@ -1271,7 +1162,7 @@ async fn inject_cookies(
             if let Some(expires) = c.expires {
                 param = param.expires(TimeSinceEpoch::new(expires as f64));
             }
-            param.build().map_err(ProbeError::Session)
+            param.build().map_err(PageError::Session)
         })
         .collect::<Result<_, _>>()?;
     if cookies.is_empty() {
@@ -1281,89 +1172,15 @@ async fn inject_cookies(
         .cookies(cookies)
         .browser_context_id(context.clone())
         .build()
-        .map_err(ProbeError::Session)?;
+        .map_err(PageError::Session)?;
     running.execute(params).await.map_err(|e| {
-        if login::is_connection(&e) {
-            ProbeError::from(cdp_error(e))
+        if page::is_connection(&e) {
+            PageError::from(cdp_error(e))
         } else {
-            ProbeError::Session("Chromium refused the session's cookies".into())
+            PageError::Session("Chromium refused the session's cookies".into())
         }
     })?;
     Ok(())
-}
-
-/// Writes `session`'s local and session storage into the page's current origin.
-async fn restore_storage(page: &Page, session: &SessionData) -> Result<(), ProbeError> {
-    let local = serde_json::to_string(&session.local_storage)
-        .map_err(|e| ProbeError::Session(e.to_string()))?;
-    let tab = serde_json::to_string(&session.session_storage)
-        .map_err(|e| ProbeError::Session(e.to_string()))?;
-    let expression = format!(
-        "(() => {{ const put = (s, o) => {{ for (const [k, v] of Object.entries(o)) s.setItem(k, v); }}; \
-         put(localStorage, {local}); put(sessionStorage, {tab}); return 'ok'; }})()"
-    );
-    login::evaluate_string(page, &expression)
-        .await
-        .map_err(|e| {
-            if login::is_connection(&e) {
-                ProbeError::from(cdp_error(e))
-            } else {
-                ProbeError::Session("the page refused the session's storage".into())
-            }
-        })?;
-    Ok(())
-}
-
-/// Opens `url` in `page` and waits for the new document to be past loading.
-async fn navigate(page: &Page, url: &str, deadline: Instant) -> Result<(), ProbeError> {
-    let parsed = url::Url::parse(url).map_err(|e| ProbeError::Navigation {
-        url: super::redact_url(url),
-        reason: format!("not a valid URL ({e})"),
-    })?;
-    if !matches!(parsed.scheme(), "http" | "https") {
-        return Err(ProbeError::Navigation {
-            url: super::redact_url(url),
-            reason: "only http and https URLs can be opened".into(),
-        });
-    }
-    let before = login::evaluate_string(page, "String(performance.timeOrigin)")
-        .await
-        .unwrap_or_default();
-    let reply = page
-        .execute(NavigateParams::new(parsed.as_str()))
-        .await
-        .map_err(|e| ProbeError::from(cdp_error(e)))?;
-    if let Some(error) = reply.result.error_text.filter(|e| !e.is_empty()) {
-        return Err(ProbeError::Navigation {
-            url: super::redact_url(url),
-            reason: error,
-        });
-    }
-    loop {
-        let state = login::evaluate_string(
-            page,
-            "JSON.stringify([String(performance.timeOrigin), document.readyState, location.href])",
-        )
-        .await;
-        match state {
-            Ok(json) => {
-                let (origin, ready, href): (String, String, String) =
-                    serde_json::from_str(&json).unwrap_or_default();
-                if origin != before && ready != "loading" && href != "about:blank" {
-                    return Ok(());
-                }
-            }
-            Err(e) if login::is_connection(&e) => return Err(ProbeError::from(cdp_error(e))),
-            Err(_) => {}
-        }
-        if Instant::now() >= deadline {
-            return Err(ProbeError::Timeout {
-                stage: format!("while opening {}", super::redact_url(url)),
-                screenshot: None,
-            });
-        }
-        tokio::time::sleep(login::POLL).await;
-    }
 }
 
 /// How long a page that is not (yet) a chat must stay so before it counts: SPAs render a
@@ -1373,7 +1190,7 @@ const NOT_CHAT_SETTLE: Duration = Duration::from_secs(1);
 /// Classifies the page once it is recognisable: a chat at once, anything else once stable
 /// for [`NOT_CHAT_SETTLE`] (an unrecognisable page: until `deadline`). Returns the kind and
 /// the page's URL.
-async fn wait_for_page(page: &Page, deadline: Instant) -> Result<(PageKind, String), ProbeError> {
+async fn wait_for_page(page: &Page, deadline: Instant) -> Result<(PageKind, String), PageError> {
     let mut last: Option<(PageKind, String, Instant)> = None;
     loop {
         match login::summarize(page).await {
@@ -1393,19 +1210,19 @@ async fn wait_for_page(page: &Page, deadline: Instant) -> Result<(PageKind, Stri
                 }
             }
             Ok(_) => {}
-            Err(e) if login::is_connection(&e) => return Err(ProbeError::from(cdp_error(e))),
+            Err(e) if page::is_connection(&e) => return Err(PageError::from(cdp_error(e))),
             Err(_) => {}
         }
         if Instant::now() >= deadline {
             return match last {
                 Some((kind, url, _)) => Ok((kind, url)),
-                None => Err(ProbeError::Timeout {
+                None => Err(PageError::Timeout {
                     stage: "while waiting for the chat page to load".into(),
                     screenshot: None,
                 }),
             };
         }
-        tokio::time::sleep(login::POLL).await;
+        tokio::time::sleep(page::POLL).await;
     }
 }
 
@@ -1472,246 +1289,6 @@ async fn reap_idle(shared: Weak<PoolShared>, running: Arc<Running>) {
     }
 }
 
-/// Removes a user-data dir. After a crash, Chromium's helper processes outlive the main one
-/// for a moment and keep writing there, so removal is retried until it succeeds or 3 s pass.
-async fn remove_user_data_dir(dir: &std::path::Path) {
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        match tokio::fs::remove_dir_all(dir).await {
-            Ok(()) => return,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
-            Err(e) if Instant::now() >= deadline => {
-                tracing::debug!(error = %e, dir = %dir.display(), "could not remove a Chromium user-data dir");
-                return;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-}
-
-/// Launches Chromium with a fresh user-data dir and starts draining its handler.
-async fn launch(config: &BrowserConfig, generation: u64) -> Result<Arc<Running>, LoginError> {
-    let user_data_dir = std::env::temp_dir().join(format!(
-        "computetower-chromium-{}",
-        uuid::Uuid::new_v4().simple()
-    ));
-    tokio::fs::create_dir_all(&user_data_dir)
-        .await
-        .map_err(|e| {
-            LoginError::Launch(format!("cannot create {}: {e}", user_data_dir.display()))
-        })?;
-    let mut builder = chromiumoxide::BrowserConfig::builder();
-    builder = match guard::launcher(&config.chrome) {
-        Some((launcher, (key, value))) => builder.chrome_executable(launcher).env(key, value),
-        None => builder.chrome_executable(&config.chrome),
-    };
-    builder = builder
-        .user_data_dir(&user_data_dir)
-        .disable_default_args()
-        .args(CHROME_ARGS.iter().copied())
-        .arg(("disable-blink-features", "AutomationControlled"))
-        .arg(("disable-features", "TranslateUI"))
-        .arg(("password-store", "basic"))
-        .arg(("lang", "en-US"))
-        .no_sandbox()
-        // `requestWillBeSentExtraInfo` does not parse (CHROMIUM.md): surfaced as raw JSON,
-        // the drain task hands it to the recorders.
-        .surface_invalid_messages()
-        .respect_https_errors()
-        .request_timeout(REQUEST_TIMEOUT)
-        .launch_timeout(Duration::from_secs(20))
-        .window_size(VIEWPORT.0, VIEWPORT.1)
-        .viewport(Viewport {
-            width: VIEWPORT.0,
-            height: VIEWPORT.1,
-            ..Viewport::default()
-        });
-    if !config.headless {
-        builder = builder.with_head();
-    }
-    let chrome_config = builder.build().map_err(LoginError::Launch)?;
-    let started = std::time::Instant::now();
-    let (mut browser, handler) = match Browser::launch(chrome_config).await {
-        Ok(launched) => launched,
-        Err(e) => {
-            remove_user_data_dir(&user_data_dir).await;
-            return Err(LoginError::Launch(format!(
-                "{} did not start: {e}",
-                config.chrome.display()
-            )));
-        }
-    };
-    let pid = browser
-        .get_mut_child()
-        .and_then(|child| child.as_mut_inner().id());
-    let (dead_tx, dead_rx) = watch::channel(false);
-    let retired = Arc::new(AtomicBool::new(false));
-    let taps = Arc::new(RawTaps::default());
-    let drain = tokio::spawn(drain_handler(
-        handler,
-        dead_tx,
-        pid,
-        retired.clone(),
-        taps.clone(),
-    ));
-    let version = match browser.user_agent().await {
-        Ok(ua) => ua,
-        Err(e) => {
-            let _ = browser.kill().await;
-            let _ = browser.wait().await;
-            drain.abort();
-            remove_user_data_dir(&user_data_dir).await;
-            return Err(LoginError::Launch(format!("Chromium did not answer: {e}")));
-        }
-    };
-    let user_agent = version.replace("HeadlessChrome", "Chrome");
-    let major_version = user_agent
-        .split("Chrome/")
-        .nth(1)
-        .and_then(|v| v.split('.').next())
-        .unwrap_or("0")
-        .to_owned();
-    tracing::info!(
-        pid,
-        generation,
-        launch_ms = started.elapsed().as_millis() as u64,
-        "Chromium launched"
-    );
-    Ok(Arc::new(Running {
-        browser: RwLock::new(browser),
-        generation,
-        pid,
-        user_data_dir,
-        user_agent,
-        major_version,
-        dead: dead_rx,
-        taps,
-        retired,
-        tasks: Mutex::new(vec![drain]),
-    }))
-}
-
-/// Drives the CDP handler for the browser's life and detects its death. `Err` items do not
-/// end the loop unless they mean the connection is gone (an unparsable event — see the
-/// `requestWillBeSentExtraInfo` defect in CHROMIUM.md — is not).
-async fn drain_handler(
-    mut handler: chromiumoxide::Handler,
-    dead: watch::Sender<bool>,
-    pid: Option<u32>,
-    retired: Arc<AtomicBool>,
-    taps: Arc<RawTaps>,
-) {
-    let mut check = tokio::time::interval(PROCESS_CHECK);
-    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let reason = loop {
-        tokio::select! {
-            item = handler.next() => match item {
-                None => break "the CDP connection closed",
-                Some(Ok(())) => {}
-                // Not logged: the raw message carries cookies.
-                Some(Err(CdpError::InvalidMessage(raw, _))) => taps.dispatch(&raw),
-                Some(Err(e)) if login::is_connection(&e) => {
-                    tracing::debug!(error = %e, "CDP connection error");
-                    break "the CDP connection failed";
-                }
-                Some(Err(e)) => tracing::trace!(error = %e, "ignored CDP handler error"),
-            },
-            _ = check.tick() => {
-                if pid.is_some_and(|pid| !process_alive(pid)) {
-                    break "the Chromium process exited";
-                }
-            }
-        }
-    };
-    if retired.load(Ordering::SeqCst) {
-        tracing::debug!(pid, "Chromium closed: {reason}");
-    } else {
-        tracing::warn!(pid, "Chromium is dead: {reason}");
-    }
-    dead.send_replace(true);
-    // Dropping the handler fails every command still waiting for an answer right away.
-    drop(handler);
-}
-
-/// A browser tier's start and reply that fail as soon as `running` is known dead, instead of
-/// waiting out their timeouts. The error is a network failure, so before the first token the
-/// gateway retries it (on a relaunched browser); after it, the client sees an error event.
-async fn dies_with(
-    running: &Running,
-    start: impl std::future::Future<Output = Result<DeltaStream, ReplayError>>,
-) -> Result<DeltaStream, ReplayError> {
-    let mut dead = running.dead.clone();
-    let stream = tokio::select! {
-        result = start => result?,
-        _ = dead.wait_for(|d| *d) => return Err(browser_died()),
-    };
-    let died = Box::pin(async move {
-        // An error means the sender is gone, which only happens once the browser is.
-        let _ = dead.wait_for(|d| *d).await;
-    });
-    Ok(Box::pin(DiesWith {
-        inner: Some(stream),
-        died,
-    }))
-}
-
-fn browser_died() -> ReplayError {
-    ReplayError::Network {
-        call: crate::replay::client::Call::Chat,
-        message: "the browser died during the reply".into(),
-    }
-}
-
-/// See [`dies_with`].
-struct DiesWith {
-    inner: Option<DeltaStream>,
-    died: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
-}
-
-impl futures_util::Stream for DiesWith {
-    type Item = Result<crate::replay::decode::Delta, ReplayError>;
-
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        use std::task::Poll;
-        let Some(inner) = self.inner.as_mut() else {
-            return Poll::Ready(None);
-        };
-        // The reply first: what the browser sent before it died still goes out.
-        match inner.as_mut().poll_next(cx) {
-            Poll::Ready(None) => {
-                self.inner = None;
-                return Poll::Ready(None);
-            }
-            Poll::Ready(item) => return Poll::Ready(item),
-            Poll::Pending => {}
-        }
-        if self.died.as_mut().poll(cx).is_ready() {
-            self.inner = None;
-            return Poll::Ready(Some(Err(browser_died())));
-        }
-        Poll::Pending
-    }
-}
-
-/// Whether `pid` is a live process (not gone, not a zombie waiting to be reaped).
-fn process_alive(pid: u32) -> bool {
-    if !cfg!(target_os = "linux") {
-        return true;
-    }
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state is the first field after the parenthesised command name.
-        Ok(stat) => !matches!(
-            stat.rsplit_once(')')
-                .and_then(|(_, rest)| rest.trim_start().chars().next()),
-            Some('Z' | 'X')
-        ),
-        Err(_) => false,
-    }
-}
-
 /// What [`BrowserPool::ready_page`] needs to (re)open a work page.
 struct Setup<'a> {
     running: &'a Arc<Running>,
@@ -1721,49 +1298,4 @@ struct Setup<'a> {
     inject: Option<&'a SessionData>,
     chat_url: String,
     fresh: Fresh,
-}
-
-/// A browser-level failure as the replay error the gateway classifies.
-pub(crate) fn login_to_replay(e: LoginError) -> ReplayError {
-    let kind = match &e {
-        LoginError::WrongCredentials { .. } | LoginError::NoCredentials => FailureKind::Auth,
-        LoginError::Captcha { .. } => FailureKind::AntiBot,
-        LoginError::FieldNotFound { .. } | LoginError::Unclassified { .. } => {
-            FailureKind::FormatDrift
-        }
-        _ => FailureKind::Network,
-    };
-    ReplayError::Unexpected {
-        call: Call::Chat,
-        kind,
-        message: format!("browser: {e}"),
-    }
-}
-
-/// A page-level failure of the browser tiers as a replay error.
-pub(crate) fn probe_to_replay(e: ProbeError) -> ReplayError {
-    let kind = match &e {
-        ProbeError::Login(login) => return login_to_replay_ref(login, &e),
-        ProbeError::NotLoggedIn { .. } | ProbeError::Session(_) => FailureKind::Auth,
-        ProbeError::NoComposer { .. } | ProbeError::NotSent { .. } => FailureKind::FormatDrift,
-        _ => FailureKind::Network,
-    };
-    ReplayError::Unexpected {
-        call: Call::Chat,
-        kind,
-        message: format!("browser: {e}"),
-    }
-}
-
-fn login_to_replay_ref(login: &LoginError, outer: &ProbeError) -> ReplayError {
-    let kind = match login {
-        LoginError::WrongCredentials { .. } | LoginError::NoCredentials => FailureKind::Auth,
-        LoginError::Captcha { .. } => FailureKind::AntiBot,
-        _ => FailureKind::Network,
-    };
-    ReplayError::Unexpected {
-        call: Call::Chat,
-        kind,
-        message: format!("browser: {outer}"),
-    }
 }

@@ -51,7 +51,7 @@ use futures_util::stream::BoxStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::learn::recording::{Body, Exchange, Frame};
+use crate::recording::{Body, Exchange, Frame};
 
 /// How many events a live-feed subscriber may fall behind before it is dropped.
 pub const FEED_CAPACITY: usize = 4096;

@@ -15,7 +15,8 @@ use tokio::time::Instant;
 use super::*;
 use crate::demo::{CSRF_HEADER, DemoConfig, LoginPattern, SESSION_COOKIE, Shape, TOKEN_KEY};
 use crate::flow::{Flow, Transport};
-use crate::learn::recording::{Exchange, Recording};
+use crate::learn::probe::{ProbeRequest, probe};
+use crate::recording::{Exchange, Recording};
 use crate::replay::decode::{Decoder, collect_text, decode_all};
 
 pub(super) static BROWSERS: Semaphore = Semaphore::const_new(2);
@@ -863,7 +864,7 @@ async fn every_demo_shape_is_probed_and_its_chat_call_recorded_completely() {
             .await
             .unwrap();
         let started = Instant::now();
-        let recording = pool.probe(probe_request(&account)).await;
+        let recording = probe(&pool, &probe_request(&account)).await;
         let elapsed = started.elapsed();
         match recording {
             Ok(recording) => {
@@ -898,28 +899,32 @@ async fn a_probe_injects_a_saved_session_into_a_new_context_and_logs_in_when_it_
     // Another pool (no context for the account): the saved session is injected.
     let other = BrowserPool::new(config(dir.path()));
     pool.shutdown().await;
-    let recording = other
-        .probe(ProbeRequest {
+    let recording = probe(
+        &other,
+        &ProbeRequest {
             session: Some(outcome.session.clone()),
             chat_url: Some(outcome.chat_url.clone()),
             ..probe_request("quinn")
-        })
-        .await
-        .unwrap();
+        },
+    )
+    .await
+    .unwrap();
     assert_recording(Shape::Openai, &recording);
 
     // No context, no session, no login: the chat page redirects to the login form.
-    let error = other
-        .probe(ProbeRequest {
+    let error = probe(
+        &other,
+        &ProbeRequest {
             chat_url: Some(format!("{}chat", site.url)),
             ..probe_request("rose")
-        })
-        .await
-        .unwrap_err();
+        },
+    )
+    .await
+    .unwrap_err();
     assert!(
         matches!(
             error,
-            ProbeError::NotLoggedIn {
+            PageError::NotLoggedIn {
                 kind: PageKind::LoginForm,
                 ..
             }
@@ -929,13 +934,15 @@ async fn a_probe_injects_a_saved_session_into_a_new_context_and_logs_in_when_it_
     assert!(error.screenshot().is_some());
 
     // With a login: it logs in first, then probes.
-    let recording = other
-        .probe(ProbeRequest {
+    let recording = probe(
+        &other,
+        &ProbeRequest {
             login: Some(request("rose", &site, PASSWORD)),
             ..probe_request("rose")
-        })
-        .await
-        .unwrap();
+        },
+    )
+    .await
+    .unwrap();
     other.shutdown().await;
     assert_recording(Shape::Openai, &recording);
 }
@@ -954,7 +961,7 @@ async fn the_live_feed_delivers_body_chunks_while_the_reply_streams() {
     let (page, taps) = pool.page_for_tests("sam").await;
     page.goto(format!("{}chat", site.url)).await.unwrap();
     poll(Duration::from_secs(10), "the chat page", || async {
-        login::evaluate_string(&page, "String(!!document.getElementById('prompt'))")
+        page::evaluate_string(&page, "String(!!document.getElementById('prompt'))")
             .await
             .ok()
             .filter(|v| v == "true")
@@ -962,7 +969,7 @@ async fn the_live_feed_delivers_body_chunks_while_the_reply_streams() {
     .await;
     let recorder = recorder::Recorder::start(&page, &taps).await.unwrap();
     let mut feed = recorder.subscribe();
-    login::evaluate_string(
+    page::evaluate_string(
         &page,
         "document.getElementById('prompt').value = 'stream me ctfeed000001'; \
          document.getElementById('composer').requestSubmit(); 'ok'",

@@ -10,8 +10,9 @@ use tokio::time::Instant;
 use super::tests::{BROWSERS, PASSWORD, Site, config, flow_of, request, site_with};
 use super::*;
 use crate::demo::{DemoConfig, Shape, reply_for};
-use crate::replay::client::{Call, DeltaStream, FailureKind, ReplayError};
+use crate::replay::DeltaStream;
 use crate::replay::decode::Delta;
+use crate::replay::failure::{Call, FailureKind, ReplayError};
 use crate::replay::render::Prompt;
 use crate::role::Role;
 
@@ -113,9 +114,7 @@ async fn tier2_runs_preflights_and_the_chat_call_inside_the_page() {
             .unwrap();
         for round in 0..2 {
             let text = format!("In-page {shape} round {round}: héllo «wörld» ✓");
-            let stream = pool
-                .inpage(tier_request(&account, &site, shape, &text))
-                .await;
+            let stream = in_page_tier(&pool, tier_request(&account, &site, shape, &text)).await;
             let stream = match stream {
                 Ok(s) => s,
                 Err(e) => {
@@ -137,16 +136,13 @@ async fn tier2_runs_preflights_and_the_chat_call_inside_the_page() {
     pool.login(request("inpage-signed", &site, PASSWORD))
         .await
         .unwrap();
-    let error = pool
-        .inpage(tier_request(
-            "inpage-signed",
-            &site,
-            Shape::Signed,
-            "sign me",
-        ))
-        .await
-        .err()
-        .expect("a stale signature is refused");
+    let error = in_page_tier(
+        &pool,
+        tier_request("inpage-signed", &site, Shape::Signed, "sign me"),
+    )
+    .await
+    .err()
+    .expect("a stale signature is refused");
     pool.shutdown().await;
     assert!(failures.is_empty(), "{failures:#?}");
     assert!(
@@ -177,7 +173,7 @@ async fn dropping_a_tier2_stream_cancels_the_sites_call() {
     let mut req = tier_request("dropper", &site, Shape::Openai, "cancel me midway");
     // No login beforehand: the tier logs in itself.
     req.session = None;
-    let mut stream = pool.inpage(req).await.unwrap();
+    let mut stream = in_page_tier(&pool, req).await.unwrap();
     loop {
         let delta = stream.next().await.unwrap().unwrap();
         if matches!(delta, Delta::Reasoning(_) | Delta::Text(_)) {
@@ -219,9 +215,7 @@ async fn tier3_types_into_the_signed_site_and_streams_the_recorded_reply() {
         .await
         .unwrap();
     let text = "Typed by the UI tier: grüße ✓";
-    let stream = pool
-        .ui(tier_request("typist", &site, Shape::Signed, text))
-        .await;
+    let stream = ui_tier(&pool, tier_request("typist", &site, Shape::Signed, text)).await;
     let got = collect_watching(stream.unwrap(), Some(&site)).await;
     assert_reply(Shape::Signed, text, &got);
     // Streamed from the recorded call, not read off the finished page: when the first delta
@@ -231,8 +225,14 @@ async fn tier3_types_into_the_signed_site_and_streams_the_recorded_reply() {
     assert_eq!(at_first["completed"], 0, "{at_first}");
     // Two more, concurrently: they queue for the account's UI and each gets its own
     // conversation (a first-turn reply).
-    let a = pool.ui(tier_request("typist", &site, Shape::Signed, "queued one"));
-    let b = pool.ui(tier_request("typist", &site, Shape::Signed, "queued two"));
+    let a = ui_tier(
+        &pool,
+        tier_request("typist", &site, Shape::Signed, "queued one"),
+    );
+    let b = ui_tier(
+        &pool,
+        tier_request("typist", &site, Shape::Signed, "queued two"),
+    );
     let (a, b) = tokio::join!(async { collect(a.await.unwrap()).await }, async {
         collect(b.await.unwrap()).await
     });
@@ -259,7 +259,7 @@ async fn tier3_on_openai_and_websocket_sites() {
             .unwrap();
         for round in 0..2 {
             let text = format!("UI tier {shape} round {round}");
-            match pool.ui(tier_request(&account, &site, shape, &text)).await {
+            match ui_tier(&pool, tier_request(&account, &site, shape, &text)).await {
                 Ok(stream) => {
                     let got = collect(stream).await;
                     let expected = reply_for(shape, &text);
@@ -288,7 +288,7 @@ async fn an_idle_work_page_is_closed_and_its_context_kept() {
     });
     let text = "close my page later";
     let got = collect(
-        pool.inpage(tier_request("idler", &site, Shape::Openai, text))
+        in_page_tier(&pool, tier_request("idler", &site, Shape::Openai, text))
             .await
             .unwrap(),
     )
@@ -304,7 +304,7 @@ async fn an_idle_work_page_is_closed_and_its_context_kept() {
     // The next request opens a page in the same context, without logging in again.
     let mut again = tier_request("idler", &site, Shape::Openai, "and again");
     again.login = None;
-    let got = collect(pool.inpage(again).await.unwrap()).await;
+    let got = collect(in_page_tier(&pool, again).await.unwrap()).await;
     assert_reply(Shape::Openai, "and again", &got);
     pool.shutdown().await;
 }

@@ -9,8 +9,8 @@
 //!   conversation, so earlier turns never leak in), logging in if it has to, and types the
 //!   whole history flattened.
 //! - The composer, the send control and the reply are found as the probe finds them
-//!   (`learn::probe`'s page scripts); the text is typed with `Input.insertText` (set by
-//!   script if that did not land), then sent as the probe sends ([`probe::Sending`]: a send
+//!   (`chatbox`'s page scripts); the text is typed with `Input.insertText` (set by
+//!   script if that did not land), then sent as the probe sends ([`chatbox::Sending`]: a send
 //!   that reloads the page or loses the text is retyped and sent with Enter).
 //! - The chat call is the first request after sending whose method is the flow's and whose
 //!   URL path matches the flow's URL template (a segment with a placeholder matches any
@@ -32,14 +32,15 @@ use chromiumoxide::Page;
 use futures_util::StreamExt;
 use tokio::time::Instant;
 
+use super::chatbox::{self, Found, Rendered};
 use super::inpage::{self, Keep};
-use super::pool::{BrowserPool, Fresh, Tier, WorkPage, probe_to_replay};
+use super::pool::{BrowserPool, Fresh, Tier, WorkPage};
 use super::recorder::RecorderEvent;
 use super::{TierRequest, is_connection};
 use crate::flow::{Flow, Transport};
-use crate::learn::probe::{self, Found, Rendered};
-use crate::replay::client::{Call, DeltaStream, FailureKind, ReplayError};
+use crate::replay::DeltaStream;
 use crate::replay::decode::Delta;
+use crate::replay::failure::{Call, FailureKind, ReplayError};
 
 /// The page property the probe scripts keep their state under.
 const KEY: &str = "__ct_ui";
@@ -50,7 +51,13 @@ pub const DOM_STABLE: Duration = Duration::from_secs(2);
 /// How often the page is read while waiting.
 const POLL: Duration = Duration::from_millis(100);
 
-pub(super) async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStream, ReplayError> {
+/// Tier 3: the prompt typed into the site's chat UI; the reply decoded from the recorded chat
+/// call as it streams, the page's text as a last resort (see the module docs).
+pub async fn ui_tier(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStream, ReplayError> {
+    pool.dies_with(run(pool, req)).await
+}
+
+async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStream, ReplayError> {
     // A history that extends the conversation the page shows goes on there; anything else
     // starts a new one on a reloaded page.
     let shown = shown_key(&req.prompt);
@@ -67,7 +74,7 @@ pub(super) async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStr
     let work = lease.work.clone();
     let messages = req.prompt.messages.clone();
     let remember = move |stream: DeltaStream| remembering(stream, work, messages);
-    let found: Found = probe::script(&page, KEY, probe::FIND_COMPOSER_JS, &[])
+    let found: Found = chatbox::script(&page, KEY, chatbox::FIND_COMPOSER, &[])
         .await
         .map_err(page_error)?;
     if !found.found {
@@ -78,16 +85,16 @@ pub(super) async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStr
         });
     }
     super::insert_text(&page, &text).await.map_err(page_error)?;
-    let typed: Option<String> = probe::script(&page, KEY, probe::COMPOSER_TEXT_JS, &[])
+    let typed: Option<String> = chatbox::script(&page, KEY, chatbox::COMPOSER_TEXT, &[])
         .await
         .map_err(page_error)?;
     if typed.as_deref().map(normalize) != Some(normalize(&text)) {
         tracing::debug!("Input.insertText did not reach the chat input; setting it by script");
-        probe::script::<bool>(&page, KEY, probe::SET_TEXT_JS, &[("TEXT", &text)])
+        chatbox::script::<bool>(&page, KEY, chatbox::SET_TEXT, &[("TEXT", &text)])
             .await
             .map_err(page_error)?;
     }
-    probe::script::<bool>(&page, KEY, probe::WATCH_JS, &[])
+    chatbox::script::<bool>(&page, KEY, chatbox::WATCH, &[])
         .await
         .map_err(page_error)?;
     let mut feed = lease.work.recorder.subscribe();
@@ -99,9 +106,9 @@ pub(super) async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStr
         .chars()
         .take(60)
         .collect();
-    let mut sending = probe::Sending::start(&page, KEY, &text, &needle)
+    let mut sending = chatbox::Sending::start(&page, KEY, &text, &needle)
         .await
-        .map_err(probe_to_replay)?;
+        .map_err(ReplayError::from)?;
     let sent_at = Instant::now();
     let matcher = Matcher::new(&req.flow, &text);
     let mut tick = tokio::time::interval(POLL);
@@ -112,7 +119,7 @@ pub(super) async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStr
         tokio::select! {
             event = feed.recv() => {
                 let Some(event) = event else {
-                    return Err(ReplayError::Network {
+                    return Err(ReplayError::Browser {
                         call: Call::Chat,
                         message: "the browser stopped reporting the page's network traffic".into(),
                     });
@@ -190,7 +197,7 @@ pub(super) async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStr
                     }
                     continue;
                 }
-                sending.check(&page, now).await.map_err(probe_to_replay)?;
+                sending.check(&page, now).await.map_err(ReplayError::from)?;
                 if now >= sent_at + DOM_AFTER {
                     let rendered = read_reply(&page, &text).await?;
                     if rendered.found && !rendered.text.trim().is_empty() {
@@ -269,7 +276,7 @@ fn remembering(
 }
 
 fn page_error(e: chromiumoxide::error::CdpError) -> ReplayError {
-    ReplayError::Network {
+    ReplayError::Browser {
         call: Call::Chat,
         message: if is_connection(&e) {
             "lost the connection to Chromium".into()
@@ -375,10 +382,10 @@ fn template_path(template: &str) -> Vec<Option<String>> {
 
 async fn read_reply(page: &Page, typed: &str) -> Result<Rendered, ReplayError> {
     let marker: String = normalize(typed).chars().take(80).collect();
-    match probe::script(
+    match chatbox::script(
         page,
         KEY,
-        probe::READ_REPLY_JS,
+        chatbox::READ_REPLY,
         &[("PROBE", typed), ("MARKER", &marker)],
     )
     .await

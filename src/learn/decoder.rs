@@ -35,7 +35,7 @@ pub(crate) use self::normalize::normalize;
 use crate::flow::{
     Accrual, ErrorRule, ReasoningRule, ResponseSpec, Signal, Tags, TextRule, Transport,
 };
-use crate::learn::recording::Exchange;
+use crate::recording::Exchange;
 use crate::replay::decode::{Decoder, Delta, collect_text, decode_all, is_op_list};
 
 /// Why no decoder could be inferred. Messages are meant for the user; they never quote

@@ -40,7 +40,7 @@ use self::values::{
 };
 use crate::flow::{BodyKind, Extract, Flow, FlowStats, HttpTemplate, ReplayPolicy, Step, UiHints};
 use crate::learn::decoder::{self, Hints, describe_call, frame_text};
-use crate::learn::recording::{Exchange, Recording};
+use crate::recording::{Exchange, Recording};
 
 /// What inference produced.
 #[derive(Debug, Clone)]

@@ -10,7 +10,6 @@
 pub mod decoder;
 pub mod infer;
 pub mod probe;
-pub mod recording;
 pub mod verify;
 
 use std::path::{Path, PathBuf};
@@ -19,13 +18,14 @@ use std::time::{Duration, Instant};
 
 use url::Url;
 
-use crate::browser::{LoginRequest, ProbeError, ProbeRequest};
+use crate::browser::{LoginRequest, PageError};
 use crate::flow::Flow;
-use crate::learn::recording::Recording;
+use crate::recording::Recording;
 use crate::renew::{RenewError, Renewer};
 use crate::replay::client::Replayer;
 use crate::store::accounts::Account;
 use crate::store::{Store, StoreError};
+use probe::ProbeRequest;
 use verify::Verification;
 
 /// Where a learn is, for progress display.
@@ -80,7 +80,7 @@ pub enum LearnError {
     #[error(transparent)]
     Login(#[from] RenewError),
     #[error("the probe failed: {0}")]
-    Probe(#[from] ProbeError),
+    Probe(#[from] PageError),
     #[error("could not infer the chat flow: {source}{}", saved_note(recording.as_deref()))]
     Infer {
         source: infer::InferError,
@@ -159,25 +159,22 @@ impl Learner {
 
         progress(Stage::Probing);
         let probe_started = Instant::now();
-        let recording = self
-            .renewer
-            .pool()
-            .probe(ProbeRequest {
+        let request = ProbeRequest {
+            account_id: account.id.clone(),
+            chat_url: None,
+            session: Some(session.data.clone()),
+            login: Some(LoginRequest {
                 account_id: account.id.clone(),
-                chat_url: None,
-                session: Some(session.data.clone()),
-                login: Some(LoginRequest {
-                    account_id: account.id.clone(),
-                    url: account.url.clone(),
-                    email: account.email.clone(),
-                    password,
-                    proxy: proxy.clone(),
-                }),
-                probe_text: None,
-                timeout: PROBE_TIMEOUT,
-                follow_up: true,
-            })
-            .await?;
+                url: account.url.clone(),
+                email: account.email.clone(),
+                password,
+                proxy: proxy.clone(),
+            }),
+            probe_text: None,
+            timeout: PROBE_TIMEOUT,
+            follow_up: true,
+        };
+        let recording = probe::probe(self.renewer.pool(), &request).await?;
         timings.probe_ms = probe_started.elapsed().as_millis() as u64;
 
         progress(Stage::Inferring);

@@ -17,8 +17,9 @@ use url::Url;
 
 use crate::flow::{Flow, TURNS};
 use crate::pinning::Pins;
-use crate::replay::client::{FailureKind, Replayer, Target};
+use crate::replay::client::{Replayer, Target};
 use crate::replay::decode::Delta;
+use crate::replay::failure::FailureKind;
 use crate::replay::render::Prompt;
 use crate::role::Role;
 use crate::session::SessionData;

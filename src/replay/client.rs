@@ -3,8 +3,8 @@
 //! Invariants:
 //! - The reply is decoded as its bytes arrive; nothing waits for the end of the body.
 //! - Dropping the returned stream drops the response, which cancels the call to the site.
-//! - Errors say which call failed and how (auth, rate limit, anti-bot challenge, format drift,
-//!   network), so the gateway can choose what to do; they never carry secrets.
+//! - Errors say which call failed and how (`replay::failure` classifies the site's answers), so
+//!   the gateway can choose what to do; they never carry secrets.
 
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
@@ -18,158 +18,21 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::Value;
 use url::Url;
 
-use super::decode::{self, DecodeError, Delta};
-use super::render::{self, Context, Prompt, RenderError, Rendered};
+use super::DeltaStream;
+use super::decode;
+use super::failure::{self, Call, ERROR_EXCERPT, FailureKind, ReplayError};
+use super::render::{self, Context, Prompt, Rendered};
 use super::reuse::Reused;
 use crate::flow::{Extract, Flow, Transport};
 use crate::session::{CookieJar, SessionData};
 
-/// The decoded reply, as it arrives.
-pub type DeltaStream = Pin<Box<dyn Stream<Item = Result<Delta, ReplayError>> + Send>>;
+// Callers that predate `replay::failure` (the server's wiring, the account pool) name these
+// here; the definitions live in `replay` and `replay::failure`.
+pub use super::Timeouts;
+pub use super::failure::MAX_RETRY_AFTER_SECS;
 
-/// Largest preflight response read, and the most of an error body kept for classification.
+/// Largest preflight response read.
 pub(crate) const PREFLIGHT_BODY_LIMIT: usize = 4 * 1024 * 1024;
-pub(crate) const ERROR_EXCERPT: usize = 2048;
-
-/// Which call of a flow failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Call {
-    Preflight(usize),
-    Chat,
-}
-
-impl std::fmt::Display for Call {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Call::Preflight(i) => write!(f, "preflight step {}", i + 1),
-            Call::Chat => f.write_str("chat call"),
-        }
-    }
-}
-
-/// How a failure should be handled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureKind {
-    /// The site no longer accepts the session (401/403, a login page, a missing token).
-    Auth,
-    /// 429 or equivalent.
-    RateLimit,
-    /// An anti-bot challenge page: direct replay is not welcome, a browser tier may be.
-    AntiBot,
-    /// The reply does not fit the flow's decoder: the site changed.
-    FormatDrift,
-    /// Connection failure or timeout.
-    Network,
-    /// The site failed (5xx) or reported an error in-band.
-    Upstream,
-    /// The flow itself cannot be rendered.
-    Flow,
-}
-
-impl FailureKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailureKind::Auth => "auth",
-            FailureKind::RateLimit => "rate_limit",
-            FailureKind::AntiBot => "anti_bot",
-            FailureKind::FormatDrift => "format_drift",
-            FailureKind::Network => "network",
-            FailureKind::Upstream => "upstream",
-            FailureKind::Flow => "flow",
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ReplayError {
-    #[error("cannot build the {call}: {source}")]
-    Render { call: Call, source: RenderError },
-    #[error("{call} failed: {message}")]
-    Network { call: Call, message: String },
-    #[error("{call}: the site answered HTTP {status}{}", detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default())]
-    Status {
-        call: Call,
-        status: u16,
-        kind: FailureKind,
-        retry_after: Option<u64>,
-        detail: Option<String>,
-    },
-    #[error("{call}: {message}")]
-    Unexpected {
-        call: Call,
-        kind: FailureKind,
-        message: String,
-    },
-    #[error("the site reported an error: {0}")]
-    InBand(String),
-    #[error("the reply does not fit the flow: {0}")]
-    Decode(String),
-    #[error("reading the reply failed: {0}")]
-    Body(String),
-}
-
-impl ReplayError {
-    pub fn kind(&self) -> FailureKind {
-        match self {
-            ReplayError::Render {
-                source: RenderError::MissingSession(_),
-                ..
-            } => FailureKind::Auth,
-            ReplayError::Render { .. } => FailureKind::Flow,
-            ReplayError::Network { .. } | ReplayError::Body(_) => FailureKind::Network,
-            ReplayError::Status { kind, .. } | ReplayError::Unexpected { kind, .. } => *kind,
-            ReplayError::InBand(_) => FailureKind::Upstream,
-            ReplayError::Decode(_) => FailureKind::FormatDrift,
-        }
-    }
-
-    pub fn retry_after(&self) -> Option<u64> {
-        match self {
-            ReplayError::Status { retry_after, .. } => *retry_after,
-            _ => None,
-        }
-    }
-}
-
-impl From<DecodeError> for ReplayError {
-    fn from(e: DecodeError) -> Self {
-        match e {
-            DecodeError::Upstream(m) => ReplayError::InBand(m),
-            DecodeError::Malformed(m) => ReplayError::Decode(m),
-            DecodeError::Body(m) => ReplayError::Body(m),
-            DecodeError::Truncated => ReplayError::Body(DecodeError::Truncated.to_string()),
-        }
-    }
-}
-
-/// The longest wait a site's `Retry-After` is taken for. A site's value is untrusted input: a
-/// day covers real quota resets, and nothing beyond it can overflow a clock.
-pub const MAX_RETRY_AFTER_SECS: u64 = 24 * 3600;
-
-/// A `Retry-After` value (seconds, or an HTTP date) in seconds from now, clamped to
-/// [`MAX_RETRY_AFTER_SECS`].
-pub fn retry_after_secs(value: &str) -> Option<u64> {
-    let value = value.trim();
-    let secs = match value.parse::<u64>() {
-        Ok(secs) => secs,
-        // Digits that overflow u64 still mean "a long time".
-        Err(_) if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) => u64::MAX,
-        Err(_) => {
-            let at = httpdate::parse_http_date(value).ok()?;
-            at.duration_since(std::time::SystemTime::now())
-                .map_or(0, |d| d.as_secs())
-        }
-    };
-    Some(secs.min(MAX_RETRY_AFTER_SECS))
-}
-
-/// Timeouts for calls to sites.
-#[derive(Debug, Clone, Copy)]
-pub struct Timeouts {
-    pub connect: Duration,
-    pub first_byte: Duration,
-    pub idle: Duration,
-}
 
 /// What a replay needs besides the flow.
 #[derive(Debug, Clone, Copy)]
@@ -526,75 +389,29 @@ async fn check_status(
     expected: Option<Transport>,
 ) -> Result<reqwest::Response, ReplayError> {
     let status = response.status();
-    let content_type = response
-        .headers()
-        .get(reqwest::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_ascii_lowercase();
     if status.is_success() {
-        // A page where a stream was expected: usually the login page after a lost session.
+        let content_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
         let wants_data = !matches!(expected, None | Some(Transport::Text));
-        if wants_data && content_type.starts_with("text/html") {
-            let excerpt = read_excerpt(response).await;
-            let (kind, message) = classify_html(&excerpt);
-            return Err(ReplayError::Unexpected {
-                call,
-                kind,
-                message: message.to_owned(),
-            });
+        if failure::is_page_instead_of_data(content_type, wants_data) {
+            return Err(failure::html_error(call, &read_excerpt(response).await));
         }
         return Ok(response);
     }
-    let retry_after = response
-        .headers()
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(retry_after_secs);
-    let challenge_header = response.headers().contains_key("cf-mitigated");
-    // Redirects are not followed: a redirect to a sign-in page means the session is gone.
-    let to_login = response
-        .headers()
-        .get(reqwest::header::LOCATION)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|location| {
-            let lower = location.to_ascii_lowercase();
-            ["login", "signin", "sign-in", "sign_in", "auth"]
-                .iter()
-                .any(|word| lower.contains(word))
-        });
-    let code = status.as_u16();
+    let headers = response.headers().clone();
     let excerpt = read_excerpt(response).await;
-    let is_challenge = challenge_header || looks_like_challenge(&excerpt);
-    let kind = status_kind(code, is_challenge, to_login);
-    Err(ReplayError::Status {
+    Err(failure::status_error(
         call,
-        status: code,
-        kind,
-        retry_after,
-        detail: if to_login {
-            Some("redirected to the sign-in page".into())
-        } else {
-            error_message(&excerpt)
-        },
-    })
+        status.as_u16(),
+        &headers,
+        &excerpt,
+    ))
 }
 
-/// What an HTTP error status means for the gateway.
-pub(crate) fn status_kind(code: u16, challenge: bool, to_login: bool) -> FailureKind {
-    match code {
-        _ if challenge && matches!(code, 403 | 429 | 503) => FailureKind::AntiBot,
-        401 | 403 | 419 | 440 => FailureKind::Auth,
-        300..=399 if to_login => FailureKind::Auth,
-        300..=399 => FailureKind::FormatDrift,
-        429 => FailureKind::RateLimit,
-        500..=599 => FailureKind::Upstream,
-        404 | 405 | 400 | 410 | 415 | 422 => FailureKind::FormatDrift,
-        _ => FailureKind::Upstream,
-    }
-}
-
-async fn read_excerpt(mut response: reqwest::Response) -> String {
+async fn read_excerpt(mut response: reqwest::Response) -> Vec<u8> {
     let mut out = Vec::new();
     while out.len() < ERROR_EXCERPT {
         match response.chunk().await {
@@ -603,60 +420,7 @@ async fn read_excerpt(mut response: reqwest::Response) -> String {
         }
     }
     out.truncate(ERROR_EXCERPT);
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-pub(crate) fn looks_like_challenge(body: &str) -> bool {
-    let lower = body.to_ascii_lowercase();
-    [
-        "challenge-platform",
-        "cf-chl",
-        "just a moment...",
-        "verify you are human",
-        "checking your browser",
-        "captcha",
-    ]
-    .iter()
-    .any(|marker| lower.contains(marker))
-}
-
-pub(crate) fn classify_html(body: &str) -> (FailureKind, &'static str) {
-    let lower = body.to_ascii_lowercase();
-    if looks_like_challenge(body) {
-        (
-            FailureKind::AntiBot,
-            "the site answered with an anti-bot challenge page",
-        )
-    } else if lower.contains("type=\"password\"") || lower.contains("type=password") {
-        (
-            FailureKind::Auth,
-            "the site answered with its login page: the session is no longer valid",
-        )
-    } else {
-        (
-            FailureKind::FormatDrift,
-            "the site answered with an HTML page where the flow expects data",
-        )
-    }
-}
-
-/// A short, human message from an error body: a JSON error message, else nothing (HTML pages
-/// and long bodies are not worth echoing).
-pub(crate) fn error_message(body: &str) -> Option<String> {
-    let json: Value = serde_json::from_str(body.trim()).ok()?;
-    let candidates = [
-        "/error/message",
-        "/error",
-        "/message",
-        "/detail",
-        "/msg",
-        "/error_description",
-    ];
-    candidates.iter().find_map(|p| {
-        json.pointer(p)
-            .and_then(Value::as_str)
-            .map(|s| s.chars().take(200).collect())
-    })
+    out
 }
 
 async fn read_limited(mut response: reqwest::Response, call: Call) -> Result<Vec<u8>, ReplayError> {
@@ -780,38 +544,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn retry_after_is_clamped_whatever_the_site_sends() {
-        assert_eq!(retry_after_secs(" 7 "), Some(7));
-        assert_eq!(
-            retry_after_secs("18446744073709551615"),
-            Some(MAX_RETRY_AFTER_SECS)
-        );
-        assert_eq!(
-            retry_after_secs("99999999999999999999999"),
-            Some(MAX_RETRY_AFTER_SECS)
-        );
-        assert_eq!(retry_after_secs("Wed, 21 Oct 2015 07:28:00 GMT"), Some(0));
-        let later = std::time::SystemTime::now() + Duration::from_secs(120);
-        let secs = retry_after_secs(&httpdate::fmt_http_date(later)).unwrap();
-        assert!((100..=120).contains(&secs), "{secs}");
-        assert_eq!(retry_after_secs("-1"), None);
-        assert_eq!(retry_after_secs("soon"), None);
-    }
-
-    #[test]
-    fn html_answers_are_classified() {
-        assert_eq!(
-            classify_html("<form><input type=\"password\"></form>").0,
-            FailureKind::Auth
-        );
-        assert_eq!(
-            classify_html("<title>Just a moment...</title>").0,
-            FailureKind::AntiBot
-        );
-        assert_eq!(classify_html("<p>hello</p>").0, FailureKind::FormatDrift);
-    }
-
-    #[test]
     fn extracts_pointer_regex_and_header() {
         let mut headers = HeaderMap::new();
         headers.insert("x-id", HeaderValue::from_static("h1"));
@@ -829,14 +561,5 @@ mod tests {
             header: "x-id".into(),
         };
         assert_eq!(extract(&rule, &headers, b"").as_deref(), Some("h1"));
-    }
-
-    #[test]
-    fn error_bodies_give_short_messages() {
-        assert_eq!(
-            error_message(r#"{"error":{"message":"slow down"}}"#).as_deref(),
-            Some("slow down")
-        );
-        assert_eq!(error_message("<html>"), None);
     }
 }

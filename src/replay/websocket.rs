@@ -12,12 +12,10 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-use super::client::{
-    Call, DeltaStream, FailureKind, ReplayError, Timeouts, error_message, looks_like_challenge,
-    status_kind,
-};
 use super::decode::{Decoder, Delta};
+use super::failure::{self, Call, FailureKind, ReplayError};
 use super::render::Rendered;
+use super::{DeltaStream, Timeouts};
 use crate::flow::ResponseSpec;
 use crate::session::{CookieJar, SessionData};
 
@@ -104,19 +102,13 @@ pub async fn open(
             });
         }
         Ok(Err(WsError::Http(response))) => {
-            let code = response.status().as_u16();
-            let body = response
-                .body()
-                .as_deref()
-                .map(|b| String::from_utf8_lossy(b).into_owned())
-                .unwrap_or_default();
-            return Err(ReplayError::Status {
-                call: Call::Chat,
-                status: code,
-                kind: status_kind(code, looks_like_challenge(&body), false),
-                retry_after: None,
-                detail: error_message(&body),
-            });
+            let body = response.body().as_deref().unwrap_or_default();
+            return Err(failure::status_error(
+                Call::Chat,
+                response.status().as_u16(),
+                response.headers(),
+                body,
+            ));
         }
         Ok(Err(e)) => {
             return Err(ReplayError::Network {

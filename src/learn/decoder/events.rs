@@ -1,13 +1,16 @@
 //! The recorded response, framed for analysis: which transports the bytes could be, and the
-//! events each transport sees in them. This mirrors `replay::decode`'s framing closely enough
-//! to propose candidate rules; every candidate is then checked with the real decoder.
+//! events each transport sees in them. The events come from replay's own framer
+//! (`replay::decode::frame`), so a rule proposed over them reads what replay will read; on top
+//! of it the learner asks a little more of a transport before proposing it (lines that are
+//! all JSON, short tags), and every candidate is then checked with the real decoder.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::Value;
 
 use crate::flow::Transport;
-use crate::learn::recording::{Exchange, Frame};
+use crate::recording::{Exchange, Frame};
+use crate::replay::decode;
 
 /// One framed event: its name (SSE `event:`, numbered-line tag, frame flag), its raw data and,
 /// when the data is JSON, its value.
@@ -109,124 +112,67 @@ pub(crate) fn candidate_transports(content_type: &str, input: &Input) -> Vec<Tra
 pub(crate) fn split(transport: Transport, input: &Input) -> Option<Vec<Event>> {
     match (transport, input) {
         (Transport::Websocket, Input::Messages(messages)) => {
-            Some(messages.iter().map(|m| event(None, m.clone())).collect())
+            let mut events = Vec::new();
+            for message in messages {
+                events.extend(framed(transport, message.as_bytes())?);
+            }
+            Some(events)
         }
         (Transport::Websocket, Input::Body(_)) | (_, Input::Messages(_)) => None,
         (Transport::Text, Input::Body(_)) => Some(Vec::new()),
-        (Transport::LengthPrefixed, Input::Body(body)) => frames(body),
         (transport, Input::Body(body)) => {
-            let text = std::str::from_utf8(body).ok()?;
-            match transport {
-                Transport::Sse => sse(text),
-                Transport::Ndjson => ndjson(text),
-                Transport::NumberedLines => numbered(text),
-                Transport::Json => {
-                    let value: Value = serde_json::from_str(text.trim()).ok()?;
-                    Some(vec![Event {
-                        name: None,
-                        data: text.trim().to_owned(),
-                        value: Some(value),
-                    }])
+            let events = framed(transport, body)?;
+            plausible(transport, &events).then_some(events)
+        }
+    }
+}
+
+/// What replay's framer finds in `bytes`, each event with its JSON value when it is JSON.
+fn framed(transport: Transport, bytes: &[u8]) -> Option<Vec<Event>> {
+    let framed = decode::frame(transport, bytes).ok()?;
+    Some(
+        framed
+            .into_iter()
+            .map(|f| {
+                let data = match transport {
+                    Transport::Json => f.data.trim().to_owned(),
+                    _ => f.data,
+                };
+                let value = serde_json::from_str(&data).ok();
+                Event {
+                    name: f.name,
+                    data,
+                    value,
                 }
-                _ => None,
-            }
-        }
-    }
+            })
+            .collect(),
+    )
 }
 
-fn event(name: Option<String>, data: String) -> Event {
-    let value = serde_json::from_str(&data).ok();
-    Event { name, data, value }
-}
-
-fn sse(text: &str) -> Option<Vec<Event>> {
-    let normalized = text.replace("\r\n", "\n").replace('\r', "\n");
-    let normalized = normalized.trim_start_matches('\u{feff}');
-    let mut blocks: Vec<&str> = normalized.split("\n\n").collect();
-    // As the SSE spec says (and the replay decoder does), an unterminated last event is dropped.
-    if !normalized.ends_with("\n\n") {
-        blocks.pop();
+/// Whether framed events look like `transport` at all. The framer reads what it is given
+/// (it skips what it does not understand); before proposing a transport the learner wants
+/// its shape: JSON lines (more than one, else it is a JSON document), short alphanumeric tags
+/// before JSON, frames flagged 0 to 3, one JSON document.
+fn plausible(transport: Transport, events: &[Event]) -> bool {
+    let json = |e: &Event| e.value.is_some();
+    match transport {
+        Transport::Ndjson => events.len() > 1 && events.iter().all(json),
+        Transport::NumberedLines => events.iter().all(|e| {
+            let tag = e.name.as_deref().unwrap_or_default();
+            (1..=3).contains(&tag.len())
+                && tag.chars().all(|c| c.is_ascii_alphanumeric())
+                && !e.data.starts_with(char::is_whitespace)
+                && json(e)
+        }),
+        Transport::LengthPrefixed => events.iter().all(|e| {
+            e.name
+                .as_deref()
+                .and_then(|flag| flag.parse::<u8>().ok())
+                .is_some_and(|flag| flag <= 3)
+        }),
+        Transport::Json => events.len() == 1 && events.iter().all(json),
+        Transport::Sse | Transport::Websocket | Transport::Text => true,
     }
-    let mut events = Vec::new();
-    let mut fields = 0usize;
-    for block in blocks {
-        let mut name = None;
-        let mut data: Vec<&str> = Vec::new();
-        for line in block.split('\n').filter(|l| !l.is_empty()) {
-            if line.starts_with(':') {
-                continue;
-            }
-            let (field, value) = line.split_once(':').unwrap_or((line, ""));
-            let value = value.strip_prefix(' ').unwrap_or(value);
-            match field {
-                "event" => name = Some(value.to_owned()),
-                "data" => data.push(value),
-                "id" | "retry" => {}
-                _ => return None,
-            }
-            fields += 1;
-        }
-        if !data.is_empty() {
-            let name = name
-                .filter(|n| !n.is_empty())
-                .unwrap_or_else(|| "message".into());
-            events.push(event(Some(name), data.join("\n")));
-        }
-    }
-    (fields > 0).then_some(events)
-}
-
-fn lines(text: &str) -> impl Iterator<Item = &str> {
-    text.split('\n')
-        .map(|l| l.strip_suffix('\r').unwrap_or(l))
-        .filter(|l| !l.trim().is_empty())
-}
-
-fn ndjson(text: &str) -> Option<Vec<Event>> {
-    let mut events = Vec::new();
-    for line in lines(text) {
-        let value: Value = serde_json::from_str(line).ok()?;
-        events.push(Event {
-            name: None,
-            data: line.to_owned(),
-            value: Some(value),
-        });
-    }
-    (events.len() > 1).then_some(events)
-}
-
-fn numbered(text: &str) -> Option<Vec<Event>> {
-    let mut events = Vec::new();
-    for line in lines(text) {
-        let (tag, payload) = line.split_once(':')?;
-        let tag_ok = (1..=3).contains(&tag.len()) && tag.chars().all(|c| c.is_ascii_alphanumeric());
-        if !tag_ok || payload.starts_with(char::is_whitespace) {
-            return None;
-        }
-        let value: Value = serde_json::from_str(payload).ok()?;
-        events.push(Event {
-            name: Some(tag.to_owned()),
-            data: payload.to_owned(),
-            value: Some(value),
-        });
-    }
-    (!events.is_empty()).then_some(events)
-}
-
-fn frames(body: &[u8]) -> Option<Vec<Event>> {
-    let mut events = Vec::new();
-    let mut rest = body;
-    while !rest.is_empty() {
-        if rest.len() < 5 || rest[0] > 3 {
-            return None;
-        }
-        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
-        let payload = rest.get(5..5 + len)?;
-        let data = std::str::from_utf8(payload).ok()?.to_owned();
-        events.push(event(Some(rest[0].to_string()), data));
-        rest = &rest[5 + len..];
-    }
-    (!events.is_empty()).then_some(events)
 }
 
 /// `t` escaped as one JSON pointer token.

@@ -1,7 +1,7 @@
 //! Decoder inference over hand-made response bodies of every transport and accrual.
 
 use super::*;
-use crate::learn::recording::{Body, Frame};
+use crate::recording::{Body, Frame};
 
 fn exchange(content_type: &str, body: &[u8]) -> Exchange {
     Exchange {

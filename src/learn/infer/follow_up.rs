@@ -29,7 +29,7 @@ use crate::flow::{FollowUp, turn_source};
 use crate::learn::decoder::{
     self, decode_exchange, describe_call, input_of, normalize, scalars, strings,
 };
-use crate::learn::recording::{Exchange, Recording};
+use crate::recording::{Exchange, Recording};
 use crate::replay::decode::Delta;
 
 /// What the first turn left for a follow-up to reuse, and what templating the follow-up

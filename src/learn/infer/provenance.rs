@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use crate::flow::Extract;
 use crate::learn::decoder::strings;
-use crate::learn::recording::{Exchange, Recording};
+use crate::recording::{Exchange, Recording};
 
 /// Where a value came from.
 #[derive(Debug, Clone, PartialEq)]

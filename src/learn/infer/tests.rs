@@ -17,7 +17,7 @@ use super::*;
 use crate::demo::{DemoConfig, Shape};
 use crate::flow::{Accrual, ReasoningRule, ResponseSpec, TextRule, Transport};
 use crate::learn::decoder::normalize;
-use crate::learn::recording::{Body, Frame, StorageSnapshot};
+use crate::recording::{Body, Frame, StorageSnapshot};
 use crate::replay::decode::{Decoder, collect_text, decode_all};
 
 const USER_AGENT: &str = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0.0.0 Safari/537.36";

@@ -17,10 +17,68 @@
 
 use std::fmt::Write as _;
 
-use super::accrual::{Engine, snippet};
+use super::accrual::snippet;
 use super::sse::SseParser;
-use super::{DecodeError, Delta, MAX_FRAME};
+use super::{DecodeError, MAX_FRAME};
 use crate::flow::Transport;
+
+/// Where a framer puts what it finds in the bytes: the decoder's accrual engine, or the
+/// events themselves ([`frame`], for the learner).
+pub(super) trait Sink {
+    /// One event: an SSE event, a line, a frame, a JSON document, a WebSocket message.
+    fn on_event(&mut self, name: Option<&str>, data: &str) -> Result<(), DecodeError>;
+    /// A length-prefixed end-of-stream frame (flag bit `0x02`).
+    fn on_end_stream(&mut self, name: Option<&str>, data: &str) -> Result<(), DecodeError>;
+    /// A piece of the `text` transport's body.
+    fn on_text(&mut self, text: &str);
+    /// Whether the sink wants no more (a decoder after its done signal or an error).
+    fn is_stopped(&self) -> bool;
+}
+
+/// One event of a body as the framer saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Framed {
+    /// SSE `event:` (`message` by default), numbered-line tag, frame flag in decimal.
+    pub name: Option<String>,
+    pub data: String,
+    /// A length-prefixed end-of-stream frame.
+    pub end_of_stream: bool,
+}
+
+/// The events `transport`'s framer finds in a whole `body`, exactly as the decoder frames it
+/// (for `websocket`, `body` is one message; the `text` transport has none). The learner reads
+/// recorded bodies with this, so what it proposes is what replay will read.
+pub fn frame(transport: Transport, body: &[u8]) -> Result<Vec<Framed>, DecodeError> {
+    #[derive(Default)]
+    struct Collect(Vec<Framed>);
+    impl Sink for Collect {
+        fn on_event(&mut self, name: Option<&str>, data: &str) -> Result<(), DecodeError> {
+            self.0.push(Framed {
+                name: name.map(str::to_owned),
+                data: data.to_owned(),
+                end_of_stream: false,
+            });
+            Ok(())
+        }
+        fn on_end_stream(&mut self, name: Option<&str>, data: &str) -> Result<(), DecodeError> {
+            self.0.push(Framed {
+                name: name.map(str::to_owned),
+                data: data.to_owned(),
+                end_of_stream: true,
+            });
+            Ok(())
+        }
+        fn on_text(&mut self, _: &str) {}
+        fn is_stopped(&self) -> bool {
+            false
+        }
+    }
+    let mut framer = Framer::new(transport);
+    let mut events = Collect::default();
+    framer.feed(body, &mut events)?;
+    framer.finish(&mut events)?;
+    Ok(events.0)
+}
 
 pub(super) enum Framer {
     Sse(Box<Sse>),
@@ -44,23 +102,18 @@ impl Framer {
         }
     }
 
-    pub(super) fn feed(
-        &mut self,
-        chunk: &[u8],
-        engine: &mut Engine,
-        out: &mut Vec<Delta>,
-    ) -> Result<(), DecodeError> {
+    pub(super) fn feed(&mut self, chunk: &[u8], sink: &mut impl Sink) -> Result<(), DecodeError> {
         match self {
-            Framer::Sse(sse) => sse.feed(chunk, engine, out),
-            Framer::Lines(lines) => lines.feed(chunk, engine, out),
-            Framer::LengthPrefixed(frames) => frames.feed(chunk, engine, out),
-            Framer::Json(doc) => doc.feed(chunk, engine, out),
+            Framer::Sse(sse) => sse.feed(chunk, sink),
+            Framer::Lines(lines) => lines.feed(chunk, sink),
+            Framer::LengthPrefixed(frames) => frames.feed(chunk, sink),
+            Framer::Json(doc) => doc.feed(chunk, sink),
             Framer::Text(joiner) => {
                 let mut text = String::new();
                 joiner
                     .push(chunk, true, &mut text)
                     .map_err(DecodeError::Malformed)?;
-                engine.on_text(&text, out);
+                sink.on_text(&text);
                 Ok(())
             }
             Framer::WebSocket => {
@@ -70,27 +123,23 @@ impl Framer {
                         e.valid_up_to()
                     ))
                 })?;
-                engine.on_event(None, message, out)
+                sink.on_event(None, message)
             }
         }
     }
 
-    pub(super) fn finish(
-        &mut self,
-        engine: &mut Engine,
-        out: &mut Vec<Delta>,
-    ) -> Result<(), DecodeError> {
+    pub(super) fn finish(&mut self, sink: &mut impl Sink) -> Result<(), DecodeError> {
         match self {
-            Framer::Sse(sse) => sse.finish(engine, out),
-            Framer::Lines(lines) => lines.finish(engine, out),
+            Framer::Sse(sse) => sse.finish(sink),
+            Framer::Lines(lines) => lines.finish(sink),
             Framer::LengthPrefixed(frames) => frames.finish(),
-            Framer::Json(doc) => doc.finish(engine, out),
+            Framer::Json(doc) => doc.finish(sink),
             Framer::Text(joiner) => {
                 let mut text = String::new();
                 joiner
                     .finish(true, &mut text)
                     .map_err(DecodeError::Malformed)?;
-                engine.on_text(&text, out);
+                sink.on_text(&text);
                 Ok(())
             }
             Framer::WebSocket => Ok(()),
@@ -200,12 +249,7 @@ impl Sse {
         }
     }
 
-    fn feed(
-        &mut self,
-        chunk: &[u8],
-        engine: &mut Engine,
-        out: &mut Vec<Delta>,
-    ) -> Result<(), DecodeError> {
+    fn feed(&mut self, chunk: &[u8], sink: &mut impl Sink) -> Result<(), DecodeError> {
         // Validated here so that invalid bytes fail at once. A chunk of whole characters (the
         // usual case) is parsed in place; one that ends or starts inside a character goes
         // through the joiner. The valid prefix is decoded first: bytes after a done signal are
@@ -219,7 +263,7 @@ impl Sse {
                 (self.joined.as_str(), utf8)
             }
         };
-        push_events(&mut self.parser, text, engine, out)?;
+        push_events(&mut self.parser, text, sink)?;
         if self.parser.pending() > MAX_FRAME {
             return Err(DecodeError::Malformed(format!(
                 "SSE event larger than {} MiB",
@@ -227,36 +271,35 @@ impl Sse {
             )));
         }
         match utf8 {
-            Err(e) if !engine.is_stopped() => Err(DecodeError::Malformed(format!("SSE body: {e}"))),
+            Err(e) if !sink.is_stopped() => Err(DecodeError::Malformed(format!("SSE body: {e}"))),
             _ => Ok(()),
         }
     }
 
-    fn finish(&mut self, engine: &mut Engine, out: &mut Vec<Delta>) -> Result<(), DecodeError> {
+    fn finish(&mut self, sink: &mut impl Sink) -> Result<(), DecodeError> {
         let mut rest = String::new();
         self.utf8
             .finish(false, &mut rest)
             .map_err(|e| DecodeError::Malformed(format!("SSE body: {e}")))?;
         // As the SSE spec says, an event the body did not end with a blank line is dropped.
-        push_events(&mut self.parser, &rest, engine, out)
+        push_events(&mut self.parser, &rest, sink)
     }
 }
 
-/// Hands every event `text` completes to the engine, until the engine stops.
+/// Hands every event `text` completes to the sink, until the sink stops.
 fn push_events(
     parser: &mut SseParser,
     text: &str,
-    engine: &mut Engine,
-    out: &mut Vec<Delta>,
+    sink: &mut impl Sink,
 ) -> Result<(), DecodeError> {
-    if engine.is_stopped() {
+    if sink.is_stopped() {
         return Ok(());
     }
     parser.push(text, &mut |name, data| {
-        if engine.is_stopped() {
+        if sink.is_stopped() {
             return Ok(());
         }
-        engine.on_event(Some(name), data, out)
+        sink.on_event(Some(name), data)
     })
 }
 
@@ -280,22 +323,17 @@ impl Lines {
         }
     }
 
-    fn feed(
-        &mut self,
-        chunk: &[u8],
-        engine: &mut Engine,
-        out: &mut Vec<Delta>,
-    ) -> Result<(), DecodeError> {
+    fn feed(&mut self, chunk: &[u8], sink: &mut impl Sink) -> Result<(), DecodeError> {
         self.buf.extend_from_slice(chunk);
         let mut start = 0;
         let mut from = self.scanned;
         while let Some(at) = self.buf[from..].iter().position(|&b| b == b'\n') {
             let end = from + at;
             self.line += 1;
-            decode_line(self.numbered, self.line, &self.buf[start..end], engine, out)?;
+            decode_line(self.numbered, self.line, &self.buf[start..end], sink)?;
             start = end + 1;
             from = start;
-            if engine.is_stopped() {
+            if sink.is_stopped() {
                 break;
             }
         }
@@ -311,10 +349,10 @@ impl Lines {
         Ok(())
     }
 
-    fn finish(&mut self, engine: &mut Engine, out: &mut Vec<Delta>) -> Result<(), DecodeError> {
+    fn finish(&mut self, sink: &mut impl Sink) -> Result<(), DecodeError> {
         let last = std::mem::take(&mut self.buf);
         self.line += 1;
-        decode_line(self.numbered, self.line, &last, engine, out)
+        decode_line(self.numbered, self.line, &last, sink)
     }
 }
 
@@ -322,8 +360,7 @@ fn decode_line(
     numbered: bool,
     number: usize,
     line: &[u8],
-    engine: &mut Engine,
-    out: &mut Vec<Delta>,
+    sink: &mut impl Sink,
 ) -> Result<(), DecodeError> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     if line.trim_ascii().is_empty() {
@@ -337,7 +374,7 @@ fn decode_line(
     })?;
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     if !numbered {
-        return engine.on_event(None, text, out);
+        return sink.on_event(None, text);
     }
     let Some((tag, data)) = text.split_once(':') else {
         return Err(DecodeError::Malformed(format!(
@@ -345,12 +382,10 @@ fn decode_line(
             snippet(text)
         )));
     };
-    engine
-        .on_event(Some(tag.trim()), data, out)
-        .map_err(|e| match e {
-            DecodeError::Malformed(m) => DecodeError::Malformed(format!("line {number}: {m}")),
-            other => other,
-        })
+    sink.on_event(Some(tag.trim()), data).map_err(|e| match e {
+        DecodeError::Malformed(m) => DecodeError::Malformed(format!("line {number}: {m}")),
+        other => other,
+    })
 }
 
 /// Length-prefixed binary frames.
@@ -366,15 +401,10 @@ pub(super) struct Frames {
 const HEADER: usize = 5;
 
 impl Frames {
-    fn feed(
-        &mut self,
-        chunk: &[u8],
-        engine: &mut Engine,
-        out: &mut Vec<Delta>,
-    ) -> Result<(), DecodeError> {
+    fn feed(&mut self, chunk: &[u8], sink: &mut impl Sink) -> Result<(), DecodeError> {
         self.buf.extend_from_slice(chunk);
         let mut at = 0;
-        while self.buf.len() - at >= HEADER && !engine.is_stopped() {
+        while self.buf.len() - at >= HEADER && !sink.is_stopped() {
             let flag = self.buf[at];
             let mut length = [0u8; 4];
             length.copy_from_slice(&self.buf[at + 1..at + HEADER]);
@@ -394,7 +424,7 @@ impl Frames {
             let payload = &self.buf[at + HEADER..at + HEADER + length];
             self.name.clear();
             let _ = write!(self.name, "{flag}");
-            decode_frame(flag, &self.name, payload, self.count, engine, out)?;
+            decode_frame(flag, &self.name, payload, self.count, sink)?;
             at += HEADER + length;
         }
         self.buf.drain(..at);
@@ -431,8 +461,7 @@ fn decode_frame(
     name: &str,
     payload: &[u8],
     number: usize,
-    engine: &mut Engine,
-    out: &mut Vec<Delta>,
+    sink: &mut impl Sink,
 ) -> Result<(), DecodeError> {
     if flag & 0x01 != 0 {
         return Err(DecodeError::Malformed(format!(
@@ -446,12 +475,12 @@ fn decode_frame(
         ))
     })?;
     if flag & 0x02 != 0 {
-        return engine.on_end_stream(Some(name), data, out);
+        return sink.on_end_stream(Some(name), data);
     }
     if data.trim().is_empty() {
         return Ok(());
     }
-    engine.on_event(Some(name), data, out).map_err(|e| match e {
+    sink.on_event(Some(name), data).map_err(|e| match e {
         DecodeError::Malformed(m) => DecodeError::Malformed(format!("frame {number}: {m}")),
         other => other,
     })
@@ -528,12 +557,7 @@ impl Scan {
 }
 
 impl JsonDoc {
-    fn feed(
-        &mut self,
-        chunk: &[u8],
-        engine: &mut Engine,
-        out: &mut Vec<Delta>,
-    ) -> Result<(), DecodeError> {
+    fn feed(&mut self, chunk: &[u8], sink: &mut impl Sink) -> Result<(), DecodeError> {
         if self.decoded {
             return trailing(chunk);
         }
@@ -550,12 +574,12 @@ impl JsonDoc {
             trailing(&self.buf[end..])?;
             self.decoded = true;
             let doc = std::mem::take(&mut self.buf);
-            return decode_document(&doc[..end], engine, out);
+            return decode_document(&doc[..end], sink);
         }
         Ok(())
     }
 
-    fn finish(&mut self, engine: &mut Engine, out: &mut Vec<Delta>) -> Result<(), DecodeError> {
+    fn finish(&mut self, sink: &mut impl Sink) -> Result<(), DecodeError> {
         if self.decoded {
             return Ok(());
         }
@@ -566,7 +590,7 @@ impl JsonDoc {
                 "empty body where a JSON document was expected".into(),
             ));
         }
-        decode_document(&doc, engine, out)
+        decode_document(&doc, sink)
     }
 }
 
@@ -581,16 +605,48 @@ fn trailing(bytes: &[u8]) -> Result<(), DecodeError> {
     }
 }
 
-fn decode_document(
-    doc: &[u8],
-    engine: &mut Engine,
-    out: &mut Vec<Delta>,
-) -> Result<(), DecodeError> {
+fn decode_document(doc: &[u8], sink: &mut impl Sink) -> Result<(), DecodeError> {
     let text = std::str::from_utf8(doc).map_err(|e| {
         DecodeError::Malformed(format!(
             "JSON body is not UTF-8 (at byte {})",
             e.valid_up_to()
         ))
     })?;
-    engine.on_event(None, text.strip_prefix('\u{feff}').unwrap_or(text), out)
+    sink.on_event(None, text.strip_prefix('\u{feff}').unwrap_or(text))
+}
+
+#[cfg(test)]
+mod frame_tests {
+    use super::*;
+
+    fn named(name: &str, data: &str) -> Framed {
+        Framed {
+            name: Some(name.to_owned()),
+            data: data.to_owned(),
+            end_of_stream: false,
+        }
+    }
+
+    #[test]
+    fn frame_gives_the_events_the_decoder_reads() {
+        let sse = b"event: delta\ndata: {\"t\":1}\n\n: ping\n\ndata: [DONE]\n\ndata: cut";
+        assert_eq!(
+            frame(Transport::Sse, sse).unwrap(),
+            [named("delta", "{\"t\":1}"), named("message", "[DONE]")]
+        );
+        let lines = b"0:\"he\"\r\n\n0:\"llo\"";
+        assert_eq!(
+            frame(Transport::NumberedLines, lines).unwrap(),
+            [named("0", "\"he\""), named("0", "\"llo\"")]
+        );
+        let mut frames = vec![0u8, 0, 0, 0, 2];
+        frames.extend_from_slice(b"{}");
+        frames.extend_from_slice(&[2, 0, 0, 0, 0]);
+        let framed = frame(Transport::LengthPrefixed, &frames).unwrap();
+        assert_eq!(framed[0], named("0", "{}"));
+        assert!(framed[1].end_of_stream, "{framed:?}");
+        assert_eq!(frame(Transport::Json, b" {\"a\":[1]} ").unwrap().len(), 1);
+        assert!(frame(Transport::Json, b"{} x").is_err());
+        assert!(frame(Transport::Text, b"plain").unwrap().is_empty());
+    }
 }

@@ -43,7 +43,8 @@ use std::task::{Context, Poll};
 use futures_util::Stream;
 
 use self::accrual::Engine;
-use self::framing::Framer;
+pub use self::framing::{Framed, frame};
+use self::framing::{Framer, Sink};
 pub(crate) use self::patch::is_op_list;
 use crate::flow::{ResponseSpec, Transport};
 
@@ -103,7 +104,9 @@ impl Decoder {
         if self.engine.is_stopped() || self.finished {
             return Ok(());
         }
-        let result = self.framer.feed(chunk, &mut self.engine, out);
+        let result = self
+            .framer
+            .feed(chunk, &mut Decoding::new(&mut self.engine, out));
         self.fail_on_error(result)
     }
 
@@ -127,7 +130,9 @@ impl Decoder {
         }
         self.finished = true;
         if !self.engine.is_stopped() {
-            let result = self.framer.finish(&mut self.engine, out);
+            let result = self
+                .framer
+                .finish(&mut Decoding::new(&mut self.engine, out));
             self.fail_on_error(result)?;
         }
         self.engine.finish(out);
@@ -144,6 +149,36 @@ impl Decoder {
             self.engine.fail();
         }
         result
+    }
+}
+
+/// The accrual engine as the framer's sink, with the deltas it emits.
+struct Decoding<'a> {
+    engine: &'a mut Engine,
+    out: &'a mut Vec<Delta>,
+}
+
+impl<'a> Decoding<'a> {
+    fn new(engine: &'a mut Engine, out: &'a mut Vec<Delta>) -> Self {
+        Self { engine, out }
+    }
+}
+
+impl Sink for Decoding<'_> {
+    fn on_event(&mut self, name: Option<&str>, data: &str) -> Result<(), DecodeError> {
+        self.engine.on_event(name, data, self.out)
+    }
+
+    fn on_end_stream(&mut self, name: Option<&str>, data: &str) -> Result<(), DecodeError> {
+        self.engine.on_end_stream(name, data, self.out)
+    }
+
+    fn on_text(&mut self, text: &str) {
+        self.engine.on_text(text, self.out);
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.engine.is_stopped()
     }
 }
 

@@ -14,8 +14,8 @@ use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::login::{PageSummary, Targets};
-use super::{AssistConfig, PageKind};
+use super::{PageSummary, Targets};
+use crate::browser::{AssistConfig, PageKind};
 
 const ASSIST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest selector accepted from the model.

@@ -1,6 +1,6 @@
 //! Page classification and the login loop.
 //!
-//! One `Runtime.evaluate` of [`SUMMARY_JS`] turns the page into a [`PageSummary`] (visible
+//! One `Runtime.evaluate` of `js/login/summary.js` turns the page into a [`PageSummary`] (visible
 //! inputs, buttons and links, iframes, headings, error-looking texts, each element with a
 //! unique CSS selector); everything else is decided in Rust by [`classify`] and [`targets`],
 //! which are pure and know no site.
@@ -15,31 +15,31 @@
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::LazyLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use chromiumoxide::Page;
-use chromiumoxide::cdp::browser_protocol::input::{
-    DispatchKeyEventParams, DispatchKeyEventType, InsertTextParams,
-};
-use chromiumoxide::cdp::browser_protocol::page::{CaptureScreenshotFormat, NavigateParams};
-use chromiumoxide::cdp::js_protocol::runtime::EvaluateParams;
+use chromiumoxide::cdp::browser_protocol::browser::BrowserContextId;
+use chromiumoxide::cdp::browser_protocol::page::NavigateParams;
 use chromiumoxide::error::CdpError;
-use chromiumoxide::page::ScreenshotParams;
 use rand::Rng;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::pool::{LiveEntry, PoolShared, Running};
+use super::page::{
+    POLL, cdp_error, check_visible, evaluate_string, insert_text, is_connection, is_transient,
+    page_screenshot, press_key, write_screenshot,
+};
+use super::process::Running;
 use super::{
-    BrowserConfig, LoginError, LoginOutcome, LoginRequest, PageKind, TypingMode, assist, captcha,
-    harvest, redact_url,
+    BrowserConfig, LiveSession, LoginError, LoginOutcome, LoginRequest, PageKind, TypingMode,
+    harvest, js, lock, redact_url,
 };
 
-/// Poll interval of every wait: short enough to feel instant, long enough to stay cheap.
-pub(crate) const POLL: Duration = Duration::from_millis(50);
+mod assist;
+mod captcha;
 /// How long a page may take to react to one action (a click, a submit).
 const ACTION_WAIT: Duration = Duration::from_secs(20);
 /// How long an unrecognised page may take to turn into something recognisable (SPAs render
@@ -51,118 +51,6 @@ const CHAT_ERROR_GRACE: Duration = Duration::from_secs(2);
 const MAX_SUBMITS: u32 = 3;
 /// Calls to the assist endpoint per login.
 const MAX_ASSIST_CALLS: u32 = 2;
-
-/// Summarises the page: see [`PageSummary`]. Returns a JSON string.
-pub(crate) const SUMMARY_JS: &str = r#"(() => {
-  const clean = (s, n) => String(s || '').replace(/\s+/g, ' ').trim().slice(0, n || 120);
-  const vis = (el) => {
-    if (!el || !el.isConnected) return false;
-    if (typeof el.checkVisibility === 'function' &&
-        !el.checkVisibility({ opacityProperty: true, visibilityProperty: true })) return false;
-    const r = el.getBoundingClientRect();
-    return r.width > 1 && r.height > 1;
-  };
-  const esc = (s) => (window.CSS && CSS.escape) ? CSS.escape(s) : String(s).replace(/[^a-zA-Z0-9_-]/g, (c) => '\\' + c);
-  const uniqueId = (el) => {
-    if (!el.id) return false;
-    try { return document.querySelectorAll('#' + esc(el.id)).length === 1; } catch (e) { return false; }
-  };
-  const selector = (el) => {
-    if (uniqueId(el)) return '#' + esc(el.id);
-    const parts = [];
-    let node = el;
-    while (node && node.nodeType === 1 && node !== document.documentElement) {
-      if (node !== el && uniqueId(node)) { parts.unshift('#' + esc(node.id)); break; }
-      let part = node.localName;
-      const parent = node.parentElement;
-      if (parent) {
-        const same = Array.from(parent.children).filter((c) => c.localName === node.localName);
-        if (same.length > 1) part += ':nth-of-type(' + (same.indexOf(node) + 1) + ')';
-      }
-      parts.unshift(part);
-      node = parent;
-    }
-    return parts.join(' > ');
-  };
-  const labelOf = (el) => {
-    let t = '';
-    if (el.labels && el.labels.length) t = Array.from(el.labels).map((l) => l.innerText).join(' ');
-    const by = el.getAttribute('aria-labelledby');
-    if (!t && by) t = by.split(/\s+/).map((id) => { const n = document.getElementById(id); return n ? n.innerText : ''; }).join(' ');
-    return clean(t);
-  };
-  const forms = Array.from(document.forms);
-  const formIndex = (el) => { const f = el.form || el.closest('form'); return f ? forms.indexOf(f) : -1; };
-  const pwForms = new Set();
-  document.querySelectorAll('input[type=password]').forEach((p) => { if (vis(p)) pwForms.add(formIndex(p)); });
-  const skip = ['hidden', 'submit', 'button', 'image', 'reset', 'checkbox', 'radio', 'file', 'range', 'color'];
-  const inputs = [];
-  for (const el of document.querySelectorAll('input, textarea, select, [contenteditable=""], [contenteditable=true], [role=textbox]')) {
-    if (inputs.length >= 60) break;
-    if (!vis(el)) continue;
-    let kind;
-    if (el.localName === 'input') kind = (el.getAttribute('type') || 'text').toLowerCase();
-    else if (el.localName === 'textarea') kind = 'textarea';
-    else if (el.localName === 'select') kind = 'select';
-    else if (el.isContentEditable) kind = 'contenteditable';
-    else kind = 'textbox';
-    if (skip.includes(kind)) continue;
-    const f = formIndex(el);
-    const rich = kind === 'contenteditable' || kind === 'textbox';
-    inputs.push({
-      kind, name: clean(el.getAttribute('name')), id: clean(el.id),
-      autocomplete: clean(el.getAttribute('autocomplete')), placeholder: clean(el.getAttribute('placeholder')),
-      label: labelOf(el), aria: clean(el.getAttribute('aria-label')), selector: selector(el), form: f,
-      in_password_form: f >= 0 && pwForms.has(f), filled: rich ? !!clean(el.innerText) : !!el.value,
-      disabled: !!el.disabled, readonly: !!el.readOnly,
-    });
-  }
-  const buttons = [];
-  for (const el of document.querySelectorAll('button, a, input[type=submit], input[type=button], input[type=image], [role=button], [role=link], [role=menuitem]')) {
-    if (buttons.length >= 80) break;
-    if (!vis(el)) continue;
-    const isInput = el.localName === 'input';
-    const text = clean(isInput ? el.value : el.innerText, 80);
-    const aria = clean(el.getAttribute('aria-label') || el.getAttribute('title'), 80);
-    const type = (el.getAttribute('type') || (el.localName === 'button' ? 'submit' : '')).toLowerCase();
-    const f = formIndex(el);
-    buttons.push({
-      tag: el.localName, text, aria, selector: selector(el), form: f,
-      submit: (el.localName === 'button' || isInput) && type === 'submit' && f >= 0,
-    });
-  }
-  const iframes = Array.from(document.querySelectorAll('iframe')).slice(0, 20).map((el) => {
-    let src = el.getAttribute('src') || '';
-    try { const u = new URL(src, location.href); const size = u.searchParams.get('size'); src = u.origin + u.pathname + (size ? '?size=' + size : ''); } catch (e) { src = clean(src, 200); }
-    return { src, visible: vis(el), selector: selector(el) };
-  });
-  const headings = [];
-  for (const el of document.querySelectorAll('h1, h2, h3, [role=heading]')) {
-    if (headings.length >= 10) break;
-    const t = clean(el.innerText, 120);
-    if (t && vis(el)) headings.push(t);
-  }
-  const errors = [];
-  const addError = (el) => {
-    if (errors.length >= 5 || !vis(el) || el.querySelector('input, textarea, select')) return;
-    const t = clean(el.innerText, 400);
-    if (t && t.length <= 300 && !errors.some((e) => e.includes(t) || t.includes(e))) errors.push(t);
-  };
-  document.querySelectorAll('[role=alert], [aria-live=assertive], .error, .errors, .alert-danger, .invalid-feedback, .form-error, .field-error, [class*="error" i], [id*="error" i], [data-error]').forEach(addError);
-  document.querySelectorAll('form [aria-live]').forEach(addError);
-  const markers = [];
-  for (const el of document.querySelectorAll('[aria-label], [role]')) {
-    if (markers.length >= 5) break;
-    const v = clean((el.getAttribute('role') || '') + ' ' + (el.getAttribute('aria-label') || ''), 80);
-    if (/captcha|challenge|verification|human/i.test(v) && vis(el)) markers.push(v);
-  }
-  const solved = Array.from(document.querySelectorAll('[name="g-recaptcha-response"], [name="h-captcha-response"], [name="cf-turnstile-response"]')).some((e) => !!e.value);
-  return JSON.stringify({
-    url: location.href, title: clean(document.title), doc: performance.timeOrigin, ready: document.readyState,
-    inputs, buttons, iframes, headings, errors, markers, captcha_solved: solved,
-    text: clean(document.body ? document.body.innerText : '', 3000),
-  });
-})()"#;
 
 /// What the page shows, as far as logging in goes. No field values.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -468,9 +356,78 @@ fn changed(before: &PageSummary, after: &PageSummary) -> bool {
         || structure(after) != structure(before)
 }
 
+/// A login in progress, visible to humans through the admin API (the pool keeps them by id).
+pub(crate) struct LiveEntry {
+    pub(crate) id: String,
+    account_id: String,
+    context_id: BrowserContextId,
+    page: Page,
+    url: Mutex<String>,
+    state: Mutex<&'static str>,
+    since: i64,
+    cancelled: AtomicBool,
+}
+
+impl LiveEntry {
+    pub(crate) fn new(
+        account_id: &str,
+        context_id: BrowserContextId,
+        page: Page,
+        url: &str,
+    ) -> Self {
+        Self {
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            account_id: account_id.to_owned(),
+            context_id,
+            page,
+            url: Mutex::new(redact_url(url)),
+            state: Mutex::new("logging_in"),
+            since: super::unix_now(),
+            cancelled: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn context_id(&self) -> &BrowserContextId {
+        &self.context_id
+    }
+
+    pub(crate) fn page(&self) -> &Page {
+        &self.page
+    }
+
+    pub(crate) fn set_url(&self, url: &str) {
+        *lock(&self.url) = redact_url(url);
+    }
+
+    pub(crate) fn set_state(&self, state: &'static str) {
+        *lock(&self.state) = state;
+    }
+
+    /// Makes the login fail with [`LoginError::Cancelled`] at its next check.
+    pub(crate) fn cancel(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+    }
+
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn view(&self) -> LiveSession {
+        LiveSession {
+            id: self.id.clone(),
+            account_id: self.account_id.clone(),
+            url: lock(&self.url).clone(),
+            state: (*lock(&self.state)).to_owned(),
+            since: self.since,
+        }
+    }
+}
+
 /// One login attempt on one page.
 pub(crate) struct Attempt<'a> {
-    pub pool: &'a PoolShared,
+    pub config: &'a BrowserConfig,
+    /// Told every classification (tests act at a precise point of a login with it).
+    pub observe: &'a (dyn Fn(PageKind) + Send + Sync),
     pub running: &'a Running,
     pub page: &'a Page,
     pub live: &'a Arc<LiveEntry>,
@@ -484,7 +441,8 @@ pub(crate) struct Attempt<'a> {
 
 impl<'a> Attempt<'a> {
     pub(crate) fn new(
-        pool: &'a PoolShared,
+        config: &'a BrowserConfig,
+        observe: &'a (dyn Fn(PageKind) + Send + Sync),
         running: &'a Running,
         page: &'a Page,
         live: &'a Arc<LiveEntry>,
@@ -492,20 +450,21 @@ impl<'a> Attempt<'a> {
         started: std::time::Instant,
     ) -> Self {
         Self {
-            pool,
+            config,
+            observe,
             running,
             page,
             live,
             req,
             started,
-            deadline: Instant::now() + pool.config.login_timeout,
+            deadline: Instant::now() + config.login_timeout,
             kinds: Vec::new(),
             assist_calls: 0,
         }
     }
 
     pub(crate) fn config(&self) -> &BrowserConfig {
-        &self.pool.config
+        self.config
     }
 
     /// Logs in and harvests. The page is left open; the caller closes it.
@@ -597,7 +556,7 @@ impl<'a> Attempt<'a> {
     /// part of the way.
     fn record(&mut self, kind: PageKind, summary: &PageSummary) {
         self.live.set_url(&summary.url);
-        self.pool.observe(kind);
+        (self.observe)(kind);
         if kind != PageKind::Error && self.kinds.last() != Some(&kind) {
             self.kinds.push(kind);
         }
@@ -805,7 +764,7 @@ impl<'a> Attempt<'a> {
     }
 
     async fn ask_assist(&mut self, summary: &PageSummary) -> Option<assist::Hints> {
-        let config = self.pool.config.assist.clone()?;
+        let config = self.config.assist.clone()?;
         if self.assist_calls >= MAX_ASSIST_CALLS {
             return None;
         }
@@ -835,10 +794,10 @@ impl<'a> Attempt<'a> {
         };
         element.click().await.map_err(|e| typing_error(e, what))?;
         element
-            .call_js_fn(SELECT_CONTENT_JS, false)
+            .call_js_fn(js::login::SELECT_CONTENT, false)
             .await
             .map_err(|e| typing_error(e, what))?;
-        match self.pool.config.typing {
+        match self.config.typing {
             TypingMode::Paste => insert_text(self.page, text)
                 .await
                 .map_err(|e| typing_error(e, what))?,
@@ -894,7 +853,7 @@ impl<'a> Attempt<'a> {
 
     async fn finish(&mut self) -> Result<LoginOutcome, LoginError> {
         let harvested = harvest::harvest(self.running, self.live.context_id(), self.page).await?;
-        let max = self.pool.config.max_session;
+        let max = self.config.max_session;
         let expires_at = harvest::expires_at(&harvested.session.cookies, super::unix_now(), max);
         Ok(LoginOutcome {
             session: harvested.session,
@@ -912,7 +871,7 @@ impl<'a> Attempt<'a> {
     /// Saves a failure screenshot under `data_dir/screenshots/`.
     pub(crate) async fn save_screenshot(&self) -> Option<PathBuf> {
         let png = self.screenshot_png().await?;
-        write_screenshot(&self.pool.config.data_dir, &self.req.account_id, &png).await
+        write_screenshot(&self.config.data_dir, &self.req.account_id, &png).await
     }
 
     async fn wrong_credentials(&self, summary: &PageSummary) -> LoginError {
@@ -937,7 +896,7 @@ impl<'a> Attempt<'a> {
     }
 
     pub(crate) async fn timeout(&self, stage: &str) -> LoginError {
-        let secs = self.pool.config.login_timeout.as_secs();
+        let secs = self.config.login_timeout.as_secs();
         let stage = if Instant::now() >= self.deadline {
             format!("after {secs} s while {stage}")
         } else {
@@ -950,173 +909,11 @@ impl<'a> Attempt<'a> {
     }
 }
 
-/// A PNG of `page`'s viewport, if Chromium gives one within 10 s.
-pub(crate) async fn page_screenshot(page: &Page) -> Option<Vec<u8>> {
-    let shot = page.screenshot(
-        ScreenshotParams::builder()
-            .format(CaptureScreenshotFormat::Png)
-            .build(),
-    );
-    match tokio::time::timeout(Duration::from_secs(10), shot).await {
-        Ok(Ok(png)) => Some(png),
-        _ => None,
-    }
-}
-
-/// Writes a failure screenshot to `data_dir/screenshots/<account>-<millis>.png`.
-pub(crate) async fn write_screenshot(
-    data_dir: &std::path::Path,
-    account_id: &str,
-    png: &[u8],
-) -> Option<PathBuf> {
-    let dir = data_dir.join("screenshots");
-    let safe: String = account_id
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(64)
-        .collect();
-    let millis = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
-    let path = dir.join(format!("{safe}-{millis}.png"));
-    let written = async {
-        tokio::fs::create_dir_all(&dir).await?;
-        tokio::fs::write(&path, png).await
-    };
-    match written.await {
-        Ok(()) => Some(path),
-        Err(e) => {
-            tracing::warn!(error = %e, dir = %dir.display(), "could not save a failure screenshot");
-            None
-        }
-    }
-}
-
-/// Selects an element's content so that typing replaces it ("clear, then type").
-const SELECT_CONTENT_JS: &str = "function() {
-  this.focus();
-  if (typeof this.select === 'function') { this.select(); return; }
-  if (this.isContentEditable) {
-    const range = document.createRange();
-    range.selectNodeContents(this);
-    const selection = window.getSelection();
-    selection.removeAllRanges();
-    selection.addRange(range);
-  }
-}";
-
-/// Evaluates [`SUMMARY_JS`]. `Runtime.evaluate` without a context id runs in the main
+/// Evaluates `js/login/summary.js`. `Runtime.evaluate` without a context id runs in the main
 /// frame's current document, which survives navigations better than a cached context id.
 pub(crate) async fn summarize(page: &Page) -> Result<PageSummary, CdpError> {
-    let json = evaluate_string(page, SUMMARY_JS).await?;
+    let json = evaluate_string(page, js::login::SUMMARY).await?;
     Ok(serde_json::from_str(&json)?)
-}
-
-/// Evaluates an expression that returns a string.
-pub(crate) async fn evaluate_string(page: &Page, expression: &str) -> Result<String, CdpError> {
-    let params = EvaluateParams::builder()
-        .expression(expression)
-        .return_by_value(true)
-        .await_promise(true)
-        .build()
-        .map_err(CdpError::msg)?;
-    let reply = page.execute(params).await?.result;
-    if let Some(exception) = reply.exception_details {
-        return Err(CdpError::JavascriptException(Box::new(exception)));
-    }
-    reply
-        .result
-        .value
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .ok_or_else(|| CdpError::msg("the page script returned no string"))
-}
-
-/// Which of `selectors` match a visible element (invalid selectors count as not visible).
-pub(crate) async fn check_visible(
-    page: &Page,
-    selectors: &[String],
-) -> Result<Vec<bool>, CdpError> {
-    if selectors.is_empty() {
-        return Ok(Vec::new());
-    }
-    let list = serde_json::to_string(selectors)?;
-    let expression = format!(
-        "JSON.stringify({list}.map((s) => {{ try {{ const el = document.querySelector(s); \
-         if (!el) return false; \
-         if (typeof el.checkVisibility === 'function' && !el.checkVisibility({{ opacityProperty: true, visibilityProperty: true }})) return false; \
-         const r = el.getBoundingClientRect(); return r.width > 1 && r.height > 1; }} catch (e) {{ return false; }} }}))"
-    );
-    let json = evaluate_string(page, &expression).await?;
-    Ok(serde_json::from_str(&json)?)
-}
-
-/// `Input.insertText`: what a paste looks like to the page; any Unicode.
-pub(crate) async fn insert_text(page: &Page, text: &str) -> Result<(), CdpError> {
-    page.execute(InsertTextParams::new(text)).await?;
-    Ok(())
-}
-
-/// Presses and releases `key` (a US-keyboard key name such as `Enter`, `Tab`, `a`).
-pub(crate) async fn press_key(page: &Page, key: &str) -> Result<(), CdpError> {
-    let definition = chromiumoxide::keys::get_key_definition(key)
-        .ok_or_else(|| CdpError::msg("unknown key name"))?;
-    let text = definition
-        .text
-        .or((definition.key.chars().count() == 1).then_some(definition.key));
-    let mut down = DispatchKeyEventParams::builder()
-        .key(definition.key)
-        .code(definition.code)
-        .windows_virtual_key_code(definition.key_code)
-        .native_virtual_key_code(definition.key_code);
-    if let Some(text) = text {
-        down = down.text(text);
-    }
-    let up = down.clone().r#type(DispatchKeyEventType::KeyUp);
-    let down = down.r#type(if text.is_some() {
-        DispatchKeyEventType::KeyDown
-    } else {
-        DispatchKeyEventType::RawKeyDown
-    });
-    page.execute(down.build().map_err(CdpError::msg)?).await?;
-    page.execute(up.build().map_err(CdpError::msg)?).await?;
-    Ok(())
-}
-
-/// Errors that mean "the connection to the browser is gone", as opposed to a page that is
-/// between documents or a script that failed.
-pub(crate) fn is_connection(e: &CdpError) -> bool {
-    matches!(
-        e,
-        CdpError::Ws(_) | CdpError::Io(_) | CdpError::ChannelSendError(_) | CdpError::NoResponse
-    )
-}
-
-/// Errors a navigation in progress causes ("Execution context was destroyed", "Cannot find
-/// context", a half-built document): retried by polling.
-pub(crate) fn is_transient(e: &CdpError) -> bool {
-    matches!(
-        e,
-        CdpError::Chrome(_)
-            | CdpError::JavascriptException(_)
-            | CdpError::Serde(_)
-            | CdpError::ChromeMessage(_)
-    )
-}
-
-pub(crate) fn cdp_error(e: CdpError) -> LoginError {
-    if is_connection(&e) {
-        LoginError::Crashed(format!("lost the connection to Chromium ({e})"))
-    } else if matches!(e, CdpError::Timeout) {
-        LoginError::Cdp("Chromium did not answer in time".into())
-    } else {
-        LoginError::Cdp(e.to_string())
-    }
 }
 
 /// A typing failure, described without the text being typed (chromiumoxide's own message

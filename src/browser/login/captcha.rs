@@ -19,8 +19,9 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
-use super::LoginError;
-use super::login::{Attempt, POLL, PageSummary, captcha_kind, cdp_error, insert_text, press_key};
+use super::{Attempt, PageSummary, captcha_kind};
+use crate::browser::LoginError;
+use crate::browser::page::{POLL, cdp_error, insert_text, is_connection, press_key};
 
 /// Longest a solver may take to answer.
 const SOLVER_TIMEOUT: Duration = Duration::from_secs(120);
@@ -210,10 +211,10 @@ async fn wait_for_human(attempt: &mut Attempt<'_>) -> Result<(), LoginError> {
         }
         tokio::time::sleep(HUMAN_POLL).await;
         // While the page navigates the summary may fail; the next poll sees the new page.
-        match super::login::summarize(attempt.page).await {
+        match super::summarize(attempt.page).await {
             Ok(now) if captcha_kind(&now).is_none() && now.ready != "loading" => break Ok(()),
             Ok(_) => {}
-            Err(e) if super::login::is_connection(&e) => break Err(cdp_error(e)),
+            Err(e) if is_connection(&e) => break Err(cdp_error(e)),
             Err(_) => {}
         }
     };

@@ -3,6 +3,9 @@
 //! it; inference (`learn::infer`, `learn::decoder`) reads it; tests keep recordings as JSON
 //! fixtures (with secrets replaced) so inference is tested without a browser.
 //!
+//! At the crate root because both sides use it and neither owns it: the browser writes
+//! recordings without knowing the learner, the learner reads them without knowing Chromium.
+//!
 //! Invariant: a recording holds secrets (cookie values, tokens). It lives in memory during a
 //! learn, and only sanitized copies are ever written to disk.
 
