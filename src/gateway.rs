@@ -350,10 +350,24 @@ impl Gateway {
             prompt: prompt.clone(),
             timeout: self.browser_tier_timeout,
         };
-        match tier {
+        // The account's browser work is one instance's at a time; the lease is held until
+        // the reply ends (it streams from this instance's page).
+        let lease = renewer
+            .hold(&account.id, self.browser_tier_timeout)
+            .await
+            .map_err(|e| ReplayError::Unexpected {
+                call: Call::Chat,
+                kind: FailureKind::Upstream,
+                message: e.to_string(),
+            })?;
+        let deltas = match tier {
             2 => renewer.pool().inpage(request).await,
             _ => renewer.pool().ui(request).await,
-        }
+        }?;
+        Ok(Box::pin(deltas.map(move |delta| {
+            let _held = &lease;
+            delta
+        })))
     }
 
     /// Re-learns the account's service in the background (once at a time per service); the
@@ -473,13 +487,13 @@ impl Gateway {
         let Some(renewer) = &self.renewer else {
             return Ok(None);
         };
-        match renewer.renew(account, stale.map(|s| s.id.as_str())).await {
+        match renewer.renew(account, stale).await {
             Ok(renewed) => {
                 self.services.invalidate(&account.service).await;
                 Ok(Some(renewed.session))
             }
             Err(RenewError::Store(e)) => Err(e.into()),
-            Err(e @ RenewError::Login { .. }) => {
+            Err(e @ (RenewError::Login { .. } | RenewError::Busy(_))) => {
                 tracing::warn!(request_id, account = %account.id, error = %e, "re-login failed");
                 reasons.push(e.to_string());
                 Ok(None)

@@ -15,6 +15,7 @@ pub mod flow;
 pub mod gateway;
 pub mod inline;
 pub mod learn;
+pub mod lease;
 pub mod openai;
 pub mod pinning;
 pub mod renew;

@@ -11,6 +11,7 @@ use crate::browser::{AssistConfig, BrowserConfig, BrowserPool, CaptchaConfig, Ty
 use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::learn::Learner;
+use crate::lease::Leases;
 use crate::renew::Renewer;
 use crate::replay::client::{Replayer, Timeouts};
 use crate::store::Store;
@@ -102,6 +103,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let (events, writer_task) = EventWriter::start(store.clone());
     let runtime_file = config.data_dir.join(RUNTIME_FILE);
     let state = app_state(config, store.clone(), events);
+    let renewer = state.gateway.renewer().cloned();
     let url = reachable_url(addr);
     // A CLI on the same data hands its logins and learns to this server with this token.
     let token = hex::encode(rand::random::<[u8; 32]>());
@@ -126,6 +128,10 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     axum::serve(no_delay(listener), app.into_make_service())
         .with_graceful_shutdown(shutdown_signal())
         .await?;
+    // Other instances take this one's accounts at once rather than at the leases' expiry.
+    if let Some(renewer) = &renewer {
+        renewer.leases().release_all().await;
+    }
     // Only this server's own file: a newer `serve` may have replaced it.
     if read_runtime(&runtime_file).is_some_and(|r| r.pid == std::process::id()) {
         let _ = std::fs::remove_file(&runtime_file);
@@ -149,9 +155,21 @@ pub fn replayer(config: &Config) -> Replayer {
 pub fn app_state(config: Config, store: Store, events: EventWriter) -> AppState {
     crate::telemetry::install();
     let keys = api::auth::KeyCheck::new(store.clone(), config.limits.requests_per_minute_per_key);
+    let leases = Leases::start(
+        store.clone(),
+        config.cluster.leases(),
+        crate::lease::system_clock(),
+    );
+    tracing::info!(instance = %leases.instance(), "instance id (names this process's account leases)");
+    // A login elsewhere may wait for a person at a captcha; a dead holder's lease expires.
+    let login_wait =
+        Duration::from_secs(config.browser.login_timeout_secs + config.captcha.human_timeout_secs)
+            + leases.settings().ttl;
     let renewer = Arc::new(Renewer::new(
         BrowserPool::new(browser_config(&config)),
         store.clone(),
+        leases,
+        login_wait,
     ));
     let allowed_origins = config
         .services
