@@ -111,6 +111,12 @@ impl Drop for Permit {
     }
 }
 
+fn clamp_cooldown(wait: Duration) -> Duration {
+    wait.min(Duration::from_secs(
+        crate::replay::client::MAX_RETRY_AFTER_SECS,
+    ))
+}
+
 /// What an operator can do when requests queue for an account's slots (logged once, shown
 /// on `/admin`).
 pub fn waiting_advice(account: &str, per_account: usize) -> String {
@@ -273,18 +279,28 @@ impl AccountPool {
             .clamp(1, crate::replay::client::MAX_RETRY_AFTER_SECS)
     }
 
-    /// Takes `account` out of rotation for `retry_after` (or the default cooldown).
-    pub fn cool_down(&self, account: &str, retry_after: Option<Duration>) {
+    /// Takes `account` out of rotation for `retry_after` (or the default cooldown); returns
+    /// for how long.
+    pub fn cool_down(&self, account: &str, retry_after: Option<Duration>) -> Duration {
         let slot = self.slot(account);
         let mut state = slot.state.lock().unwrap_or_else(|e| e.into_inner());
-        let wait = retry_after
-            .unwrap_or(self.limits.cooldown)
-            .min(Duration::from_secs(
-                crate::replay::client::MAX_RETRY_AFTER_SECS,
-            ));
+        let wait = clamp_cooldown(retry_after.unwrap_or(self.limits.cooldown));
         let now = Instant::now();
         // Clamped above, so this cannot overflow; `checked_add` keeps it so if that changes.
         state.cooldown_until = Some(now.checked_add(wait).unwrap_or(now));
+        wait
+    }
+
+    /// Keeps `account` out of rotation for at least `wait` (a cooldown another instance
+    /// saw); a longer one it has already stays.
+    pub fn cool_down_at_least(&self, account: &str, wait: Duration) {
+        let slot = self.slot(account);
+        let mut state = slot.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let until = now.checked_add(clamp_cooldown(wait)).unwrap_or(now);
+        if state.cooldown_until.is_none_or(|current| current < until) {
+            state.cooldown_until = Some(until);
+        }
     }
 
     /// Remembers how a request on `account` went.
@@ -410,6 +426,23 @@ mod tests {
         let err = pool.acquire("a").await.unwrap_err();
         assert!(matches!(err, Busy::QueueFull { .. }), "{err}");
         assert_eq!(err.retry_after(), 25);
+    }
+
+    /// Another instance's cooldown extends this one's, never shortens it.
+    #[tokio::test(start_paused = true)]
+    async fn a_cooldown_seen_elsewhere_only_lengthens() {
+        let pool = pool(4, 4);
+        assert_eq!(
+            pool.cool_down("a", Some(Duration::from_secs(30))),
+            Duration::from_secs(30)
+        );
+        pool.cool_down_at_least("a", Duration::from_secs(10));
+        assert_eq!(pool.acquire("a").await.unwrap_err().retry_after(), 30);
+        pool.cool_down_at_least("a", Duration::from_secs(50));
+        assert_eq!(pool.acquire("a").await.unwrap_err().retry_after(), 50);
+        pool.cool_down_at_least("b", Duration::from_secs(5));
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(pool.acquire("b").await.is_ok());
     }
 
     #[tokio::test]

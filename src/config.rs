@@ -169,6 +169,9 @@ pub struct ClusterSettings {
     pub lease_secs: u64,
     /// How often an instance renews the leases it holds (well under `lease_secs`).
     pub lease_renew_secs: u64,
+    /// How often an instance on PostgreSQL reads what the others saw (429 cooldowns, tier
+    /// floors, re-learned flows), in ms: how soon they follow one another.
+    pub shared_poll_ms: u64,
 }
 
 impl Default for ClusterSettings {
@@ -176,6 +179,7 @@ impl Default for ClusterSettings {
         Self {
             lease_secs: 15,
             lease_renew_secs: 5,
+            shared_poll_ms: 1000,
         }
     }
 }

@@ -30,6 +30,7 @@ use crate::replay::client::{Call, DeltaStream, FailureKind, ReplayError, Replaye
 use crate::replay::decode::Delta;
 use crate::replay::render::Prompt;
 use crate::role::Role;
+use crate::shared::{Change, Shared};
 use crate::store::accounts::Account;
 use crate::store::events::{EventWriter, ExecutionEvent, Record};
 use crate::store::sessions::Session;
@@ -45,6 +46,8 @@ const FLOOR_MAX_PROBE: Duration = Duration::from_secs(600);
 /// Budget of a browser tier until the reply starts (and the longest silence within it),
 /// unless configured.
 const BROWSER_TIER_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long a background re-learn waits for another instance's browser work on the account.
+const RELEARN_WAIT: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -113,7 +116,7 @@ pub struct Gateway {
     replayer: Replayer,
     events: EventWriter,
     renewer: Option<Arc<Renewer>>,
-    accounts: AccountPool,
+    accounts: Arc<AccountPool>,
     conversations: Arc<Conversations>,
     learner: Option<Arc<Learner>>,
     /// Flow id → lowest tier worth trying (after an anti-bot refusal or a format drift).
@@ -124,6 +127,8 @@ pub struct Gateway {
     /// Service → origins the operator allows besides the account's (`[services.X]`).
     allowed_origins: BTreeMap<String, Vec<String>>,
     browser_tier_timeout: Duration,
+    /// What other instances on the same store are told and heard from (PostgreSQL only).
+    shared: Option<Arc<Shared>>,
 }
 
 impl Gateway {
@@ -146,13 +151,45 @@ impl Gateway {
             replayer,
             events,
             renewer,
-            accounts: AccountPool::new(limits),
+            accounts: Arc::new(AccountPool::new(limits)),
             services: moka::future::Cache::builder()
                 .max_capacity(1024)
                 .time_to_live(SERVICE_TTL)
                 .build(),
             allowed_origins: BTreeMap::new(),
             browser_tier_timeout: BROWSER_TIER_TIMEOUT,
+            shared: None,
+        }
+    }
+
+    /// Shares 429 cooldowns, tier floors and re-learned flows with the other instances on
+    /// the store, and follows theirs (until the gateway is dropped).
+    pub fn with_shared(mut self, shared: Arc<Shared>) -> Self {
+        let floors = self.floors.clone();
+        let services = self.services.clone();
+        let clock = shared.clone();
+        shared.clone().follow(
+            Arc::downgrade(&self.accounts),
+            move |accounts: &AccountPool, change: &Change| match change {
+                Change::Cooldown { account, until_ms } => {
+                    let left = until_ms.saturating_sub(clock.now());
+                    if let Ok(left @ 1..) = u64::try_from(left) {
+                        accounts.cool_down_at_least(account, Duration::from_millis(left));
+                    }
+                }
+                Change::FloorRaised { flow, tier } => floors.raise(flow, *tier),
+                Change::FloorLifted { flow } => floors.lift(flow),
+                Change::FlowChanged { .. } => services.invalidate_all(),
+            },
+        );
+        self.shared = Some(shared);
+        self
+    }
+
+    /// Tells the other instances, if any.
+    fn share(&self, change: Change) {
+        if let Some(shared) = &self.shared {
+            shared.publish(change);
         }
     }
 
@@ -386,12 +423,30 @@ impl Gateway {
         let services = self.services.clone();
         let relearning = self.relearning.clone();
         let floors = self.floors.clone();
+        let shared = self.shared.clone();
+        let store = self.store.clone();
+        let renewer = self.renewer.clone();
         let flow_id = flow_id.to_owned();
         // Detached on purpose: the request that noticed the drift is served by tier 3 and must
         // not wait for the learn.
         tokio::spawn(async move {
-            match learner.learn(&account, &|_| {}).await {
-                Ok(report) => {
+            // Another instance that saw the drift may be re-learning the service already:
+            // after its learn (under the account's lease), the active flow is a new one.
+            let _lease = match &renewer {
+                Some(renewer) => renewer.hold(&account.id, RELEARN_WAIT).await.ok(),
+                None => None,
+            };
+            let current = store.active_flow(&account.service).await.ok().flatten();
+            let result = match current {
+                Some(flow) if flow.id != flow_id => {
+                    tracing::info!(service = %account.service, version = flow.version, "the flow was re-learned meanwhile (by another instance)");
+                    None
+                }
+                _ => Some(learner.learn(&account, &|_| {}).await),
+            };
+            match result {
+                None => {}
+                Some(Ok(report)) => {
                     tracing::info!(
                         service = %account.service,
                         version = report.flow.version,
@@ -400,12 +455,23 @@ impl Gateway {
                     );
                     if report.verification.ok {
                         floors.lift(&flow_id);
+                        if let Some(shared) = &shared {
+                            shared.publish(Change::FloorLifted {
+                                flow: flow_id.clone(),
+                            });
+                        }
+                    }
+                    if let Some(shared) = &shared {
+                        shared.publish(Change::FlowChanged {
+                            service: account.service.clone(),
+                        });
                     }
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     tracing::warn!(service = %account.service, error = %e, "re-learning failed")
                 }
             }
+            drop(_lease);
             services.invalidate_all();
             relearning
                 .lock()
@@ -824,7 +890,10 @@ impl Gateway {
             self.accounts.record(&account.id, false);
         }
         if kind == FailureKind::Auth {
-            Box::pin(self.store.mark_session_rejected(&attempt.session.id)).await?;
+            // Only the version the site refused: one renewed in place since (by another
+            // instance, say) stays usable, and a re-login then picks it up.
+            let session = &attempt.session;
+            Box::pin(self.store.reject_session(&session.id, session.version)).await?;
             self.services.invalidate(&name).await;
         }
         self.carry_out(decision.next, request, service, candidate, attempt, error)
@@ -850,6 +919,10 @@ impl Gateway {
             Next::Tier { to, raise_floor } => {
                 if raise_floor {
                     self.floors.raise(&service.flow.id, to);
+                    self.share(Change::FloorRaised {
+                        flow: service.flow.id.clone(),
+                        tier: to,
+                    });
                 }
                 attempt.restart_at(to);
             }
@@ -879,8 +952,18 @@ impl Gateway {
             }
             Next::NextAccount { rate_limited: true } => {
                 let retry_after = error.retry_after();
-                self.accounts
+                let wait = self
+                    .accounts
                     .cool_down(&account.id, retry_after.map(Duration::from_secs));
+                if let Some(shared) = &self.shared {
+                    let until_ms = shared
+                        .now()
+                        .saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX));
+                    self.share(Change::Cooldown {
+                        account: account.id.clone(),
+                        until_ms,
+                    });
+                }
                 request.rate_limited = Some((error.to_string(), retry_after));
                 return Ok(Carry::NextAccount);
             }
@@ -922,6 +1005,9 @@ impl Gateway {
         if attempt.probing {
             tracing::info!(service = %request.name, flow = %service.flow.id, "direct replay works again; the tier floor is lifted");
             self.floors.probe_worked(&service.flow.id);
+            self.share(Change::FloorLifted {
+                flow: service.flow.id.clone(),
+            });
         }
         let FirstText {
             head,

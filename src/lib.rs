@@ -23,6 +23,7 @@ pub mod replay;
 pub mod role;
 pub mod server;
 pub mod session;
+pub mod shared;
 pub mod store;
 pub mod telemetry;
 pub mod tier_floor;

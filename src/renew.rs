@@ -244,9 +244,11 @@ enum Want<'a> {
     Fresh,
 }
 
-/// Whether `latest` is usable and another session than `before` (or `before` renewed since).
+/// Whether `latest` is usable and another session than `before`, or `before` with its
+/// material replaced since.
 fn newer(latest: &Session, before: Option<&Session>) -> bool {
-    latest.is_usable(crate::store::now()) && before.is_none_or(|b| b.id != latest.id)
+    latest.is_usable(crate::store::now())
+        && before.is_none_or(|b| b.id != latest.id || latest.version > b.version)
 }
 
 /// Merges what an account's page holds now into its latest stored session: a page may write

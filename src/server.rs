@@ -14,6 +14,7 @@ use crate::learn::Learner;
 use crate::lease::Leases;
 use crate::renew::Renewer;
 use crate::replay::client::{Replayer, Timeouts};
+use crate::shared::Shared;
 use crate::store::Store;
 use crate::store::events::EventWriter;
 use crate::vault::Vault;
@@ -165,6 +166,15 @@ pub fn app_state(config: Config, store: Store, events: EventWriter) -> AppState 
     let login_wait =
         Duration::from_secs(config.browser.login_timeout_secs + config.captcha.human_timeout_secs)
             + leases.settings().ttl;
+    // Other instances can share the store only on PostgreSQL; on SQLite nothing is polled.
+    let shared = (store.engine() == crate::store::Engine::Postgres).then(|| {
+        Shared::new(
+            store.clone(),
+            leases.instance().to_owned(),
+            crate::lease::system_clock(),
+            Duration::from_millis(config.cluster.shared_poll_ms),
+        )
+    });
     let renewer = Arc::new(Renewer::new(
         BrowserPool::new(browser_config(&config)),
         store.clone(),
@@ -181,22 +191,24 @@ pub fn app_state(config: Config, store: Store, events: EventWriter) -> AppState 
         Arc::new(replayer(&config)),
         store.clone(),
     ));
+    let mut gateway = Gateway::new(
+        store,
+        replayer(&config),
+        events,
+        Some(renewer),
+        Some(learner.clone()),
+        crate::account_pool::Limits {
+            per_account: config.limits.per_account_concurrency.max(1),
+            queue: config.limits.per_account_queue,
+            cooldown: Duration::from_secs(config.limits.rate_limit_cooldown_secs),
+        },
+    )
+    .with_allowed_origins(allowed_origins);
+    if let Some(shared) = shared {
+        gateway = gateway.with_shared(shared);
+    }
     AppState {
-        gateway: Arc::new(
-            Gateway::new(
-                store,
-                replayer(&config),
-                events,
-                Some(renewer),
-                Some(learner.clone()),
-                crate::account_pool::Limits {
-                    per_account: config.limits.per_account_concurrency.max(1),
-                    queue: config.limits.per_account_queue,
-                    cooldown: Duration::from_secs(config.limits.rate_limit_cooldown_secs),
-                },
-            )
-            .with_allowed_origins(allowed_origins),
-        ),
+        gateway: Arc::new(gateway),
         learner: Some(learner),
         config: Arc::new(config),
         keys,

@@ -30,6 +30,7 @@ pub mod keys;
 pub mod leases;
 pub mod responses;
 pub mod sessions;
+pub mod shared;
 pub mod traffic;
 
 use std::future::Future;
