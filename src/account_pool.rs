@@ -2,7 +2,9 @@
 //!
 //! Invariants:
 //! - At most `per_account` replies run on one account at once; up to `queue` more requests wait
-//!   for a slot, and beyond that a request is refused (429) rather than piling up.
+//!   for a slot, and beyond that a request is refused (429) rather than piling up. With slots
+//!   shared in the store (`slots`, on PostgreSQL), the limit holds across instances: a reply
+//!   takes its local slot, then one in the store.
 //! - An account that the site rate-limited cools down (for the site's `Retry-After`, else a
 //!   default) and is not chosen until the cooldown passes.
 //! - Among usable accounts, the least loaded wins; ties go to the one with the better recent
@@ -18,6 +20,8 @@ use tokio::time::Instant;
 
 use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::slots::{SlotHold, Slots};
 
 /// Outcomes remembered per account for its health score.
 const HISTORY: usize = 20;
@@ -90,6 +94,8 @@ impl Busy {
 #[derive(Debug)]
 pub struct Permit {
     _permit: OwnedSemaphorePermit,
+    /// The slot counted across instances (PostgreSQL), after the local one.
+    _shared: Option<SlotHold>,
     slot: Arc<Slot>,
     acquired: Instant,
     /// How long the request waited for the slot.
@@ -143,6 +149,8 @@ pub struct AccountLoad {
 pub struct AccountPool {
     limits: Limits,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
+    /// Slots in the store, so the limit holds across instances (set on PostgreSQL).
+    shared: std::sync::OnceLock<Arc<Slots>>,
 }
 
 impl AccountPool {
@@ -150,7 +158,31 @@ impl AccountPool {
         Self {
             limits,
             slots: Mutex::new(HashMap::new()),
+            shared: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Counts every reply against its account's limit in the store too, across the
+    /// instances sharing it. Set once; later calls are ignored.
+    pub fn share_slots(&self, slots: Arc<Slots>) {
+        let _ = self.shared.set(slots);
+    }
+
+    /// Frees this instance's slots in the store (at shutdown), so others need not wait for
+    /// them to expire.
+    pub async fn release_shared(&self) {
+        if let Some(shared) = self.shared.get() {
+            shared.release_all().await;
+        }
+    }
+
+    /// The store slot, after the local one (waiting counts as queued).
+    async fn shared_slot(&self, slot: &Slot, account: &str) -> Option<SlotHold> {
+        let shared = self.shared.get()?;
+        slot.waiting.fetch_add(1, Ordering::SeqCst);
+        let hold = shared.take(account, self.limits.per_account.max(1)).await;
+        slot.waiting.fetch_sub(1, Ordering::SeqCst);
+        Some(hold)
     }
 
     pub fn limits(&self) -> Limits {
@@ -225,12 +257,14 @@ impl AccountPool {
         }
         let started = Instant::now();
         if let Ok(permit) = slot.semaphore.clone().try_acquire_owned() {
+            let shared = self.shared_slot(&slot, account).await;
             slot.served.fetch_add(1, Ordering::Relaxed);
             return Ok(Permit {
                 _permit: permit,
+                _shared: shared,
                 slot,
-                acquired: started,
-                waited: Duration::ZERO,
+                acquired: Instant::now(),
+                waited: started.elapsed(),
             });
         }
         let waiting = slot.waiting.fetch_add(1, Ordering::SeqCst);
@@ -259,9 +293,11 @@ impl AccountPool {
             waiting: 0,
             retry_after: 1,
         })?;
+        let shared = self.shared_slot(&slot, account).await;
         slot.served.fetch_add(1, Ordering::Relaxed);
         Ok(Permit {
             _permit: permit,
+            _shared: shared,
             slot,
             acquired: Instant::now(),
             waited: started.elapsed(),

@@ -186,6 +186,22 @@ impl Gateway {
         self
     }
 
+    /// Counts each account's replies in the store too, so its limit holds across the
+    /// instances sharing it.
+    pub fn with_shared_slots(self, slots: Arc<crate::slots::Slots>) -> Self {
+        self.accounts.share_slots(slots);
+        self
+    }
+
+    /// Gives up what this instance holds in the store (account leases, slots), so other
+    /// instances take over at once rather than when it expires. For after the last reply.
+    pub async fn release_holds(&self) {
+        if let Some(renewer) = &self.renewer {
+            renewer.leases().release_all().await;
+        }
+        self.accounts.release_shared().await;
+    }
+
     /// Tells the other instances, if any.
     fn share(&self, change: Change) {
         if let Some(shared) = &self.shared {

@@ -321,7 +321,50 @@ fn instance(fx: &Fixture, id: &str) -> Gateway {
         crate::lease::system_clock(),
         Duration::from_millis(10),
     );
-    Gateway::new(store, replayer, events, None, None, limits).with_shared(shared)
+    let slots = crate::slots::Slots::start(
+        store.clone(),
+        id.to_owned(),
+        crate::lease::LeaseSettings::default(),
+        crate::lease::system_clock(),
+    );
+    Gateway::new(store, replayer, events, None, None, limits)
+        .with_shared(shared)
+        .with_shared_slots(slots)
+}
+
+/// Two instances on one store keep an account to its limit between them: the site never
+/// has more of its replies running at once than one instance alone would allow.
+#[tokio::test]
+async fn an_accounts_limit_holds_across_instances() {
+    let fx = fixture(&["ann@example.com"]).await;
+    let gateways = [instance(&fx, "i_a"), instance(&fx, "i_b")];
+    let replies = (0..4).map(|i| {
+        let gateway = &gateways[i % 2];
+        async move {
+            let asked = format!("question {i}");
+            let reply = gateway
+                .chat(&prompt(&asked), &format!("r{i}"), Some(1))
+                .await
+                .unwrap();
+            (asked, text_of(reply).await)
+        }
+    });
+    for (asked, text) in futures_util::future::join_all(replies).await {
+        assert_eq!(text, demo::reply_for(Shape::Openai, &asked).content);
+    }
+    let stats: serde_json::Value = reqwest::get(format!("{}/__demo/stats", fx.site))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["completed"], 4, "{stats}");
+    // The fixture's limit is 2 per account: without the store's slots, each instance
+    // would run 2 of its own.
+    assert_eq!(
+        stats["max_active_by_email"]["ann@example.com"], 2,
+        "{stats}"
+    );
 }
 
 /// Polls `check` every few ms until it holds (panics after 10 s).

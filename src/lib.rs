@@ -24,6 +24,7 @@ pub mod role;
 pub mod server;
 pub mod session;
 pub mod shared;
+pub mod slots;
 pub mod store;
 pub mod telemetry;
 pub mod tier_floor;

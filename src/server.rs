@@ -104,7 +104,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let (events, writer_task) = EventWriter::start(store.clone());
     let runtime_file = config.data_dir.join(RUNTIME_FILE);
     let state = app_state(config, store.clone(), events);
-    let renewer = state.gateway.renewer().cloned();
+    let gateway = state.gateway.clone();
     let url = reachable_url(addr);
     // A CLI on the same data hands its logins and learns to this server with this token.
     let token = hex::encode(rand::random::<[u8; 32]>());
@@ -130,9 +130,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         .with_graceful_shutdown(shutdown_signal())
         .await?;
     // Other instances take this one's accounts at once rather than at the leases' expiry.
-    if let Some(renewer) = &renewer {
-        renewer.leases().release_all().await;
-    }
+    gateway.release_holds().await;
     // Only this server's own file: a newer `serve` may have replaced it.
     if read_runtime(&runtime_file).is_some_and(|r| r.pid == std::process::id()) {
         let _ = std::fs::remove_file(&runtime_file);
@@ -205,7 +203,13 @@ pub fn app_state(config: Config, store: Store, events: EventWriter) -> AppState 
     )
     .with_allowed_origins(allowed_origins);
     if let Some(shared) = shared {
-        gateway = gateway.with_shared(shared);
+        let slots = crate::slots::Slots::start(
+            gateway.store().clone(),
+            shared.instance().to_owned(),
+            config.cluster.leases(),
+            crate::lease::system_clock(),
+        );
+        gateway = gateway.with_shared(shared).with_shared_slots(slots);
     }
     AppState {
         gateway: Arc::new(gateway),

@@ -31,6 +31,7 @@ pub mod leases;
 pub mod responses;
 pub mod sessions;
 pub mod shared;
+pub mod slots;
 pub mod traffic;
 
 use std::future::Future;
