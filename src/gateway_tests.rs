@@ -446,3 +446,42 @@ async fn tier_floors_raised_and_lifted_on_one_instance_hold_on_the_others() {
     until("the floor lifted on B", || b.tier_floor(&flow.id).is_none()).await;
     assert_eq!(b.start_tier(&flow), (1, false));
 }
+
+/// A conversation whose turns land on different instances continues one site conversation:
+/// each instance finds what the other remembered in the store.
+#[tokio::test]
+async fn a_conversation_continues_when_its_turns_alternate_between_instances() {
+    let fx = fixture(&["ann@example.com"]).await;
+    let gateways = [instance(&fx, "i_a"), instance(&fx, "i_b")];
+    let mut messages: Vec<(Role, String)> = Vec::new();
+    for turn in 1..=3u32 {
+        let asked = format!("turn {turn} of one conversation");
+        messages.push((Role::User, asked.clone()));
+        let gateway = &gateways[(turn as usize - 1) % 2];
+        let conversation = Prompt {
+            messages: messages.clone(),
+            model: SERVICE.into(),
+        };
+        let reply = gateway
+            .chat(&conversation, &format!("t{turn}"), Some(1))
+            .await
+            .unwrap();
+        let text = text_of(reply).await;
+        assert_eq!(
+            text,
+            demo::reply_for_turn(Shape::Openai, &asked, turn).content,
+            "turn {turn}"
+        );
+        messages.push((Role::Assistant, text));
+    }
+    let conversations: serde_json::Value =
+        reqwest::get(format!("{}/__demo/conversations", fx.site))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    let conversations = conversations.as_array().unwrap();
+    assert_eq!(conversations.len(), 1, "{conversations:?}");
+    assert_eq!(conversations[0]["turns"], 3, "{conversations:?}");
+}
