@@ -255,6 +255,14 @@ async fn an_account_logs_in_once_and_a_killed_instance_is_taken_over() {
         seen_text.push_str(&stream.next().await.expect("the stream ended early"));
     }
     assert_eq!(stats(&site).await["active"], 1);
+    // Both instances say A holds the account's lease now.
+    let holder = get_json(format!("{}/admin/overview", a.url)).await["server"]["instance"].clone();
+    let on_b = get_json(format!("{}/admin/overview", b.url)).await;
+    assert_eq!(on_b["accounts"][0]["lease"]["instance"], holder, "{on_b}");
+    assert_eq!(
+        on_b["accounts"][0]["lease"]["this_instance"], false,
+        "{on_b}"
+    );
     a.kill();
     drop(stream);
     eventually(WAIT, "the site to see A's reply cut short", || async {
