@@ -2,7 +2,9 @@
 //!
 //! Invariants:
 //! - At most `per_account` replies run on one account at once; up to `queue` more requests wait
-//!   for a slot, and beyond that a request is refused (429) rather than piling up.
+//!   for a slot, and beyond that a request is refused (429) rather than piling up. With slots
+//!   shared in the store (`slots`, on PostgreSQL), the limit holds across instances: a reply
+//!   takes its local slot, then one in the store.
 //! - An account that the site rate-limited cools down (for the site's `Retry-After`, else a
 //!   default) and is not chosen until the cooldown passes.
 //! - Among usable accounts, the least loaded wins; ties go to the one with the better recent
@@ -18,6 +20,8 @@ use tokio::time::Instant;
 
 use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::slots::{SlotHold, Slots};
 
 /// Outcomes remembered per account for its health score.
 const HISTORY: usize = 20;
@@ -90,6 +94,8 @@ impl Busy {
 #[derive(Debug)]
 pub struct Permit {
     _permit: OwnedSemaphorePermit,
+    /// The slot counted across instances (PostgreSQL), after the local one.
+    _shared: Option<SlotHold>,
     slot: Arc<Slot>,
     acquired: Instant,
     /// How long the request waited for the slot.
@@ -109,6 +115,12 @@ impl Drop for Permit {
         let new = if old == 0 { held } else { (old * 7 + held) / 8 };
         self.slot.avg_hold_ms.store(new.max(1), Ordering::Relaxed);
     }
+}
+
+fn clamp_cooldown(wait: Duration) -> Duration {
+    wait.min(Duration::from_secs(
+        crate::replay::client::MAX_RETRY_AFTER_SECS,
+    ))
 }
 
 /// What an operator can do when requests queue for an account's slots (logged once, shown
@@ -137,6 +149,8 @@ pub struct AccountLoad {
 pub struct AccountPool {
     limits: Limits,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
+    /// Slots in the store, so the limit holds across instances (set on PostgreSQL).
+    shared: std::sync::OnceLock<Arc<Slots>>,
 }
 
 impl AccountPool {
@@ -144,7 +158,31 @@ impl AccountPool {
         Self {
             limits,
             slots: Mutex::new(HashMap::new()),
+            shared: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Counts every reply against its account's limit in the store too, across the
+    /// instances sharing it. Set once; later calls are ignored.
+    pub fn share_slots(&self, slots: Arc<Slots>) {
+        let _ = self.shared.set(slots);
+    }
+
+    /// Frees this instance's slots in the store (at shutdown), so others need not wait for
+    /// them to expire.
+    pub async fn release_shared(&self) {
+        if let Some(shared) = self.shared.get() {
+            shared.release_all().await;
+        }
+    }
+
+    /// The store slot, after the local one (waiting counts as queued).
+    async fn shared_slot(&self, slot: &Slot, account: &str) -> Option<SlotHold> {
+        let shared = self.shared.get()?;
+        slot.waiting.fetch_add(1, Ordering::SeqCst);
+        let hold = shared.take(account, self.limits.per_account.max(1)).await;
+        slot.waiting.fetch_sub(1, Ordering::SeqCst);
+        Some(hold)
     }
 
     pub fn limits(&self) -> Limits {
@@ -219,12 +257,14 @@ impl AccountPool {
         }
         let started = Instant::now();
         if let Ok(permit) = slot.semaphore.clone().try_acquire_owned() {
+            let shared = self.shared_slot(&slot, account).await;
             slot.served.fetch_add(1, Ordering::Relaxed);
             return Ok(Permit {
                 _permit: permit,
+                _shared: shared,
                 slot,
-                acquired: started,
-                waited: Duration::ZERO,
+                acquired: Instant::now(),
+                waited: started.elapsed(),
             });
         }
         let waiting = slot.waiting.fetch_add(1, Ordering::SeqCst);
@@ -253,9 +293,11 @@ impl AccountPool {
             waiting: 0,
             retry_after: 1,
         })?;
+        let shared = self.shared_slot(&slot, account).await;
         slot.served.fetch_add(1, Ordering::Relaxed);
         Ok(Permit {
             _permit: permit,
+            _shared: shared,
             slot,
             acquired: Instant::now(),
             waited: started.elapsed(),
@@ -273,18 +315,28 @@ impl AccountPool {
             .clamp(1, crate::replay::client::MAX_RETRY_AFTER_SECS)
     }
 
-    /// Takes `account` out of rotation for `retry_after` (or the default cooldown).
-    pub fn cool_down(&self, account: &str, retry_after: Option<Duration>) {
+    /// Takes `account` out of rotation for `retry_after` (or the default cooldown); returns
+    /// for how long.
+    pub fn cool_down(&self, account: &str, retry_after: Option<Duration>) -> Duration {
         let slot = self.slot(account);
         let mut state = slot.state.lock().unwrap_or_else(|e| e.into_inner());
-        let wait = retry_after
-            .unwrap_or(self.limits.cooldown)
-            .min(Duration::from_secs(
-                crate::replay::client::MAX_RETRY_AFTER_SECS,
-            ));
+        let wait = clamp_cooldown(retry_after.unwrap_or(self.limits.cooldown));
         let now = Instant::now();
         // Clamped above, so this cannot overflow; `checked_add` keeps it so if that changes.
         state.cooldown_until = Some(now.checked_add(wait).unwrap_or(now));
+        wait
+    }
+
+    /// Keeps `account` out of rotation for at least `wait` (a cooldown another instance
+    /// saw); a longer one it has already stays.
+    pub fn cool_down_at_least(&self, account: &str, wait: Duration) {
+        let slot = self.slot(account);
+        let mut state = slot.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let until = now.checked_add(clamp_cooldown(wait)).unwrap_or(now);
+        if state.cooldown_until.is_none_or(|current| current < until) {
+            state.cooldown_until = Some(until);
+        }
     }
 
     /// Remembers how a request on `account` went.
@@ -410,6 +462,23 @@ mod tests {
         let err = pool.acquire("a").await.unwrap_err();
         assert!(matches!(err, Busy::QueueFull { .. }), "{err}");
         assert_eq!(err.retry_after(), 25);
+    }
+
+    /// Another instance's cooldown extends this one's, never shortens it.
+    #[tokio::test(start_paused = true)]
+    async fn a_cooldown_seen_elsewhere_only_lengthens() {
+        let pool = pool(4, 4);
+        assert_eq!(
+            pool.cool_down("a", Some(Duration::from_secs(30))),
+            Duration::from_secs(30)
+        );
+        pool.cool_down_at_least("a", Duration::from_secs(10));
+        assert_eq!(pool.acquire("a").await.unwrap_err().retry_after(), 30);
+        pool.cool_down_at_least("a", Duration::from_secs(50));
+        assert_eq!(pool.acquire("a").await.unwrap_err().retry_after(), 50);
+        pool.cool_down_at_least("b", Duration::from_secs(5));
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(pool.acquire("b").await.is_ok());
     }
 
     #[tokio::test]

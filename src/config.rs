@@ -42,6 +42,8 @@ pub struct Config {
     pub captcha: CaptchaSettings,
     /// Page-understanding assist: an OpenAI-compatible vision endpoint (off when `url` is empty).
     pub assist: AssistSettings,
+    /// Instances sharing one store: account leases and how soon they pass on.
+    pub cluster: ClusterSettings,
     /// Per-service settings, by service name (`[services.example]`).
     pub services: BTreeMap<String, ServiceSettings>,
 }
@@ -159,6 +161,42 @@ impl Default for CaptchaSettings {
     }
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSettings {
+    /// An account lease (its browser work) not renewed for this long passes to another
+    /// instance: how soon a crashed instance's accounts are taken over.
+    pub lease_secs: u64,
+    /// How often an instance renews the leases it holds (well under `lease_secs`).
+    pub lease_renew_secs: u64,
+    /// How often an instance on PostgreSQL reads what the others saw (429 cooldowns, tier
+    /// floors, re-learned flows), in ms: how soon they follow one another.
+    pub shared_poll_ms: u64,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        Self {
+            lease_secs: 15,
+            lease_renew_secs: 5,
+            shared_poll_ms: 1000,
+        }
+    }
+}
+
+impl ClusterSettings {
+    /// The leases' timings; renewal at least twice per lifetime, whatever is configured.
+    pub fn leases(&self) -> crate::lease::LeaseSettings {
+        let ttl = std::time::Duration::from_secs(self.lease_secs.max(1));
+        let renew_every = std::time::Duration::from_secs(self.lease_renew_secs.max(1)).min(ttl / 2);
+        crate::lease::LeaseSettings {
+            ttl,
+            renew_every,
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AssistSettings {
@@ -197,6 +235,7 @@ impl Default for Config {
             browser: BrowserSettings::default(),
             captcha: CaptchaSettings::default(),
             assist: AssistSettings::default(),
+            cluster: ClusterSettings::default(),
             services: BTreeMap::new(),
         }
     }

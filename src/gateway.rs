@@ -32,6 +32,7 @@ use crate::replay::decode::Delta;
 use crate::replay::failure::{Call, FailureKind, ReplayError};
 use crate::replay::render::Prompt;
 use crate::role::Role;
+use crate::shared::{Change, Shared};
 use crate::store::accounts::Account;
 use crate::store::events::{EventWriter, ExecutionEvent, Record};
 use crate::store::sessions::Session;
@@ -47,6 +48,8 @@ const FLOOR_MAX_PROBE: Duration = Duration::from_secs(600);
 /// Budget of a browser tier until the reply starts (and the longest silence within it),
 /// unless configured.
 const BROWSER_TIER_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long a background re-learn waits for another instance's browser work on the account.
+const RELEARN_WAIT: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -115,7 +118,7 @@ pub struct Gateway {
     replayer: Replayer,
     events: EventWriter,
     renewer: Option<Arc<Renewer>>,
-    accounts: AccountPool,
+    accounts: Arc<AccountPool>,
     conversations: Arc<Conversations>,
     learner: Option<Arc<Learner>>,
     /// Flow id → lowest tier worth trying (after an anti-bot refusal or a format drift).
@@ -126,6 +129,8 @@ pub struct Gateway {
     /// Service → origins the operator allows besides the account's (`[services.X]`).
     allowed_origins: BTreeMap<String, Vec<String>>,
     browser_tier_timeout: Duration,
+    /// What other instances on the same store are told and heard from (PostgreSQL only).
+    shared: Option<Arc<Shared>>,
 }
 
 impl Gateway {
@@ -148,13 +153,61 @@ impl Gateway {
             replayer,
             events,
             renewer,
-            accounts: AccountPool::new(limits),
+            accounts: Arc::new(AccountPool::new(limits)),
             services: moka::future::Cache::builder()
                 .max_capacity(1024)
                 .time_to_live(SERVICE_TTL)
                 .build(),
             allowed_origins: BTreeMap::new(),
             browser_tier_timeout: BROWSER_TIER_TIMEOUT,
+            shared: None,
+        }
+    }
+
+    /// Shares 429 cooldowns, tier floors and re-learned flows with the other instances on
+    /// the store, and follows theirs (until the gateway is dropped).
+    pub fn with_shared(mut self, shared: Arc<Shared>) -> Self {
+        let floors = self.floors.clone();
+        let services = self.services.clone();
+        let clock = shared.clone();
+        shared.clone().follow(
+            Arc::downgrade(&self.accounts),
+            move |accounts: &AccountPool, change: &Change| match change {
+                Change::Cooldown { account, until_ms } => {
+                    let left = until_ms.saturating_sub(clock.now());
+                    if let Ok(left @ 1..) = u64::try_from(left) {
+                        accounts.cool_down_at_least(account, Duration::from_millis(left));
+                    }
+                }
+                Change::FloorRaised { flow, tier } => floors.raise(flow, *tier),
+                Change::FloorLifted { flow } => floors.lift(flow),
+                Change::FlowChanged { .. } => services.invalidate_all(),
+            },
+        );
+        self.shared = Some(shared);
+        self
+    }
+
+    /// Counts each account's replies in the store too, so its limit holds across the
+    /// instances sharing it.
+    pub fn with_shared_slots(self, slots: Arc<crate::slots::Slots>) -> Self {
+        self.accounts.share_slots(slots);
+        self
+    }
+
+    /// Gives up what this instance holds in the store (account leases, slots), so other
+    /// instances take over at once rather than when it expires. For after the last reply.
+    pub async fn release_holds(&self) {
+        if let Some(renewer) = &self.renewer {
+            renewer.leases().release_all().await;
+        }
+        self.accounts.release_shared().await;
+    }
+
+    /// Tells the other instances, if any.
+    fn share(&self, change: Change) {
+        if let Some(shared) = &self.shared {
+            shared.publish(change);
         }
     }
 
@@ -352,10 +405,24 @@ impl Gateway {
             prompt: prompt.clone(),
             timeout: self.browser_tier_timeout,
         };
-        match tier {
+        // The account's browser work is one instance's at a time; the lease is held until
+        // the reply ends (it streams from this instance's page).
+        let lease = renewer
+            .hold(&account.id, self.browser_tier_timeout)
+            .await
+            .map_err(|e| ReplayError::Unexpected {
+                call: Call::Chat,
+                kind: FailureKind::Upstream,
+                message: e.to_string(),
+            })?;
+        let deltas = match tier {
             2 => crate::browser::in_page_tier(renewer.pool(), request).await,
             _ => crate::browser::ui_tier(renewer.pool(), request).await,
-        }
+        }?;
+        Ok(Box::pin(deltas.map(move |delta| {
+            let _held = &lease;
+            delta
+        })))
     }
 
     /// Re-learns the account's service in the background (once at a time per service); the
@@ -374,12 +441,30 @@ impl Gateway {
         let services = self.services.clone();
         let relearning = self.relearning.clone();
         let floors = self.floors.clone();
+        let shared = self.shared.clone();
+        let store = self.store.clone();
+        let renewer = self.renewer.clone();
         let flow_id = flow_id.to_owned();
         // Detached on purpose: the request that noticed the drift is served by tier 3 and must
         // not wait for the learn.
         tokio::spawn(async move {
-            match learner.learn(&account, &|_| {}).await {
-                Ok(report) => {
+            // Another instance that saw the drift may be re-learning the service already:
+            // after its learn (under the account's lease), the active flow is a new one.
+            let _lease = match &renewer {
+                Some(renewer) => renewer.hold(&account.id, RELEARN_WAIT).await.ok(),
+                None => None,
+            };
+            let current = store.active_flow(&account.service).await.ok().flatten();
+            let result = match current {
+                Some(flow) if flow.id != flow_id => {
+                    tracing::info!(service = %account.service, version = flow.version, "the flow was re-learned meanwhile (by another instance)");
+                    None
+                }
+                _ => Some(learner.learn(&account, &|_| {}).await),
+            };
+            match result {
+                None => {}
+                Some(Ok(report)) => {
                     tracing::info!(
                         service = %account.service,
                         version = report.flow.version,
@@ -388,12 +473,23 @@ impl Gateway {
                     );
                     if report.verification.ok {
                         floors.lift(&flow_id);
+                        if let Some(shared) = &shared {
+                            shared.publish(Change::FloorLifted {
+                                flow: flow_id.clone(),
+                            });
+                        }
+                    }
+                    if let Some(shared) = &shared {
+                        shared.publish(Change::FlowChanged {
+                            service: account.service.clone(),
+                        });
                     }
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     tracing::warn!(service = %account.service, error = %e, "re-learning failed")
                 }
             }
+            drop(_lease);
             services.invalidate_all();
             relearning
                 .lock()
@@ -475,13 +571,13 @@ impl Gateway {
         let Some(renewer) = &self.renewer else {
             return Ok(None);
         };
-        match renewer.renew(account, stale.map(|s| s.id.as_str())).await {
+        match renewer.renew(account, stale).await {
             Ok(renewed) => {
                 self.services.invalidate(&account.service).await;
                 Ok(Some(renewed.session))
             }
             Err(RenewError::Store(e)) => Err(e.into()),
-            Err(e @ RenewError::Login { .. }) => {
+            Err(e @ (RenewError::Login { .. } | RenewError::Busy(_))) => {
                 tracing::warn!(request_id, account = %account.id, error = %e, "re-login failed");
                 reasons.push(e.to_string());
                 Ok(None)
@@ -812,7 +908,10 @@ impl Gateway {
             self.accounts.record(&account.id, false);
         }
         if kind == FailureKind::Auth {
-            Box::pin(self.store.mark_session_rejected(&attempt.session.id)).await?;
+            // Only the version the site refused: one renewed in place since (by another
+            // instance, say) stays usable, and a re-login then picks it up.
+            let session = &attempt.session;
+            Box::pin(self.store.reject_session(&session.id, session.version)).await?;
             self.services.invalidate(&name).await;
         }
         self.carry_out(decision.next, request, service, candidate, attempt, error)
@@ -838,6 +937,10 @@ impl Gateway {
             Next::Tier { to, raise_floor } => {
                 if raise_floor {
                     self.floors.raise(&service.flow.id, to);
+                    self.share(Change::FloorRaised {
+                        flow: service.flow.id.clone(),
+                        tier: to,
+                    });
                 }
                 attempt.restart_at(to);
             }
@@ -867,8 +970,18 @@ impl Gateway {
             }
             Next::NextAccount { rate_limited: true } => {
                 let retry_after = error.retry_after();
-                self.accounts
+                let wait = self
+                    .accounts
                     .cool_down(&account.id, retry_after.map(Duration::from_secs));
+                if let Some(shared) = &self.shared {
+                    let until_ms = shared
+                        .now()
+                        .saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX));
+                    self.share(Change::Cooldown {
+                        account: account.id.clone(),
+                        until_ms,
+                    });
+                }
                 request.rate_limited = Some((error.to_string(), retry_after));
                 return Ok(Carry::NextAccount);
             }
@@ -910,6 +1023,9 @@ impl Gateway {
         if attempt.probing {
             tracing::info!(service = %request.name, flow = %service.flow.id, "direct replay works again; the tier floor is lifted");
             self.floors.probe_worked(&service.flow.id);
+            self.share(Change::FloorLifted {
+                flow: service.flow.id.clone(),
+            });
         }
         let FirstText {
             head,

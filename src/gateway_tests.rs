@@ -299,3 +299,189 @@ async fn unknown_models_and_missing_flows_are_errors_that_say_what_exists() {
     let error = fx.gateway.chat(&no_flow, "r2", None).await.err().unwrap();
     assert!(matches!(error, GatewayError::NoFlow(_)), "{error:?}");
 }
+
+/// Another instance's gateway on the fixture's store, sharing what it sees with the others
+/// (polled every 10 ms).
+fn instance(fx: &Fixture, id: &str) -> Gateway {
+    let store = fx.gateway.store().clone();
+    let (events, _task) = EventWriter::start(store.clone());
+    let replayer = Replayer::new(Timeouts {
+        connect: Duration::from_secs(5),
+        first_byte: Duration::from_secs(30),
+        idle: Duration::from_secs(30),
+    });
+    let limits = Limits {
+        per_account: 2,
+        queue: 4,
+        cooldown: Duration::from_secs(60),
+    };
+    let shared = Shared::new(
+        store.clone(),
+        id.to_owned(),
+        crate::lease::system_clock(),
+        Duration::from_millis(10),
+    );
+    let slots = crate::slots::Slots::start(
+        store.clone(),
+        id.to_owned(),
+        crate::lease::LeaseSettings::default(),
+        crate::lease::system_clock(),
+    );
+    Gateway::new(store, replayer, events, None, None, limits)
+        .with_shared(shared)
+        .with_shared_slots(slots)
+}
+
+/// Two instances on one store keep an account to its limit between them: the site never
+/// has more of its replies running at once than one instance alone would allow.
+#[tokio::test]
+async fn an_accounts_limit_holds_across_instances() {
+    let fx = fixture(&["ann@example.com"]).await;
+    let gateways = [instance(&fx, "i_a"), instance(&fx, "i_b")];
+    let replies = (0..4).map(|i| {
+        let gateway = &gateways[i % 2];
+        async move {
+            let asked = format!("question {i}");
+            let reply = gateway
+                .chat(&prompt(&asked), &format!("r{i}"), Some(1))
+                .await
+                .unwrap();
+            (asked, text_of(reply).await)
+        }
+    });
+    for (asked, text) in futures_util::future::join_all(replies).await {
+        assert_eq!(text, demo::reply_for(Shape::Openai, &asked).content);
+    }
+    let stats: serde_json::Value = reqwest::get(format!("{}/__demo/stats", fx.site))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["completed"], 4, "{stats}");
+    // The fixture's limit is 2 per account: without the store's slots, each instance
+    // would run 2 of its own.
+    assert_eq!(
+        stats["max_active_by_email"]["ann@example.com"], 2,
+        "{stats}"
+    );
+}
+
+/// Polls `check` every few ms until it holds (panics after 10 s).
+async fn until(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..2000 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// A 429 seen through one instance keeps the others off that account too: once the site
+/// lets it through again, an instance that had not heard would use it first, and the one
+/// that heard goes to the next account.
+#[tokio::test]
+async fn a_rate_limit_seen_by_one_instance_moves_the_others_to_the_next_account() {
+    let fx = fixture(&["ann@example.com", "bob@example.com"]).await;
+    let (a, b) = (instance(&fx, "i_a"), instance(&fx, "i_b"));
+    let first = fx.first_in_order();
+    let other = fx.ids.keys().find(|e| **e != first).unwrap().clone();
+    fx.control(&format!("/__demo/rate-limit?email={first}&seconds=40"))
+        .await;
+    let reply = a.chat(&prompt("hi"), "r1", Some(1)).await.unwrap();
+    assert_eq!(fx.email_of(reply.account_id().unwrap()), other);
+    drop(text_of(reply).await);
+
+    let cooling_on_b = || {
+        b.account_loads()
+            .iter()
+            .find(|l| l.account_id == fx.ids[&first])
+            .and_then(|l| l.cooling_down_secs)
+    };
+    until("instance B to hear of the cooldown", || {
+        cooling_on_b().is_some()
+    })
+    .await;
+    assert!((1..=40).contains(&cooling_on_b().unwrap()));
+    fx.control(&format!("/__demo/rate-limit?email={first}&seconds=0"))
+        .await;
+    let reply = b.chat(&prompt("hi"), "r2", Some(1)).await.unwrap();
+    assert_eq!(fx.email_of(reply.account_id().unwrap()), other);
+    drop(text_of(reply).await);
+    // The fixture's own gateway shares nothing: it still starts with the account.
+    let reply = fx.gateway.chat(&prompt("hi"), "r3", Some(1)).await.unwrap();
+    assert_eq!(fx.email_of(reply.account_id().unwrap()), first);
+    drop(text_of(reply).await);
+}
+
+/// A tier floor raised by one instance is respected by the others, and so is its lifting.
+#[tokio::test]
+async fn tier_floors_raised_and_lifted_on_one_instance_hold_on_the_others() {
+    let fx = fixture(&["ann@example.com"]).await;
+    let b = instance(&fx, "i_b");
+    let a = Shared::new(
+        fx.gateway.store().clone(),
+        "i_a".into(),
+        crate::lease::system_clock(),
+        Duration::from_millis(10),
+    );
+    let flow = fx
+        .gateway
+        .store()
+        .active_flow(SERVICE)
+        .await
+        .unwrap()
+        .unwrap();
+    a.publish(Change::FloorRaised {
+        flow: flow.id.clone(),
+        tier: 3,
+    });
+    until("the floor on B", || b.tier_floor(&flow.id).is_some()).await;
+    assert_eq!(b.tier_floor(&flow.id).unwrap().tier, 3);
+    assert_eq!(b.start_tier(&flow), (3, false));
+    a.publish(Change::FloorLifted {
+        flow: flow.id.clone(),
+    });
+    until("the floor lifted on B", || b.tier_floor(&flow.id).is_none()).await;
+    assert_eq!(b.start_tier(&flow), (1, false));
+}
+
+/// A conversation whose turns land on different instances continues one site conversation:
+/// each instance finds what the other remembered in the store.
+#[tokio::test]
+async fn a_conversation_continues_when_its_turns_alternate_between_instances() {
+    let fx = fixture(&["ann@example.com"]).await;
+    let gateways = [instance(&fx, "i_a"), instance(&fx, "i_b")];
+    let mut messages: Vec<(Role, String)> = Vec::new();
+    for turn in 1..=3u32 {
+        let asked = format!("turn {turn} of one conversation");
+        messages.push((Role::User, asked.clone()));
+        let gateway = &gateways[(turn as usize - 1) % 2];
+        let conversation = Prompt {
+            messages: messages.clone(),
+            model: SERVICE.into(),
+        };
+        let reply = gateway
+            .chat(&conversation, &format!("t{turn}"), Some(1))
+            .await
+            .unwrap();
+        let text = text_of(reply).await;
+        assert_eq!(
+            text,
+            demo::reply_for_turn(Shape::Openai, &asked, turn).content,
+            "turn {turn}"
+        );
+        messages.push((Role::Assistant, text));
+    }
+    let conversations: serde_json::Value =
+        reqwest::get(format!("{}/__demo/conversations", fx.site))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    let conversations = conversations.as_array().unwrap();
+    assert_eq!(conversations.len(), 1, "{conversations:?}");
+    assert_eq!(conversations[0]["turns"], 3, "{conversations:?}");
+}

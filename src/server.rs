@@ -11,8 +11,10 @@ use crate::browser::{AssistConfig, BrowserConfig, BrowserPool, CaptchaConfig, Ty
 use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::learn::Learner;
+use crate::lease::Leases;
 use crate::renew::Renewer;
 use crate::replay::client::{Replayer, Timeouts};
+use crate::shared::Shared;
 use crate::store::Store;
 use crate::store::events::EventWriter;
 use crate::vault::Vault;
@@ -102,6 +104,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let (events, writer_task) = EventWriter::start(store.clone());
     let runtime_file = config.data_dir.join(RUNTIME_FILE);
     let state = app_state(config, store.clone(), events);
+    let gateway = state.gateway.clone();
     let url = reachable_url(addr);
     // A CLI on the same data hands its logins and learns to this server with this token.
     let token = hex::encode(rand::random::<[u8; 32]>());
@@ -127,6 +130,8 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     axum::serve(no_delay(listener), app.into_make_service())
         .with_graceful_shutdown(shutdown_signal())
         .await?;
+    // Other instances take this one's accounts at once rather than at the leases' expiry.
+    gateway.release_holds().await;
     // Only this server's own file: a newer `serve` may have replaced it.
     if read_runtime(&runtime_file).is_some_and(|r| r.pid == std::process::id()) {
         let _ = std::fs::remove_file(&runtime_file);
@@ -150,9 +155,30 @@ pub fn replayer(config: &Config) -> Replayer {
 pub fn app_state(config: Config, store: Store, events: EventWriter) -> AppState {
     crate::telemetry::install();
     let keys = api::auth::KeyCheck::new(store.clone(), config.limits.requests_per_minute_per_key);
+    let leases = Leases::start(
+        store.clone(),
+        config.cluster.leases(),
+        crate::lease::system_clock(),
+    );
+    tracing::info!(instance = %leases.instance(), "instance id (names this process's account leases)");
+    // A login elsewhere may wait for a person at a captcha; a dead holder's lease expires.
+    let login_wait =
+        Duration::from_secs(config.browser.login_timeout_secs + config.captcha.human_timeout_secs)
+            + leases.settings().ttl;
+    // Other instances can share the store only on PostgreSQL; on SQLite nothing is polled.
+    let shared = (store.engine() == crate::store::Engine::Postgres).then(|| {
+        Shared::new(
+            store.clone(),
+            leases.instance().to_owned(),
+            crate::lease::system_clock(),
+            Duration::from_millis(config.cluster.shared_poll_ms),
+        )
+    });
     let renewer = Arc::new(Renewer::new(
         BrowserPool::new(browser_config(&config)),
         store.clone(),
+        leases,
+        login_wait,
     ));
     let allowed_origins = config
         .services
@@ -164,22 +190,30 @@ pub fn app_state(config: Config, store: Store, events: EventWriter) -> AppState 
         Arc::new(replayer(&config)),
         store.clone(),
     ));
+    let mut gateway = Gateway::new(
+        store,
+        replayer(&config),
+        events,
+        Some(renewer),
+        Some(learner.clone()),
+        crate::account_pool::Limits {
+            per_account: config.limits.per_account_concurrency.max(1),
+            queue: config.limits.per_account_queue,
+            cooldown: Duration::from_secs(config.limits.rate_limit_cooldown_secs),
+        },
+    )
+    .with_allowed_origins(allowed_origins);
+    if let Some(shared) = shared {
+        let slots = crate::slots::Slots::start(
+            gateway.store().clone(),
+            shared.instance().to_owned(),
+            config.cluster.leases(),
+            crate::lease::system_clock(),
+        );
+        gateway = gateway.with_shared(shared).with_shared_slots(slots);
+    }
     AppState {
-        gateway: Arc::new(
-            Gateway::new(
-                store,
-                replayer(&config),
-                events,
-                Some(renewer),
-                Some(learner.clone()),
-                crate::account_pool::Limits {
-                    per_account: config.limits.per_account_concurrency.max(1),
-                    queue: config.limits.per_account_queue,
-                    cooldown: Duration::from_secs(config.limits.rate_limit_cooldown_secs),
-                },
-            )
-            .with_allowed_origins(allowed_origins),
-        ),
+        gateway: Arc::new(gateway),
         learner: Some(learner),
         config: Arc::new(config),
         keys,

@@ -40,6 +40,13 @@ pub async fn overview(State(state): State<AppState>) -> Result<Response, ApiErro
     let running = state.jobs.running();
     state.gateway.events().flush().await;
     let recent = store.traffic_since(0, LAST_ERRORS_WINDOW).await?;
+    // Which instance does each account's browser work now (several may share the store).
+    let instance = state
+        .gateway
+        .renewer()
+        .map(|r| r.leases().instance().to_owned());
+    let now_ms = crate::lease::system_clock()();
+    let leases = store.leases(now_ms).await?;
     let limits = &state.config.limits;
     let mut notices = Vec::new();
     let mut services: BTreeMap<String, Value> = BTreeMap::new();
@@ -53,6 +60,13 @@ pub async fn overview(State(state): State<AppState>) -> Result<Response, ApiErro
             Some(_) => "ok",
         };
         let load = loads.iter().find(|l| l.account_id == account.id);
+        let lease = leases.iter().find(|l| l.account_id == account.id).map(|l| {
+            json!({
+                "instance": l.owner,
+                "this_instance": instance.as_deref() == Some(l.owner.as_str()),
+                "expires_in_ms": l.expires_at - now_ms,
+            })
+        });
         let last_error = recent
             .iter()
             .find(|r| r.account_id.as_deref() == Some(&account.id) && r.outcome != "ok")
@@ -86,6 +100,7 @@ pub async fn overview(State(state): State<AppState>) -> Result<Response, ApiErro
             })),
             "session_state": session_state,
             "load": load,
+            "lease": lease,
             "last_error": last_error,
             "has_flow": flow.is_some(),
             "job": running.get(&account.id),
@@ -120,6 +135,7 @@ pub async fn overview(State(state): State<AppState>) -> Result<Response, ApiErro
     Ok(Json(json!({
         "server": {
             "version": env!("CARGO_PKG_VERSION"),
+            "instance": instance,
             "browser": state.gateway.renewer().is_some(),
             "tiers": if state.gateway.renewer().is_some() { json!([1, 2, 3]) } else { json!([1]) },
             "limits": {

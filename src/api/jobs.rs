@@ -276,7 +276,7 @@ impl Jobs {
         // Detached on purpose, as a learn is.
         tokio::spawn(async move {
             let watcher = progress.watch_live(renewer.pool().clone());
-            let outcome = renewer.renew(&account, None).await;
+            let outcome = renewer.login(&account).await;
             watcher.abort();
             gateway.invalidate();
             let answer = match outcome {
@@ -292,6 +292,11 @@ impl Jobs {
                     let error = ApiError::from(e);
                     progress.finish(&[format!("login failed: {}", error.message)], false);
                     Err(error)
+                }
+                Err(crate::renew::RenewError::Busy(e)) => {
+                    let message = format!("login failed: {e}");
+                    progress.finish(std::slice::from_ref(&message), false);
+                    Err(ApiError::conflict(message).code("account_busy"))
                 }
                 Err(crate::renew::RenewError::Login { source, .. }) => {
                     let shot = source

@@ -129,6 +129,9 @@ async fn local(
         }
         Err(e) => Err(e.message),
     };
+    // Before this process ends: a `serve` on the same store need not wait for the leases of
+    // this one to expire.
+    state.gateway.release_holds().await;
     if let Some(renewer) = state.gateway.renewer() {
         renewer.pool().shutdown().await;
     }

@@ -87,11 +87,12 @@
 //!   conversations carry over.
 //! - `GET /__demo/conversations`: `[{"id","turns","email"}]`, oldest first.
 //! - `GET /__demo/stats`: chat replies `{"active","completed","cancelled","max_active",
-//!   "pages","active_by_email":{E:n},"max_active_by_email":{E:n}}` (`pages`: chat pages
-//!   served to a session; emails in lower case; a reply
-//!   counts as active from the moment the site starts answering until its body ends or the
-//!   client drops it); `POST /__demo/reset-stats` zeroes the end counts and lowers the
-//!   high-water marks to what streams now.
+//!   "pages","active_by_email":{E:n},"max_active_by_email":{E:n},"logins_by_email":{E:n},
+//!   "rate_limited_by_email":{E:n}}` (`pages`: chat pages served to a session; emails in
+//!   lower case; a reply counts as active from the moment the site starts answering until
+//!   its body ends or the client drops it; logins by any page or `/api/login`; chat calls
+//!   answered 429); `POST /__demo/reset-stats` zeroes the end counts, the logins and the
+//!   429s, and lowers the high-water marks to what streams now.
 //! - `GET /__demo/captcha` tells where to click on the latest captcha challenge.
 
 pub mod antibot;

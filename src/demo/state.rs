@@ -230,6 +230,7 @@ impl AppState {
 
     /// Opens a session for `email`: returns the session id (cookie value) and the session.
     pub fn login(&self, email: &str) -> (String, Session) {
+        self.streams.login(email);
         self.open_session(email.to_owned(), false)
     }
 
@@ -546,6 +547,7 @@ impl AppState {
         let mut inner = self.lock();
         if let Some(until) = inner.blocked.get(&key).copied() {
             if until > now {
+                self.streams.rate_limited(&key);
                 return Err(ceil_secs(until - now));
             }
             inner.blocked.remove(&key);
@@ -553,7 +555,7 @@ impl AppState {
         let Some(limit) = self.config.rate_limit else {
             return Ok(());
         };
-        let calls = inner.calls.entry(key).or_default();
+        let calls = inner.calls.entry(key.clone()).or_default();
         while calls
             .front()
             .is_some_and(|t| now.duration_since(*t) >= WINDOW)
@@ -565,6 +567,7 @@ impl AppState {
                 .front()
                 .map(|t| WINDOW.saturating_sub(now.duration_since(*t)))
                 .unwrap_or(WINDOW);
+            self.streams.rate_limited(&key);
             return Err(ceil_secs(wait));
         }
         calls.push_back(now);
@@ -606,6 +609,10 @@ pub(crate) struct StreamStats {
     pages: AtomicU64,
     /// Email (lower case) → (active, high-water mark).
     by_email: Mutex<BTreeMap<String, (u64, u64)>>,
+    /// Email (lower case) → logins (any login page or `/api/login`).
+    logins: Mutex<BTreeMap<String, u64>>,
+    /// Email (lower case) → chat calls answered 429.
+    rate_limited: Mutex<BTreeMap<String, u64>>,
 }
 
 impl StreamStats {
@@ -638,6 +645,34 @@ impl StreamStats {
         self.pages.fetch_add(1, Ordering::SeqCst);
     }
 
+    fn count(map: &Mutex<BTreeMap<String, u64>>, email: &str) {
+        *map.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(email.to_ascii_lowercase())
+            .or_default() += 1;
+    }
+
+    fn counts(map: &Mutex<BTreeMap<String, u64>>) -> serde_json::Value {
+        let map = map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        serde_json::Value::Object(
+            map.iter()
+                .map(|(email, n)| (email.clone(), (*n).into()))
+                .collect(),
+        )
+    }
+
+    /// Counts a login of `email`.
+    pub fn login(&self, email: &str) {
+        Self::count(&self.logins, email);
+    }
+
+    /// Counts a chat call of `email` answered 429.
+    pub fn rate_limited(&self, email: &str) {
+        Self::count(&self.rate_limited, email);
+    }
+
     /// `{active, completed, cancelled, max_active, pages, active_by_email, max_active_by_email}`.
     pub fn snapshot(&self) -> serde_json::Value {
         let by_email = self.lock_by_email();
@@ -658,6 +693,8 @@ impl StreamStats {
             "pages": self.pages.load(Ordering::SeqCst),
             "active_by_email": active_by_email,
             "max_active_by_email": max_by_email,
+            "logins_by_email": Self::counts(&self.logins),
+            "rate_limited_by_email": Self::counts(&self.rate_limited),
         })
     }
 
@@ -667,6 +704,11 @@ impl StreamStats {
         self.completed.store(0, Ordering::SeqCst);
         self.cancelled.store(0, Ordering::SeqCst);
         self.pages.store(0, Ordering::SeqCst);
+        for map in [&self.logins, &self.rate_limited] {
+            map.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clear();
+        }
         self.max_active
             .store(self.active.load(Ordering::SeqCst), Ordering::SeqCst);
         by_email.retain(|_, (active, _)| *active > 0);

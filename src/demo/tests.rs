@@ -3396,6 +3396,12 @@ async fn a_rate_limit_hold_gives_one_account_429_with_the_seconds_left() {
         .to_owned();
     let (_, content) = decode(shape, &content_type, &response.bytes().await.unwrap());
     assert_eq!(content, reply_for(shape, "hi").content);
+    // The stats count the one call held at 429, per account.
+    let stats = demo_get(&base, "/__demo/stats").await;
+    assert_eq!(
+        stats["rate_limited_by_email"],
+        json!({ "ann@example.com": 1 })
+    );
     let missing = client()
         .post(format!("{base}/__demo/rate-limit?email=ann@example.com"))
         .send()
@@ -3503,6 +3509,10 @@ async fn stats_keep_high_water_marks_overall_and_per_account() {
     assert_eq!(stats["active"], 3, "{stats}");
     assert_eq!(stats["max_active"], 3, "{stats}");
     assert_eq!(
+        stats["logins_by_email"],
+        json!({ "ann@example.com": 1, "bob@example.com": 1 })
+    );
+    assert_eq!(
         stats["max_active_by_email"],
         json!({ "ann@example.com": 2, "bob@example.com": 1 })
     );
@@ -3530,6 +3540,7 @@ async fn stats_keep_high_water_marks_overall_and_per_account() {
     assert_eq!(reset["max_active"], 0, "{reset}");
     assert_eq!(reset["cancelled"], 0, "{reset}");
     assert_eq!(reset["max_active_by_email"], json!({}));
+    assert_eq!(reset["logins_by_email"], json!({}));
 }
 
 #[tokio::test]

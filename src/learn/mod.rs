@@ -106,6 +106,8 @@ fn saved_note(recording: Option<&Path>) -> String {
 
 /// How long a probe may wait for the site's reply.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long a learn waits for another instance's browser work on the account.
+const LEASE_WAIT: Duration = Duration::from_secs(300);
 
 /// Learns accounts' flows: login (when needed) → probe → infer → verify → store.
 pub struct Learner {
@@ -141,6 +143,12 @@ impl Learner {
         explain: bool,
     ) -> Result<LearnReport, LearnError> {
         let started = Instant::now();
+        // The whole learn is the account's browser work: one instance at a time.
+        let _lease = self
+            .renewer
+            .hold(&account.id, LEASE_WAIT)
+            .await
+            .map_err(RenewError::from)?;
         let mut timings = Timings::default();
         let now = crate::store::now();
         let session = match self.store.latest_session(&account.id).await? {

@@ -16,6 +16,8 @@ pub struct Session {
     pub authenticated: bool,
     pub created_at: i64,
     pub expires_at: Option<i64>,
+    /// Bumped each time the material is replaced in place (see `update_session_data`).
+    pub version: i64,
 }
 
 impl Session {
@@ -71,10 +73,11 @@ struct SessionRow {
     authenticated: bool,
     created_at: i64,
     expires_at: Option<i64>,
+    version: i64,
 }
 
 const SELECT_SESSION: &str = "SELECT id, account_id, data_sealed, source, authenticated, \
-     created_at, expires_at FROM sessions";
+     created_at, expires_at, version FROM sessions";
 
 impl Store {
     /// Stores a new session for the account; it becomes the one replay uses.
@@ -114,6 +117,7 @@ impl Store {
             authenticated: true,
             created_at,
             expires_at,
+            version: 1,
         })
     }
 
@@ -156,6 +160,7 @@ impl Store {
             authenticated: row.authenticated,
             created_at: row.created_at,
             expires_at: row.expires_at,
+            version: row.version,
             data,
             id: row.id,
         })
@@ -171,13 +176,33 @@ impl Store {
             .map_err(|e| StoreError::Invalid(format!("session data: {e}")))?;
         let sealed = self.vault.seal(place(session_id), &json);
         on_pool!(self, Op::Write, |pool| {
-            sqlx::query("UPDATE sessions SET data_sealed = $1, last_used_at = $2 WHERE id = $3")
-                .bind(&sealed)
-                .bind(now())
-                .bind(session_id)
-                .execute(pool)
-                .await?;
+            sqlx::query(
+                "UPDATE sessions SET data_sealed = $1, last_used_at = $2, version = version + 1
+                 WHERE id = $3",
+            )
+            .bind(&sealed)
+            .bind(now())
+            .bind(session_id)
+            .execute(pool)
+            .await?;
             Ok(())
+        })
+        .await
+    }
+
+    /// Records that the site rejected `version` of the session; false (and nothing changed)
+    /// when its material was replaced since (by another instance, say), which the site may
+    /// well accept.
+    pub async fn reject_session(&self, session_id: &str, version: i64) -> Result<bool, StoreError> {
+        on_pool!(self, Op::Write, |pool| {
+            let done = sqlx::query(
+                "UPDATE sessions SET authenticated = FALSE WHERE id = $1 AND version = $2",
+            )
+            .bind(session_id)
+            .bind(version)
+            .execute(pool)
+            .await?;
+            Ok(done.rows_affected() == 1)
         })
         .await
     }
@@ -288,6 +313,30 @@ mod tests {
             assert_eq!(listed.len(), 5);
             assert_eq!(listed[4].id, newest.id);
             assert_eq!(listed[0].cookies, ["sid"]);
+        }
+
+        /// A rejection of an older version of a session (its cookies were rotated since, by
+        /// another instance say) leaves the newer one usable; the current version's is kept.
+        async fn only_the_version_the_site_rejected_is_marked(_db, store) {
+            let account = store
+                .add_account(NewAccount {
+                    url: "https://x.example.com".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            let first = store
+                .save_session(&account.id, &cookie("c1"), "login", None)
+                .await
+                .unwrap();
+            assert_eq!(first.version, 1);
+            store.update_session_data(&first.id, &cookie("rotated")).await.unwrap();
+            let rotated = store.latest_session(&account.id).await.unwrap().unwrap();
+            assert_eq!((rotated.id.as_str(), rotated.version), (first.id.as_str(), 2));
+            assert!(!store.reject_session(&first.id, first.version).await.unwrap());
+            assert!(store.latest_session(&account.id).await.unwrap().unwrap().is_usable(now()));
+            assert!(store.reject_session(&rotated.id, rotated.version).await.unwrap());
+            assert!(!store.latest_session(&account.id).await.unwrap().unwrap().is_usable(now()));
         }
     }
 }
