@@ -30,6 +30,7 @@ use crate::replay::DeltaStream;
 use crate::replay::client::{Replayer, Target};
 use crate::replay::decode::Delta;
 use crate::replay::failure::{Call, FailureKind, ReplayError};
+use crate::replay::plan::Started;
 use crate::replay::render::Prompt;
 use crate::role::Role;
 use crate::shared::{Change, Shared};
@@ -366,15 +367,17 @@ impl Gateway {
         }
     }
 
-    /// Tier 2 (`fetch()` in the account's page) or tier 3 (the site's own UI).
+    /// Tier 2 (`fetch()` in the account's page, continuing `known` as tier 1 does) or tier 3
+    /// (the site's own UI, which continues its conversations itself).
     async fn browser_tier(
         &self,
         tier: u8,
         candidate: &Candidate,
         session: &Session,
-        flow: &Arc<Flow>,
+        flow: Arc<Flow>,
         prompt: &Prompt,
-    ) -> Result<DeltaStream, ReplayError> {
+        known: &BTreeMap<String, String>,
+    ) -> Result<Started, ReplayError> {
         let Some(renewer) = &self.renewer else {
             return Err(ReplayError::Unexpected {
                 call: Call::Chat,
@@ -400,9 +403,12 @@ impl Gateway {
                 password,
                 proxy: candidate.proxy.clone(),
             }),
-            flow: flow.clone(),
+            flow,
             pins: candidate.pins.clone(),
             prompt: prompt.clone(),
+            conversation: known.clone(),
+            session_id: Some(session.id.clone()),
+            reused: self.replayer.reused(),
             timeout: self.browser_tier_timeout,
         };
         // The account's browser work is one instance's at a time; the lease is held until
@@ -832,8 +838,7 @@ impl Gateway {
             (None, _, _) => (&*service.flow, request.prompt, &no_conversation),
         };
         let session = &attempt.session;
-        let mut extracted = BTreeMap::new();
-        let deltas = if attempt.tier == 1 {
+        let (deltas, extracted) = if attempt.tier == 1 {
             let target = Target {
                 base: &candidate.base,
                 session: &session.data,
@@ -846,19 +851,20 @@ impl Gateway {
             if replay.jar_changed {
                 self.keep_rotated_cookies(session, replay.jar.cookies());
             }
-            extracted = replay.extracted;
-            replay.deltas
+            (replay.deltas, replay.extracted)
         } else {
-            // The browser tiers run the site's own conversation handling: they get the whole
+            // Tier 2 makes the flow's own calls, so it continues the site conversation as tier
+            // 1 does; tier 3 runs the site's own conversation handling and gets the whole
             // prompt. Boxed: a rare path, kept out of the future every request holds.
-            Box::pin(self.browser_tier(
-                attempt.tier,
-                candidate,
-                session,
-                &service.flow,
-                request.prompt,
-            ))
-            .await?
+            let (flow, send, known) = match attempt.tier {
+                2 if std::ptr::eq(flow, &*service.flow) => (service.flow.clone(), send, known),
+                2 => (Arc::new(flow.clone()), send, known),
+                _ => (service.flow.clone(), request.prompt, &no_conversation),
+            };
+            let tier = attempt.tier;
+            let started =
+                Box::pin(self.browser_tier(tier, candidate, session, flow, send, known)).await?;
+            (started.deltas, started.extracted)
         };
         let (head, rest) = first_text(deltas).await?;
         Ok(FirstText {
@@ -1032,7 +1038,7 @@ impl Gateway {
             rest,
             mut extracted,
         } = first;
-        let tracker = (request.keeps_conversations && tier == 1).then(|| {
+        let tracker = (request.keeps_conversations && tier <= 2).then(|| {
             count_turn(&mut extracted);
             let mut key = KeyBuilder::default();
             for (role, text) in &request.prompt.messages {

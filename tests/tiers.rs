@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::{
     Data, PASSWORD, ask, demo_site, error_message, eventually, get_json, http, post_chat,
 };
-use computetower::demo::{Shape, reply_for};
+use computetower::demo::{Shape, reply_for, reply_for_turn};
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
@@ -338,4 +338,84 @@ async fn a_forced_tier_serves_the_request_and_health_lists_the_tiers() {
     assert_eq!(tiers, [ok(1), ok(2), ok(3), ok(2), ok(1)]);
     let decisions = get_json(format!("{}/admin/decisions", server.url)).await;
     assert_eq!(decisions["data"], json!([]), "no fallback: {decisions}");
+}
+
+/// Sends `messages` to `model` with tier 2 forced; returns the reply's content.
+async fn in_the_page(server: &str, model: &str, messages: &[(&str, &str)]) -> String {
+    let messages: Vec<Value> = messages
+        .iter()
+        .map(|(role, content)| json!({"role": role, "content": content}))
+        .collect();
+    let response = http()
+        .post(format!("{server}/v1/chat/completions"))
+        .header(TIER_HEADER, "2")
+        .json(&json!({"model": model, "messages": messages}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()[TIER_HEADER], "2");
+    let body: Value = response.json().await.unwrap();
+    body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn tier_2_reuses_session_wide_preflights_and_continues_the_site_conversation() {
+    let site = demo_site("openai", &[]);
+    let data = Data::new();
+    let model = data
+        .add_demo_account(&site.url, "openai", "page@example.com")
+        .await;
+    let server = data.serve(&[]);
+    // `pages` counts reads of the chat page: the browser's own load, and the flow's preflight
+    // that reads the CSRF token from it.
+    let pages = || async {
+        get_json(format!("{}/__demo/stats", site.url)).await["pages"]
+            .as_u64()
+            .unwrap()
+    };
+    let first = in_the_page(&server.url, &model, &[("user", "first question")]).await;
+    assert_eq!(first, reply_for(Shape::Openai, "first question").content);
+    // The next turn continues the site conversation the first one created (with the flow's
+    // follow-up: its own CSRF read, no new conversation).
+    let history = [
+        ("user", "first question"),
+        ("assistant", first.as_str()),
+        ("user", "second question"),
+    ];
+    let second = in_the_page(&server.url, &model, &history).await;
+    assert_eq!(
+        second,
+        reply_for_turn(Shape::Openai, "second question", 2).content
+    );
+    let before = pages().await;
+    // A new conversation creates one, but the CSRF token the first turn read (a session-wide
+    // value) is reused: the chat page is not read again.
+    let other = in_the_page(&server.url, &model, &[("user", "another topic")]).await;
+    assert_eq!(other, reply_for(Shape::Openai, "another topic").content);
+    assert_eq!(pages().await, before);
+    let conversations = get_json(format!("{}/__demo/conversations", site.url)).await;
+    let turns: Vec<u64> = conversations
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["turns"].as_u64().unwrap())
+        .collect();
+    assert_eq!(turns, [2, 1], "{conversations}");
+    let events = eventually(WAIT, "three recorded events", || async {
+        let events = get_json(format!("{}/admin/events", server.url)).await;
+        (events["data"].as_array()?.len() == 3).then_some(events)
+    })
+    .await;
+    assert_eq!(tiers_of(&events), vec![(2, "ok".to_owned()); 3]);
+    let continued = events["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["detail"] == "continued the site conversation")
+        .count();
+    assert_eq!(continued, 1, "{events}");
 }

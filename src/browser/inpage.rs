@@ -23,7 +23,7 @@
 //! [`Call::Preflight`]): 401/403 auth, 429 rate limit, challenge pages anti-bot, an HTML page
 //! where data was expected auth or drift.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use chromiumoxide::Page;
@@ -39,13 +39,13 @@ use super::js::inpage as js;
 use super::page::{self, is_connection, read_storage};
 use super::pool::{BrowserPool, Fresh, PageLease, Tier};
 use super::recorder::RecorderEvent;
-use crate::flow::{Flow, ResponseSpec, Transport};
+use crate::flow::{ResponseSpec, Transport};
 use crate::recording::Frame;
 use crate::replay::DeltaStream;
-use crate::replay::client::{self, PREFLIGHT_BODY_LIMIT};
 use crate::replay::decode::{Decoder, Delta};
 use crate::replay::failure::{self, Call, ERROR_EXCERPT, FailureKind, ReplayError};
-use crate::replay::render::{self, Context, Rendered};
+use crate::replay::plan::{self, Answer, Calls, PREFLIGHT_BODY_LIMIT, Plan, Started};
+use crate::replay::render::Rendered;
 use crate::session::{Cookie, SessionData};
 
 /// The page property holding the in-flight calls (`{tag: {stop, error}}`).
@@ -87,14 +87,11 @@ fn forbidden(name: &str) -> bool {
 
 /// Tier 2: the flow's preflights and chat call run by `fetch()` inside the account's
 /// logged-in page (see the module docs).
-pub async fn in_page_tier(
-    pool: &BrowserPool,
-    req: TierRequest,
-) -> Result<DeltaStream, ReplayError> {
+pub async fn in_page_tier(pool: &BrowserPool, req: TierRequest) -> Result<Started, ReplayError> {
     pool.dies_with(run(pool, req)).await
 }
 
-async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStream, ReplayError> {
+async fn run(pool: &BrowserPool, req: TierRequest) -> Result<Started, ReplayError> {
     let base = Url::parse(&req.account_url).map_err(|_| ReplayError::Unexpected {
         call: Call::Chat,
         kind: FailureKind::Flow,
@@ -103,80 +100,94 @@ async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStream, Replay
     let lease = pool.work_page(&req, Tier::InPage, Fresh::No).await?;
     let page = lease.work.page.clone();
     let session = live_session(&page, req.session.as_ref()).await?;
-    let mut feed = lease.work.recorder.subscribe();
-    let conversation = BTreeMap::new();
-    let now_ms = client::now_ms();
-    let mut extracted = BTreeMap::new();
-    for (index, step) in req.flow.preflight.iter().enumerate() {
-        let call = Call::Preflight(index);
-        let ctx = Context {
-            prompt: &req.prompt,
-            session: &session,
-            preflight: &extracted,
-            conversation: &conversation,
-            now_ms,
-            pins: &req.pins,
-        };
-        let rendered = render::render(&step.http, &base, &ctx)
-            .map_err(|source| ReplayError::Render { call, source })?;
-        let started = start_fetch(&page, &rendered, call, true).await?;
-        let (status, headers, body) =
-            in_page_result(&page, &started.tag, req.timeout, call).await?;
-        if !(200..300).contains(&status) {
-            return Err(status_error(call, status, &headers, &body));
-        }
-        let header_map = header_map(&headers);
-        for (name, rule) in &step.extract {
-            let value = client::extract(rule, &header_map, &body).ok_or_else(|| {
-                ReplayError::Unexpected {
-                    call,
-                    kind: FailureKind::FormatDrift,
-                    message: format!("its response has no `{name}` where the flow expects it"),
-                }
-            })?;
-            extracted.insert(name.clone(), value);
-        }
-    }
-    let ctx = Context {
-        prompt: &req.prompt,
-        session: &session,
-        preflight: &extracted,
-        conversation: &conversation,
-        now_ms,
-        pins: &req.pins,
+    let mut calls = InPage {
+        page,
+        feed: Some(lease.work.recorder.subscribe()),
+        lease: Some(lease),
+        timeout: req.timeout,
     };
-    let rendered =
-        render::render(&req.flow.request, &base, &ctx).map_err(|source| ReplayError::Render {
-            call: Call::Chat,
-            source,
-        })?;
-    if req.flow.response.transport == Transport::Websocket {
-        return open_socket(feed, lease, &rendered, &req.flow, req.timeout).await;
+    let plan = Plan {
+        flow: &req.flow,
+        prompt: &req.prompt,
+        base: &base,
+        session: &session,
+        conversation: &req.conversation,
+        pins: &req.pins,
+        reuse: req.reused.as_deref().zip(req.session_id.as_deref()),
+    };
+    plan::run(&mut calls, plan).await
+}
+
+/// Tier 2's way of making a flow's calls: `fetch()` (or a WebSocket) inside the account's
+/// work page, the chat call's answer read from the recorder's feed. The feed and the page
+/// lease go with the reply stream once the chat call answered.
+struct InPage {
+    page: Page,
+    feed: Option<mpsc::Receiver<RecorderEvent>>,
+    lease: Option<PageLease>,
+    timeout: Duration,
+}
+
+impl Calls for InPage {
+    async fn preflight(&mut self, call: Call, request: Rendered) -> Result<Answer, ReplayError> {
+        let started = start_fetch(&self.page, &request, call, true).await?;
+        let (status, headers, body) =
+            in_page_result(&self.page, &started.tag, self.timeout, call).await?;
+        let headers = header_map(&headers);
+        if !(200..300).contains(&status) {
+            return Err(failure::status_error(call, status, &headers, &body));
+        }
+        Ok(Answer { headers, body })
     }
-    let call_state = start_fetch(&page, &rendered, Call::Chat, true).await?;
-    let mut guard = StopOnDrop::new(page.clone(), call_state.tag.clone());
-    let (id, status, headers) =
-        await_response(&mut feed, &page, &call_state, Instant::now() + req.timeout).await?;
-    if !(200..300).contains(&status) {
-        let excerpt = collect_excerpt(&mut feed, &id).await;
-        return Err(status_error(Call::Chat, status, &headers, &excerpt));
+
+    async fn chat(
+        &mut self,
+        request: Rendered,
+        spec: &ResponseSpec,
+    ) -> Result<DeltaStream, ReplayError> {
+        if spec.transport == Transport::Websocket {
+            return open_socket(self, &request, spec).await;
+        }
+        let page = self.page.clone();
+        let feed = self.feed.as_mut().ok_or_else(page_gone)?;
+        let call_state = start_fetch(&page, &request, Call::Chat, true).await?;
+        let mut guard = StopOnDrop::new(page.clone(), call_state.tag.clone());
+        let (id, status, headers) =
+            await_response(feed, &page, &call_state, Instant::now() + self.timeout).await?;
+        if !(200..300).contains(&status) {
+            let excerpt = collect_excerpt(feed, &id).await;
+            return Err(status_error(Call::Chat, status, &headers, &excerpt));
+        }
+        let content_type = header(&headers, "content-type").unwrap_or_default();
+        if failure::is_page_instead_of_data(content_type, spec.transport != Transport::Text) {
+            let excerpt = collect_excerpt(feed, &id).await;
+            return Err(failure::html_error(Call::Chat, &excerpt));
+        }
+        let (Some(feed), Some(lease)) = (self.feed.take(), self.lease.take()) else {
+            return Err(page_gone());
+        };
+        guard.armed = true;
+        let events = forward(feed, id, Vec::new());
+        let rescue = Some((page, call_state.tag.clone()));
+        Ok(reply_stream(
+            events,
+            spec,
+            self.timeout,
+            rescue,
+            Box::new((guard, lease)),
+        ))
     }
-    let content_type = header(&headers, "content-type").unwrap_or_default();
-    let wants_data = req.flow.response.transport != Transport::Text;
-    if failure::is_page_instead_of_data(content_type, wants_data) {
-        let excerpt = collect_excerpt(&mut feed, &id).await;
-        return Err(failure::html_error(Call::Chat, &excerpt));
+
+    /// Nothing to forget: the page keeps its own cookies.
+    fn reset(&mut self) {}
+}
+
+/// The work page went with an earlier reply (a plan runs its chat call once per try).
+fn page_gone() -> ReplayError {
+    ReplayError::Browser {
+        call: Call::Chat,
+        message: "the in-page call lost its page".into(),
     }
-    guard.armed = true;
-    let events = forward(feed, id, Vec::new());
-    let rescue = Some((page, call_state.tag.clone()));
-    Ok(reply_stream(
-        events,
-        &req.flow.response,
-        req.timeout,
-        rescue,
-        Box::new((guard, lease)),
-    ))
 }
 
 /// Waits (up to `limit`) for a call started with `keep` to complete in the page; returns its
@@ -239,7 +250,7 @@ async fn in_page_result(
 }
 
 /// A call started in the page: its tag (the URL fragment that finds it in the feed).
-struct Started {
+struct PageCall {
     tag: String,
     call: Call,
     method: String,
@@ -263,7 +274,7 @@ async fn start_fetch(
     rendered: &Rendered,
     call: Call,
     keep: bool,
-) -> Result<Started, ReplayError> {
+) -> Result<PageCall, ReplayError> {
     let tag = format!("ct-{}", uuid::Uuid::new_v4().simple());
     let mut url = rendered.url.clone();
     url.set_fragment(Some(&tag));
@@ -294,7 +305,7 @@ async fn start_fetch(
         "keep": keep,
     });
     run_script(page, js::FETCH_START, &args, call).await?;
-    Ok(Started {
+    Ok(PageCall {
         tag,
         call,
         method: rendered.method.clone(),
@@ -358,7 +369,7 @@ async fn script_error(page: &Page, tag: &str) -> Option<String> {
 async fn await_response(
     feed: &mut mpsc::Receiver<RecorderEvent>,
     page: &Page,
-    started: &Started,
+    started: &PageCall,
     deadline: Instant,
 ) -> Result<(String, u16, Vec<(String, String)>), ReplayError> {
     let call = started.call;
@@ -493,13 +504,12 @@ fn merge_cookie(cookies: &mut Vec<Cookie>, cookie: Cookie) {
 
 /// Tier 2 over a WebSocket: the socket is opened by the page (see the module docs).
 async fn open_socket(
-    mut feed: mpsc::Receiver<RecorderEvent>,
-    lease: PageLease,
+    calls: &mut InPage,
     rendered: &Rendered,
-    flow: &Flow,
-    timeout: Duration,
+    spec: &ResponseSpec,
 ) -> Result<DeltaStream, ReplayError> {
-    let page = lease.work.page.clone();
+    let page = calls.page.clone();
+    let timeout = calls.timeout;
     let call = Call::Chat;
     let mut url = rendered.url.clone();
     let scheme = match url.scheme() {
@@ -524,7 +534,7 @@ async fn open_socket(
         "url": url.as_str(),
         "messages": messages,
     });
-    let started = Started {
+    let started = PageCall {
         tag: tag.clone(),
         call,
         method: "GET".into(),
@@ -534,11 +544,15 @@ async fn open_socket(
     run_script(&page, js::SOCKET_OPEN, &args, call).await?;
     let mut guard = StopOnDrop::new(page.clone(), tag);
     guard.armed = true;
-    let (id, early) = await_socket(&mut feed, &page, &started, Instant::now() + timeout).await?;
+    let feed = calls.feed.as_mut().ok_or_else(page_gone)?;
+    let (id, early) = await_socket(feed, &page, &started, Instant::now() + timeout).await?;
+    let (Some(feed), Some(lease)) = (calls.feed.take(), calls.lease.take()) else {
+        return Err(page_gone());
+    };
     let events = forward(feed, id, early);
     Ok(reply_stream(
         events,
-        &flow.response,
+        spec,
         timeout,
         None,
         Box::new((guard, lease)),
@@ -557,7 +571,7 @@ fn message_text(value: serde_json::Value) -> String {
 async fn await_socket(
     feed: &mut mpsc::Receiver<RecorderEvent>,
     page: &Page,
-    started: &Started,
+    started: &PageCall,
     deadline: Instant,
 ) -> Result<(String, Vec<RecorderEvent>), ReplayError> {
     let call = started.call;

@@ -88,6 +88,13 @@ pub struct TierRequest {
     /// The origins the flow's calls may reach with this account's session.
     pub pins: crate::pinning::Pins,
     pub prompt: crate::replay::render::Prompt,
+    /// Tier 2: values an earlier exchange of the site conversation produced (its preflights
+    /// are then skipped), as tier 1 gets them.
+    pub conversation: std::collections::BTreeMap<String, String>,
+    /// Tier 2: the stored session's id and the session-wide preflight values kept under it
+    /// (shared with tier 1, see `replay::reuse`).
+    pub session_id: Option<String>,
+    pub reused: Option<Arc<crate::replay::reuse::Reused>>,
     /// Until the chat call's response starts; also the longest silence within the reply.
     pub timeout: Duration,
 }
@@ -100,6 +107,8 @@ impl std::fmt::Debug for TierRequest {
             .field("has_session", &self.session.is_some())
             .field("login", &self.login)
             .field("flow", &self.flow.id)
+            .field("continuing", &!self.conversation.is_empty())
+            .field("reusing", &self.reused.is_some())
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }

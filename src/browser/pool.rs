@@ -44,8 +44,8 @@ use super::{
     BrowserConfig, LiveSession, LoginError, LoginOutcome, LoginRequest, PageError, PageKind,
     TierRequest, lock,
 };
-use crate::replay::DeltaStream;
 use crate::replay::failure::ReplayError;
+use crate::replay::plan::Started;
 use crate::session::SessionData;
 
 /// Cheap to clone; launches Chromium lazily on first use. See the module docs.
@@ -550,8 +550,8 @@ impl BrowserPool {
     /// browser is known dead instead of waiting out their timeouts (see [`dies_with`]).
     pub(crate) async fn dies_with(
         &self,
-        start: impl std::future::Future<Output = Result<DeltaStream, ReplayError>>,
-    ) -> Result<DeltaStream, ReplayError> {
+        start: impl std::future::Future<Output = Result<Started, ReplayError>>,
+    ) -> Result<Started, ReplayError> {
         let running = self.ensure_browser().await.map_err(ReplayError::from)?;
         process::dies_with(&running, start).await
     }

@@ -25,6 +25,7 @@ use super::recorder::RawTaps;
 use super::{BrowserConfig, LoginError, guard, lock, page};
 use crate::replay::DeltaStream;
 use crate::replay::failure::{Call, ReplayError};
+use crate::replay::plan::Started;
 
 /// Browser-wide flags (CHROMIUM.md): chromiumoxide's defaults minus `--enable-automation`,
 /// plus what keeps Chromium from calling outside hosts.
@@ -319,10 +320,10 @@ async fn drain_handler(
 /// gateway retries it (on a relaunched browser); after it, the client sees an error event.
 pub(crate) async fn dies_with(
     running: &Running,
-    start: impl std::future::Future<Output = Result<DeltaStream, ReplayError>>,
-) -> Result<DeltaStream, ReplayError> {
+    start: impl std::future::Future<Output = Result<Started, ReplayError>>,
+) -> Result<Started, ReplayError> {
     let mut dead = running.dead.clone();
-    let stream = tokio::select! {
+    let started = tokio::select! {
         result = start => result?,
         _ = dead.wait_for(|d| *d) => return Err(browser_died()),
     };
@@ -330,10 +331,13 @@ pub(crate) async fn dies_with(
         // An error means the sender is gone, which only happens once the browser is.
         let _ = dead.wait_for(|d| *d).await;
     });
-    Ok(Box::pin(DiesWith {
-        inner: Some(stream),
-        died,
-    }))
+    Ok(Started {
+        deltas: Box::pin(DiesWith {
+            inner: Some(started.deltas),
+            died,
+        }),
+        extracted: started.extracted,
+    })
 }
 
 fn browser_died() -> ReplayError {

@@ -28,8 +28,21 @@ fn tier_request(account: &str, site: &Site, shape: Shape, text: &str) -> TierReq
             messages: vec![(Role::User, text.to_owned())],
             model: "demo".into(),
         },
+        conversation: Default::default(),
+        session_id: None,
+        reused: None,
         timeout: Duration::from_secs(20),
     }
+}
+
+/// Tier 2's reply alone.
+async fn in_page(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStream, ReplayError> {
+    in_page_tier(pool, req).await.map(|started| started.deltas)
+}
+
+/// Tier 3's reply.
+async fn ui(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStream, ReplayError> {
+    ui_tier(pool, req).await.map(|started| started.deltas)
 }
 
 /// Text and reasoning, and what the site said of its replies when the first delta came.
@@ -114,7 +127,7 @@ async fn tier2_runs_preflights_and_the_chat_call_inside_the_page() {
             .unwrap();
         for round in 0..2 {
             let text = format!("In-page {shape} round {round}: héllo «wörld» ✓");
-            let stream = in_page_tier(&pool, tier_request(&account, &site, shape, &text)).await;
+            let stream = in_page(&pool, tier_request(&account, &site, shape, &text)).await;
             let stream = match stream {
                 Ok(s) => s,
                 Err(e) => {
@@ -136,7 +149,7 @@ async fn tier2_runs_preflights_and_the_chat_call_inside_the_page() {
     pool.login(request("inpage-signed", &site, PASSWORD))
         .await
         .unwrap();
-    let error = in_page_tier(
+    let error = in_page(
         &pool,
         tier_request("inpage-signed", &site, Shape::Signed, "sign me"),
     )
@@ -173,7 +186,7 @@ async fn dropping_a_tier2_stream_cancels_the_sites_call() {
     let mut req = tier_request("dropper", &site, Shape::Openai, "cancel me midway");
     // No login beforehand: the tier logs in itself.
     req.session = None;
-    let mut stream = in_page_tier(&pool, req).await.unwrap();
+    let mut stream = in_page(&pool, req).await.unwrap();
     loop {
         let delta = stream.next().await.unwrap().unwrap();
         if matches!(delta, Delta::Reasoning(_) | Delta::Text(_)) {
@@ -215,7 +228,7 @@ async fn tier3_types_into_the_signed_site_and_streams_the_recorded_reply() {
         .await
         .unwrap();
     let text = "Typed by the UI tier: grüße ✓";
-    let stream = ui_tier(&pool, tier_request("typist", &site, Shape::Signed, text)).await;
+    let stream = ui(&pool, tier_request("typist", &site, Shape::Signed, text)).await;
     let got = collect_watching(stream.unwrap(), Some(&site)).await;
     assert_reply(Shape::Signed, text, &got);
     // Streamed from the recorded call, not read off the finished page: when the first delta
@@ -225,11 +238,11 @@ async fn tier3_types_into_the_signed_site_and_streams_the_recorded_reply() {
     assert_eq!(at_first["completed"], 0, "{at_first}");
     // Two more, concurrently: they queue for the account's UI and each gets its own
     // conversation (a first-turn reply).
-    let a = ui_tier(
+    let a = ui(
         &pool,
         tier_request("typist", &site, Shape::Signed, "queued one"),
     );
-    let b = ui_tier(
+    let b = ui(
         &pool,
         tier_request("typist", &site, Shape::Signed, "queued two"),
     );
@@ -259,7 +272,7 @@ async fn tier3_on_openai_and_websocket_sites() {
             .unwrap();
         for round in 0..2 {
             let text = format!("UI tier {shape} round {round}");
-            match ui_tier(&pool, tier_request(&account, &site, shape, &text)).await {
+            match ui(&pool, tier_request(&account, &site, shape, &text)).await {
                 Ok(stream) => {
                     let got = collect(stream).await;
                     let expected = reply_for(shape, &text);
@@ -288,7 +301,7 @@ async fn an_idle_work_page_is_closed_and_its_context_kept() {
     });
     let text = "close my page later";
     let got = collect(
-        in_page_tier(&pool, tier_request("idler", &site, Shape::Openai, text))
+        in_page(&pool, tier_request("idler", &site, Shape::Openai, text))
             .await
             .unwrap(),
     )
@@ -304,7 +317,7 @@ async fn an_idle_work_page_is_closed_and_its_context_kept() {
     // The next request opens a page in the same context, without logging in again.
     let mut again = tier_request("idler", &site, Shape::Openai, "and again");
     again.login = None;
-    let got = collect(in_page_tier(&pool, again).await.unwrap()).await;
+    let got = collect(in_page(&pool, again).await.unwrap()).await;
     assert_reply(Shape::Openai, "and again", &got);
     pool.shutdown().await;
 }

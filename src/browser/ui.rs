@@ -41,6 +41,7 @@ use crate::flow::{Flow, Transport};
 use crate::replay::DeltaStream;
 use crate::replay::decode::Delta;
 use crate::replay::failure::{Call, FailureKind, ReplayError};
+use crate::replay::plan::Started;
 
 /// The page property the probe scripts keep their state under.
 const KEY: &str = "__ct_ui";
@@ -53,8 +54,15 @@ const POLL: Duration = Duration::from_millis(100);
 
 /// Tier 3: the prompt typed into the site's chat UI; the reply decoded from the recorded chat
 /// call as it streams, the page's text as a last resort (see the module docs).
-pub async fn ui_tier(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStream, ReplayError> {
-    pool.dies_with(run(pool, req)).await
+pub async fn ui_tier(pool: &BrowserPool, req: TierRequest) -> Result<Started, ReplayError> {
+    // The site's own page carries its conversation: nothing to extract.
+    let started = async {
+        Ok(Started {
+            deltas: run(pool, req).await?,
+            extracted: Default::default(),
+        })
+    };
+    pool.dies_with(started).await
 }
 
 async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStream, ReplayError> {

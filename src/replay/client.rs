@@ -8,31 +8,28 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
-use serde_json::Value;
 use url::Url;
 
 use super::DeltaStream;
 use super::decode;
 use super::failure::{self, Call, ERROR_EXCERPT, FailureKind, ReplayError};
-use super::render::{self, Context, Prompt, Rendered};
+use super::plan::{self, Answer, Calls, PREFLIGHT_BODY_LIMIT, Plan};
+use super::render::{Prompt, Rendered};
 use super::reuse::Reused;
-use crate::flow::{Extract, Flow, Transport};
+use crate::flow::{Flow, ResponseSpec, Transport};
 use crate::session::{CookieJar, SessionData};
 
 // Callers that predate `replay::failure` (the server's wiring, the account pool) name these
 // here; the definitions live in `replay` and `replay::failure`.
 pub use super::Timeouts;
 pub use super::failure::MAX_RETRY_AFTER_SECS;
-
-/// Largest preflight response read.
-pub(crate) const PREFLIGHT_BODY_LIMIT: usize = 4 * 1024 * 1024;
 
 /// What a replay needs besides the flow.
 #[derive(Debug, Clone, Copy)]
@@ -52,17 +49,6 @@ pub struct Target<'a> {
     pub pins: &'a crate::pinning::Pins,
 }
 
-/// One run's view of the reused preflight values.
-struct Reuse<'a> {
-    reused: &'a Reused,
-    session: &'a str,
-    steps: &'a [bool],
-    /// Whether stored values may be read (`false` on the run after a failure).
-    read: bool,
-    /// Whether this run used a stored value.
-    used: bool,
-}
-
 /// A started replay: the chat call answered 2xx and its body is being decoded.
 pub struct Replay {
     pub deltas: DeltaStream,
@@ -79,7 +65,7 @@ pub struct Replayer {
     timeouts: Timeouts,
     clients: Mutex<HashMap<String, reqwest::Client>>,
     /// Session-wide preflight values (`None`: every preflight runs on every request).
-    reused: Option<Reused>,
+    reused: Option<Arc<Reused>>,
 }
 
 impl Replayer {
@@ -93,7 +79,7 @@ impl Replayer {
 
     /// Reuses the values of session-wide preflights for `ttl` (see `replay::reuse`).
     pub fn reusing_preflights(mut self, ttl: Duration) -> Self {
-        self.reused = (!ttl.is_zero()).then(|| Reused::new(ttl));
+        self.reused = (!ttl.is_zero()).then(|| Arc::new(Reused::new(ttl)));
         self
     }
 
@@ -125,151 +111,42 @@ impl Replayer {
         Ok(client)
     }
 
-    /// Runs the preflights and sends the chat call. Returns once the chat call's response
-    /// headers are in; the body is decoded as the returned stream is polled.
-    ///
-    /// When the run reused preflight values and fails for a reason a stale value could
-    /// cause, the values are forgotten and the flow runs once more with fresh preflights.
+    /// The session-wide preflight values, shared with tier 2 (`None` when reuse is off).
+    pub fn reused(&self) -> Option<Arc<Reused>> {
+        self.reused.clone()
+    }
+
+    /// Runs the flow (`plan::run`) as direct HTTP calls. Returns once the chat call's
+    /// response headers are in; the body is decoded as the returned stream is polled.
     pub async fn start(
         &self,
         flow: &Flow,
         prompt: &Prompt,
         target: Target<'_>,
     ) -> Result<Replay, ReplayError> {
-        let reuse = match (&self.reused, target.session_id) {
-            (Some(reused), Some(session)) => {
-                let steps = reused.steps(flow);
-                steps.contains(&true).then_some((reused, session, steps))
-            }
-            _ => None,
-        };
-        let Some((reused, session, steps)) = reuse else {
-            return self.run(flow, prompt, target, None).await;
-        };
-        let mut reuse = Reuse {
-            reused,
-            session,
-            steps: &steps,
-            read: true,
-            used: false,
-        };
-        match self.run(flow, prompt, target, Some(&mut reuse)).await {
-            Err(e)
-                if reuse.used
-                    && !matches!(e.kind(), FailureKind::Network | FailureKind::RateLimit) =>
-            {
-                tracing::debug!(flow = %flow.id, error = %e, "reused preflight values failed; running the preflights again");
-                reused.forget(session, flow);
-                reuse.read = false;
-                self.run(flow, prompt, target, Some(&mut reuse)).await
-            }
-            result => result,
-        }
-    }
-
-    async fn run(
-        &self,
-        flow: &Flow,
-        prompt: &Prompt,
-        target: Target<'_>,
-        mut reuse: Option<&mut Reuse<'_>>,
-    ) -> Result<Replay, ReplayError> {
-        let client = self.client(target.proxy)?;
-        let mut jar = CookieJar::new(target.session.cookies.clone());
-        let mut jar_changed = false;
-        let mut extracted = target.conversation.clone();
-        let now_ms = now_ms();
-        for (index, step) in flow.preflight.iter().enumerate() {
-            if !step.extract.is_empty() && step.extract.keys().all(|k| extracted.contains_key(k)) {
-                continue;
-            }
-            let reusable = reuse.as_ref().is_some_and(|r| r.steps[index]);
-            if let Some(reuse) = reuse.as_mut().filter(|r| reusable && r.read)
-                && let Some(values) = reuse.reused.get(reuse.session, flow, index)
-            {
-                extracted.extend(values.iter().map(|(k, v)| (k.clone(), v.clone())));
-                reuse.used = true;
-                continue;
-            }
-            let call = Call::Preflight(index);
-            let ctx = Context {
-                prompt,
-                session: target.session,
-                preflight: &extracted,
-                conversation: target.conversation,
-                now_ms,
-                pins: target.pins,
-            };
-            let rendered = render::render(&step.http, target.base, &ctx)
-                .map_err(|source| ReplayError::Render { call, source })?;
-            let response = self
-                .send(&client, rendered, target.session, &jar, call)
-                .await?;
-            jar_changed |= absorb_cookies(&mut jar, &response);
-            let response = check_status(response, call, None).await?;
-            let headers = response.headers().clone();
-            let body = read_limited(response, call).await?;
-            let mut values = BTreeMap::new();
-            for (name, rule) in &step.extract {
-                let value =
-                    extract(rule, &headers, &body).ok_or_else(|| ReplayError::Unexpected {
-                        call,
-                        kind: FailureKind::FormatDrift,
-                        message: format!("its response has no `{name}` where the flow expects it"),
-                    })?;
-                values.insert(name.clone(), value);
-            }
-            if let Some(reuse) = reuse.as_ref().filter(|_| reusable) {
-                reuse.reused.put(reuse.session, flow, index, values.clone());
-            }
-            extracted.extend(values);
-        }
-        let ctx = Context {
-            prompt,
+        let mut calls = Http {
+            replayer: self,
+            client: self.client(target.proxy)?,
             session: target.session,
-            preflight: &extracted,
-            conversation: target.conversation,
-            now_ms,
-            pins: target.pins,
+            proxy: target.proxy,
+            jar: CookieJar::new(target.session.cookies.clone()),
+            jar_changed: false,
         };
-        let rendered = render::render(&flow.request, target.base, &ctx).map_err(|source| {
-            ReplayError::Render {
-                call: Call::Chat,
-                source,
-            }
-        })?;
-        if flow.response.transport == Transport::Websocket {
-            // Boxed: a WebSocket handshake's future is large, and most flows never take it.
-            let deltas = Box::pin(super::websocket::open(
-                rendered,
-                target.session,
-                &jar,
-                &flow.response,
-                self.timeouts,
-                target.proxy,
-            ))
-            .await?;
-            return Ok(Replay {
-                deltas,
-                jar,
-                jar_changed,
-                extracted,
-            });
-        }
-        let response = self
-            .send(&client, rendered, target.session, &jar, Call::Chat)
-            .await?;
-        jar_changed |= absorb_cookies(&mut jar, &response);
-        let response = check_status(response, Call::Chat, Some(flow.response.transport)).await?;
-        let body = IdleTimeout::new(response.bytes_stream().boxed(), self.timeouts.idle);
-        let deltas = decode::decode_stream(&flow.response, body)
-            .map(|item| item.map_err(ReplayError::from))
-            .boxed();
+        let plan = Plan {
+            flow,
+            prompt,
+            base: target.base,
+            session: target.session,
+            conversation: target.conversation,
+            pins: target.pins,
+            reuse: self.reused.as_deref().zip(target.session_id),
+        };
+        let started = plan::run(&mut calls, plan).await?;
         Ok(Replay {
-            deltas,
-            jar,
-            jar_changed,
-            extracted,
+            deltas: started.deltas,
+            jar: calls.jar,
+            jar_changed: calls.jar_changed,
+            extracted: started.extracted,
         })
     }
 
@@ -344,10 +221,64 @@ impl Replayer {
     }
 }
 
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+/// Tier 1's way of making a flow's calls: reqwest with the session's cookies, the jar
+/// keeping what the site sets.
+struct Http<'a> {
+    replayer: &'a Replayer,
+    client: reqwest::Client,
+    session: &'a SessionData,
+    proxy: Option<&'a str>,
+    jar: CookieJar,
+    jar_changed: bool,
+}
+
+impl Calls for Http<'_> {
+    async fn preflight(&mut self, call: Call, request: Rendered) -> Result<Answer, ReplayError> {
+        let response = self
+            .replayer
+            .send(&self.client, request, self.session, &self.jar, call)
+            .await?;
+        self.jar_changed |= absorb_cookies(&mut self.jar, &response);
+        let response = check_status(response, call, None).await?;
+        let headers = response.headers().clone();
+        let body = read_limited(response, call).await?;
+        Ok(Answer { headers, body })
+    }
+
+    async fn chat(
+        &mut self,
+        request: Rendered,
+        spec: &ResponseSpec,
+    ) -> Result<DeltaStream, ReplayError> {
+        let timeouts = self.replayer.timeouts;
+        if spec.transport == Transport::Websocket {
+            // Boxed: a WebSocket handshake's future is large, and most flows never take it.
+            return Box::pin(super::websocket::open(
+                request,
+                self.session,
+                &self.jar,
+                spec,
+                timeouts,
+                self.proxy,
+            ))
+            .await;
+        }
+        let response = self
+            .replayer
+            .send(&self.client, request, self.session, &self.jar, Call::Chat)
+            .await?;
+        self.jar_changed |= absorb_cookies(&mut self.jar, &response);
+        let response = check_status(response, Call::Chat, Some(spec.transport)).await?;
+        let body = IdleTimeout::new(response.bytes_stream().boxed(), timeouts.idle);
+        Ok(decode::decode_stream(spec, body)
+            .map(|item| item.map_err(ReplayError::from))
+            .boxed())
+    }
+
+    fn reset(&mut self) {
+        self.jar = CookieJar::new(self.session.cookies.clone());
+        self.jar_changed = false;
+    }
 }
 
 /// Names the failure without the URL (it may carry a token in its query).
@@ -448,48 +379,6 @@ async fn read_limited(mut response: reqwest::Response, call: Call) -> Result<Vec
     }
 }
 
-pub(crate) fn extract(rule: &Extract, headers: &HeaderMap, body: &[u8]) -> Option<String> {
-    let text = |v: &Value| match v {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    };
-    match rule {
-        Extract::Pointer(pointer) => {
-            let json: Value = serde_json::from_slice(body).ok()?;
-            json.pointer(pointer).and_then(text)
-        }
-        Extract::Regex { regex } => {
-            let re = compiled(regex)?;
-            let body = String::from_utf8_lossy(body);
-            re.captures(&body)
-                .and_then(|c| c.get(1).or_else(|| c.get(0)))
-                .map(|m| m.as_str().to_owned())
-        }
-        Extract::Header { header } => headers
-            .get(header.as_str())
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned),
-    }
-}
-
-/// A flow's extract regex, compiled once: compiling it costs more than the rest of an extract.
-fn compiled(pattern: &str) -> Option<regex::Regex> {
-    static CACHE: std::sync::OnceLock<Mutex<HashMap<String, Option<regex::Regex>>>> =
-        std::sync::OnceLock::new();
-    let mut cache = CACHE
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    if cache.len() > 1024 {
-        cache.clear();
-    }
-    cache
-        .entry(pattern.to_owned())
-        .or_insert_with(|| regex::Regex::new(pattern).ok())
-        .clone()
-}
-
 /// Ends a body that stays silent longer than `idle` with an error.
 struct IdleTimeout<S> {
     inner: S,
@@ -536,30 +425,5 @@ where
                 Poll::Pending => Poll::Pending,
             },
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn extracts_pointer_regex_and_header() {
-        let mut headers = HeaderMap::new();
-        headers.insert("x-id", HeaderValue::from_static("h1"));
-        let body = br#"{"data":{"id":42}}"#;
-        assert_eq!(
-            extract(&Extract::Pointer("/data/id".into()), &headers, body).as_deref(),
-            Some("42")
-        );
-        let html = br#"<meta name="csrf-token" content="abc123">"#;
-        let rule = Extract::Regex {
-            regex: r#"name="csrf-token" content="([^"]+)""#.into(),
-        };
-        assert_eq!(extract(&rule, &headers, html).as_deref(), Some("abc123"));
-        let rule = Extract::Header {
-            header: "x-id".into(),
-        };
-        assert_eq!(extract(&rule, &headers, b"").as_deref(), Some("h1"));
     }
 }

@@ -5,6 +5,7 @@
 pub mod client;
 pub mod decode;
 pub mod failure;
+pub mod plan;
 pub mod render;
 pub mod reuse;
 pub mod tunnel;

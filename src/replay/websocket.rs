@@ -189,3 +189,229 @@ pub async fn open(
     );
     Ok(stream.boxed())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+    use tokio::sync::oneshot;
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+    use url::Url;
+
+    use super::*;
+    use crate::session::Cookie;
+
+    const TIMEOUTS: Timeouts = Timeouts {
+        connect: Duration::from_secs(5),
+        first_byte: Duration::from_secs(5),
+        idle: Duration::from_secs(30),
+    };
+
+    fn spec() -> ResponseSpec {
+        serde_json::from_value(serde_json::json!({
+            "transport": "websocket",
+            "text": {"path": "/t", "mode": "delta"},
+            "done": [{"path": "/type", "equals": "done"}],
+        }))
+        .unwrap()
+    }
+
+    fn session() -> SessionData {
+        SessionData {
+            cookies: vec![Cookie {
+                name: "sid".into(),
+                value: "s1".into(),
+                domain: "127.0.0.1".into(),
+                path: "/".into(),
+                expires: None,
+                secure: false,
+                http_only: true,
+                host_only: true,
+            }],
+            user_agent: Some("TestAgent/1".into()),
+            ..SessionData::default()
+        }
+    }
+
+    fn rendered(url: &str, body: serde_json::Value) -> Rendered {
+        Rendered {
+            method: "GET".into(),
+            url: Url::parse(url).unwrap(),
+            headers: vec![
+                ("x-csrf-token".into(), "c1".into()),
+                ("host".into(), "elsewhere.example".into()),
+            ],
+            body: Some(body.to_string().into_bytes()),
+            content_type: None,
+        }
+    }
+
+    /// What the test server saw of the connection: its request headers and the messages the
+    /// client sent before the server answered.
+    struct Seen {
+        headers: Vec<(String, String)>,
+        messages: Vec<String>,
+    }
+
+    /// A one-connection WebSocket server: reads `expect` messages, sends `replies`, then holds
+    /// the socket open until the client goes.
+    async fn server(
+        expect: usize,
+        replies: Vec<&'static str>,
+    ) -> (String, oneshot::Receiver<Seen>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/ws", listener.local_addr().unwrap());
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut headers = Vec::new();
+            // The callback's type is the library's (its error is a whole HTTP response).
+            #[allow(clippy::result_large_err)]
+            let callback = |request: &Request, response: Response| {
+                for (name, value) in request.headers() {
+                    headers.push((name.to_string(), value.to_str().unwrap().to_owned()));
+                }
+                Ok(response)
+            };
+            let mut socket = tokio_tungstenite::accept_hdr_async(stream, callback)
+                .await
+                .unwrap();
+            let mut messages = Vec::new();
+            while messages.len() < expect {
+                match socket.next().await {
+                    Some(Ok(Message::Text(text))) => messages.push(text.as_str().to_owned()),
+                    Some(Ok(_)) => {}
+                    _ => break,
+                }
+            }
+            for reply in replies {
+                socket.send(Message::text(reply)).await.unwrap();
+            }
+            let _ = tx.send(Seen { headers, messages });
+            while let Some(Ok(_)) = socket.next().await {}
+        });
+        (url, rx)
+    }
+
+    #[tokio::test]
+    async fn the_flows_messages_go_out_and_each_received_message_is_decoded() {
+        let replies = vec![
+            r#"{"t":"he"}"#,
+            "ping",
+            r#"{"t":"llo"}"#,
+            r#"{"type":"done"}"#,
+        ];
+        let (url, seen) = server(2, replies).await;
+        let session = session();
+        let jar = CookieJar::new(session.cookies.clone());
+        let body = serde_json::json!([r#"{"type":"auth"}"#, {"type": "chat", "prompt": "hi"}]);
+        let stream = open(
+            rendered(&url, body),
+            &session,
+            &jar,
+            &spec(),
+            TIMEOUTS,
+            None,
+        )
+        .await
+        .unwrap();
+        let deltas: Vec<Delta> = stream.map(Result::unwrap).collect().await;
+        assert_eq!(
+            deltas,
+            [
+                Delta::Text("he".into()),
+                Delta::Text("llo".into()),
+                Delta::Done
+            ]
+        );
+        let seen = seen.await.unwrap();
+        // A string message goes as it is, any other value as its JSON.
+        assert_eq!(
+            seen.messages,
+            [r#"{"type":"auth"}"#, r#"{"type":"chat","prompt":"hi"}"#]
+        );
+        let header = |name: &str| {
+            seen.headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(header("cookie").as_deref(), Some("sid=s1"));
+        assert_eq!(header("user-agent").as_deref(), Some("TestAgent/1"));
+        assert_eq!(header("x-csrf-token").as_deref(), Some("c1"));
+        let origin = url.trim_end_matches("/ws");
+        assert_eq!(header("origin").as_deref(), Some(origin));
+        // The handshake's own headers are the client library's, not the flow's.
+        assert_ne!(header("host").as_deref(), Some("elsewhere.example"));
+    }
+
+    #[tokio::test]
+    async fn a_refused_handshake_is_classified_like_any_answer() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/ws", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 2048];
+            let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut request).await;
+            let answer =
+                "HTTP/1.1 429 Too Many Requests\r\nretry-after: 7\r\ncontent-length: 0\r\n\r\n";
+            stream.write_all(answer.as_bytes()).await.unwrap();
+        });
+        let session = session();
+        let jar = CookieJar::new(Vec::new());
+        let body = serde_json::json!(["hello"]);
+        let error = match open(
+            rendered(&url, body),
+            &session,
+            &jar,
+            &spec(),
+            TIMEOUTS,
+            None,
+        )
+        .await
+        {
+            Ok(_) => panic!("the handshake was refused"),
+            Err(e) => e,
+        };
+        assert_eq!(error.kind(), FailureKind::RateLimit, "{error}");
+        assert_eq!(error.retry_after(), Some(7));
+        assert!(!error.retry_safe());
+    }
+
+    #[tokio::test]
+    async fn a_socket_that_stays_silent_ends_with_an_error_after_the_idle_time() {
+        let (url, _seen) = server(1, Vec::new()).await;
+        let session = session();
+        let jar = CookieJar::new(Vec::new());
+        let body = serde_json::json!(["hello"]);
+        let mut stream = open(
+            rendered(&url, body),
+            &session,
+            &jar,
+            &spec(),
+            TIMEOUTS,
+            None,
+        )
+        .await
+        .unwrap();
+        // From here on the clock only moves when nothing else can: the idle timer fires as
+        // soon as the socket has nothing to give, without the test waiting 30 s.
+        tokio::time::pause();
+        let started = tokio::time::Instant::now();
+        let error = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(error.kind(), FailureKind::Network);
+        assert!(
+            error.to_string().contains("sent nothing for 30 s"),
+            "{error}"
+        );
+        // (The timer wheel rounds up to the next millisecond.)
+        let waited = started.elapsed();
+        assert!(
+            waited >= TIMEOUTS.idle && waited < TIMEOUTS.idle + Duration::from_millis(10),
+            "{waited:?}"
+        );
+        assert!(stream.next().await.is_none());
+    }
+}
