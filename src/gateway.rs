@@ -421,14 +421,17 @@ impl Gateway {
                 kind: FailureKind::Upstream,
                 message: e.to_string(),
             })?;
-        let deltas = match tier {
+        let started = match tier {
             2 => crate::browser::in_page_tier(renewer.pool(), request).await,
             _ => crate::browser::ui_tier(renewer.pool(), request).await,
         }?;
-        Ok(Box::pin(deltas.map(move |delta| {
-            let _held = &lease;
-            delta
-        })))
+        Ok(Started {
+            deltas: Box::pin(started.deltas.map(move |delta| {
+                let _held = &lease;
+                delta
+            })),
+            extracted: started.extracted,
+        })
     }
 
     /// Re-learns the account's service in the background (once at a time per service); the
