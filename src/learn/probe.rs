@@ -221,6 +221,8 @@ async fn run(chat: &ChatPage, options: &ProbeOptions) -> Result<Recording, PageE
     result
 }
 
+/// The probe's one sequence: find the composer, snapshot the storage, record, converse,
+/// the follow-up, split the recording. Long because each step hands the next what it found.
 async fn probe_page(
     chat: &ChatPage,
     options: &ProbeOptions,
