@@ -135,7 +135,8 @@ impl Learner {
     }
 
     /// [`Learner::learn`], with `explain`: the report says why each recorded call was or was
-    /// not taken (a failure always does).
+    /// not taken (a failure always does). Long on purpose: it is the learn's steps in order,
+    /// each timed and reported, and reads best in one place.
     pub async fn learn_explained(
         &self,
         account: &Account,

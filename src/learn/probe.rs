@@ -221,6 +221,8 @@ async fn run(chat: &ChatPage, options: &ProbeOptions) -> Result<Recording, PageE
     result
 }
 
+/// The probe's one sequence: find the composer, snapshot the storage, record, converse,
+/// the follow-up, split the recording. Long because each step hands the next what it found.
 async fn probe_page(
     chat: &ChatPage,
     options: &ProbeOptions,
@@ -368,7 +370,9 @@ async fn converse(
                 let Some(event) = event else {
                     return Err(PageError::Crashed("the recorder stopped".into()));
                 };
-                progress.on_event(event, &mut sending);
+                if progress.on_event(event) {
+                    sending.navigated();
+                }
             }
             _ = tick.tick() => {
                 let now = Instant::now();
@@ -431,7 +435,9 @@ impl Progress {
         }
     }
 
-    fn on_event(&mut self, event: RecorderEvent, sending: &mut Sending) {
+    /// Notes one event of the feed. Returns true when it is the page itself being replaced (a
+    /// form submitted natively), which the send has to know.
+    fn on_event(&mut self, event: RecorderEvent) -> bool {
         let now = Instant::now();
         let ours = |id: &str, chat: &Option<String>| chat.as_deref() == Some(id);
         match event {
@@ -443,8 +449,7 @@ impl Progress {
                 ..
             } => {
                 if resource_type.eq_ignore_ascii_case("document") {
-                    // The page itself is being replaced (a form submitted natively).
-                    sending.navigated();
+                    return true;
                 } else if self.chat.is_none() {
                     let marker = self.marker.as_bytes();
                     let in_body = body.as_deref().is_some_and(|b| contains(b, marker));
@@ -493,6 +498,7 @@ impl Progress {
                 self.in_flight.remove(&id);
             }
         }
+        false
     }
 
     fn touch(&mut self, id: &str, now: Instant) {
@@ -588,4 +594,212 @@ async fn snapshot_storage(page: &Page) -> Result<(String, StorageSnapshot), Page
             user_agent: Some(storage.ua),
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    //! The probe's bookkeeping over a scripted feed, on tokio's paused clock: which call
+    //! carries the probe, and when its exchange is over.
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::recording::Frame;
+
+    const MARKER: &str = "ct0123456789";
+
+    fn request(id: &str, url: &str, body: Option<&str>, kind: &str) -> RecorderEvent {
+        RecorderEvent::Request {
+            id: id.into(),
+            method: "POST".into(),
+            url: url.into(),
+            resource_type: kind.into(),
+            body: body.map(|b| Bytes::from(b.to_owned())),
+        }
+    }
+
+    fn response(id: &str, status: u16) -> RecorderEvent {
+        RecorderEvent::Response {
+            id: id.into(),
+            status,
+            headers: Vec::new(),
+        }
+    }
+
+    fn finished(id: &str) -> RecorderEvent {
+        RecorderEvent::Finished { id: id.into() }
+    }
+
+    fn shown(text: &str) -> Rendered {
+        Rendered {
+            found: true,
+            text: text.into(),
+            reasoning: None,
+        }
+    }
+
+    /// A probe whose chat call (`2`, the marker in its body) answered and finished.
+    fn answered() -> Progress {
+        let mut progress = Progress::new(MARKER);
+        progress.on_event(request("1", "http://site/api/telemetry", None, "Fetch"));
+        let body = format!(r#"{{"prompt":"hi {MARKER}"}}"#);
+        progress.on_event(request("2", "http://site/api/chat", Some(&body), "Fetch"));
+        progress.on_event(response("2", 200));
+        progress.on_event(finished("2"));
+        progress
+    }
+
+    async fn later(by: Duration) -> Instant {
+        tokio::time::advance(by).await;
+        Instant::now()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_call_carrying_the_marker_is_the_chat_call_and_a_settled_reply_ends_it() {
+        let mut progress = answered();
+        assert_eq!(progress.chat.as_deref(), Some("2"));
+        let now = Instant::now();
+        progress.rendered(shown("Hello"), now);
+        assert!(!progress.is_over(now, Until::Complete).unwrap());
+        // Still changing: the reply is not settled yet.
+        let now = later(STABLE_FOR / 2).await;
+        progress.rendered(shown("Hello there"), now);
+        let now = later(STABLE_FOR / 2).await;
+        progress.rendered(shown("Hello there"), now);
+        assert!(!progress.is_over(now, Until::Complete).unwrap());
+        let now = later(STABLE_FOR).await;
+        progress.rendered(shown("Hello there"), now);
+        assert!(progress.is_over(now, Until::Complete).unwrap());
+        assert_eq!(progress.rendered.text, "Hello there");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_started_after_the_chat_call_holds_the_end_while_it_streams() {
+        let mut progress = answered();
+        progress.on_event(request("3", "http://site/api/stream", None, "Fetch"));
+        let now = later(STABLE_FOR * 2).await;
+        progress.on_event(RecorderEvent::Data {
+            id: "3".into(),
+            bytes: Bytes::from_static(b"data"),
+        });
+        progress.rendered(shown("Hello"), now);
+        let now = later(STABLE_FOR * 2).await;
+        progress.rendered(shown("Hello"), now);
+        assert!(!progress.is_over(now, Until::Complete).unwrap());
+        // Quiet for long enough, it no longer counts as the reply.
+        let now = later(IN_FLIGHT_QUIET).await;
+        progress.rendered(shown("Hello"), now);
+        assert!(progress.is_over(now, Until::Complete).unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_or_failed_chat_call_is_the_probes_error() {
+        let mut refused = Progress::new(MARKER);
+        refused.on_event(request(
+            "9",
+            &format!("http://site/q?m={MARKER}"),
+            None,
+            "Fetch",
+        ));
+        refused.on_event(response("9", 429));
+        refused.on_event(finished("9"));
+        let now = Instant::now();
+        assert!(matches!(
+            refused.is_over(now, Until::Complete),
+            Err(PageError::Rejected { status: 429, .. })
+        ));
+        let mut failed = answered();
+        failed.on_event(RecorderEvent::Failed {
+            id: "2".into(),
+            error: "net::ERR_ABORTED".into(),
+        });
+        assert!(matches!(
+            failed.is_over(now, Until::Complete),
+            Err(PageError::CallFailed { .. })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_follow_up_is_over_as_soon_as_its_reply_shows() {
+        let mut progress = Progress::new(MARKER);
+        let body = format!(r#"{{"prompt":"{MARKER}"}}"#);
+        progress.on_event(request("5", "http://site/api/chat", Some(&body), "Fetch"));
+        let now = Instant::now();
+        progress.rendered(shown(""), now);
+        assert!(!progress.is_over(now, Until::Shown).unwrap());
+        progress.rendered(shown("He"), now);
+        assert!(progress.is_over(now, Until::Shown).unwrap());
+        assert!(!progress.is_over(now, Until::Complete).unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_socket_reply_is_finished_after_a_quiet_second() {
+        let mut progress = Progress::new(MARKER);
+        let frame = |sent: bool, payload: &str| RecorderEvent::Frame {
+            id: "ws".into(),
+            frame: Frame {
+                sent,
+                at_ms: 0.0,
+                payload: payload.into(),
+                binary: false,
+            },
+        };
+        progress.on_event(frame(true, &format!(r#"{{"prompt":"{MARKER}"}}"#)));
+        progress.on_event(frame(false, r#"{"t":"Hi"}"#));
+        assert!(progress.socket);
+        let now = Instant::now();
+        progress.rendered(shown("Hi"), now);
+        assert_eq!(progress.finished_at, None);
+        let now = later(SOCKET_QUIET).await;
+        progress.rendered(shown("Hi"), now);
+        assert_eq!(progress.finished_at, Some(now));
+        let now = later(STABLE_FOR).await;
+        progress.rendered(shown("Hi"), now);
+        assert!(progress.is_over(now, Until::Complete).unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_page_load_is_never_the_chat_call() {
+        let mut progress = Progress::new(MARKER);
+        let load = request(
+            "d",
+            &format!("http://site/chat?q={MARKER}"),
+            None,
+            "Document",
+        );
+        assert!(
+            progress.on_event(load),
+            "a navigation, for the send to know"
+        );
+        assert_eq!(progress.chat, None);
+        assert_eq!(progress.stage(), "waiting for the page to send the probe");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reply_the_page_never_renders_ends_the_probe_after_the_render_wait() {
+        let mut progress = answered();
+        let now = later(RENDER_WAIT / 2).await;
+        assert!(!progress.is_over(now, Until::Complete).unwrap());
+        let now = later(RENDER_WAIT).await;
+        progress.rendered(Rendered::default(), now);
+        assert!(progress.is_over(now, Until::Complete).unwrap());
+        assert!(!progress.rendered.found);
+    }
+
+    #[test]
+    fn the_probe_text_always_carries_a_fresh_marker() {
+        let mut req = ProbeRequest::new("a");
+        let options = ProbeOptions::for_request(&req);
+        assert_eq!(options.probe, default_probe(&options.marker));
+        assert!(options.follow_up.is_none());
+        req.probe_text = Some("Say hi ".into());
+        req.follow_up = true;
+        let options = ProbeOptions::for_request(&req);
+        assert_eq!(options.probe, format!("Say hi {}", options.marker));
+        let (follow_up, marker) = options.follow_up.unwrap();
+        assert_ne!(marker, options.marker);
+        assert!(follow_up.contains(&marker));
+        let marker = new_marker();
+        assert!(marker.starts_with("ct") && marker.len() == 12, "{marker}");
+    }
 }

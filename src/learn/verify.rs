@@ -249,3 +249,165 @@ pub fn apply(
         "later turns: left to the site's own page (the flow runs in the browser tiers)".to_owned()
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::demo::{self, DemoConfig, Shape};
+    use crate::replay::Timeouts;
+    use crate::session::Cookie;
+
+    const PASSWORD: &str = "demo-password";
+
+    /// The demo site serving `shape`, in process on a free port.
+    async fn site(shape: Shape) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = DemoConfig {
+            shape,
+            ..DemoConfig::default()
+        };
+        tokio::spawn(demo::serve(listener, config));
+        format!("http://{addr}/")
+    }
+
+    /// The session a login on the site leaves: its cookies and the token it stores.
+    async fn session(site: &str) -> SessionData {
+        let login = demo::json_login(site, "verify@example.com", PASSWORD)
+            .await
+            .unwrap();
+        let host = Url::parse(site).unwrap().host_str().unwrap().to_owned();
+        SessionData {
+            cookies: login
+                .cookies
+                .into_iter()
+                .map(|(name, value)| Cookie {
+                    name,
+                    value,
+                    domain: host.clone(),
+                    path: "/".into(),
+                    expires: None,
+                    secure: false,
+                    http_only: true,
+                    host_only: true,
+                })
+                .collect(),
+            local_storage: login.local_storage.into_iter().collect(),
+            ..SessionData::default()
+        }
+    }
+
+    fn replayer() -> Replayer {
+        crate::install_tls_provider();
+        Replayer::new(Timeouts {
+            connect: Duration::from_secs(5),
+            first_byte: Duration::from_secs(30),
+            idle: Duration::from_secs(30),
+        })
+    }
+
+    async fn conversation_turns(site: &str) -> Vec<u64> {
+        let conversations: serde_json::Value = reqwest::get(format!("{site}__demo/conversations"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        conversations
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["turns"].as_u64().unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_flow_that_replays_directly_is_verified_by_a_first_and_a_second_turn() {
+        let site = site(Shape::Openai).await;
+        let mut flow: Flow = serde_json::from_str(Shape::Openai.flow_file()).unwrap();
+        let base = Url::parse(&site).unwrap();
+        let session = session(&site).await;
+        let verification = verify(&replayer(), &flow, &base, &session, None).await;
+        assert!(verification.ok, "{:?}", verification.failure);
+        // The replay stops at the first piece of the answer (text or reasoning).
+        assert!(!format!("{}{}", verification.text, verification.reasoning).is_empty());
+        assert!(
+            matches!(verification.follow_up, Some(Ok(_))),
+            "{:?}",
+            verification.follow_up
+        );
+        // What the site saw: one conversation, continued by the second turn.
+        assert_eq!(conversation_turns(&site).await, [2]);
+        let note = apply(&mut flow, &verification, &[]).unwrap();
+        assert!(note.contains("direct second turn"), "{note}");
+        assert!(flow.stats.tested && !flow.replay.needs_browser);
+        assert!(flow.follow_up.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_flow_the_site_refuses_directly_is_kept_for_the_browser_tiers() {
+        // The signed shape's page signs every chat call: a replayed signature is refused.
+        let site = site(Shape::Signed).await;
+        let mut flow: Flow = serde_json::from_str(Shape::Signed.flow_file()).unwrap();
+        let base = Url::parse(&site).unwrap();
+        let session = session(&site).await;
+        let verification = verify(&replayer(), &flow, &base, &session, None).await;
+        assert!(!verification.ok);
+        assert!(verification.failure.is_some() && verification.failure_kind.is_some());
+        assert_eq!(verification.follow_up, None);
+        let suspicious = ["`/sig` looks computed in the page".to_owned()];
+        apply(&mut flow, &verification, &suspicious);
+        assert!(flow.replay.needs_browser);
+        assert_eq!(flow.replay.min_tier, Some(3));
+        assert!(flow.follow_up.is_none());
+        let reason = flow.replay.reason.unwrap();
+        assert!(reason.contains("computed in the page"), "{reason}");
+    }
+
+    #[test]
+    fn apply_records_what_the_verification_found() {
+        let flow: Flow = serde_json::from_str(Shape::Openai.flow_file()).unwrap();
+        let verified = |ok: bool, follow_up: Option<Result<u64, String>>| Verification {
+            ok,
+            latency_ms: 120,
+            first_token_ms: Some(80),
+            text: "hi".into(),
+            reasoning: String::new(),
+            failure: (!ok).then(|| "HTTP 403".to_owned()),
+            failure_kind: (!ok).then_some(FailureKind::Auth),
+            follow_up,
+        };
+        // (verification, suspicious values) → needs browser, min tier, keeps follow-up
+        let table = [
+            (verified(true, None), false, false, None, true),
+            (verified(true, Some(Ok(90))), false, false, None, true),
+            (
+                verified(true, Some(Err("400".into()))),
+                false,
+                false,
+                None,
+                false,
+            ),
+            (verified(false, None), false, true, Some(2), false),
+            (verified(false, None), true, true, Some(3), false),
+        ];
+        for (verification, suspicious, browser, min_tier, follow_up) in table {
+            let mut flow = flow.clone();
+            let suspicious = if suspicious {
+                vec!["a signature".to_owned()]
+            } else {
+                Vec::new()
+            };
+            apply(&mut flow, &verification, &suspicious);
+            let case = format!("{verification:?} {suspicious:?}");
+            assert!(flow.stats.tested, "{case}");
+            assert_eq!(flow.replay.needs_browser, browser, "{case}");
+            assert_eq!(flow.replay.min_tier, min_tier, "{case}");
+            assert_eq!(flow.follow_up.is_some(), follow_up, "{case}");
+            let p50 = verification.ok.then_some(120);
+            assert_eq!(flow.stats.p50_ms, p50, "{case}");
+        }
+    }
+}
