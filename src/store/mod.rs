@@ -701,8 +701,11 @@ mod tests {
         let other = db.open(1).await.unwrap();
         other
             .execute_raw(
+                // This test's database only: the cluster is shared with the tests running
+                // beside it, whose connections must live.
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                 WHERE application_name = 'computetower' AND pid <> pg_backend_pid()",
+                 WHERE application_name = 'computetower' AND pid <> pg_backend_pid()
+                   AND datname = current_database()",
             )
             .await;
         for _ in 0..3 {
