@@ -43,6 +43,7 @@ fn flow_rendering(c: &mut Criterion) {
     let prompt = Prompt {
         messages: vec![(Role::User, "Hello there, how are you?".to_owned())],
         model: "demo-patch".to_owned(),
+        attachments: Vec::new(),
     };
     let session = SessionData {
         local_storage: [("demo_token".to_owned(), "dt_token".to_owned())].into(),
@@ -67,6 +68,8 @@ fn flow_rendering(c: &mut Criterion) {
                 conversation: &conversation,
                 now_ms: 1_700_000_000_000,
                 pins: &pins,
+                file: None,
+                attached: None,
             };
             render(black_box(&flow.request), &base, &ctx).expect("renders")
         })

@@ -68,13 +68,28 @@ pub struct ServiceSettings {
     pub allowed_origins: Vec<String>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApiSettings {
     /// Origins a browser front end may call the API from (CORS), e.g.
     /// `["http://localhost:3000"]`; `"*"` allows any, and only on a loopback bind.
     #[serde(deserialize_with = "list_or_commas")]
     pub cors_origins: Vec<String>,
+    /// Fetch `http(s)` image and file URLs that clients send (off: only `data:` URLs and
+    /// base64 are taken). The server then makes requests to URLs its clients choose.
+    pub fetch_image_urls: bool,
+    /// Largest image or file taken, in bytes (a site's own limit may be lower).
+    pub max_file_bytes: u64,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        Self {
+            cors_origins: Vec::new(),
+            fetch_image_urls: false,
+            max_file_bytes: 10 * 1024 * 1024,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -68,6 +68,9 @@ pub struct Flow {
     /// How a later turn of the same site conversation is sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub follow_up: Option<FollowUp>,
+    /// How the site takes a file (learned when its chat page has an attach control).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload: Option<Upload>,
     /// Whether direct replay works for this flow.
     #[serde(default, skip_serializing_if = "ReplayPolicy::is_default")]
     pub replay: ReplayPolicy,
@@ -115,6 +118,37 @@ pub enum BodyKind {
     Form,
     /// `body` is a string sent as is.
     Text,
+    /// `multipart/form-data`: `body` is the list of fields in order, each
+    /// `{"name", "value"}` (a templated string) or `{"name", "file": true}` (the file being
+    /// uploaded, with its name and type).
+    Multipart,
+    /// The body is the bytes of the file being uploaded (`body` is unused).
+    File,
+}
+
+/// How a site takes one file, and how the chat call then names it.
+///
+/// `steps` run once per file, after the flow's preflights and before the chat call, in a
+/// context with the `file.*` sources (`file.name`, `file.type`, `file.size`, `file.sha256`,
+/// `file.base64`, `file.data_url`) and every preflight value; their extracts (the file's id)
+/// render `item`, one element per file, which is put at `attach` in the chat call's body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Upload {
+    pub steps: Vec<Step>,
+    /// JSON pointer into the chat call's body: a list, one `item` per file; or, with
+    /// `single`, the value of the only file.
+    pub attach: String,
+    pub item: Value,
+    /// JSON pointer into `item` → source, as `HttpTemplate::slots`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub item_slots: BTreeMap<String, String>,
+    /// The chat call names one file by a plain value, not a list: more files are refused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub single: bool,
+    /// The types the site's file input accepts (its `accept` attribute: `image/*,.txt`);
+    /// empty: any.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub accept: String,
 }
 
 /// A preflight call and what to keep from its response.
@@ -483,30 +517,44 @@ impl Flow {
                 }
             }
         }
+        if let Some(upload) = &self.upload {
+            check_upload(upload)?;
+        }
         if self.replay.min_tier.is_some_and(|t| !(1..=3).contains(&t)) {
             return invalid("`replay.min_tier` must be 1, 2 or 3".into());
         }
         Ok(())
     }
 
-    /// Every call template: the first turn's chat call and preflights, then the follow-up's.
+    /// Every call template: the first turn's chat call and preflights, the follow-up's, then
+    /// the upload's.
     pub fn templates(&self) -> impl Iterator<Item = &HttpTemplate> {
         let follow_up = self
             .follow_up
             .iter()
             .flat_map(|f| std::iter::once(&f.request).chain(f.preflight.iter().map(|s| &s.http)));
+        let upload = self
+            .upload
+            .iter()
+            .flat_map(|u| u.steps.iter().map(|s| &s.http));
         std::iter::once(&self.request)
             .chain(self.preflight.iter().map(|s| &s.http))
             .chain(follow_up)
+            .chain(upload)
     }
 
     pub fn templates_mut(&mut self) -> impl Iterator<Item = &mut HttpTemplate> {
         let follow_up = self.follow_up.iter_mut().flat_map(|f| {
             std::iter::once(&mut f.request).chain(f.preflight.iter_mut().map(|s| &mut s.http))
         });
+        let upload = self
+            .upload
+            .iter_mut()
+            .flat_map(|u| u.steps.iter_mut().map(|s| &mut s.http));
         std::iter::once(&mut self.request)
             .chain(self.preflight.iter_mut().map(|s| &mut s.http))
             .chain(follow_up)
+            .chain(upload)
     }
 
     /// The flow a later turn of a site conversation runs: the follow-up's calls, read with
@@ -625,6 +673,54 @@ fn check_pointer(field: &str, pointer: &str) -> Result<(), FlowError> {
     check_text(field, pointer, MAX_TEXT)
 }
 
+fn check_upload(upload: &Upload) -> Result<(), FlowError> {
+    let invalid = |message: String| Err(FlowError::Invalid(message));
+    if upload.steps.is_empty() || upload.steps.len() > MAX_STEPS {
+        return invalid(format!(
+            "`upload.steps` has {} steps; 1 to {MAX_STEPS} are allowed",
+            upload.steps.len()
+        ));
+    }
+    let mut sends_file = false;
+    for (i, step) in upload.steps.iter().enumerate() {
+        let field = format!("upload.steps[{i}]");
+        check_template(&field, &step.http)?;
+        sends_file |= match step.http.body_kind {
+            BodyKind::File => true,
+            BodyKind::Multipart => step
+                .http
+                .body
+                .as_ref()
+                .and_then(Value::as_array)
+                .is_some_and(|fields| fields.iter().any(|f| f.get("file").is_some())),
+            _ => serde_json::to_string(&step.http)
+                .is_ok_and(|t| t.contains("file.base64") || t.contains("file.data_url")),
+        };
+        for (name, rule) in &step.extract {
+            if let Extract::Pointer(p) = rule {
+                check_pointer(&format!("{field}.extract.{name}"), p)?;
+            }
+        }
+    }
+    if !sends_file {
+        return invalid("no step of `upload.steps` sends the file's bytes".into());
+    }
+    if !upload.attach.is_empty() {
+        check_pointer("upload.attach", &upload.attach)?;
+    }
+    check_text("upload.accept", &upload.accept, MAX_TEXT)?;
+    for (pointer, source) in &upload.item_slots {
+        check_pointer("upload.item_slots", pointer)?;
+        if !is_known_source(source) {
+            return invalid(format!(
+                "`upload.item_slots.{pointer}` has unknown source `{}`",
+                shorten(source)
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn check_template(field: &str, http: &HttpTemplate) -> Result<(), FlowError> {
     let invalid = |message: String| Err(FlowError::Invalid(message));
     if http.method.len() > 16 || !is_token(&http.method) {
@@ -707,12 +803,23 @@ fn has_literal_secret(value: &str) -> bool {
 }
 
 /// Whether `source` names something the renderer can produce.
+/// The sources of an upload step or item: the file being uploaded.
+pub const FILE_SOURCES: &[&str] = &[
+    "file.name",
+    "file.type",
+    "file.size",
+    "file.sha256",
+    "file.base64",
+    "file.data_url",
+];
+
 pub fn is_known_source(source: &str) -> bool {
     let base = source.split('#').next().unwrap_or(source);
     matches!(
         base,
         "prompt" | "last_user" | "messages" | "model" | "uuid" | "now_ms" | "now_s"
     ) || base == "session.user_agent"
+        || FILE_SOURCES.contains(&base)
         || turn_counter(base).is_some()
         || [
             "preflight.",

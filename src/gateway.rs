@@ -79,6 +79,14 @@ pub enum GatewayError {
         service: String,
         source: ReplayError,
     },
+    /// An image or file the service cannot take (no upload step, a type the site does not
+    /// accept, a file the site refused); `at` names the part.
+    #[error("{message}")]
+    Attachment {
+        at: String,
+        code: &'static str,
+        message: String,
+    },
     #[error("internal error: {0}")]
     Store(#[from] StoreError),
 }
@@ -409,6 +417,7 @@ impl Gateway {
             conversation: known.clone(),
             session_id: Some(session.id.clone()),
             reused: self.replayer.reused(),
+            uploads: Some(self.replayer.uploads()),
             timeout: self.browser_tier_timeout,
         };
         // The account's browser work is one instance's at a time; the lease is held until
@@ -514,9 +523,17 @@ impl Gateway {
             return None;
         }
         let known = self.conversations.find(&key_of(earlier)).await?;
+        let last_index = earlier.len();
         let new_turn = Prompt {
             messages: vec![last.clone()],
             model: prompt.model.clone(),
+            // Files of earlier turns are in the site's conversation already.
+            attachments: prompt
+                .attachments
+                .iter()
+                .filter(|(turn, _)| *turn == last_index)
+                .map(|(_, file)| (0, file.clone()))
+                .collect(),
         };
         Some((known, new_turn))
     }
@@ -616,6 +633,7 @@ impl Gateway {
     ) -> Result<Reply, GatewayError> {
         let started = Instant::now();
         let service = self.resolve(&prompt.model, forced_tier).await?;
+        check_attachments(&service.flow, prompt)?;
         let mut request = self
             .request(prompt, request_id, forced_tier, &service, started)
             .await;
@@ -850,7 +868,11 @@ impl Gateway {
                 session_id: Some(&session.id),
                 pins: &candidate.pins,
             };
-            let replay = self.replayer.start(flow, send, target).await?;
+            let replay = self
+                .replayer
+                .start(flow, send, target)
+                .await
+                .map_err(|e| e.naming_file(&send.attachments))?;
             if replay.jar_changed {
                 self.keep_rotated_cookies(session, replay.jar.cookies());
             }
@@ -865,8 +887,9 @@ impl Gateway {
                 _ => (service.flow.clone(), request.prompt, &no_conversation),
             };
             let tier = attempt.tier;
-            let started =
-                Box::pin(self.browser_tier(tier, candidate, session, flow, send, known)).await?;
+            let started = Box::pin(self.browser_tier(tier, candidate, session, flow, send, known))
+                .await
+                .map_err(|e| e.naming_file(&send.attachments))?;
             (started.deltas, started.extracted)
         };
         let (head, rest) = first_text(deltas).await?;
@@ -897,6 +920,16 @@ impl Gateway {
             request.started,
             attempt.tier,
         );
+        if let ReplayError::FileRefused { at, .. } = &error {
+            return Err(GatewayError::Attachment {
+                at: at.clone(),
+                code: "file_refused",
+                message: format!(
+                    "{error}. The file was not taken; nothing was sent to the chat. Check its \
+                     type and size against what the site accepts."
+                ),
+            });
+        }
         if std::mem::take(&mut attempt.probing) {
             self.floors.probe_failed(&service.flow.id);
         }
@@ -1148,6 +1181,56 @@ impl Gateway {
             action: action.to_owned(),
         });
     }
+}
+
+/// Refuses files the service's flow cannot send: it has no upload step, or the site's attach
+/// control does not take the type, or it names one file and the prompt has more.
+fn check_attachments(flow: &Flow, prompt: &Prompt) -> Result<(), GatewayError> {
+    let Some((_, first)) = prompt.attachments.first() else {
+        return Ok(());
+    };
+    let Some(upload) = &flow.upload else {
+        return Err(GatewayError::Attachment {
+            at: first.at.clone(),
+            code: "no_upload",
+            message: format!(
+                "`{}` cannot take images or files: its flow has no upload step (the site's \
+                 chat page showed no attach control when it was learned). Send text; if the \
+                 site now takes files, re-learn it (`computetower learn ACCOUNT` or Learn on \
+                 /admin).",
+                flow.service
+            ),
+        });
+    };
+    for (_, file) in &prompt.attachments {
+        if !file.accepted_by(&upload.accept) {
+            return Err(GatewayError::Attachment {
+                at: file.at.clone(),
+                code: "unsupported_file_type",
+                message: format!(
+                    "The file at `{}` is `{}`; `{}` takes only {}.",
+                    file.at, file.mime, flow.service, upload.accept
+                ),
+            });
+        }
+    }
+    let distinct: std::collections::BTreeSet<&str> = prompt
+        .attachments
+        .iter()
+        .map(|(_, f)| f.sha256.as_str())
+        .collect();
+    if upload.single && distinct.len() > 1 {
+        return Err(GatewayError::Attachment {
+            at: prompt.attachments[1].1.at.clone(),
+            code: "too_many_files",
+            message: format!(
+                "`{}` takes one file per message; this request has {}.",
+                flow.service,
+                distinct.len()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Whether the flow knows the site's conversations: it creates them in a preflight or the

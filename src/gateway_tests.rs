@@ -156,6 +156,7 @@ fn prompt(text: &str) -> Prompt {
     Prompt {
         messages: vec![(Role::User, text.to_owned())],
         model: SERVICE.into(),
+        attachments: Vec::new(),
     }
 }
 
@@ -461,6 +462,7 @@ async fn a_conversation_continues_when_its_turns_alternate_between_instances() {
         let conversation = Prompt {
             messages: messages.clone(),
             model: SERVICE.into(),
+            attachments: Vec::new(),
         };
         let reply = gateway
             .chat(&conversation, &format!("t{turn}"), Some(1))

@@ -4,6 +4,7 @@
 
 pub mod account_pool;
 pub mod api;
+pub mod attachment;
 pub mod browser;
 pub mod chat;
 pub mod cli;

@@ -43,6 +43,31 @@ pub struct Recording {
     /// the beginning of the reply only (the probe stops once the reply shows).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub follow_up: Option<Box<Recording>>,
+    /// The file the probe attached through the page's file input before typing, when the
+    /// page had one: what an upload carries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attached: Option<AttachedFile>,
+}
+
+/// A file the probe attached, and when.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AttachedFile {
+    /// Unique to the probe (inside `name` and the bytes), and never the probe's marker: a
+    /// call carrying the file does not carry the probe.
+    pub token: String,
+    pub name: String,
+    pub mime: String,
+    pub size: u64,
+    /// Lowercase hex SHA-256 of `bytes`.
+    pub sha256: String,
+    pub bytes: Body,
+    /// The file input's `accept` attribute.
+    #[serde(default)]
+    pub accept: String,
+    /// When the file was chosen and when the probe was typed, in milliseconds since the
+    /// recording started: the calls between them are the upload's.
+    pub chosen_ms: f64,
+    pub typed_ms: f64,
 }
 
 impl Recording {

@@ -281,6 +281,7 @@ fn flow_import_and_rendering_survive_mutated_flow_files() {
     let prompt = Prompt {
         messages: vec![(computetower::role::Role::User, "hi {{uuid}}".to_owned())],
         model: "m".into(),
+        attachments: Vec::new(),
     };
     let preflight = [
         ("csrf".to_owned(), "c".to_owned()),
@@ -311,6 +312,8 @@ fn flow_import_and_rendering_survive_mutated_flow_files() {
             conversation: &conversation,
             now_ms: 1,
             pins: &pins,
+            file: None,
+            attached: None,
         };
         for http in std::iter::once(&flow.request).chain(flow.preflight.iter().map(|s| &s.http)) {
             if let Ok(rendered) = render(http, &base, &ctx) {

@@ -322,8 +322,14 @@ fn user_turn(content: &Value, at: &str, out: &mut Vec<Message>) -> Result<(), Ap
 
 fn relocate(part: Part, place: &str) -> Part {
     match part {
-        Part::Image { .. } => Part::Image { at: place.into() },
-        Part::File { .. } => Part::File { at: place.into() },
+        Part::Image { media, .. } => Part::Image {
+            at: place.into(),
+            media,
+        },
+        Part::File { media, .. } => Part::File {
+            at: place.into(),
+            media,
+        },
         text => text,
     }
 }
@@ -400,8 +406,8 @@ fn block_parts(blocks: &Value, at: &str) -> Result<Vec<Part>, ApiError> {
                 })?;
                 parts.push(Part::text(text));
             }
-            Some("image") => parts.push(Part::Image { at: place }),
-            Some("document") => parts.push(Part::File { at: place }),
+            Some("image") => parts.push(super::media::anthropic_block(block, &place, true)?),
+            Some("document") => parts.push(super::media::anthropic_block(block, &place, false)?),
             other => {
                 return Err(ApiError::bad_request(format!(
                     "{place}.type: content blocks of type '{}' are not supported here",

@@ -216,6 +216,9 @@ impl From<GatewayError> for ApiError {
                 };
                 Self::new(StatusCode::BAD_GATEWAY, "upstream_error", message).code(code)
             }
+            GatewayError::Attachment { at, code, .. } => {
+                ApiError::bad_request(message).param(at).code(code)
+            }
             GatewayError::Store(e) => e.into(),
         }
     }

@@ -39,7 +39,8 @@ pub async fn admit(state: &AppState, request: &mut chat::Request) -> Result<(), 
     }
     request
         .check()
-        .map_err(|(param, message)| ApiError::bad_request(message).param(param))
+        .map_err(|(param, message)| ApiError::bad_request(message).param(param))?;
+    super::media::resolve(request, &state.config.api).await
 }
 
 /// A number OpenAI bounds: the same 400 it gives outside `min..=max`.

@@ -18,6 +18,7 @@ pub mod error;
 pub mod extract;
 pub mod front;
 pub mod jobs;
+pub mod media;
 pub mod openai;
 pub mod responses;
 pub mod sessions;

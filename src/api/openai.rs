@@ -469,8 +469,14 @@ fn parts_from(content: &Value, at: &str) -> Result<Vec<Part>, ApiError> {
                         let text = item.get("refusal").and_then(Value::as_str).unwrap_or("");
                         parts.push(Part::text(text));
                     }
-                    Some("image_url") | Some("image") => parts.push(Part::Image { at: place }),
-                    Some("input_audio") | Some("file") => parts.push(Part::File { at: place }),
+                    Some("image_url") | Some("image") => {
+                        parts.push(super::media::openai_image(item, &place)?)
+                    }
+                    Some("file") => parts.push(super::media::openai_file(
+                        item.get("file").unwrap_or(&Value::Null),
+                        &place,
+                    )?),
+                    Some("input_audio") => parts.push(super::media::openai_audio(item, &place)?),
                     Some(other) => {
                         return Err(ApiError::bad_request(format!(
                             "Content parts of type `{other}` are not supported."

@@ -404,8 +404,8 @@ fn content_parts(parts: &Value, at: &str) -> Result<Vec<Part>, ApiError> {
             Some("refusal") => out.push(Part::text(
                 part.get("refusal").and_then(Value::as_str).unwrap_or(""),
             )),
-            Some("input_image") => out.push(Part::Image { at: place }),
-            Some("input_file") => out.push(Part::File { at: place }),
+            Some("input_image") => out.push(super::media::responses_image(part, &place)?),
+            Some("input_file") => out.push(super::media::openai_file(part, &place)?),
             other => {
                 return Err(ApiError::bad_request(format!(
                     "Content parts of type `{}` are not supported.",

@@ -114,6 +114,7 @@ async fn run(pool: &BrowserPool, req: TierRequest) -> Result<Started, ReplayErro
         conversation: &req.conversation,
         pins: &req.pins,
         reuse: req.reused.as_deref().zip(req.session_id.as_deref()),
+        uploads: req.uploads.as_deref().zip(req.session_id.as_deref()),
     };
     plan::run(&mut calls, plan).await
 }
@@ -284,8 +285,8 @@ async fn start_fetch(
         .filter(|(name, _)| !forbidden(name))
         .cloned()
         .collect();
-    if let Some(content_type) = rendered.content_type {
-        headers.push(("content-type".to_owned(), content_type.to_owned()));
+    if let Some(content_type) = &rendered.content_type {
+        headers.push(("content-type".to_owned(), content_type.to_string()));
     }
     let (text, binary) = match rendered.body.as_deref() {
         None => (None, None),

@@ -32,6 +32,7 @@
 //!
 //! [`SessionData`]: crate::session::SessionData
 
+pub mod attach;
 pub(crate) mod chatbox;
 pub mod guard;
 mod harvest;
@@ -95,6 +96,8 @@ pub struct TierRequest {
     /// (shared with tier 1, see `replay::reuse`).
     pub session_id: Option<String>,
     pub reused: Option<Arc<crate::replay::reuse::Reused>>,
+    /// Tier 2: the files sessions uploaded (shared with tier 1, see `replay::uploads`).
+    pub uploads: Option<Arc<crate::replay::uploads::Uploaded>>,
     /// Until the chat call's response starts; also the longest silence within the reply.
     pub timeout: Duration,
 }

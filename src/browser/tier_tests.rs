@@ -27,10 +27,12 @@ fn tier_request(account: &str, site: &Site, shape: Shape, text: &str) -> TierReq
         prompt: Prompt {
             messages: vec![(Role::User, text.to_owned())],
             model: "demo".into(),
+            attachments: Vec::new(),
         },
         conversation: Default::default(),
         session_id: None,
         reused: None,
+        uploads: None,
         timeout: Duration::from_secs(20),
     }
 }

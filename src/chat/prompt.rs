@@ -8,10 +8,13 @@
 //! conversation: whatever part of a request a site's flow sends (only the last user message,
 //! say), the instructions and every tool result reach the model.
 
+use std::sync::Arc;
+
 use serde_json::Value;
 
 use super::calls::{CLOSE, OPEN};
-use super::request::{Message, OutputFormat, Part, Request, ToolCall, ToolChoice};
+use super::request::{Media, Message, OutputFormat, Part, Request, ToolCall, ToolChoice};
+use crate::attachment::Attachment;
 use crate::replay::render::Prompt;
 use crate::role::Role;
 
@@ -28,9 +31,42 @@ pub fn prompt_of(request: &Request) -> Prompt {
         return Prompt {
             messages: turns(&request.messages),
             model: request.model.clone(),
+            attachments: attachments(&request.messages, false),
         };
     }
-    folded(request, &turns(&request.messages))
+    let mut prompt = folded(request, &turns(&request.messages));
+    prompt.attachments = attachments(&request.messages, true);
+    prompt
+}
+
+/// The user turns' files, each with the index of its turn among the prompt's messages (0 for
+/// all of them when the conversation is `folded` into one turn). A URL not fetched is not a
+/// file yet: `api::front` fetches or refuses those before a prompt is made.
+fn attachments(messages: &[Message], folded: bool) -> Vec<(usize, Arc<Attachment>)> {
+    let mut out = Vec::new();
+    let mut index = 0;
+    for message in messages {
+        if matches!(message, Message::System { text } if text.trim().is_empty()) {
+            continue;
+        }
+        if let Message::User { parts } = message {
+            for part in parts {
+                if let Part::Image {
+                    media: Media::Inline { file },
+                    ..
+                }
+                | Part::File {
+                    media: Media::Inline { file },
+                    ..
+                } = part
+                {
+                    out.push((if folded { 0 } else { index }, Arc::new(file.clone())));
+                }
+            }
+        }
+        index += 1;
+    }
+    out
 }
 
 /// The prompt of a repair turn: the conversation, the reply that could not be used, what was
@@ -67,6 +103,7 @@ fn folded(request: &Request, messages: &[(Role, String)]) -> Prompt {
     Prompt {
         messages: vec![(Role::User, text)],
         model: request.model.clone(),
+        attachments: Vec::new(),
     }
 }
 
@@ -249,7 +286,16 @@ mod tests {
             Message::Tool {
                 call_id: "call_1".into(),
                 name: None,
-                parts: vec![Part::text("sunny"), Part::Image { at: "x".into() }],
+                parts: vec![
+                    Part::text("sunny"),
+                    Part::Image {
+                        at: "x".into(),
+                        media: Media::Url {
+                            url: "https://x/y.png".into(),
+                            name: None,
+                        },
+                    },
+                ],
             },
         ]
     }

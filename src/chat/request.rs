@@ -4,6 +4,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::attachment::Attachment;
+
 /// One turn of the conversation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "role", rename_all = "snake_case")]
@@ -37,13 +39,29 @@ pub enum Part {
     Text {
         text: String,
     },
-    /// An image; `at` names where it was in the client's request (for the error).
+    /// An image; `at` names where it was in the client's request (for errors).
     Image {
         at: String,
+        media: Media,
     },
     /// A file or document attachment.
     File {
         at: String,
+        media: Media,
+    },
+}
+
+/// What an image or file part holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Media {
+    /// The bytes came with the request (a `data:` URL, base64).
+    Inline { file: Attachment },
+    /// An `http(s)` URL, fetched by the server only when `[api] fetch_image_urls` is on.
+    Url {
+        url: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
     },
 }
 
@@ -251,33 +269,23 @@ impl Request {
                 "The JSON schema must be an object.".into(),
             ));
         }
-        if let Some(at) = self.new_turn_attachment() {
-            return Err((
-                at,
-                "This service cannot take images or files: its flow has no upload step. Send \
-                 text (images in earlier turns are fine: they are shown as [image])."
-                    .into(),
-            ));
-        }
         Ok(())
     }
 
-    /// Where an image or file sits in the new user turn (the user messages after the last
-    /// assistant turn), if any. Tool results are not part of it: their images become
-    /// `[image]`, so an agent's screenshot tool does not break the session.
-    fn new_turn_attachment(&self) -> Option<String> {
-        let start = self
-            .messages
-            .iter()
-            .rposition(|m| matches!(m, Message::Assistant { .. }))
-            .map_or(0, |i| i + 1);
-        self.messages[start..].iter().find_map(|m| match m {
-            Message::User { parts } => parts.iter().find_map(|p| match p {
-                Part::Image { at } | Part::File { at } => Some(at.clone()),
+    /// Every image and file of the user turns (tool results' images stay `[image]` text, so
+    /// an agent's screenshot tool does not need an upload), in order.
+    pub fn media_mut(&mut self) -> impl Iterator<Item = (&str, &mut Media)> {
+        self.messages
+            .iter_mut()
+            .filter_map(|m| match m {
+                Message::User { parts } => Some(parts),
+                _ => None,
+            })
+            .flatten()
+            .filter_map(|p| match p {
+                Part::Image { at, media } | Part::File { at, media } => Some((at.as_str(), media)),
                 Part::Text { .. } => None,
-            }),
-            _ => None,
-        })
+            })
     }
 }
 
@@ -337,43 +345,6 @@ mod tests {
         assert_eq!(request.check().unwrap_err().0, "tools[0].name");
         request.tools = vec![tool("a"), tool("a")];
         assert_eq!(request.check().unwrap_err().0, "tools[1].name");
-    }
-
-    #[test]
-    fn only_an_image_in_the_new_turn_is_refused() {
-        let image = |at: &str| Message::User {
-            parts: vec![Part::text("look"), Part::Image { at: at.into() }],
-        };
-        let earlier = Request::new(
-            "m",
-            vec![
-                image("messages[0].content[1]"),
-                Message::Assistant {
-                    text: "a cat".into(),
-                    calls: vec![],
-                },
-                user("and now?"),
-            ],
-        );
-        assert!(earlier.check().is_ok());
-        let now = Request::new("m", vec![user("hi"), image("messages[1].content[1]")]);
-        assert_eq!(now.check().unwrap_err().0, "messages[1].content[1]");
-        let from_a_tool = Request::new(
-            "m",
-            vec![
-                user("shoot"),
-                Message::Assistant {
-                    text: String::new(),
-                    calls: vec![],
-                },
-                Message::Tool {
-                    call_id: "c".into(),
-                    name: None,
-                    parts: vec![Part::Image { at: "x".into() }],
-                },
-            ],
-        );
-        assert!(from_a_tool.check().is_ok());
     }
 
     #[test]

@@ -1407,6 +1407,7 @@ async fn send(rendered: Rendered, cookie: &str) -> reqwest::Response {
             request.body(form.finish())
         }
         Some((BodyKind::Text, body)) => request.body(body.as_str().unwrap().to_owned()),
+        Some((BodyKind::Multipart | BodyKind::File, _)) => panic!("no chat call uploads"),
         None => request,
     };
     request.send().await.unwrap()

@@ -402,6 +402,7 @@ impl<'r> Learner<'r> {
                 ..UiHints::default()
             }),
             follow_up: None,
+            upload: None,
             replay: ReplayPolicy::default(),
             stats: FlowStats::default(),
         };

@@ -7,6 +7,7 @@
 //! the marker is, which values came from where, which reading of the bytes yields the text
 //! the page rendered.
 
+pub mod attach;
 pub mod decoder;
 pub mod infer;
 pub mod probe;
@@ -182,8 +183,21 @@ impl Learner {
             probe_text: None,
             timeout: PROBE_TIMEOUT,
             follow_up: true,
+            attach_dir: Some(self.renewer.pool().data_dir().join("probe-files")),
         };
-        let recording = probe::probe(self.renewer.pool(), &request).await?;
+        // A probe with a file attached that fails is run again without one: a site whose
+        // upload the probe trips over still has a chat flow to learn.
+        let recording = match probe::probe(self.renewer.pool(), &request).await {
+            Ok(recording) => recording,
+            Err(e) => {
+                tracing::info!(error = %e, "the probe failed; probing again without a file");
+                let plain = ProbeRequest {
+                    attach_dir: None,
+                    ..request
+                };
+                probe::probe(self.renewer.pool(), &plain).await?
+            }
+        };
         timings.probe_ms = probe_started.elapsed().as_millis() as u64;
 
         progress(Stage::Inferring);

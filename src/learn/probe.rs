@@ -33,11 +33,13 @@ use chromiumoxide::error::CdpError;
 use rand::Rng;
 use tokio::time::Instant;
 
+use crate::browser::attach;
 use crate::browser::chatbox::{
     self, CLEANUP, FIND_COMPOSER, Found, READ_REPLY, Rendered, Sending, script,
 };
 use crate::browser::recorder::RecorderEvent;
 use crate::browser::{BrowserPool, ChatPage, LoginRequest, PageError, PageRequest, redact_url};
+use crate::learn::attach::ProbeFile;
 use crate::recording::{Recording, StorageSnapshot};
 use crate::session::SessionData;
 
@@ -73,6 +75,9 @@ pub struct ProbeRequest {
     /// Send a second probe in the same conversation once the reply is complete, recorded as
     /// [`Recording::follow_up`] (it shows what a later turn carries).
     pub follow_up: bool,
+    /// When the page has a file input, choose a generated file in it (written under this
+    /// directory) before typing the probe, recorded as [`Recording::attached`].
+    pub attach_dir: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for ProbeRequest {
@@ -85,6 +90,7 @@ impl std::fmt::Debug for ProbeRequest {
             .field("has_probe_text", &self.probe_text.is_some())
             .field("timeout", &self.timeout)
             .field("follow_up", &self.follow_up)
+            .field("attach", &self.attach_dir.is_some())
             .finish()
     }
 }
@@ -109,6 +115,7 @@ impl ProbeRequest {
             probe_text: None,
             timeout: Duration::from_secs(60),
             follow_up: false,
+            attach_dir: None,
         }
     }
 }
@@ -143,6 +150,7 @@ struct ProbeOptions {
     /// A second message (and its marker) to send in the same conversation once the reply is
     /// complete.
     pub follow_up: Option<(String, String)>,
+    pub attach_dir: Option<std::path::PathBuf>,
 }
 
 impl ProbeOptions {
@@ -163,6 +171,7 @@ impl ProbeOptions {
             marker,
             timeout: req.timeout,
             follow_up,
+            attach_dir: req.attach_dir.clone(),
         }
     }
 }
@@ -243,6 +252,11 @@ async fn probe_page(
     // send has a recording time after it.
     let origin = Instant::now();
     let mut feed = recorder.subscribe();
+    let chosen = match &options.attach_dir {
+        Some(dir) => attach_probe_file(page, &mut feed, dir, origin).await?,
+        None => None,
+    };
+    let typed_ms = origin.elapsed().as_secs_f64() * 1000.0;
     let started = Instant::now();
     let first = converse(
         page,
@@ -308,6 +322,7 @@ async fn probe_page(
                 exchanges: second_half,
                 sent_ms: Some(sent_ms),
                 follow_up: None,
+                attached: None,
             };
             (first_half, Some(Box::new(follow_up)))
         }
@@ -323,7 +338,41 @@ async fn probe_page(
         exchanges,
         sent_ms: None,
         follow_up,
+        attached: chosen.map(|(file, accept, chosen_ms)| {
+            let _ = std::fs::remove_file(&file.path);
+            file.recorded(&accept, chosen_ms, typed_ms)
+        }),
     })
+}
+
+/// Chooses a generated file in the page's file input, when it has one it takes, and waits
+/// for the uploads it starts. The file, the input's `accept` and when it was chosen.
+async fn attach_probe_file(
+    page: &Page,
+    feed: &mut tokio::sync::mpsc::Receiver<RecorderEvent>,
+    dir: &std::path::Path,
+    origin: Instant,
+) -> Result<Option<(ProbeFile, String, f64)>, PageError> {
+    let input = attach::find_file_input(page).await?;
+    if !input.found {
+        return Ok(None);
+    }
+    let file = match ProbeFile::create(&input.accept, dir).await {
+        Ok(Some(file)) => file,
+        Ok(None) => {
+            tracing::info!(accept = %input.accept, "probe: the file input takes neither images nor text");
+            return Ok(None);
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "probe: cannot write the probe file");
+            return Ok(None);
+        }
+    };
+    let chosen_ms = origin.elapsed().as_secs_f64() * 1000.0;
+    attach::choose_files(page, &[file.path.as_path()]).await?;
+    let calls = crate::learn::attach::await_uploads(feed).await;
+    tracing::debug!(calls, "probe: a file was chosen in the page's file input");
+    Ok(Some((file, input.accept, chosen_ms)))
 }
 
 /// How long the second probe may take to show the start of its reply.

@@ -129,6 +129,7 @@ pub async fn verify(
     let prompt = Prompt {
         messages: vec![(Role::User, second_probe())],
         model: flow.service.clone(),
+        attachments: Vec::new(),
     };
     let none = BTreeMap::new();
     // The flow was just learned from the site's own page: the origins it calls are the page's.
@@ -185,6 +186,7 @@ pub async fn verify(
             vec![(Role::User, second_probe())]
         },
         model: flow.service.clone(),
+        attachments: Vec::new(),
     };
     let target = Target {
         conversation: &values,

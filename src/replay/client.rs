@@ -23,6 +23,7 @@ use super::failure::{self, Call, ERROR_EXCERPT, FailureKind, ReplayError};
 use super::plan::{self, Answer, Calls, PREFLIGHT_BODY_LIMIT, Plan};
 use super::render::{Prompt, Rendered};
 use super::reuse::Reused;
+use super::uploads::Uploaded;
 use crate::flow::{Flow, ResponseSpec, Transport};
 use crate::session::{CookieJar, SessionData};
 
@@ -66,6 +67,8 @@ pub struct Replayer {
     clients: Mutex<HashMap<String, reqwest::Client>>,
     /// Session-wide preflight values (`None`: every preflight runs on every request).
     reused: Option<Arc<Reused>>,
+    /// Files sessions uploaded, shared with tier 2.
+    uploads: Arc<Uploaded>,
 }
 
 impl Replayer {
@@ -74,6 +77,7 @@ impl Replayer {
             timeouts,
             clients: Mutex::new(HashMap::new()),
             reused: None,
+            uploads: Arc::new(Uploaded::default()),
         }
     }
 
@@ -111,6 +115,11 @@ impl Replayer {
         Ok(client)
     }
 
+    /// The files sessions uploaded, shared with tier 2.
+    pub fn uploads(&self) -> Arc<Uploaded> {
+        self.uploads.clone()
+    }
+
     /// The session-wide preflight values, shared with tier 2 (`None` when reuse is off).
     pub fn reused(&self) -> Option<Arc<Reused>> {
         self.reused.clone()
@@ -140,6 +149,7 @@ impl Replayer {
             conversation: target.conversation,
             pins: target.pins,
             reuse: self.reused.as_deref().zip(target.session_id),
+            uploads: target.session_id.map(|id| (&*self.uploads, id)),
         };
         let started = plan::run(&mut calls, plan).await?;
         Ok(Replay {
@@ -181,10 +191,13 @@ impl Replayer {
             }
         }
         if let Some(content_type) = rendered.content_type {
-            headers.insert(
-                reqwest::header::CONTENT_TYPE,
-                HeaderValue::from_static(content_type),
-            );
+            let value = match content_type {
+                std::borrow::Cow::Borrowed(fixed) => Ok(HeaderValue::from_static(fixed)),
+                std::borrow::Cow::Owned(built) => HeaderValue::from_str(&built),
+            };
+            if let Ok(value) = value {
+                headers.insert(reqwest::header::CONTENT_TYPE, value);
+            }
         }
         if !headers.contains_key(reqwest::header::USER_AGENT)
             && let Some(ua) = session

@@ -28,6 +28,11 @@ pub const MAX_RETRY_AFTER_SECS: u64 = 24 * 3600;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Call {
     Preflight(usize),
+    /// An upload step (`flow.upload.steps[step]`) sending the prompt's attachment `file`.
+    Upload {
+        step: usize,
+        file: usize,
+    },
     Chat,
 }
 
@@ -35,6 +40,9 @@ impl std::fmt::Display for Call {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Call::Preflight(i) => write!(f, "preflight step {}", i + 1),
+            Call::Upload { step, file } => {
+                write!(f, "upload step {} of file {}", step + 1, file + 1)
+            }
             Call::Chat => f.write_str("chat call"),
         }
     }
@@ -120,6 +128,13 @@ pub enum ReplayError {
     },
     #[error("the site reported an error: {0}")]
     InBand(String),
+    /// The site refused a file the client sent (`at` names the part).
+    #[error("the site refused the file at `{at}` (HTTP {status}{})", detail.as_deref().map(|d| format!(": {d}")).unwrap_or_default())]
+    FileRefused {
+        at: String,
+        status: u16,
+        detail: Option<String>,
+    },
     #[error("the reply does not fit the flow: {0}")]
     Decode(String),
     #[error("reading the reply failed: {0}")]
@@ -138,7 +153,7 @@ impl ReplayError {
                 FailureKind::Network
             }
             ReplayError::Status { kind, .. } | ReplayError::Unexpected { kind, .. } => *kind,
-            ReplayError::InBand(_) => FailureKind::Upstream,
+            ReplayError::InBand(_) | ReplayError::FileRefused { .. } => FailureKind::Upstream,
             ReplayError::Decode(_) => FailureKind::FormatDrift,
         }
     }
@@ -147,6 +162,7 @@ impl ReplayError {
     /// answer; a session that lacks a value the flow needs is ours.
     pub fn came_from(&self) -> Source {
         match self {
+            ReplayError::FileRefused { .. } => Source::Client,
             ReplayError::Render { .. } | ReplayError::Browser { .. } => Source::Inside,
             ReplayError::Unexpected {
                 kind: FailureKind::Flow,
@@ -154,6 +170,12 @@ impl ReplayError {
             } => Source::Inside,
             ReplayError::Status {
                 status: 413 | 414 | 431,
+                ..
+            } => Source::Client,
+            // The site refused a file the client sent (its type, its size, its content).
+            ReplayError::Status {
+                call: Call::Upload { .. },
+                status: 400 | 404 | 409 | 415 | 422,
                 ..
             } => Source::Client,
             _ => Source::Site,
@@ -173,7 +195,10 @@ impl ReplayError {
                 *kind == FailureKind::Upstream && (500..600).contains(status)
             }
             ReplayError::Unexpected { kind, .. } => *kind == FailureKind::Network,
-            ReplayError::Render { .. } | ReplayError::InBand(_) | ReplayError::Decode(_) => false,
+            ReplayError::Render { .. }
+            | ReplayError::InBand(_)
+            | ReplayError::Decode(_)
+            | ReplayError::FileRefused { .. } => false,
         }
     }
 
@@ -181,6 +206,41 @@ impl ReplayError {
         match self {
             ReplayError::Status { retry_after, .. } => *retry_after,
             _ => None,
+        }
+    }
+}
+
+impl ReplayError {
+    /// An upload step's refusal of a file, as [`ReplayError::FileRefused`] naming the part
+    /// (`files` are the attachments the run sent, in order); any other error as it is.
+    pub fn naming_file(
+        self,
+        files: &[(usize, std::sync::Arc<crate::attachment::Attachment>)],
+    ) -> Self {
+        if self.came_from() != Source::Client {
+            return self;
+        }
+        match self {
+            ReplayError::Status {
+                call: Call::Upload { file, .. },
+                status,
+                detail,
+                ..
+            } => match files.get(file) {
+                Some((_, attachment)) => ReplayError::FileRefused {
+                    at: attachment.at.clone(),
+                    status,
+                    detail,
+                },
+                None => ReplayError::Status {
+                    call: Call::Upload { file, step: 0 },
+                    status,
+                    kind: FailureKind::Upstream,
+                    retry_after: None,
+                    detail,
+                },
+            },
+            other => other,
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod plan;
 pub mod render;
 pub mod reuse;
 pub mod tunnel;
+pub mod uploads;
 pub mod websocket;
 
 use std::pin::Pin;

@@ -23,6 +23,7 @@ use super::DeltaStream;
 use super::failure::{Call, FailureKind, ReplayError};
 use super::render::{self, Context, Prompt, Rendered};
 use super::reuse::Reused;
+use super::uploads::{Uploaded, flow_key};
 use crate::flow::{Extract, Flow, ResponseSpec};
 use crate::pinning::Pins;
 use crate::session::SessionData;
@@ -76,6 +77,8 @@ pub struct Plan<'a> {
     /// Session-wide preflight values, and the stored session's id they are kept under
     /// (`None`: every preflight runs).
     pub reuse: Option<(&'a Reused, &'a str)>,
+    /// Files this session uploaded, and the session's id (`None`: every file is uploaded).
+    pub uploads: Option<(&'a Uploaded, &'a str)>,
 }
 
 /// A started run: the chat call answered and its reply is being decoded.
@@ -167,17 +170,99 @@ async fn run_once<C: Calls>(
         }
         extracted.extend(values);
     }
-    let rendered = render::render(
-        &flow.request,
-        plan.base,
-        &context(&plan, &extracted, now_ms),
-    )
-    .map_err(|source| ReplayError::Render {
-        call: Call::Chat,
-        source,
-    })?;
+    let attached = upload_files(calls, &plan, &extracted, now_ms).await?;
+    let mut ctx = context(&plan, &extracted, now_ms);
+    ctx.attached = attached
+        .as_ref()
+        .zip(flow.upload.as_ref())
+        .map(|(value, upload)| (upload.attach.as_str(), value));
+    let rendered =
+        render::render(&flow.request, plan.base, &ctx).map_err(|source| ReplayError::Render {
+            call: Call::Chat,
+            source,
+        })?;
     let deltas = calls.chat(rendered, &flow.response).await?;
     Ok(Started { deltas, extracted })
+}
+
+/// Sends the prompt's files with the flow's upload steps (a file this session uploaded
+/// before is named again, not sent), and returns what the chat call names them by: the
+/// value for `upload.attach`. `None` when there is nothing to attach.
+async fn upload_files<C: Calls>(
+    calls: &mut C,
+    plan: &Plan<'_>,
+    extracted: &BTreeMap<String, String>,
+    now_ms: i64,
+) -> Result<Option<Value>, ReplayError> {
+    let files = &plan.prompt.attachments;
+    let Some(upload) = plan.flow.upload.as_ref().filter(|_| !files.is_empty()) else {
+        return Ok(None);
+    };
+    let flow_id = flow_key(&plan.flow.id);
+    let mut items = Vec::new();
+    let mut seen: Vec<&str> = Vec::new();
+    for (n, (_, file)) in files.iter().enumerate() {
+        // The same bytes twice in one conversation are one file on the site.
+        if seen.contains(&file.sha256.as_str()) {
+            continue;
+        }
+        seen.push(&file.sha256);
+        let cached = plan
+            .uploads
+            .and_then(|(uploaded, session)| uploaded.get(session, flow_id, &file.sha256));
+        let own = match cached {
+            Some(values) => values,
+            None => {
+                let mut visible = extracted.clone();
+                let mut own = BTreeMap::new();
+                for (index, step) in upload.steps.iter().enumerate() {
+                    let call = Call::Upload {
+                        step: index,
+                        file: n,
+                    };
+                    let mut ctx = context(plan, &visible, now_ms);
+                    ctx.file = Some(file.as_ref());
+                    let rendered = render::render(&step.http, plan.base, &ctx)
+                        .map_err(|source| ReplayError::Render { call, source })?;
+                    let answer = calls.preflight(call, rendered).await?;
+                    for (name, rule) in &step.extract {
+                        let value =
+                            extract(rule, &answer.headers, &answer.body).ok_or_else(|| {
+                                ReplayError::Unexpected {
+                                    call,
+                                    kind: FailureKind::FormatDrift,
+                                    message: format!(
+                                        "its response has no `{name}` where the flow expects it"
+                                    ),
+                                }
+                            })?;
+                        own.insert(name.clone(), value.clone());
+                        visible.insert(name.clone(), value);
+                    }
+                }
+                if let Some((uploaded, session)) = plan.uploads {
+                    uploaded.put(session, flow_id, &file.sha256, own.clone());
+                }
+                own
+            }
+        };
+        let mut visible = extracted.clone();
+        visible.extend(own);
+        let mut ctx = context(plan, &visible, now_ms);
+        ctx.file = Some(file.as_ref());
+        let item =
+            render::render_value(&upload.item, &upload.item_slots, &ctx).map_err(|source| {
+                ReplayError::Render {
+                    call: Call::Chat,
+                    source,
+                }
+            })?;
+        items.push(item);
+    }
+    Ok(Some(match upload.single {
+        true => items.into_iter().next().unwrap_or(Value::Null),
+        false => Value::Array(items),
+    }))
 }
 
 fn context<'a>(
@@ -192,6 +277,8 @@ fn context<'a>(
         conversation: plan.conversation,
         now_ms,
         pins: plan.pins,
+        file: None,
+        attached: None,
     }
 }
 

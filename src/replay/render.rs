@@ -4,21 +4,27 @@
 //! leaves of the body first; then `slots` put typed values at their JSON pointers. That order
 //! keeps a prompt that happens to contain `{{…}}` from being expanded.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde_json::Value;
 use url::Url;
 
+use crate::attachment::Attachment;
 use crate::flow::{BodyKind, HttpTemplate};
 use crate::pinning::{PinError, Pins};
 use crate::role::Role;
 use crate::session::SessionData;
 
-/// The conversation to send, already reduced to text.
-#[derive(Debug, Clone)]
+/// The conversation to send, already reduced to text, and the files it carries.
+#[derive(Debug, Clone, Default)]
 pub struct Prompt {
     pub messages: Vec<(Role, String)>,
     pub model: String,
+    /// The files of the user turns, each with the index in `messages` of its turn; a flow's
+    /// upload steps send them before the chat call.
+    pub attachments: Vec<(usize, Arc<Attachment>)>,
 }
 
 impl Prompt {
@@ -79,6 +85,10 @@ pub struct Context<'a> {
     pub now_ms: i64,
     /// The origins this account's calls may reach (see `replay::pin`).
     pub pins: &'a Pins,
+    /// The file an upload step sends (the `file.*` sources, `{{file}}` bodies).
+    pub file: Option<&'a Attachment>,
+    /// The uploaded files, as the chat call names them: put at this pointer of its body.
+    pub attached: Option<(&'a str, &'a Value)>,
 }
 
 /// A request ready to send.
@@ -89,7 +99,7 @@ pub struct Rendered {
     pub headers: Vec<(String, String)>,
     pub body: Option<Vec<u8>>,
     /// Set when the template gives no `content-type` header.
-    pub content_type: Option<&'static str>,
+    pub content_type: Option<Cow<'static, str>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,27 +137,35 @@ pub fn render(
         .headers
         .keys()
         .any(|k| k.eq_ignore_ascii_case("content-type"));
-    let (body, content_type) = match &template.body {
+    let (body, content_type): (_, Option<Cow<'static, str>>) = match &template.body {
+        _ if template.body_kind == BodyKind::File => {
+            let file = ctx.file.ok_or_else(no_file)?;
+            (Some(file.bytes.to_vec()), Some(file.mime.clone().into()))
+        }
         None => (None, None),
         Some(body) => {
-            let mut body = expand_value(body, ctx)?;
-            for (pointer, source) in &template.slots {
-                let value = resolve(source, ctx)?;
-                set_pointer(&mut body, pointer, value)?;
+            let mut body = render_value(body, &template.slots, ctx)?;
+            if let Some((pointer, value)) = ctx.attached {
+                set_pointer(&mut body, pointer, value.clone())?;
             }
             match template.body_kind {
                 BodyKind::Json => (
                     Some(serde_json::to_vec(&body).unwrap_or_default()),
-                    Some("application/json"),
+                    Some("application/json".into()),
                 ),
                 BodyKind::Form => (
                     Some(form_encode(&body).into_bytes()),
-                    Some("application/x-www-form-urlencoded"),
+                    Some("application/x-www-form-urlencoded".into()),
                 ),
                 BodyKind::Text => (
                     Some(value_text(&body).into_bytes()),
-                    Some("text/plain;charset=UTF-8"),
+                    Some("text/plain;charset=UTF-8".into()),
                 ),
+                BodyKind::Multipart => {
+                    let (bytes, content_type) = multipart(&body, ctx.file)?;
+                    (Some(bytes), Some(content_type.into()))
+                }
+                BodyKind::File => (None, None),
             }
         }
     };
@@ -158,6 +176,62 @@ pub fn render(
         body,
         content_type: content_type.filter(|_| !has_content_type),
     })
+}
+
+/// A JSON template with its placeholders expanded and its slots filled.
+pub fn render_value(
+    template: &Value,
+    slots: &BTreeMap<String, String>,
+    ctx: &Context<'_>,
+) -> Result<Value, RenderError> {
+    let mut value = expand_value(template, ctx)?;
+    for (pointer, source) in slots {
+        let found = resolve(source, ctx)?;
+        set_pointer(&mut value, pointer, found)?;
+    }
+    Ok(value)
+}
+
+fn no_file() -> RenderError {
+    RenderError::MissingPreflight("file (only an upload step sends one)".into())
+}
+
+/// A `multipart/form-data` body from `fields` (see `BodyKind::Multipart`), and its content
+/// type with the boundary.
+fn multipart(fields: &Value, file: Option<&Attachment>) -> Result<(Vec<u8>, String), RenderError> {
+    let boundary = format!("----ComputeTower{}", uuid::Uuid::new_v4().simple());
+    let mut out = Vec::new();
+    let quoted = |text: &str| text.replace(['"', '\r', '\n'], "");
+    for field in fields.as_array().into_iter().flatten() {
+        let name = field.get("name").and_then(Value::as_str).unwrap_or("");
+        out.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
+        if field.get("file").is_some_and(|f| f != &Value::Bool(false)) {
+            let file = file.ok_or_else(no_file)?;
+            out.extend_from_slice(
+                format!(
+                    "Content-Disposition: form-data; name=\"{}\"; filename=\"{}\"\r\n\
+                     Content-Type: {}\r\n\r\n",
+                    quoted(name),
+                    quoted(&file.name),
+                    file.mime
+                )
+                .as_bytes(),
+            );
+            out.extend_from_slice(&file.bytes);
+        } else {
+            let value = field.get("value").map(value_text).unwrap_or_default();
+            out.extend_from_slice(
+                format!(
+                    "Content-Disposition: form-data; name=\"{}\"\r\n\r\n{value}",
+                    quoted(name)
+                )
+                .as_bytes(),
+            );
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    Ok((out, format!("multipart/form-data; boundary={boundary}")))
 }
 
 /// The call's URL, once its origin is known to be pinned. The origin is decided with session
@@ -281,6 +355,18 @@ pub fn resolve(source: &str, ctx: &Context<'_>) -> Result<Value, RenderError> {
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(0);
             Value::from(scale * (before + 1) + offset)
+        }
+        file if file.starts_with("file.") => {
+            let file_of = ctx.file.ok_or_else(no_file)?;
+            match file {
+                "file.name" => Value::String(file_of.name.clone()),
+                "file.type" => Value::String(file_of.mime.clone()),
+                "file.size" => Value::from(file_of.size() as u64),
+                "file.sha256" => Value::String(file_of.sha256.clone()),
+                "file.base64" => Value::String(file_of.base64()),
+                "file.data_url" => Value::String(file_of.data_url()),
+                _ => return Err(RenderError::UnknownSource(source.to_owned())),
+            }
         }
         "session.user_agent" => Value::String(
             ctx.session
@@ -416,6 +502,7 @@ mod tests {
                 .map(|(r, t)| (*r, (*t).to_owned()))
                 .collect(),
             model: "svc".into(),
+            attachments: Vec::new(),
         }
     }
 
@@ -435,6 +522,8 @@ mod tests {
             conversation: &BTreeMap::new(),
             now_ms: 1_700_000_000_123,
             pins: &Pins::new(&Url::parse("https://x.test/").unwrap(), []),
+            file: None,
+            attached: None,
         };
         let t = template(serde_json::json!({
             "url": "/api/chat/{{preflight.cid}}?ts={{now_s}}",
@@ -462,7 +551,7 @@ mod tests {
         assert_eq!(body["meta"]["ts"], 1_700_000_000_123i64);
         assert_eq!(body["meta"]["cid"], "c 1/2");
         assert_eq!(body["meta"]["id"].as_str().unwrap().len(), 36);
-        assert_eq!(r.content_type, Some("application/json"));
+        assert_eq!(r.content_type.as_deref(), Some("application/json"));
     }
 
     #[test]
@@ -503,6 +592,8 @@ mod tests {
                 conversation: &conversation,
                 now_ms: 0,
                 pins: &pins,
+                file: None,
+                attached: None,
             };
             let body: Value =
                 serde_json::from_slice(&render(&t, &base, &ctx).unwrap().body.unwrap()).unwrap();
@@ -524,6 +615,8 @@ mod tests {
             conversation: &BTreeMap::new(),
             now_ms: 0,
             pins: &Pins::new(&Url::parse("https://x.test/").unwrap(), []),
+            file: None,
+            attached: None,
         };
         let base = Url::parse("https://x.test/").unwrap();
         let t = template(serde_json::json!({
@@ -559,6 +652,8 @@ mod tests {
             conversation: &BTreeMap::new(),
             now_ms: 0,
             pins: &pins,
+            file: None,
+            attached: None,
         };
         let base = Url::parse("https://x.test/chat").unwrap();
         for url in [

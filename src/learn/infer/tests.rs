@@ -519,7 +519,9 @@ async fn record_live(shape: Shape) -> Recording {
             exchanges: second_exchanges,
             sent_ms: Some(sent_ms),
             follow_up: None,
+            attached: None,
         })),
+        attached: None,
     }
 }
 

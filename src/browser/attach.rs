@@ -1,0 +1,58 @@
+//! Attaching files through a chat page's own file input, as a person choosing files in the
+//! page's file dialog would: CDP's `DOM.setFileInputFiles` on the page's
+//! `<input type="file">` fires its `change` event, and the page's script does the rest.
+//! Shared by the probe (which attaches a generated file to learn the upload) and tier 3.
+
+use std::path::Path;
+
+use chromiumoxide::Page;
+use chromiumoxide::cdp::browser_protocol::dom::SetFileInputFilesParams;
+use serde::Deserialize;
+
+use super::PageError;
+
+/// What the page's file input is.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct FileInput {
+    pub found: bool,
+    /// Its `accept` attribute (empty: any type).
+    #[serde(default)]
+    pub accept: String,
+    #[serde(default)]
+    pub multiple: bool,
+}
+
+/// The first file input of the page: the composer's, on a chat page (hidden inputs
+/// included: sites hide theirs behind an attach button).
+const FIND_INPUT: &str = r#"(() => {
+  const input = document.querySelector('input[type=file]');
+  if (!input) return JSON.stringify({ found: false });
+  return JSON.stringify({
+    found: true,
+    accept: input.getAttribute('accept') || '',
+    multiple: input.multiple,
+  });
+})()"#;
+
+/// The page's file input, if it has one.
+pub async fn find_file_input(page: &Page) -> Result<FileInput, PageError> {
+    let text = super::evaluate_string(page, FIND_INPUT)
+        .await
+        .map_err(PageError::from_cdp)?;
+    Ok(serde_json::from_str(&text).unwrap_or_default())
+}
+
+/// Chooses `files` (paths on this machine, where Chromium runs) in the page's file input.
+pub async fn choose_files(page: &Page, files: &[&Path]) -> Result<(), PageError> {
+    let input = page
+        .find_element("input[type=file]")
+        .await
+        .map_err(PageError::from_cdp)?;
+    let params = SetFileInputFilesParams::builder()
+        .files(files.iter().map(|p| p.display().to_string()))
+        .backend_node_id(input.backend_node_id)
+        .build()
+        .map_err(|e| PageError::Crashed(format!("cannot attach the file: {e}")))?;
+    page.execute(params).await.map_err(PageError::from_cdp)?;
+    Ok(())
+}
