@@ -691,7 +691,9 @@ async fn chat_page(State(state): State<Shared>, headers: HeaderMap) -> Response 
         .filter(|_| matches!(shape, Shape::Openai | Shape::Signed));
     let (attach, attachments) = match uploads {
         Some(uploads) => {
-            metas.push_str(&format!("<meta name=\"demo-uploads\" content=\"{uploads}\">\n"));
+            metas.push_str(&format!(
+                "<meta name=\"demo-uploads\" content=\"{uploads}\">\n"
+            ));
             (ATTACH_HTML, ATTACHMENTS_HTML)
         }
         None => ("", ""),

@@ -3850,7 +3850,8 @@ async fn a_signed_site_signs_every_shape_s_chat_call() {
 // ---------------------------------------------------------------------------------------------
 // Uploads
 
-const PNG: &[u8] = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x01\0\0\0\x01\x08\x06\0\0\0\x1f\x15\xc4\x89";
+const PNG: &[u8] =
+    b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x01\0\0\0\x01\x08\x06\0\0\0\x1f\x15\xc4\x89";
 const BOUNDARY: &str = "----demoFormBoundary7MA4YWxkTrZu0gW";
 
 fn uploads_config(uploads: UploadShape) -> DemoConfig {
@@ -3931,7 +3932,10 @@ async fn put_blob(url: &str, mime_type: &str, bytes: Vec<u8>) -> reqwest::Respon
 
 fn is_hex_id(id: &str, prefix: &str, digits: usize) -> bool {
     id.strip_prefix(prefix).is_some_and(|hex| {
-        hex.len() == digits && hex.chars().all(|c| c.is_ascii_hexdigit() && !c.is_uppercase())
+        hex.len() == digits
+            && hex
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_uppercase())
     })
 }
 
@@ -3981,16 +3985,13 @@ async fn a_multipart_upload_is_described_in_the_reply() {
     assert!(content.starts_with(&format!("{line}\n\n")), "{content}");
     assert_eq!(
         content,
-        reply_with_files(
-            Shape::Openai,
-            prompt,
-            1,
-            &[("pixel.png", "image/png", PNG)]
-        )
-        .content
+        reply_with_files(Shape::Openai, prompt, 1, &[("pixel.png", "image/png", PNG)]).content
     );
     let stats = demo_get(&base, "/__demo/stats").await;
-    assert_eq!((stats["uploads"].as_u64(), stats["files_in_chat"].as_u64()), (Some(1), Some(1)));
+    assert_eq!(
+        (stats["uploads"].as_u64(), stats["files_in_chat"].as_u64()),
+        (Some(1), Some(1))
+    );
 
     // A chat call without files is answered as before, and counts none.
     let response = browser.chat_with(prompt, json!({})).await;
@@ -4006,7 +4007,10 @@ async fn a_multipart_upload_is_described_in_the_reply() {
         .json()
         .await
         .unwrap();
-    assert_eq!((stats["uploads"].as_u64(), stats["files_in_chat"].as_u64()), (Some(0), Some(0)));
+    assert_eq!(
+        (stats["uploads"].as_u64(), stats["files_in_chat"].as_u64()),
+        (Some(0), Some(0))
+    );
     // The slot shape's routes are not served.
     let response = browser.open_slot("a.txt", "text/plain", 3).await;
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
@@ -4017,7 +4021,9 @@ async fn a_slot_upload_takes_three_calls_and_is_described_in_the_reply() {
     let base = spawn(uploads_config(UploadShape::Slot)).await;
     let browser = Browser::login(&base, "sol@example.com").await;
     let bytes = b"notes: the demo takes files\n".to_vec();
-    let response = browser.open_slot("notes.txt", "text/plain", bytes.len()).await;
+    let response = browser
+        .open_slot("notes.txt", "text/plain", bytes.len())
+        .await;
     assert_eq!(response.status(), StatusCode::OK);
     let slot: Value = response.json().await.unwrap();
     let upload_id = str_at(&slot, "/upload_id").to_owned();
@@ -4091,7 +4097,10 @@ async fn a_slot_upload_takes_three_calls_and_is_described_in_the_reply() {
         .content
     );
     let stats = demo_get(&base, "/__demo/stats").await;
-    assert_eq!((stats["uploads"].as_u64(), stats["files_in_chat"].as_u64()), (Some(1), Some(1)));
+    assert_eq!(
+        (stats["uploads"].as_u64(), stats["files_in_chat"].as_u64()),
+        (Some(1), Some(1))
+    );
     // The multipart shape's route is not served.
     let response = browser.upload_file("a.txt", "text/plain", b"abc").await;
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
@@ -4107,8 +4116,16 @@ async fn uploads_refuse_big_files_other_types_and_other_accounts_files() {
         (StatusCode::PAYLOAD_TOO_LARGE, "file_too_large".into())
     );
     assert_eq!(
-        error_of(browser.upload_file("a.zip", "application/zip", b"PK\x03\x04").await).await,
-        (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_type".into())
+        error_of(
+            browser
+                .upload_file("a.zip", "application/zip", b"PK\x03\x04")
+                .await
+        )
+        .await,
+        (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_type".into()
+        )
     );
     // No session: 401, like every API call.
     let anonymous = client()
@@ -4141,7 +4158,10 @@ async fn uploads_refuse_big_files_other_types_and_other_accounts_files() {
         );
     }
     let stats = demo_get(&base, "/__demo/stats").await;
-    assert_eq!((stats["uploads"].as_u64(), stats["files_in_chat"].as_u64()), (Some(1), Some(0)));
+    assert_eq!(
+        (stats["uploads"].as_u64(), stats["files_in_chat"].as_u64()),
+        (Some(1), Some(0))
+    );
 
     let base = spawn(uploads_config(UploadShape::Slot)).await;
     let browser = Browser::login(&base, "rey@example.com").await;
@@ -4151,11 +4171,14 @@ async fn uploads_refuse_big_files_other_types_and_other_accounts_files() {
     );
     assert_eq!(
         error_of(browser.open_slot("a.zip", "application/zip", 4).await).await,
-        (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_type".into())
+        (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_type".into()
+        )
     );
-    let unknown = put_blob(&format!("{base}/blob/{}", "0".repeat(32)), "text/plain", b"x".to_vec());
+    let unknown = format!("{base}/blob/{}", "0".repeat(32));
     assert_eq!(
-        error_of(unknown.await).await,
+        error_of(put_blob(&unknown, "text/plain", b"x".to_vec()).await).await,
         (StatusCode::NOT_FOUND, "not_found".into())
     );
 }

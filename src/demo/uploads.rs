@@ -338,10 +338,8 @@ async fn read_limited(body: Body, limit: usize) -> Result<Bytes, ReadError> {
     Ok(Bytes::from(kept))
 }
 
-fn session_of(state: &Shared, headers: &HeaderMap) -> Result<Session, Response> {
-    authorize(state, headers)
-        .map(|(_, session)| session)
-        .map_err(IntoResponse::into_response)
+fn session_of(state: &Shared, headers: &HeaderMap) -> Result<Session, Refusal> {
+    authorize(state, headers).map(|(_, session)| session)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -359,7 +357,7 @@ pub(crate) async fn post_file(
     }
     let session = match session_of(&state, &headers) {
         Ok(session) => session,
-        Err(refusal) => return refusal,
+        Err(refusal) => return refusal.into_response(),
     };
     let Some(boundary) = boundary(&headers) else {
         return bad_request("Expected a multipart/form-data body with a boundary.");
@@ -565,7 +563,7 @@ pub(crate) async fn create_upload(
     }
     let session = match session_of(&state, &headers) {
         Ok(session) => session,
-        Err(refusal) => return refusal,
+        Err(refusal) => return refusal.into_response(),
     };
     let request = match serde_json::from_slice::<NewUpload>(&body) {
         Ok(request) if !request.file_name.trim().is_empty() => request,
@@ -651,7 +649,7 @@ pub(crate) async fn confirm(
     }
     let session = match session_of(&state, &headers) {
         Ok(session) => session,
-        Err(refusal) => return refusal,
+        Err(refusal) => return refusal.into_response(),
     };
     match state.uploads.confirm(&owner(&session), &upload_id) {
         Ok(id) => axum::Json(json!({ "file": { "id": id, "status": "ready" } })).into_response(),
