@@ -79,6 +79,11 @@ pub enum Command {
         /// such a site fails: for testing failed learns).
         #[arg(long)]
         render_suffix: Option<String>,
+        /// Give the chat page an attach control whose files are uploaded before the chat call:
+        /// `multipart` (one `POST /api/files`) or `slot` (a slot, a raw PUT, a confirm call).
+        /// Only the `openai` and `signed` shapes use it.
+        #[arg(long, value_enum)]
+        uploads: Option<crate::demo::UploadShape>,
     },
     /// Log an account in with the browser and store its session.
     Login {
@@ -171,6 +176,7 @@ async fn dispatch(command: Command, mut config: Config) -> CliResult {
             clearance_ttl_secs,
             signed,
             render_suffix,
+            uploads,
         } => {
             let listener = tokio::net::TcpListener::bind(bind).await?;
             println!(
@@ -187,6 +193,7 @@ async fn dispatch(command: Command, mut config: Config) -> CliResult {
                 clearance_ttl: std::time::Duration::from_secs(clearance_ttl_secs),
                 signed,
                 render_suffix,
+                uploads,
                 ..Default::default()
             };
             crate::demo::serve(listener, config).await?;

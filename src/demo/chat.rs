@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 
 use super::site::{Shared, api_error, authorize};
 use super::state::random_token;
-use super::{Reply, Shape, reply_for_turn, shapes, tokens};
+use super::{Reply, Shape, reply_with_files, shapes, tokens, uploads};
 
 /// What the site reads out of a chat request, whatever the shape.
 pub(super) struct ChatRequest {
@@ -26,6 +26,8 @@ pub(super) struct ChatRequest {
     pub(super) parent: Option<String>,
     /// The turn counter a later turn sends (details).
     pub(super) turn: Option<i64>,
+    /// Ids of the uploaded files the call names (openai and signed shapes), in order.
+    pub(super) files: Vec<String>,
 }
 
 /// The chat endpoint of `shape` (all but Claude and the WebSocket): 404 unless `shape` is
@@ -124,6 +126,19 @@ async fn chat_call(
             return refusal.into_response();
         }
     }
+    let files = match state
+        .uploads
+        .for_chat(&uploads::owner(&session), &request.files)
+    {
+        Ok(files) => files,
+        Err(id) => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "unknown_file",
+                &format!("file {id} is not yours or does not exist"),
+            );
+        }
+    };
     if let Some(response) = rate_limited(state, &session.email) {
         return response;
     }
@@ -140,7 +155,12 @@ async fn chat_call(
         request.conversation_id = state.create_conversation(&sid, &session.email);
     }
     let turn = state.next_turn(&request.conversation_id);
-    let reply = reply_for_turn(shape, &request.prompt, turn);
+    state.streams.files_in_chat(files.len());
+    let described: Vec<(&str, &str, &[u8])> = files
+        .iter()
+        .map(|f| (f.name.as_str(), f.mime_type.as_str(), &f.bytes[..]))
+        .collect();
+    let reply = reply_with_files(shape, &request.prompt, turn, &described);
     // What a later turn names as its parent, known from the reply's first byte on.
     let reply_id = uuid::Uuid::new_v4().to_string();
     state.set_reply_id(&request.conversation_id, &reply_id);
@@ -315,6 +335,7 @@ pub(super) fn request(prompt: String, conversation_id: String) -> ChatRequest {
         stream: true,
         parent: None,
         turn: None,
+        files: Vec::new(),
     }
 }
 
@@ -352,6 +373,7 @@ fn parse_openai(json: &Value) -> Result<ChatRequest, String> {
         req.model = model.to_owned();
     }
     req.stream = json.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    req.files = uploads::named_files(json)?;
     Ok(req)
 }
 

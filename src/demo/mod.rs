@@ -61,6 +61,35 @@
 //! reply, a wrong or missing one is refused with 400 `bad_parent` (a wrong `turn` with 400
 //! `bad_turn`): such conversations continue only through what the replies said.
 //!
+//! # Uploads
+//!
+//! With [`DemoConfig::uploads`] (`demo-site --uploads multipart|slot`) the chat page of the
+//! `openai` and `signed` shapes (the others ignore it) gets an "Attach" button opening a hidden
+//! `<input type="file" id="attach" accept="image/*,text/plain" multiple>`. Files are uploaded
+//! as soon as they are chosen (a chip per file: `NAME ✓`, or the error), and the next chat
+//! call names them (a send waits for uploads still running). Upload calls carry the API's
+//! usual `authorization` and `x-csrf-token` headers and session cookie, except the slot
+//! shape's raw `PUT`. Only the configured shape's routes answer; the others 404.
+//!
+//! | shape | calls | the chat body carries |
+//! | --- | --- | --- |
+//! | `multipart` | `POST /api/files`, `multipart/form-data` with `purpose` = `chat` and `file` → `{"id":"file-<16 hex>","name","bytes","mime_type"}` | `"files": ["file-…", …]` |
+//! | `slot` | `POST /api/uploads` `{"file_name","mime_type","size"}` → `{"upload_id":"up_<16 hex>","upload_url":"http://HOST/blob/<32 hex>"}`; `PUT` of the raw bytes to `upload_url` with `content-type` and no session (the token is the authority; 200, empty body, an `ETag`); `POST /api/uploads/{upload_id}/confirm` `{}` → `{"file":{"id":"file-<16 hex>","status":"ready"}}` | `"attachments": [{"id","name","mime_type","size"}, …]` (only `id` is read) |
+//!
+//! Without files the key is left out. Refusals, in the usual error shape: no session 401 (CSRF
+//! 403); a file over [`MAX_UPLOAD_BYTES`] (1 MiB) 413 `file_too_large`; a type neither
+//! `image/*` nor `text/plain` 415 `unsupported_type` (the slot shape's from the declared type);
+//! a PUT whose length is not the declared size 400 `size_mismatch` (the token stays usable), an
+//! unknown token 404 `not_found`, a used one 409 `already_uploaded`; a confirm before the PUT
+//! 409 `not_uploaded`, of another account's slot 404; a chat call naming a file that is unknown,
+//! unconfirmed or another account's 400 `unknown_file` (`file ID is not yours or does not
+//! exist`). A file belongs to the account (email) that uploaded it. The site holds at most 256
+//! files and 64 MiB (the oldest go first) and 256 open slots.
+//!
+//! A reply to a call naming files starts with one [`describe_file`] line per file, in the
+//! order named (`Received NAME (TYPE, N bytes, sha256 <first 16 hex>).`), then a blank line,
+//! then the usual reply ([`reply_with_files`]); it streams like any other reply.
+//!
 //! # Test controls (`/__demo/…`)
 //!
 //! - `POST /__demo/expire-sessions`, `POST /__demo/revoke?email=E`: sessions break; every API
@@ -88,11 +117,14 @@
 //! - `GET /__demo/conversations`: `[{"id","turns","email"}]`, oldest first.
 //! - `GET /__demo/stats`: chat replies `{"active","completed","cancelled","max_active",
 //!   "pages","active_by_email":{E:n},"max_active_by_email":{E:n},"logins_by_email":{E:n},
-//!   "rate_limited_by_email":{E:n}}` (`pages`: chat pages served to a session; emails in
-//!   lower case; a reply counts as active from the moment the site starts answering until
-//!   its body ends or the client drops it; logins by any page or `/api/login`; chat calls
-//!   answered 429); `POST /__demo/reset-stats` zeroes the end counts, the logins and the
-//!   429s, and lowers the high-water marks to what streams now.
+//!   "rate_limited_by_email":{E:n},"uploads","files_in_chat"}` (`pages`: chat pages served to
+//!   a session; emails in lower case; a reply counts as active from the moment the site
+//!   starts answering until its body ends or the client drops it; logins by any page or
+//!   `/api/login`; chat calls answered 429; `uploads`: files whose bytes the site accepted,
+//!   multipart POSTs plus slot PUTs; `files_in_chat`: file references carried by chat calls
+//!   that got a reply); `POST /__demo/reset-stats` zeroes the end counts, the pages, the
+//!   logins, the 429s and the upload counts, and lowers the high-water marks to what streams
+//!   now.
 //! - `GET /__demo/captcha` tells where to click on the latest captcha challenge.
 
 pub mod antibot;
@@ -103,7 +135,10 @@ mod site;
 mod state;
 #[cfg(test)]
 mod tests;
+mod uploads;
 mod ws;
+
+pub use uploads::{MAX_UPLOAD_BYTES, describe_file};
 
 use std::fmt;
 use std::str::FromStr;
@@ -450,6 +485,38 @@ pub struct DemoConfig {
     /// renders more than its API sends: no reading of the wire yields what it shows, so
     /// learning it fails).
     pub render_suffix: Option<String>,
+    /// The chat page's attach control and the upload calls behind it (`None`: no control,
+    /// no upload routes). Only the `openai` and `signed` shapes' pages show it and their chat
+    /// calls carry the files; the other shapes ignore it.
+    pub uploads: Option<UploadShape>,
+}
+
+/// How the chat page uploads an attached file before the chat call names it (see the module
+/// docs' "Uploads").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum UploadShape {
+    /// One `POST /api/files` with a `multipart/form-data` body; the chat call carries
+    /// `"files": [id, …]`.
+    Multipart,
+    /// A slot (`POST /api/uploads`), a raw `PUT` to its presigned-like URL, a confirm call;
+    /// the chat call carries `"attachments": [{"id","name","mime_type","size"}, …]`.
+    Slot,
+}
+
+impl UploadShape {
+    /// The name on the command line (`multipart`, `slot`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UploadShape::Multipart => "multipart",
+            UploadShape::Slot => "slot",
+        }
+    }
+}
+
+impl fmt::Display for UploadShape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl Default for DemoConfig {
@@ -465,6 +532,7 @@ impl Default for DemoConfig {
             clearance_ttl: DEFAULT_CLEARANCE_TTL,
             signed: false,
             render_suffix: None,
+            uploads: None,
         }
     }
 }
@@ -496,6 +564,30 @@ pub fn reply_for_turn(shape: Shape, last_message: &str, turn: u32) -> Reply {
         return Reply { reasoning, content };
     }
     plain_reply(shape, last_message, turn)
+}
+
+/// The exact reply the site gives to `last_message` in turn `turn` when the chat call names
+/// uploaded files, each `(name, mime type, bytes)` as the site holds it, in the order named:
+/// one [`describe_file`] line per file, a blank line, then [`reply_for_turn`]'s content (the
+/// reasoning is [`reply_for_turn`]'s). Without files it is [`reply_for_turn`].
+pub fn reply_with_files(
+    shape: Shape,
+    last_message: &str,
+    turn: u32,
+    files: &[(&str, &str, &[u8])],
+) -> Reply {
+    let mut reply = reply_for_turn(shape, last_message, turn);
+    if files.is_empty() {
+        return reply;
+    }
+    let mut content: String = files
+        .iter()
+        .map(|(name, mime_type, bytes)| describe_file(name, mime_type, bytes) + "\n")
+        .collect();
+    content.push('\n');
+    content.push_str(&reply.content);
+    reply.content = content;
+    reply
 }
 
 fn plain_reply(shape: Shape, last_message: &str, turn: u32) -> Reply {

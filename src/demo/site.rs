@@ -7,14 +7,14 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{AppendHeaders, Html, IntoResponse, Redirect, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use serde::Deserialize;
 use serde_json::json;
 
 use super::state::{AppState, Challenge, ClickOutcome, Session, SessionProblem};
 use super::{
     CAPTCHA_BOX, CSRF_HEADER, DEVICE_COOKIE, LoginPattern, SESSION_COOKIE, Shape, TOKEN_KEY,
-    antibot, chat, shapes, ws,
+    antibot, chat, shapes, uploads, ws,
 };
 
 const LANDING_HTML: &str = include_str!("assets/landing.html");
@@ -28,6 +28,14 @@ const LOGGED_IN_HTML: &str = include_str!("assets/logged_in.html");
 const CHAT_HTML: &str = include_str!("assets/chat.html");
 const CHAT_JS: &str = include_str!("assets/chat.js");
 const STYLE_CSS: &str = include_str!("assets/style.css");
+/// The composer's attach control: a button opening a hidden file input, as real sites have.
+const ATTACH_HTML: &str = "<button id=\"attach-button\" type=\"button\" class=\"ghost\" \
+     aria-label=\"Attach files\">Attach</button>\n    \
+     <input type=\"file\" id=\"attach\" name=\"attach\" accept=\"image/*,text/plain\" multiple \
+     style=\"display:none\">\n    ";
+/// Where the page shows a chip per attached file.
+const ATTACHMENTS_HTML: &str =
+    "<div id=\"attachments\" class=\"attachments\" aria-live=\"polite\"></div>\n  ";
 
 pub(crate) type Shared = Arc<AppState>;
 
@@ -113,6 +121,11 @@ pub(crate) fn routes(state: Shared) -> Router {
     }
     router
         .route("/api/v1/auths/", get(shapes::auths))
+        // The attach control's calls: 404 unless `DemoConfig::uploads` names their shape.
+        .route("/api/files", post(uploads::post_file))
+        .route("/api/uploads", post(uploads::create_upload))
+        .route("/api/uploads/{upload_id}/confirm", post(uploads::confirm))
+        .route("/blob/{token}", put(uploads::put_blob))
         .route("/__demo/expire-sessions", post(expire_sessions))
         .route(
             "/__demo/rotate-csrf",
@@ -671,7 +684,23 @@ async fn chat_page(State(state): State<Shared>, headers: HeaderMap) -> Response 
             escape_html(suffix)
         ));
     }
+    // Only the shapes whose chat call carries the files show the attach control.
+    let uploads = state
+        .config
+        .uploads
+        .filter(|_| matches!(shape, Shape::Openai | Shape::Signed));
+    let (attach, attachments) = match uploads {
+        Some(uploads) => {
+            metas.push_str(&format!(
+                "<meta name=\"demo-uploads\" content=\"{uploads}\">\n"
+            ));
+            (ATTACH_HTML, ATTACHMENTS_HTML)
+        }
+        None => ("", ""),
+    };
     let page = CHAT_HTML
+        .replace("{{ATTACHMENTS}}", attachments)
+        .replace("{{ATTACH}}", attach)
         .replace("{{CSRF}}", &escape_html(&session.csrf))
         .replace("{{SHAPE}}", shape.as_str())
         .replace("{{EMAIL}}", &user)

@@ -1,5 +1,5 @@
 //! The site's memory: sessions, conversations, rate-limit windows, anti-bot clearances, the
-//! current shape and the stream counters.
+//! current shape, the uploaded files and the stream counters.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -19,6 +19,8 @@ pub(crate) struct AppState {
     garbage: AtomicUsize,
     /// Replies left to cut short, without their end marker (`/__demo/truncate`).
     truncate: AtomicUsize,
+    /// Uploaded files and upload slots ([`DemoConfig::uploads`]).
+    pub uploads: super::uploads::Store,
     inner: Mutex<Inner>,
 }
 
@@ -130,6 +132,7 @@ impl AppState {
             anti_bot: AtomicBool::new(anti_bot),
             garbage: AtomicUsize::new(0),
             truncate: AtomicUsize::new(0),
+            uploads: super::uploads::Store::default(),
             inner: Mutex::new(Inner::default()),
         }
     }
@@ -613,6 +616,10 @@ pub(crate) struct StreamStats {
     logins: Mutex<BTreeMap<String, u64>>,
     /// Email (lower case) → chat calls answered 429.
     rate_limited: Mutex<BTreeMap<String, u64>>,
+    /// Files whose bytes the site accepted (multipart POSTs and slot PUTs).
+    uploads: AtomicU64,
+    /// File references carried by chat calls that got a reply.
+    files_in_chat: AtomicU64,
 }
 
 impl StreamStats {
@@ -673,7 +680,19 @@ impl StreamStats {
         Self::count(&self.rate_limited, email);
     }
 
-    /// `{active, completed, cancelled, max_active, pages, active_by_email, max_active_by_email}`.
+    /// Counts a file whose bytes the site accepted.
+    pub fn uploaded(&self) {
+        self.uploads.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Counts the `n` file references of a chat call answered.
+    pub fn files_in_chat(&self, n: usize) {
+        self.files_in_chat
+            .fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::SeqCst);
+    }
+
+    /// `{active, completed, cancelled, max_active, pages, active_by_email, max_active_by_email,
+    /// logins_by_email, rate_limited_by_email, uploads, files_in_chat}`.
     pub fn snapshot(&self) -> serde_json::Value {
         let by_email = self.lock_by_email();
         let active_by_email: serde_json::Map<String, serde_json::Value> = by_email
@@ -695,15 +714,19 @@ impl StreamStats {
             "max_active_by_email": max_by_email,
             "logins_by_email": Self::counts(&self.logins),
             "rate_limited_by_email": Self::counts(&self.rate_limited),
+            "uploads": self.uploads.load(Ordering::SeqCst),
+            "files_in_chat": self.files_in_chat.load(Ordering::SeqCst),
         })
     }
 
-    /// Zeroes the end counters and lowers the high-water marks to what streams now.
+    /// Zeroes the end counters (and the upload counts) and lowers the high-water marks to what streams now.
     pub fn reset(&self) {
         let mut by_email = self.lock_by_email();
         self.completed.store(0, Ordering::SeqCst);
         self.cancelled.store(0, Ordering::SeqCst);
         self.pages.store(0, Ordering::SeqCst);
+        self.uploads.store(0, Ordering::SeqCst);
+        self.files_in_chat.store(0, Ordering::SeqCst);
         for map in [&self.logins, &self.rate_limited] {
             map.lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)

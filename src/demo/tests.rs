@@ -3847,3 +3847,379 @@ async fn a_signed_site_signs_every_shape_s_chat_call() {
         reply_for(Shape::Details, "hi").content
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Uploads
+
+const PNG: &[u8] =
+    b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x01\0\0\0\x01\x08\x06\0\0\0\x1f\x15\xc4\x89";
+const BOUNDARY: &str = "----demoFormBoundary7MA4YWxkTrZu0gW";
+
+fn uploads_config(uploads: UploadShape) -> DemoConfig {
+    DemoConfig {
+        uploads: Some(uploads),
+        ..config(Shape::Openai)
+    }
+}
+
+/// A `multipart/form-data` body as a browser's `FormData` sends it: `purpose`, then `file`.
+fn multipart_body(name: &str, mime_type: &str, bytes: &[u8]) -> Vec<u8> {
+    let mut body = format!(
+        "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nchat\r\n\
+         --{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n\
+         Content-Type: {mime_type}\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(bytes);
+    body.extend_from_slice(format!("\r\n--{BOUNDARY}--\r\n").as_bytes());
+    body
+}
+
+impl Browser {
+    /// `POST /api/files` with a multipart body, as the multipart page sends it.
+    async fn upload_file(&self, name: &str, mime_type: &str, bytes: &[u8]) -> reqwest::Response {
+        self.post("/api/files")
+            .header(
+                "content-type",
+                format!("multipart/form-data; boundary={BOUNDARY}"),
+            )
+            .body(multipart_body(name, mime_type, bytes))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// `POST /api/uploads`, as the slot page sends it.
+    async fn open_slot(&self, name: &str, mime_type: &str, size: usize) -> reqwest::Response {
+        self.post("/api/uploads")
+            .json(&json!({ "file_name": name, "mime_type": mime_type, "size": size }))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// The openai chat call of a new conversation, with `extra` (the attachments) in its body.
+    async fn chat_with(&self, prompt: &str, extra: Value) -> reqwest::Response {
+        let conversation = self.create_conversation(Shape::Openai).await;
+        let mut body = json!({
+            "model": "demo",
+            "messages": [{ "role": "user", "content": prompt }],
+            "stream": true,
+            "conversation_id": conversation,
+            "client_request_id": uuid::Uuid::new_v4().to_string(),
+            "timestamp": now_ms(),
+        });
+        for (key, value) in extra.as_object().unwrap() {
+            body[key] = value.clone();
+        }
+        self.post(Shape::Openai.chat_path())
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+/// A raw PUT to a slot's URL, with no session: only the URL's token counts.
+async fn put_blob(url: &str, mime_type: &str, bytes: Vec<u8>) -> reqwest::Response {
+    client()
+        .put(url)
+        .header("content-type", mime_type)
+        .body(bytes)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn is_hex_id(id: &str, prefix: &str, digits: usize) -> bool {
+    id.strip_prefix(prefix).is_some_and(|hex| {
+        hex.len() == digits
+            && hex
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_uppercase())
+    })
+}
+
+#[test]
+fn replies_with_files_describe_each_file_then_answer() {
+    let files: [(&str, &str, &[u8]); 2] = [
+        ("a.png", "image/png", PNG),
+        ("b.txt", "text/plain", b"hello"),
+    ];
+    let reply = reply_with_files(Shape::Openai, "look", 2, &files);
+    let usual = reply_for_turn(Shape::Openai, "look", 2);
+    assert_eq!(
+        reply.content,
+        format!(
+            "{}\n{}\n\n{}",
+            describe_file("a.png", "image/png", PNG),
+            describe_file("b.txt", "text/plain", b"hello"),
+            usual.content
+        )
+    );
+    assert_eq!(reply.reasoning, usual.reasoning);
+    assert_eq!(reply_with_files(Shape::Openai, "look", 2, &[]), usual);
+    assert_eq!(
+        describe_file("b.txt", "text/plain", b"hello"),
+        "Received b.txt (text/plain, 5 bytes, sha256 2cf24dba5fb0a30e)."
+    );
+}
+
+#[tokio::test]
+async fn a_multipart_upload_is_described_in_the_reply() {
+    let base = spawn(uploads_config(UploadShape::Multipart)).await;
+    let browser = Browser::login(&base, "uma@example.com").await;
+    let response = browser.upload_file("pixel.png", "image/png", PNG).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let file: Value = response.json().await.unwrap();
+    let id = str_at(&file, "/id").to_owned();
+    assert!(is_hex_id(&id, "file-", 16), "{id}");
+    assert_eq!(file["name"], "pixel.png");
+    assert_eq!(file["bytes"], PNG.len());
+    assert_eq!(file["mime_type"], "image/png");
+
+    let prompt = "What is in this picture?";
+    let response = browser.chat_with(prompt, json!({ "files": [id] })).await;
+    let (status, content) = content_of(Shape::Openai, response).await;
+    assert_eq!(status, StatusCode::OK, "{content}");
+    let line = describe_file("pixel.png", "image/png", PNG);
+    assert!(content.starts_with(&format!("{line}\n\n")), "{content}");
+    assert_eq!(
+        content,
+        reply_with_files(Shape::Openai, prompt, 1, &[("pixel.png", "image/png", PNG)]).content
+    );
+    let stats = demo_get(&base, "/__demo/stats").await;
+    assert_eq!(
+        (stats["uploads"].as_u64(), stats["files_in_chat"].as_u64()),
+        (Some(1), Some(1))
+    );
+
+    // A chat call without files is answered as before, and counts none.
+    let response = browser.chat_with(prompt, json!({})).await;
+    assert_eq!(
+        content_of(Shape::Openai, response).await.1,
+        reply_for(Shape::Openai, prompt).content
+    );
+    let stats: Value = client()
+        .post(format!("{base}/__demo/reset-stats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (stats["uploads"].as_u64(), stats["files_in_chat"].as_u64()),
+        (Some(0), Some(0))
+    );
+    // The slot shape's routes are not served.
+    let response = browser.open_slot("a.txt", "text/plain", 3).await;
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn a_slot_upload_takes_three_calls_and_is_described_in_the_reply() {
+    let base = spawn(uploads_config(UploadShape::Slot)).await;
+    let browser = Browser::login(&base, "sol@example.com").await;
+    let bytes = b"notes: the demo takes files\n".to_vec();
+    let response = browser
+        .open_slot("notes.txt", "text/plain", bytes.len())
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let slot: Value = response.json().await.unwrap();
+    let upload_id = str_at(&slot, "/upload_id").to_owned();
+    assert!(is_hex_id(&upload_id, "up_", 16), "{upload_id}");
+    let url = str_at(&slot, "/upload_url").to_owned();
+    let token = url.strip_prefix(&format!("{base}/blob/")).unwrap();
+    assert!(is_hex_id(token, "", 32), "{url}");
+
+    let confirm = |browser: Browser| {
+        let upload_id = upload_id.clone();
+        async move {
+            browser
+                .post(&format!("/api/uploads/{upload_id}/confirm"))
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        error_of(confirm(browser.clone()).await).await,
+        (StatusCode::CONFLICT, "not_uploaded".into())
+    );
+    let short = put_blob(&url, "text/plain", bytes[1..].to_vec()).await;
+    assert_eq!(
+        error_of(short).await,
+        (StatusCode::BAD_REQUEST, "size_mismatch".into())
+    );
+    let mut long = bytes.clone();
+    long.push(b'!');
+    assert_eq!(
+        error_of(put_blob(&url, "text/plain", long).await).await,
+        (StatusCode::BAD_REQUEST, "size_mismatch".into())
+    );
+    let put = put_blob(&url, "text/plain", bytes.clone()).await;
+    assert_eq!(put.status(), StatusCode::OK);
+    assert_eq!(
+        error_of(put_blob(&url, "text/plain", bytes.clone()).await).await,
+        (StatusCode::CONFLICT, "already_uploaded".into())
+    );
+    // Another account cannot confirm the slot.
+    let other = Browser::login(&base, "mallory@example.com").await;
+    assert_eq!(
+        error_of(confirm(other).await).await,
+        (StatusCode::NOT_FOUND, "not_found".into())
+    );
+    let response = confirm(browser.clone()).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let confirmed: Value = response.json().await.unwrap();
+    let id = str_at(&confirmed, "/file/id").to_owned();
+    assert!(is_hex_id(&id, "file-", 16), "{id}");
+    assert_eq!(confirmed["file"]["status"], "ready");
+
+    let prompt = "Summarize my notes.";
+    let attachments = json!({ "attachments": [{
+        "id": id, "name": "notes.txt", "mime_type": "text/plain", "size": bytes.len(),
+    }] });
+    let response = browser.chat_with(prompt, attachments).await;
+    let (status, content) = content_of(Shape::Openai, response).await;
+    assert_eq!(status, StatusCode::OK, "{content}");
+    let line = describe_file("notes.txt", "text/plain", &bytes);
+    assert!(content.starts_with(&format!("{line}\n\n")), "{content}");
+    assert_eq!(
+        content,
+        reply_with_files(
+            Shape::Openai,
+            prompt,
+            1,
+            &[("notes.txt", "text/plain", &bytes)]
+        )
+        .content
+    );
+    let stats = demo_get(&base, "/__demo/stats").await;
+    assert_eq!(
+        (stats["uploads"].as_u64(), stats["files_in_chat"].as_u64()),
+        (Some(1), Some(1))
+    );
+    // The multipart shape's route is not served.
+    let response = browser.upload_file("a.txt", "text/plain", b"abc").await;
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn uploads_refuse_big_files_other_types_and_other_accounts_files() {
+    let big = vec![b'x'; 2 * MAX_UPLOAD_BYTES];
+    let base = spawn(uploads_config(UploadShape::Multipart)).await;
+    let browser = Browser::login(&base, "rey@example.com").await;
+    assert_eq!(
+        error_of(browser.upload_file("big.txt", "text/plain", &big).await).await,
+        (StatusCode::PAYLOAD_TOO_LARGE, "file_too_large".into())
+    );
+    assert_eq!(
+        error_of(
+            browser
+                .upload_file("a.zip", "application/zip", b"PK\x03\x04")
+                .await
+        )
+        .await,
+        (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_type".into()
+        )
+    );
+    // No session: 401, like every API call.
+    let anonymous = client()
+        .post(format!("{base}/api/files"))
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={BOUNDARY}"),
+        )
+        .body(multipart_body("a.txt", "text/plain", b"abc"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        error_of(anonymous).await,
+        (StatusCode::UNAUTHORIZED, "unauthenticated".into())
+    );
+    // Another account's file, and one that never was.
+    let response = browser.upload_file("mine.txt", "text/plain", b"mine").await;
+    let id = str_at(&response.json::<Value>().await.unwrap(), "/id").to_owned();
+    let other = Browser::login(&base, "kylo@example.com").await;
+    for named in [id.clone(), "file-0123456789abcdef".to_owned()] {
+        let response = other.chat_with("hi", json!({ "files": [named] })).await;
+        let status = response.status();
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"]["code"], "unknown_file");
+        assert_eq!(
+            body["error"]["message"],
+            format!("file {named} is not yours or does not exist")
+        );
+    }
+    let stats = demo_get(&base, "/__demo/stats").await;
+    assert_eq!(
+        (stats["uploads"].as_u64(), stats["files_in_chat"].as_u64()),
+        (Some(1), Some(0))
+    );
+
+    let base = spawn(uploads_config(UploadShape::Slot)).await;
+    let browser = Browser::login(&base, "rey@example.com").await;
+    assert_eq!(
+        error_of(browser.open_slot("big.png", "image/png", big.len()).await).await,
+        (StatusCode::PAYLOAD_TOO_LARGE, "file_too_large".into())
+    );
+    assert_eq!(
+        error_of(browser.open_slot("a.zip", "application/zip", 4).await).await,
+        (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_type".into()
+        )
+    );
+    let unknown = format!("{base}/blob/{}", "0".repeat(32));
+    assert_eq!(
+        error_of(put_blob(&unknown, "text/plain", b"x".to_vec()).await).await,
+        (StatusCode::NOT_FOUND, "not_found".into())
+    );
+}
+
+#[tokio::test]
+async fn the_chat_page_has_the_attach_control_only_with_uploads() {
+    let attach = r#"<input type="file" id="attach""#;
+    for (config, shown) in [
+        (config(Shape::Openai), false),
+        (uploads_config(UploadShape::Multipart), true),
+        (uploads_config(UploadShape::Slot), true),
+        (
+            DemoConfig {
+                uploads: Some(UploadShape::Slot),
+                ..config(Shape::Ndjson)
+            },
+            false,
+        ),
+    ] {
+        let uploads = config.uploads.filter(|_| shown);
+        let base = spawn(config).await;
+        let browser = Browser::login(&base, "page@example.com").await;
+        let page = browser
+            .get("/chat")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(page.contains(attach), shown, "{page}");
+        assert_eq!(page.contains(r#"id="attach-button""#), shown);
+        match uploads {
+            Some(uploads) => {
+                assert!(page.contains(r#"accept="image/*,text/plain" multiple"#));
+                assert!(page.contains(&format!(
+                    r#"<meta name="demo-uploads" content="{uploads}">"#
+                )));
+            }
+            None => assert!(!page.contains("demo-uploads")),
+        }
+    }
+}

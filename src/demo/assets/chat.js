@@ -8,6 +8,8 @@
 // next; details and think mark reasoning up inside the text; think fetches its token when the
 // page loads; fragile's page takes over its form only on a second load. When the site's
 // anti-bot check is on, every API call carries the page's clearance token (cookie and header).
+// When the site takes uploads (<meta name="demo-uploads">), files chosen with the attach
+// control are uploaded at once and the next chat call names them.
 (function () {
   "use strict";
 
@@ -19,6 +21,8 @@
   var SIGNED = SHAPE === "signed" || meta("demo-signed") !== null;
   // A test control: the page shows more than the reply it was sent.
   var RENDER_SUFFIX = meta("demo-render-suffix");
+  // How attached files are uploaded: "multipart", "slot", or null (no attach control).
+  var UPLOADS = meta("demo-uploads");
 
   var messagesEl = document.getElementById("messages");
   var form = document.getElementById("composer");
@@ -75,6 +79,14 @@
   function apiHeaders(contentType) {
     return withClearance({
       "content-type": contentType || "application/json",
+      "authorization": "Bearer " + authToken(),
+      "x-csrf-token": meta("csrf-token") || ""
+    });
+  }
+
+  // The API's auth headers alone (a FormData body sets its own content type).
+  function authHeaders() {
+    return withClearance({
       "authorization": "Bearer " + authToken(),
       "x-csrf-token": meta("csrf-token") || ""
     });
@@ -526,18 +538,18 @@
 
   var SHAPES = {
     openai: {
-      request: function (text) {
+      request: function (text, files) {
         var messages = history.concat([{ role: "user", content: text }]);
         return {
           url: "/api/openai/v1/chat/completions",
-          body: JSON.stringify({
+          body: JSON.stringify(attachTo({
             model: "demo",
             messages: messages,
             stream: true,
             conversation_id: conversationId,
             client_request_id: uuid(),
             timestamp: Date.now()
-          })
+          }, files))
         };
       },
       read: function (response, msg) {
@@ -813,18 +825,18 @@
     },
 
     signed: {
-      request: function (text) {
+      request: function (text, files) {
         var messages = history.concat([{ role: "user", content: text }]);
         return {
           url: "/api/signed/v1/chat/completions",
-          body: JSON.stringify({
+          body: JSON.stringify(attachTo({
             model: "demo",
             messages: messages,
             stream: true,
             conversation_id: conversationId,
             client_request_id: uuid(),
             timestamp: Date.now()
-          })
+          }, files))
         };
       },
       read: function (response, msg) {
@@ -1065,6 +1077,111 @@
     });
   }
 
+  // ---------------------------------------------------------------- attachments
+
+  // Files are uploaded as soon as they are chosen; each entry waits in `pending` until a
+  // message is sent: { promise, ref (what the chat call carries, null until done), chip }.
+  var pending = [];
+  var chipsEl = document.getElementById("attachments");
+  var attachInput = document.getElementById("attach");
+  var attachButton = document.getElementById("attach-button");
+
+  // Multipart shape: one POST /api/files; the chat call names the answer's id.
+  async function uploadMultipart(file) {
+    var body = new FormData();
+    body.append("purpose", "chat");
+    body.append("file", file, file.name);
+    var r = await fetch("/api/files", {
+      method: "POST",
+      credentials: "same-origin",
+      headers: authHeaders(),
+      body: body
+    });
+    if (!r.ok) throw await failure(r);
+    return (await r.json()).id;
+  }
+
+  // Slot shape: a slot, the raw bytes PUT to its URL (no auth header: the URL's token is the
+  // authority, as with a presigned URL), then a confirm call that names the file.
+  async function uploadSlot(file) {
+    var type = file.type || "application/octet-stream";
+    var r = await fetch("/api/uploads", {
+      method: "POST",
+      credentials: "same-origin",
+      headers: apiHeaders(),
+      body: JSON.stringify({ file_name: file.name, mime_type: type, size: file.size })
+    });
+    if (!r.ok) throw await failure(r);
+    var slot = await r.json();
+    var put = await fetch(slot.upload_url, {
+      method: "PUT",
+      headers: { "content-type": type },
+      body: file
+    });
+    if (!put.ok) throw await failure(put);
+    var c = await fetch("/api/uploads/" + encodeURIComponent(slot.upload_id) + "/confirm", {
+      method: "POST",
+      credentials: "same-origin",
+      headers: apiHeaders(),
+      body: "{}"
+    });
+    if (!c.ok) throw await failure(c);
+    var done = await c.json();
+    return { id: done.file.id, name: file.name, mime_type: type, size: file.size };
+  }
+
+  function startUpload(file) {
+    var chip = document.createElement("span");
+    chip.className = "chip";
+    chip.setAttribute("data-status", "uploading");
+    chip.textContent = file.name + " …";
+    chipsEl.appendChild(chip);
+    var entry = { ref: null, chip: chip };
+    entry.promise = (async function () {
+      await pageReady;
+      await ensureClearance();
+      return UPLOADS === "slot" ? uploadSlot(file) : uploadMultipart(file);
+    })().then(function (ref) {
+      entry.ref = ref;
+      chip.textContent = file.name + " ✓";
+      chip.setAttribute("data-status", "done");
+    }, function (e) {
+      chip.textContent = file.name + ": " + String((e && e.message) || e);
+      chip.classList.add("error");
+      chip.setAttribute("data-status", "error");
+      chip.setAttribute("role", "alert");
+    });
+    pending.push(entry);
+  }
+
+  // What the next chat call carries: waits for uploads still running, then takes every
+  // finished one (failed ones are dropped) and clears the chips.
+  async function takeAttachments() {
+    var taken = pending;
+    pending = [];
+    await Promise.all(taken.map(function (entry) { return entry.promise; }));
+    taken.forEach(function (entry) { entry.chip.remove(); });
+    return taken.filter(function (entry) { return entry.ref !== null; })
+      .map(function (entry) { return entry.ref; });
+  }
+
+  // The chat body's attachments, in the upload shape's key (none: the key is left out).
+  function attachTo(body, files) {
+    if (!files || !files.length) return body;
+    body[UPLOADS === "slot" ? "attachments" : "files"] = files;
+    return body;
+  }
+
+  if (UPLOADS && attachInput && attachButton && chipsEl) {
+    attachButton.addEventListener("click", function () { attachInput.click(); });
+    attachInput.addEventListener("change", function () {
+      var files = Array.prototype.slice.call(attachInput.files || []);
+      files.forEach(startUpload);
+      // So that choosing the same file again is a change too.
+      attachInput.value = "";
+    });
+  }
+
   // ---------------------------------------------------------------- sending
 
   async function failure(response) {
@@ -1100,7 +1217,7 @@
     return conversationId;
   }
 
-  async function exchange(shape, text, msg) {
+  async function exchange(shape, text, msg, files) {
     await pageReady;
     await ensureClearance();
     await (shape.prepare ? shape.prepare() : ensureConversation());
@@ -1108,7 +1225,7 @@
       await shape.exchange(text, msg);
       return;
     }
-    var response = await postChat(shape.request(text));
+    var response = await postChat(shape.request(text, files));
     await shape.read(response, msg);
   }
 
@@ -1131,15 +1248,17 @@
     addUserMessage(text);
     var msg = new AssistantMessage();
     try {
+      // Uploads still running finish first; the message then carries them.
+      var files = await takeAttachments();
       try {
-        await exchange(shape, text, msg);
+        await exchange(shape, text, msg, files);
       } catch (e) {
         // The anti-bot check came on after this page loaded: get clearance, then try again
         // (the challenge comes before the site does anything with the call).
         if (!(e && e.challenge)) throw e;
         clearanceOn = true;
         await registerClearance();
-        await exchange(shape, text, msg);
+        await exchange(shape, text, msg, files);
       }
       msg.finish();
       if (shape.after) shape.after(text, msg);
