@@ -31,7 +31,7 @@ use crate::replay::client::{Replayer, Target};
 use crate::replay::decode::Delta;
 use crate::replay::failure::{Call, FailureKind, ReplayError};
 use crate::replay::plan::Started;
-use crate::replay::render::Prompt;
+use crate::replay::render::{Prompt, PromptFile};
 use crate::role::Role;
 use crate::shared::{Change, Shared};
 use crate::store::accounts::Account;
@@ -531,8 +531,11 @@ impl Gateway {
             attachments: prompt
                 .attachments
                 .iter()
-                .filter(|(turn, _)| *turn == last_index)
-                .map(|(_, file)| (0, file.clone()))
+                .filter(|a| a.turn == last_index)
+                .map(|a| PromptFile {
+                    turn: 0,
+                    ..a.clone()
+                })
                 .collect(),
         };
         Some((known, new_turn))
@@ -633,7 +636,14 @@ impl Gateway {
     ) -> Result<Reply, GatewayError> {
         let started = Instant::now();
         let service = self.resolve(&prompt.model, forced_tier).await?;
-        check_attachments(&service.flow, prompt)?;
+        let as_text;
+        let prompt = match check_attachments(&service.flow, prompt)? {
+            Files::Send => prompt,
+            Files::AsText => {
+                as_text = prompt.files_as_text();
+                &as_text
+            }
+        };
         let mut request = self
             .request(prompt, request_id, forced_tier, &service, started)
             .await;
@@ -1183,26 +1193,39 @@ impl Gateway {
     }
 }
 
-/// Refuses files the service's flow cannot send: it has no upload step, or the site's attach
-/// control does not take the type, or it names one file and the prompt has more.
-fn check_attachments(flow: &Flow, prompt: &Prompt) -> Result<(), GatewayError> {
-    let Some((_, first)) = prompt.attachments.first() else {
-        return Ok(());
-    };
+/// What becomes of a prompt's files.
+enum Files {
+    /// The flow's upload steps send them (or there are none).
+    Send,
+    /// The flow cannot send files and they are all in the history: they are shown as
+    /// `[image]` text, as the site's own page would show a past attachment it lost.
+    AsText,
+}
+
+/// Refuses files the service's flow cannot send: files of the new turn when it has no upload
+/// step, a type the site's attach control does not take, more than the one file it names.
+fn check_attachments(flow: &Flow, prompt: &Prompt) -> Result<Files, GatewayError> {
+    if prompt.attachments.is_empty() {
+        return Ok(Files::Send);
+    }
     let Some(upload) = &flow.upload else {
+        let Some(new) = prompt.attachments.iter().find(|a| a.new) else {
+            return Ok(Files::AsText);
+        };
         return Err(GatewayError::Attachment {
-            at: first.at.clone(),
+            at: new.file.at.clone(),
             code: "no_upload",
             message: format!(
                 "`{}` cannot take images or files: its flow has no upload step (the site's \
-                 chat page showed no attach control when it was learned). Send text; if the \
-                 site now takes files, re-learn it (`computetower learn ACCOUNT` or Learn on \
-                 /admin).",
+                 chat page showed no attach control when it was learned). Send text (images \
+                 in earlier turns are shown to it as [image]); if the site now takes files, \
+                 re-learn it (`computetower learn ACCOUNT`, or Learn on /admin).",
                 flow.service
             ),
         });
     };
-    for (_, file) in &prompt.attachments {
+    for attached in &prompt.attachments {
+        let file = &attached.file;
         if !file.accepted_by(&upload.accept) {
             return Err(GatewayError::Attachment {
                 at: file.at.clone(),
@@ -1214,14 +1237,18 @@ fn check_attachments(flow: &Flow, prompt: &Prompt) -> Result<(), GatewayError> {
             });
         }
     }
-    let distinct: std::collections::BTreeSet<&str> = prompt
-        .attachments
-        .iter()
-        .map(|(_, f)| f.sha256.as_str())
-        .collect();
+    let mut distinct: Vec<&PromptFile> = Vec::new();
+    for attached in &prompt.attachments {
+        if !distinct
+            .iter()
+            .any(|d| d.file.sha256 == attached.file.sha256)
+        {
+            distinct.push(attached);
+        }
+    }
     if upload.single && distinct.len() > 1 {
         return Err(GatewayError::Attachment {
-            at: prompt.attachments[1].1.at.clone(),
+            at: distinct[1].file.at.clone(),
             code: "too_many_files",
             message: format!(
                 "`{}` takes one file per message; this request has {}.",
@@ -1230,7 +1257,7 @@ fn check_attachments(flow: &Flow, prompt: &Prompt) -> Result<(), GatewayError> {
             ),
         });
     }
-    Ok(())
+    Ok(Files::Send)
 }
 
 /// Whether the flow knows the site's conversations: it creates them in a preflight or the

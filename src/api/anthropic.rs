@@ -588,7 +588,7 @@ mod tests {
                 {"type":"text","text":"Checking."},
                 {"type":"tool_use","id":"toolu_1","name":"get_weather","input":{"city":"Paris"}}]},
               {"role":"user","content":[{"type":"tool_result","tool_use_id":"toolu_1",
-                "content":[{"type":"text","text":"sunny"},{"type":"image","source":{}}]},
+                "content":[{"type":"text","text":"sunny"},{"type":"image","source":{"type":"base64","media_type":"image/png","data":"iVBORw0KGgo="}}]},
                 {"type":"text","text":"and now?"}]}]}"#,
         )
         .unwrap();

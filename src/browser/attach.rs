@@ -4,12 +4,23 @@
 //! Shared by the probe (which attaches a generated file to learn the upload) and tier 3.
 
 use std::path::Path;
+use std::time::Duration;
 
 use chromiumoxide::Page;
 use chromiumoxide::cdp::browser_protocol::dom::SetFileInputFilesParams;
 use serde::Deserialize;
 
-use super::PageError;
+use tokio::sync::mpsc::Receiver;
+use tokio::time::Instant;
+
+use super::{PageError, RecorderEvent};
+
+/// How long the page may take to start uploading once a file is chosen.
+const START_WAIT: Duration = Duration::from_secs(2);
+/// How long the uploads may take in all.
+const UPLOAD_WAIT: Duration = Duration::from_secs(30);
+/// Quiet after the last upload call finished before the message is typed.
+const SETTLE: Duration = Duration::from_millis(300);
 
 /// What the page's file input is.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -55,4 +66,46 @@ pub async fn choose_files(page: &Page, files: &[&Path]) -> Result<(), PageError>
         .map_err(|e| PageError::Crashed(format!("cannot attach the file: {e}")))?;
     page.execute(params).await.map_err(PageError::from_cdp)?;
     Ok(())
+}
+
+/// Waits for the calls the page makes once a file is chosen to finish: returns when none
+/// started within [`START_WAIT`] (the site uploads on send, or not at all), or when every
+/// one started has finished and [`SETTLE`] passed quietly, or after [`UPLOAD_WAIT`].
+/// Returns how many calls were seen.
+pub async fn await_uploads(feed: &mut Receiver<RecorderEvent>) -> usize {
+    let started = Instant::now();
+    let mut in_flight: Vec<String> = Vec::new();
+    let mut seen = 0;
+    let mut quiet_since = Instant::now();
+    loop {
+        let now = Instant::now();
+        let deadline = if seen == 0 {
+            started + START_WAIT
+        } else if in_flight.is_empty() {
+            quiet_since + SETTLE
+        } else {
+            started + UPLOAD_WAIT
+        };
+        let deadline = deadline.min(started + UPLOAD_WAIT);
+        if now >= deadline {
+            return seen;
+        }
+        let event = match tokio::time::timeout_at(deadline, feed.recv()).await {
+            Ok(Some(event)) => event,
+            Ok(None) | Err(_) => continue,
+        };
+        match event {
+            RecorderEvent::Request { id, .. } => {
+                seen += 1;
+                in_flight.push(id);
+            }
+            RecorderEvent::Finished { id } | RecorderEvent::Failed { id, .. } => {
+                in_flight.retain(|i| *i != id);
+                if in_flight.is_empty() {
+                    quiet_since = Instant::now();
+                }
+            }
+            _ => {}
+        }
+    }
 }

@@ -92,6 +92,23 @@ async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStream, Replay
             message: "could not find the chat input on the page".into(),
         });
     }
+    let files: Vec<_> = req
+        .prompt
+        .attachments
+        .iter()
+        .filter(|a| !continuing || a.turn + 1 == req.prompt.messages.len())
+        .map(|a| a.file.clone())
+        .collect();
+    if !files.is_empty() {
+        let mut feed = lease.work.recorder.subscribe();
+        attach_files(
+            &page,
+            &mut feed,
+            &pool.data_dir().join("tier3-files"),
+            &files,
+        )
+        .await?;
+    }
     super::insert_text(&page, &text).await.map_err(page_error)?;
     let typed: Option<String> = chatbox::script(&page, KEY, chatbox::COMPOSER_TEXT, &[])
         .await
@@ -386,6 +403,49 @@ fn template_path(template: &str) -> Vec<Option<String>> {
     path.split('/')
         .map(|segment| (!segment.contains("{{")).then(|| segment.to_owned()))
         .collect()
+}
+
+/// Chooses `files` in the page's file input, as a person attaching them would, and waits for
+/// the page's uploads. The files are written under `dir` for Chromium to read, and removed.
+async fn attach_files(
+    page: &Page,
+    feed: &mut tokio::sync::mpsc::Receiver<RecorderEvent>,
+    dir: &std::path::Path,
+    files: &[std::sync::Arc<crate::attachment::Attachment>],
+) -> Result<(), ReplayError> {
+    let input = super::attach::find_file_input(page).await?;
+    if !input.found {
+        return Err(ReplayError::Unexpected {
+            call: Call::Chat,
+            kind: FailureKind::FormatDrift,
+            message: "the page has no file input to attach the files with".into(),
+        });
+    }
+    let written = |e: std::io::Error| ReplayError::Browser {
+        call: Call::Chat,
+        message: format!("cannot write the files for the page: {e}"),
+    };
+    // One directory per request: two files may share a name.
+    let dir = dir.join(uuid::Uuid::new_v4().simple().to_string());
+    tokio::fs::create_dir_all(&dir).await.map_err(written)?;
+    let mut paths = Vec::new();
+    for (i, file) in files.iter().enumerate() {
+        let path = dir.join(format!("{i}")).join(&file.name);
+        if let Some(parent) = path.parent() {
+            tokio::fs::create_dir_all(parent).await.map_err(written)?;
+        }
+        tokio::fs::write(&path, &file.bytes)
+            .await
+            .map_err(written)?;
+        paths.push(path);
+    }
+    let chosen: Vec<&std::path::Path> = paths.iter().map(|p| p.as_path()).collect();
+    let result = super::attach::choose_files(page, &chosen).await;
+    if result.is_ok() {
+        super::attach::await_uploads(feed).await;
+    }
+    let _ = tokio::fs::remove_dir_all(&dir).await;
+    result.map_err(ReplayError::from)
 }
 
 async fn read_reply(page: &Page, typed: &str) -> Result<Rendered, ReplayError> {

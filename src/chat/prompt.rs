@@ -14,8 +14,7 @@ use serde_json::Value;
 
 use super::calls::{CLOSE, OPEN};
 use super::request::{Media, Message, OutputFormat, Part, Request, ToolCall, ToolChoice};
-use crate::attachment::Attachment;
-use crate::replay::render::Prompt;
+use crate::replay::render::{Prompt, PromptFile};
 use crate::role::Role;
 
 /// Heads the tool instructions.
@@ -42,10 +41,14 @@ pub fn prompt_of(request: &Request) -> Prompt {
 /// The user turns' files, each with the index of its turn among the prompt's messages (0 for
 /// all of them when the conversation is `folded` into one turn). A URL not fetched is not a
 /// file yet: `api::front` fetches or refuses those before a prompt is made.
-fn attachments(messages: &[Message], folded: bool) -> Vec<(usize, Arc<Attachment>)> {
+fn attachments(messages: &[Message], folded: bool) -> Vec<PromptFile> {
+    let new_from = messages
+        .iter()
+        .rposition(|m| matches!(m, Message::Assistant { .. }))
+        .map_or(0, |i| i + 1);
     let mut out = Vec::new();
     let mut index = 0;
-    for message in messages {
+    for (at, message) in messages.iter().enumerate() {
         if matches!(message, Message::System { text } if text.trim().is_empty()) {
             continue;
         }
@@ -60,7 +63,11 @@ fn attachments(messages: &[Message], folded: bool) -> Vec<(usize, Arc<Attachment
                     ..
                 } = part
                 {
-                    out.push((if folded { 0 } else { index }, Arc::new(file.clone())));
+                    out.push(PromptFile {
+                        turn: if folded { 0 } else { index },
+                        new: at >= new_from,
+                        file: Arc::new(file.clone()),
+                    });
                 }
             }
         }
@@ -115,7 +122,7 @@ fn turns(messages: &[Message]) -> Vec<(Role, String)> {
         match message {
             Message::System { text } if text.trim().is_empty() => {}
             Message::System { text } => out.push((Role::System, text.clone())),
-            Message::User { parts } => out.push((Role::User, parts_text(parts))),
+            Message::User { parts } => out.push((Role::User, parts_text(parts, true))),
             Message::Assistant { text, calls } => {
                 let mut content = text.clone();
                 for call in calls {
@@ -137,7 +144,10 @@ fn turns(messages: &[Message]) -> Vec<(Role, String)> {
                     .unwrap_or_else(|| "the tool".to_owned());
                 out.push((
                     Role::Tool,
-                    format!("result of {name} (call {call_id}):\n{}", parts_text(parts)),
+                    format!(
+                        "result of {name} (call {call_id}):\n{}",
+                        parts_text(parts, false)
+                    ),
                 ));
             }
         }
@@ -155,11 +165,21 @@ fn name_of_call(messages: &[Message], call_id: &str) -> Option<String> {
     })
 }
 
-fn parts_text(parts: &[Part]) -> String {
+/// The parts as text; with `attached`, inline files are left out (they travel as files).
+fn parts_text(parts: &[Part], attached: bool) -> String {
     let mut text = String::new();
     for part in parts {
         let piece = match part {
             Part::Text { text } => text.as_str(),
+            // Their bytes travel as files (or as this text again, `Prompt::files_as_text`).
+            Part::Image {
+                media: Media::Inline { .. },
+                ..
+            }
+            | Part::File {
+                media: Media::Inline { .. },
+                ..
+            } if attached => continue,
             Part::Image { .. } => "[image]",
             Part::File { .. } => "[file]",
         };

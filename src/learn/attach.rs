@@ -7,22 +7,11 @@
 //! equal to them in a call is the file's.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc::Receiver;
-use tokio::time::Instant;
 
 use crate::attachment::{Attachment, hex};
-use crate::browser::RecorderEvent;
 use crate::recording::{AttachedFile, Body};
-
-/// How long the page may take to start uploading once a file is chosen.
-const START_WAIT: Duration = Duration::from_secs(2);
-/// How long the uploads may take in all.
-const UPLOAD_WAIT: Duration = Duration::from_secs(20);
-/// Quiet after the last upload call finished before the probe is typed.
-const SETTLE: Duration = Duration::from_millis(300);
 
 /// A generated probe file, written where Chromium can read it.
 pub struct ProbeFile {
@@ -79,48 +68,6 @@ impl ProbeFile {
             accept: accept.to_owned(),
             chosen_ms,
             typed_ms,
-        }
-    }
-}
-
-/// Waits for the calls the page makes once a file is chosen to finish: returns when none
-/// started within [`START_WAIT`] (the site uploads on send, or not at all), or when every
-/// one started has finished and [`SETTLE`] passed quietly, or after [`UPLOAD_WAIT`].
-/// Returns how many calls were seen.
-pub async fn await_uploads(feed: &mut Receiver<RecorderEvent>) -> usize {
-    let started = Instant::now();
-    let mut in_flight: Vec<String> = Vec::new();
-    let mut seen = 0;
-    let mut quiet_since = Instant::now();
-    loop {
-        let now = Instant::now();
-        let deadline = if seen == 0 {
-            started + START_WAIT
-        } else if in_flight.is_empty() {
-            quiet_since + SETTLE
-        } else {
-            started + UPLOAD_WAIT
-        };
-        let deadline = deadline.min(started + UPLOAD_WAIT);
-        if now >= deadline {
-            return seen;
-        }
-        let event = match tokio::time::timeout_at(deadline, feed.recv()).await {
-            Ok(Some(event)) => event,
-            Ok(None) | Err(_) => continue,
-        };
-        match event {
-            RecorderEvent::Request { id, .. } => {
-                seen += 1;
-                in_flight.push(id);
-            }
-            RecorderEvent::Finished { id } | RecorderEvent::Failed { id, .. } => {
-                in_flight.retain(|i| *i != id);
-                if in_flight.is_empty() {
-                    quiet_since = Instant::now();
-                }
-            }
-            _ => {}
         }
     }
 }

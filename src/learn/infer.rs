@@ -26,6 +26,7 @@ mod follow_up;
 pub(crate) mod provenance;
 #[cfg(test)]
 mod tests;
+mod upload;
 pub(crate) mod values;
 
 use std::collections::BTreeMap;
@@ -254,6 +255,10 @@ struct Learner<'r> {
     observed: Vec<(String, String)>,
     /// Templating a later turn: what the first turn left to reuse, and what was found.
     follow_up: Option<follow_up::Context>,
+    /// The file the probe chose in the page's file input (see `upload`).
+    attached: Option<&'r crate::recording::AttachedFile>,
+    /// The preflights' keys, in the order `template_calls` returned them.
+    step_keys: Vec<StepKey>,
 }
 
 impl<'r> Learner<'r> {
@@ -273,6 +278,8 @@ impl<'r> Learner<'r> {
             suspicious: Vec::new(),
             observed: Vec::new(),
             follow_up: None,
+            attached: recording.attached.as_ref(),
+            step_keys: Vec::new(),
         }
     }
 
@@ -374,6 +381,7 @@ impl<'r> Learner<'r> {
             }
         ));
         let (request, preflight) = self.template_calls(&chosen);
+        let keys = std::mem::take(&mut self.step_keys);
 
         let mut hints = self.default_hints(chat_exchange);
         hints.conversation_values = self.preflight_values.clone();
@@ -406,6 +414,9 @@ impl<'r> Learner<'r> {
             replay: ReplayPolicy::default(),
             stats: FlowStats::default(),
         };
+        let mut notes = std::mem::take(&mut self.notes);
+        upload::split(&self, &mut flow, &keys, &mut notes);
+        self.notes = notes;
         flow.validate()
             .map_err(|e| InferError::Invalid(e.to_string()))?;
         drop_literal_secrets(&mut flow, &mut self.suspicious);
@@ -435,6 +446,12 @@ impl<'r> Learner<'r> {
         self.templating_chat = true;
         let request = self.template(chosen.index);
         self.templating_chat = false;
+        // The calls that sent the attached file: nothing reads their answers, but the upload
+        // needs them.
+        for carrier in self.file_carriers() {
+            self.steps.entry(StepKey::Exchange(carrier)).or_default();
+            self.pending.push(carrier);
+        }
         for carrier in &chosen.carriers {
             self.notes.push(format!(
                 "{} carries the probe before the chat call: kept as a preflight",
@@ -473,6 +490,7 @@ impl<'r> Learner<'r> {
                 http,
                 extract: plan.extract,
             });
+            self.step_keys.push(key);
         }
         (request, preflight)
     }
@@ -520,9 +538,16 @@ impl<'r> Learner<'r> {
                 m
             });
             (BodyKind::Json, messages)
+        } else if self.carries_file(index) {
+            self.template_file_body(index, at)
         } else {
             self.template_body(index, exchange, at, &mut slots)
         };
+        let mut headers = headers;
+        if body_kind == BodyKind::Multipart {
+            // The boundary is made anew for every body.
+            headers.remove("content-type");
+        }
         HttpTemplate {
             method: exchange.method.to_ascii_uppercase(),
             url,
@@ -814,7 +839,8 @@ impl<'r> Learner<'r> {
                         Plan::Source(source)
                             if source == "now_ms"
                                 || source == "now_s"
-                                || source.starts_with("session.") =>
+                                || source.starts_with("session.")
+                                || source.starts_with("file.") =>
                         {
                             // A string stays a string; session values are strings.
                             *slot = Value::String(format!("{{{{{source}}}}}"));
@@ -827,6 +853,13 @@ impl<'r> Learner<'r> {
                 }
                 Value::Number(n) => {
                     let Some(number) = n.as_f64() else { continue };
+                    if self.file_source(index, &n.to_string()) == Some("file.size") {
+                        if let Some(slot) = body.pointer_mut(&pointer) {
+                            *slot = Value::from(0);
+                        }
+                        slots.insert(pointer.clone(), "file.size".to_owned());
+                        continue;
+                    }
                     if let Some(source) = self.counter(&pointer, number) {
                         if let Some(slot) = body.pointer_mut(&pointer) {
                             *slot = Value::from(0);
@@ -907,6 +940,15 @@ impl<'r> Learner<'r> {
                 describe_call(&self.exchanges()[index])
             ));
             return Plan::Prompt;
+        }
+        if let Some(source) = self.file_source(index, value) {
+            self.notes.push(format!(
+                "{} of {} is the attached file's {}: `{source}`",
+                spot.label,
+                describe_call(&self.exchanges()[index]),
+                source.trim_start_matches("file.")
+            ));
+            return Plan::Source(source.to_owned());
         }
         if self.follow_up.is_some()
             && let Some(plan) = self.plan_from_first_turn(index, at, value, spot)

@@ -370,7 +370,7 @@ async fn attach_probe_file(
     };
     let chosen_ms = origin.elapsed().as_secs_f64() * 1000.0;
     attach::choose_files(page, &[file.path.as_path()]).await?;
-    let calls = crate::learn::attach::await_uploads(feed).await;
+    let calls = attach::await_uploads(feed).await;
     tracing::debug!(calls, "probe: a file was chosen in the page's file input");
     Ok(Some((file, input.accept, chosen_ms)))
 }

@@ -213,10 +213,7 @@ impl ReplayError {
 impl ReplayError {
     /// An upload step's refusal of a file, as [`ReplayError::FileRefused`] naming the part
     /// (`files` are the attachments the run sent, in order); any other error as it is.
-    pub fn naming_file(
-        self,
-        files: &[(usize, std::sync::Arc<crate::attachment::Attachment>)],
-    ) -> Self {
+    pub fn naming_file(self, files: &[crate::replay::render::PromptFile]) -> Self {
         if self.came_from() != Source::Client {
             return self;
         }
@@ -227,8 +224,8 @@ impl ReplayError {
                 detail,
                 ..
             } => match files.get(file) {
-                Some((_, attachment)) => ReplayError::FileRefused {
-                    at: attachment.at.clone(),
+                Some(attached) => ReplayError::FileRefused {
+                    at: attached.file.at.clone(),
                     status,
                     detail,
                 },

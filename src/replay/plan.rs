@@ -201,7 +201,8 @@ async fn upload_files<C: Calls>(
     let flow_id = flow_key(&plan.flow.id);
     let mut items = Vec::new();
     let mut seen: Vec<&str> = Vec::new();
-    for (n, (_, file)) in files.iter().enumerate() {
+    for (n, attached) in files.iter().enumerate() {
+        let file = &attached.file;
         // The same bytes twice in one conversation are one file on the site.
         if seen.contains(&file.sha256.as_str()) {
             continue;

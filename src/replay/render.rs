@@ -22,9 +22,19 @@ use crate::session::SessionData;
 pub struct Prompt {
     pub messages: Vec<(Role, String)>,
     pub model: String,
-    /// The files of the user turns, each with the index in `messages` of its turn; a flow's
-    /// upload steps send them before the chat call.
-    pub attachments: Vec<(usize, Arc<Attachment>)>,
+    /// The files of the user turns; a flow's upload steps send them before the chat call.
+    pub attachments: Vec<PromptFile>,
+}
+
+/// A file of a prompt, and where it is.
+#[derive(Debug, Clone)]
+pub struct PromptFile {
+    /// The index in `messages` of its turn.
+    pub turn: usize,
+    /// It is in the new turn (the user messages after the last assistant one), not in the
+    /// history.
+    pub new: bool,
+    pub file: Arc<Attachment>,
 }
 
 impl Prompt {
@@ -46,6 +56,29 @@ impl Prompt {
                 out
             }
         }
+    }
+
+    /// The prompt with its files as `[image]` / `[file]` text in their turns instead, for a
+    /// flow that cannot send files.
+    pub fn files_as_text(&self) -> Prompt {
+        let mut prompt = Prompt {
+            messages: self.messages.clone(),
+            model: self.model.clone(),
+            attachments: Vec::new(),
+        };
+        for attached in &self.attachments {
+            if let Some((_, text)) = prompt.messages.get_mut(attached.turn) {
+                let shown = match attached.file.mime.starts_with("image/") {
+                    true => "[image]",
+                    false => "[file]",
+                };
+                if !text.is_empty() {
+                    text.push('\n');
+                }
+                text.push_str(shown);
+            }
+        }
+        prompt
     }
 
     pub fn last_user(&self) -> &str {
