@@ -855,13 +855,27 @@ impl Gateway {
         let no_conversation = BTreeMap::new();
         let carried;
         let continuing = attempt.continuing.as_deref();
+        let resent;
         let (flow, send, known) = match (continuing, &request.follow_up, &service.flow.follow_up) {
             (Some((known, new_turn)), Some(next), Some(spec)) => {
                 carried = spec.carried(&known.values);
-                let send = if spec.resends_history {
-                    request.prompt
-                } else {
-                    new_turn
+                let send = match spec.resends_history {
+                    // The history's text goes again, its files do not: the site has them.
+                    true if request.prompt.attachments.len() != new_turn.attachments.len() => {
+                        resent = Prompt {
+                            attachments: request
+                                .prompt
+                                .attachments
+                                .iter()
+                                .filter(|a| a.turn + 1 == request.prompt.messages.len())
+                                .cloned()
+                                .collect(),
+                            ..request.prompt.clone()
+                        };
+                        &resent
+                    }
+                    true => request.prompt,
+                    false => new_turn,
                 };
                 (next, send, &carried)
             }

@@ -196,3 +196,116 @@ async fn files_over_the_configured_size_and_unfetched_urls_are_refused_naming_th
         "{error}"
     );
 }
+
+/// The text of a non-streamed Responses API answer.
+fn responses_text(body: &Value) -> String {
+    body["output"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|item| item["content"].as_array().into_iter().flatten())
+        .filter_map(|part| part["text"].as_str())
+        .collect()
+}
+
+#[tokio::test]
+async fn anthropic_and_responses_files_a_text_file_a_continued_turn_and_tier_3_use_the_upload() {
+    let site = demo_site("openai", &["--uploads", "multipart"]);
+    let data = Data::new();
+    data.learn_account(&site.url, "docs", "docs@example.com");
+    let server = data.serve(&[]);
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let client = common::http();
+
+    // The Anthropic Messages API: an `image` block with a base64 source.
+    let image = png_with_text("through the Messages API");
+    let answer: Value = client
+        .post(format!("{}/v1/messages", server.url))
+        .json(&json!({
+            "model": "docs", "max_tokens": 500,
+            "messages": [{"role": "user", "content": [
+                {"type": "text", "text": PROMPT},
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": b64(&image)}},
+            ]}],
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let text = answer["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|block| block["type"] == "text")
+        .map(|block| block["text"].clone());
+    assert_eq!(text, Some(Value::String(expected(&image))), "{answer}");
+
+    // The Responses API: an `input_file` text file, named as the client named it.
+    let notes = b"Meeting notes: ship it.\n";
+    let answer: Value = client
+        .post(format!("{}/v1/responses", server.url))
+        .json(&json!({
+            "model": "docs",
+            "input": [{"role": "user", "content": [
+                {"type": "input_text", "text": PROMPT},
+                {"type": "input_file", "filename": "notes.txt",
+                 "file_data": format!("data:text/plain;base64,{}", b64(notes))},
+            ]}],
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let want = reply_with_files(
+        Shape::Openai,
+        PROMPT,
+        1,
+        &[("notes.txt", "text/plain", notes)],
+    );
+    assert_eq!(responses_text(&answer), want.content, "{answer}");
+
+    // A later turn of that conversation: the site has the file already; nothing is
+    // uploaded and the new turn names no file.
+    let (uploads, _) = stats(&site.url).await;
+    let later = json!({
+        "model": "docs",
+        "messages": [
+            {"role": "user", "content": [
+                {"type": "text", "text": PROMPT},
+                {"type": "file", "file": {"filename": "notes.txt",
+                 "file_data": format!("data:text/plain;base64,{}", b64(notes))}},
+            ]},
+            {"role": "assistant", "content": want.content},
+        ],
+    });
+    let (status, first) = common::post_chat(&server.url, None, later.to_string()).await;
+    assert_eq!(status, 200, "{first}");
+    let mut next = later.clone();
+    next["messages"][1]["content"] = first["choices"][0]["message"]["content"].clone();
+    next["messages"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"role": "user", "content": "And?"}));
+    let (status, second) = common::post_chat(&server.url, None, next.to_string()).await;
+    assert_eq!(status, 200, "{second}");
+    assert_eq!(
+        second["choices"][0]["message"]["content"],
+        computetower::demo::reply_for_turn(Shape::Openai, "And?", 2).content,
+        "{second}"
+    );
+    assert_eq!(
+        stats(&site.url).await.0,
+        uploads,
+        "the file was uploaded again"
+    );
+
+    // Tier 3 attaches through the page's own file input.
+    let image = png_with_text("through the page's file input");
+    let got = send(&server.url, "docs", &image, "image/png", Some(3), false);
+    assert_eq!(got["content"], expected(&image), "tier 3: {got}");
+    assert_eq!(stats(&site.url).await.0, uploads + 1);
+}
