@@ -25,6 +25,9 @@
 //!   site keeps another way is `turn*K+N` / `turn*K-N` (`turn-1` counts from 0, `turn*2-2`
 //!   counts both sides' messages).
 //!
+//! - `file.name`, `file.type`, `file.size`, `file.sha256`, `file.base64`, `file.data_url`: the
+//!   file an upload step sends (see [`Upload`]).
+//!
 //! Conversations. `preflight` and `request` send a first turn. A later turn of the same site
 //! conversation is sent by `follow_up` when the learner saw one (a second probe in the same
 //! conversation): which calls it makes, which values of the previous exchange it reuses, and

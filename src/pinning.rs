@@ -121,7 +121,13 @@ pub fn static_origins(flow: &Flow) -> Result<Vec<(String, String)>, String> {
         .enumerate()
         .map(|(i, s)| (format!("preflight step {}", i + 1), &s.http.url))
         .chain(std::iter::once(("chat call".to_owned(), &flow.request.url)))
-        .chain(later);
+        .chain(later)
+        .chain(flow.upload.iter().flat_map(|u| {
+            u.steps
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (format!("upload step {}", i + 1), &s.http.url))
+        }));
     // A base that no real URL has: a relative URL joined to it stays on it.
     let probe = Url::parse("http://relative.invalid/").map_err(|e| e.to_string())?;
     for (call, template) in calls {

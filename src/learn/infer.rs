@@ -579,6 +579,19 @@ impl<'r> Learner<'r> {
         let Ok(url) = Url::parse(&exchange.url) else {
             return exchange.url.clone();
         };
+        // An upload URL an earlier answer gave whole (an upload slot, a presigned URL) is
+        // sent as given: its host and signature are the site's to choose.
+        if self.in_upload_window(index)
+            && let Some(origin @ Origin::Response { .. }) =
+                self.sources.find(&exchange.url, index, at)
+        {
+            let spot = Spot {
+                label: "the URL".to_owned(),
+                key: Some("url".to_owned()),
+            };
+            let source = self.source_for(origin, &exchange.url, &spot, index);
+            return format!("{{{{{source}}}}}");
+        }
         let mut out = if same_origin(&url, &self.page) {
             String::new()
         } else {

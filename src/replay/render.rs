@@ -276,9 +276,15 @@ fn pinned_url(template: &HttpTemplate, base: &Url, ctx: &Context<'_>) -> Result<
             .map_err(|_| RenderError::BadUrl(template.url.clone()))
     };
     let refers_to_session = template.url.contains("{{session.");
-    let first = match refers_to_session {
-        true => expand_with(&template.url, ctx, Escape::Url, true)?,
-        false => expand(&template.url, ctx, Escape::Url)?,
+    // A URL that is one earlier answer's value whole (an upload slot) is taken as it is; its
+    // origin is checked like any other.
+    let whole = template.url.starts_with("{{preflight.")
+        && template.url.ends_with("}}")
+        && template.url.matches("{{").count() == 1;
+    let first = match (refers_to_session, whole) {
+        (true, _) => expand_with(&template.url, ctx, Escape::Url, true)?,
+        (false, true) => expand(&template.url, ctx, Escape::None)?,
+        (false, false) => expand(&template.url, ctx, Escape::Url)?,
     };
     let first = join(&first)?;
     if refers_to_session && first.host_str().is_some_and(|h| h.contains(SESSION_MASK)) {
@@ -669,6 +675,79 @@ mod tests {
             render(&t, &base, &ctx),
             Err(RenderError::BadPointer(_))
         ));
+    }
+
+    #[test]
+    fn upload_bodies_carry_the_file_and_the_chat_call_names_it() {
+        let p = prompt(&[(Role::User, "hi")]);
+        let s = session();
+        let file = Attachment::new(
+            "m",
+            Some("a\"b.png"),
+            "image/png",
+            b"\x89PNG-bytes".to_vec(),
+        );
+        let preflight: BTreeMap<String, String> = [(
+            "url".to_owned(),
+            "https://x.test/blob/t?sig=a%2Fb".to_owned(),
+        )]
+        .into();
+        let pins = Pins::new(&Url::parse("https://x.test/").unwrap(), []);
+        let attached = serde_json::json!([{"id": "file-1"}]);
+        let ctx = Context {
+            prompt: &p,
+            session: &s,
+            preflight: &preflight,
+            conversation: &BTreeMap::new(),
+            now_ms: 0,
+            pins: &pins,
+            file: Some(&file),
+            attached: None,
+        };
+        let base = Url::parse("https://x.test/").unwrap();
+        let t = template(
+            serde_json::json!({"url": "/up", "body_kind": "multipart", "body": [
+            {"name": "purpose", "value": "chat {{file.size}}"}, {"name": "file", "file": true}]}),
+        );
+        let r = render(&t, &base, &ctx).unwrap();
+        let content_type = r.content_type.unwrap().into_owned();
+        let boundary = content_type
+            .strip_prefix("multipart/form-data; boundary=")
+            .unwrap();
+        let body = String::from_utf8_lossy(&r.body.unwrap()).into_owned();
+        assert!(body.starts_with(&format!("--{boundary}\r\n")), "{body}");
+        assert!(
+            body.contains("name=\"purpose\"\r\n\r\nchat 10\r\n"),
+            "{body}"
+        );
+        assert!(
+            body.contains("name=\"file\"; filename=\"ab.png\"\r\nContent-Type: image/png\r\n\r\n\u{fffd}PNG-bytes\r\n"),
+            "{body}"
+        );
+        assert!(body.ends_with(&format!("--{boundary}--\r\n")));
+        // The raw bytes, to the URL an earlier answer gave whole (not re-encoded).
+        let t = template(
+            serde_json::json!({"method": "PUT", "url": "{{preflight.url}}", "body_kind": "file"}),
+        );
+        let r = render(&t, &base, &ctx).unwrap();
+        assert_eq!(r.url.as_str(), "https://x.test/blob/t?sig=a%2Fb");
+        assert_eq!(r.body.as_deref(), Some(&b"\x89PNG-bytes"[..]));
+        assert_eq!(r.content_type.as_deref(), Some("image/png"));
+        // The chat call gets the uploaded files' list at its attach point.
+        let ctx = Context {
+            attached: Some(("/files", &attached)),
+            ..ctx
+        };
+        let t = template(
+            serde_json::json!({"url": "/chat", "body": {"prompt": "", "files": []}, "slots": {"/prompt": "prompt"}}),
+        );
+        let body: Value =
+            serde_json::from_slice(&render(&t, &base, &ctx).unwrap().body.unwrap()).unwrap();
+        assert_eq!(body["files"], attached);
+        // Without a file, a file source is an error, not an empty value.
+        let ctx = Context { file: None, ..ctx };
+        let t = template(serde_json::json!({"url": "/x", "body": {"n": "{{file.name}}"}}));
+        assert!(render(&t, &base, &ctx).is_err());
     }
 
     /// A flow naming another origin is refused before any session value is expanded, and a

@@ -387,6 +387,15 @@ function flowCard(service, flow, older) {
           Object.keys(p.extract || {}).length
             ? " → " + Object.entries(p.extract).map(([k, v]) => `${k} (${describeExtract(v)})`).join(", ") : ""))
       : "none"),
+    h("dt", {}, "Uploads"), h("dd", {}, flow.upload
+      ? [
+          ...flow.upload.steps.map((p) => h("div", { class: "mono" },
+            `${p.method || "POST"} ${p.url}` + (p.body_kind === "multipart" ? " (multipart)" : p.body_kind === "file" ? " (the file's bytes)" : "")
+            + (Object.keys(p.extract || {}).length ? " → " + Object.keys(p.extract).join(", ") : ""))),
+          h("div", { class: "hint" }, `named at ${flow.upload.attach || "/"}${flow.upload.single ? " (one file)" : " (a list)"}`
+            + (flow.upload.accept ? `; accepts ${flow.upload.accept}` : "")),
+        ]
+      : "none: the chat page had no attach control when learned"),
     h("dt", {}, "Slots"), h("dd", { class: "mono" }, Object.keys(req.slots || {}).length
       ? Object.entries(req.slots).map(([k, v]) => h("div", {}, `${k} ← ${v}`)) : "none"),
     h("dt", {}, "Decoder"), h("dd", {}, describeDecoder(flow.response)),

@@ -329,3 +329,24 @@ pub(super) fn split(
     ));
     flow.upload = Some(upload);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multipart_bodies_as_devtools_shows_them_split_into_fields() {
+        let text = "------B\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nchat\r\n\
+                    ------B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"p.png\"\r\n\
+                    Content-Type: image/png\r\n\r\n\r\n------B--\r\n";
+        let parts = multipart_parts(text, "----B");
+        assert_eq!(parts.len(), 2);
+        assert_eq!(
+            (parts[0].name.as_str(), parts[0].value.as_str()),
+            ("purpose", "chat")
+        );
+        assert_eq!(parts[0].filename, None);
+        assert_eq!(parts[1].name, "file");
+        assert_eq!(parts[1].filename.as_deref(), Some("p.png"));
+    }
+}
