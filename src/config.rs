@@ -78,6 +78,10 @@ pub struct ApiSettings {
     /// Fetch `http(s)` image and file URLs that clients send (off: only `data:` URLs and
     /// base64 are taken). The server then makes requests to URLs its clients choose.
     pub fetch_image_urls: bool,
+    /// Also fetch URLs whose host is this machine or a private network (off: such a URL is
+    /// refused, so a client cannot make the server read its own admin API or a cloud
+    /// metadata endpoint).
+    pub fetch_private_urls: bool,
     /// Largest image or file taken, in bytes (a site's own limit may be lower).
     pub max_file_bytes: u64,
 }
@@ -87,6 +91,7 @@ impl Default for ApiSettings {
         Self {
             cors_origins: Vec::new(),
             fetch_image_urls: false,
+            fetch_private_urls: false,
             max_file_bytes: 10 * 1024 * 1024,
         }
     }

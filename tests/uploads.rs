@@ -14,6 +14,8 @@ use computetower::attachment::Attachment;
 use computetower::demo::{Shape, reply_with_files};
 use computetower::learn::attach::png_with_text;
 use serde_json::{Value, json};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 const PROMPT: &str = "What is in this picture?";
 
@@ -202,6 +204,46 @@ async fn files_over_the_configured_size_and_unfetched_urls_are_refused_naming_th
             .contains("fetch_image_urls"),
         "{error}"
     );
+    // Fetching on, but not from this machine: the URL is refused before any request.
+    let (image_url, served) = serve_image(png_with_text("never fetched")).await;
+    let fetching = data.serve(&[("COMPUTETOWER_API__FETCH_IMAGE_URLS", "true")]);
+    let mut private = body.clone();
+    private["messages"][0]["content"][1]["image_url"]["url"] = json!(image_url);
+    let (status, error) = common::post_chat(&fetching.url, None, private.to_string()).await;
+    assert_eq!(status, 400, "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("fetch_private_urls"),
+        "{error}"
+    );
+    assert_eq!(served.load(Ordering::SeqCst), 0);
+}
+
+/// A one-route HTTP server answering every request with `image` as `image/png`; its URL
+/// (`…/cat.png`) and how many requests it answered.
+async fn serve_image(image: Vec<u8>) -> (String, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/cat.png", listener.local_addr().unwrap());
+    let served = Arc::new(AtomicUsize::new(0));
+    let count = served.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut request = vec![0u8; 4096];
+            let _ = socket.read(&mut request).await;
+            count.fetch_add(1, Ordering::SeqCst);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: image/png\r\ncontent-length: {}\r\n\
+                 connection: close\r\n\r\n",
+                image.len()
+            );
+            let _ = socket.write_all(head.as_bytes()).await;
+            let _ = socket.write_all(&image).await;
+        }
+    });
+    (url, served)
 }
 
 /// The text of a non-streamed Responses API answer.
@@ -220,7 +262,10 @@ async fn anthropic_and_responses_files_a_text_file_a_continued_turn_and_tier_3_u
     let site = demo_site("openai", &["--uploads", "multipart"]);
     let data = Data::new();
     data.learn_account(&site.url, "docs", "docs@example.com");
-    let server = data.serve(&[]);
+    let server = data.serve(&[
+        ("COMPUTETOWER_API__FETCH_IMAGE_URLS", "true"),
+        ("COMPUTETOWER_API__FETCH_PRIVATE_URLS", "true"),
+    ]);
     let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
     let client = common::http();
 
@@ -310,9 +355,28 @@ async fn anthropic_and_responses_files_a_text_file_a_continued_turn_and_tier_3_u
         "the file was uploaded again"
     );
 
+    // An image URL, fetched by the server (allowed here, this machine included).
+    let cat = png_with_text("a cat, fetched");
+    let (image_url, served) = serve_image(cat.clone()).await;
+    let body = json!({
+        "model": "docs",
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": PROMPT},
+            {"type": "image_url", "image_url": {"url": image_url}},
+        ]}],
+    });
+    let (status, answer) = common::post_chat(&server.url, None, body.to_string()).await;
+    assert_eq!(status, 200, "{answer}");
+    let want = reply_with_files(Shape::Openai, PROMPT, 1, &[("cat.png", "image/png", &cat)]);
+    assert_eq!(
+        answer["choices"][0]["message"]["content"], want.content,
+        "{answer}"
+    );
+    assert_eq!(served.load(Ordering::SeqCst), 1);
+
     // Tier 3 attaches through the page's own file input.
     let image = png_with_text("through the page's file input");
     let got = send(&server.url, "docs", &image, "image/png", Some(3), false);
     assert_eq!(got["content"], expected(&image), "tier 3: {got}");
-    assert_eq!(stats(&site.url).await.0, uploads + 1);
+    assert_eq!(stats(&site.url).await.0, uploads + 2);
 }

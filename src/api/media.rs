@@ -228,7 +228,7 @@ pub async fn resolve(request: &mut Request, settings: &ApiSettings) -> Result<()
                     ),
                 ));
             }
-            let file = fetch(at, url, name.as_deref(), limit).await?;
+            let file = fetch(at, url, name.as_deref(), limit, settings.fetch_private_urls).await?;
             *media = Media::Inline { file };
         }
         if let Media::Inline { file } = media
@@ -246,12 +246,54 @@ pub async fn resolve(request: &mut Request, settings: &ApiSettings) -> Result<()
     Ok(())
 }
 
-/// Fetches an image URL, reading at most `limit` bytes.
+/// Whether an address is this machine's or a private network's.
+fn is_private(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                // carrier-grade NAT
+                || (v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64)
+        }
+        std::net::IpAddr::V6(v6) => {
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || (v6.segments()[0] & 0xfe00) == 0xfc00 // unique local
+                || (v6.segments()[0] & 0xffc0) == 0xfe80 // link local
+                || v6.to_ipv4_mapped().is_some_and(|v4| is_private(v4.into()))
+        }
+    }
+}
+
+/// Refuses a URL whose host resolves to a private address.
+async fn check_public(url: &reqwest::Url) -> Result<(), String> {
+    let host = url.host_str().ok_or("it has no host")?;
+    let port = url.port_or_known_default().unwrap_or(443);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let addresses: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|_| "its host does not resolve".to_owned())?
+        .collect();
+    if addresses.is_empty() || addresses.iter().any(|a| is_private(a.ip())) {
+        return Err(
+            "its host is this machine or a private network (`[api] fetch_private_urls` is off)"
+                .to_owned(),
+        );
+    }
+    Ok(())
+}
+
+/// Fetches an image URL, reading at most `limit` bytes. Redirects are followed by hand, so
+/// every hop is checked like the first.
 async fn fetch(
     at: &str,
     url: &str,
     name: Option<&str>,
     limit: u64,
+    private: bool,
 ) -> Result<Attachment, ApiError> {
     use futures_util::StreamExt;
     let failed = |why: String| {
@@ -262,14 +304,35 @@ async fn fetch(
     };
     let client = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(20))
-        .redirect(reqwest::redirect::Policy::limited(3))
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| failed(e.to_string()))?;
-    let response = client
-        .get(url)
-        .send()
-        .await
-        .map_err(|e| failed(e.without_url().to_string()))?;
+    let mut next = reqwest::Url::parse(url).map_err(|_| failed("it is not a valid URL".into()))?;
+    let mut hops = 0;
+    let response = loop {
+        if !private {
+            check_public(&next).await.map_err(failed)?;
+        }
+        let response = client
+            .get(next.clone())
+            .send()
+            .await
+            .map_err(|e| failed(e.without_url().to_string()))?;
+        if !response.status().is_redirection() {
+            break response;
+        }
+        hops += 1;
+        if hops > 3 {
+            return Err(failed("it redirects more than 3 times".into()));
+        }
+        next = response
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|l| next.join(l).ok())
+            .filter(|u| matches!(u.scheme(), "http" | "https"))
+            .ok_or_else(|| failed("it redirects nowhere usable".into()))?;
+    };
     if !response.status().is_success() {
         return Err(failed(format!(
             "it answered HTTP {}",
