@@ -73,8 +73,17 @@ pub(crate) struct PoolShared {
     /// Told what a page holds after a probe or a browser-tier page load (see
     /// [`BrowserPool::set_harvest_hook`]).
     harvest_hook: Mutex<Option<HarvestHook>>,
+    /// Bumped whenever what the pool holds changes (contexts, work pages, live sessions and
+    /// their states), for whoever waits on that state ([`BrowserPool::changes`]).
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
     #[cfg(test)]
     pub(crate) observer: Mutex<Option<Observer>>,
+}
+
+impl PoolShared {
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
 }
 
 /// Receives (account id, session material) harvested from an account's page after it ran:
@@ -281,10 +290,17 @@ impl BrowserPool {
                 live: Mutex::new(HashMap::new()),
                 work: Mutex::new(HashMap::new()),
                 harvest_hook: Mutex::new(None),
+                changes: Arc::new(tokio::sync::watch::Sender::new(0)),
                 #[cfg(test)]
                 observer: Mutex::new(None),
             }),
         }
+    }
+
+    /// Tells of every change of what the pool holds (contexts, work pages, live sessions and
+    /// their states): wait on it instead of polling.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.changes.subscribe()
     }
 
     /// Where failure screenshots (and the learner's saved recordings) go.
@@ -375,8 +391,10 @@ impl BrowserPool {
             lease.id.clone(),
             page.clone(),
             &req.url,
+            self.shared.changes.clone(),
         ));
         lock(&self.shared.live).insert(live.id.clone(), live.clone());
+        self.shared.changed();
         let observe = |kind: PageKind| self.shared.observe(kind);
         let result = Attempt::new(
             &self.shared.config,
@@ -390,6 +408,7 @@ impl BrowserPool {
         .run()
         .await;
         lock(&self.shared.live).remove(&live.id);
+        self.shared.changed();
         if !running.is_dead() {
             let _ = tokio::time::timeout(Duration::from_secs(5), page.close()).await;
         }
@@ -831,6 +850,9 @@ impl BrowserPool {
                         room = contexts.len() < shared.config.max_contexts.max(1);
                     }
                 }
+                if !dispose.is_empty() {
+                    shared.changed();
+                }
                 for id in dispose {
                     dispose_context(running, id).await;
                 }
@@ -987,6 +1009,7 @@ impl BrowserPool {
             .remove(live_id)
             .ok_or_else(|| LoginError::NoSuchLiveSession(live_id.to_owned()))?;
         live.cancel();
+        self.shared.changed();
         Ok(())
     }
 
@@ -1261,9 +1284,13 @@ async fn reap_idle(shared: Weak<PoolShared>, running: Arc<Running>) {
                 .map(|c| c.id)
                 .collect()
         };
+        let closed_any = !expired.is_empty();
         for id in expired {
             tracing::debug!("closing an idle browser context");
             dispose_context(&running, id).await;
+        }
+        if closed_any {
+            shared.changed();
         }
         // A page costs a renderer process (tens of MiB): closed sooner than its context,
         // which is cheap and keeps the login.
@@ -1282,6 +1309,7 @@ async fn reap_idle(shared: Weak<PoolShared>, running: Arc<Running>) {
                     tracing::debug!("closing an idle work page");
                     // Dropping the last handle closes the page.
                     page.take();
+                    shared.changed();
                 }
             }
         }

@@ -97,19 +97,24 @@ fn assert_demo_session(outcome: &LoginOutcome) {
 }
 
 /// Polls `f` every 50 ms until it yields `Some`, for at most `limit`.
-async fn poll<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T
+/// Waits until `f` finds what it looks for in the pool, looking again at each change of
+/// the pool's state (never on a timer).
+async fn poll<T, F, Fut>(pool: &BrowserPool, limit: Duration, what: &str, mut f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = f().await {
-            return value;
+    let mut changes = pool.changes();
+    let found = tokio::time::timeout(limit, async {
+        loop {
+            if let Some(value) = f().await {
+                return value;
+            }
+            let _ = changes.changed().await;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
+    found.unwrap_or_else(|_| panic!("timed out waiting for {what}"))
 }
 
 #[tokio::test]
@@ -265,6 +270,7 @@ async fn a_human_solves_the_captcha_through_the_live_session() {
         async move { pool.login(req).await }
     });
     let live = poll(
+        &pool,
         Duration::from_secs(30),
         "a live session waiting for a human",
         || {
@@ -310,6 +316,7 @@ async fn closing_a_live_session_cancels_its_login() {
         async move { pool.login(req).await }
     });
     let live = poll(
+        &pool,
         Duration::from_secs(30),
         "a live session waiting for a human",
         || {
@@ -510,6 +517,7 @@ async fn contexts_are_bounded_evicted_when_idle_and_reaped_after_the_idle_timeou
     assert_demo_session(&outcome);
     assert_eq!(pool.context_count(), 1);
     poll(
+        &pool,
         Duration::from_secs(10),
         "the idle context to be closed",
         || {
@@ -960,13 +968,19 @@ async fn the_live_feed_delivers_body_chunks_while_the_reply_streams() {
     pool.login(request("sam", &site, PASSWORD)).await.unwrap();
     let (page, taps) = pool.page_for_tests("sam").await;
     page.goto(format!("{}chat", site.url)).await.unwrap();
-    poll(Duration::from_secs(10), "the chat page", || async {
-        page::evaluate_string(&page, "String(!!document.getElementById('prompt'))")
-            .await
-            .ok()
-            .filter(|v| v == "true")
-    })
-    .await;
+    // The page itself says when its composer exists.
+    let ready = page::evaluate_string(
+        &page,
+        "new Promise((done) => { const found = () => document.getElementById('prompt'); \
+         if (found()) return done('true'); new MutationObserver((_, o) => { if (found()) { \
+         o.disconnect(); done('true'); } }).observe(document, { childList: true, subtree: true }); })",
+    );
+    let ready = tokio::time::timeout(Duration::from_secs(10), ready).await;
+    assert_eq!(
+        ready.ok().and_then(Result::ok).as_deref(),
+        Some("true"),
+        "the chat page"
+    );
     let recorder = recorder::Recorder::start(&page, &taps).await.unwrap();
     let mut feed = recorder.subscribe();
     page::evaluate_string(

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use tokio::time::Instant;
 
 use super::tests::{BROWSERS, PASSWORD, Site, config, flow_of, request, site_with};
 use super::*;
@@ -198,18 +197,20 @@ async fn dropping_a_tier2_stream_cancels_the_sites_call() {
     let before = stats(&site).await;
     assert_eq!(before["active"], 1, "{before}");
     drop(stream);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let after = loop {
-        let now = stats(&site).await;
-        if now["active"] == 0 {
-            break now;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the site call is still running: {now}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    // The site answers once its call ended (or after 10 s, and the check below fails).
+    let after: serde_json::Value = crate::demo::http_client()
+        .unwrap()
+        .get(format!("{}__demo/stats?wait_idle_ms=10000", site.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        after["active"], 0,
+        "the site call is still running: {after}"
+    );
     pool.shutdown().await;
     assert_eq!(after["cancelled"], 1, "{after}");
     assert_eq!(after["completed"], 0, "{after}");
@@ -310,11 +311,14 @@ async fn an_idle_work_page_is_closed_and_its_context_kept() {
     .await;
     assert_reply(Shape::Openai, text, &got);
     assert_eq!(pool.work_page_count(), 1, "kept for the next request");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while pool.work_page_count() > 0 {
-        assert!(Instant::now() < deadline, "the idle page was not closed");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut changes = pool.changes();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while pool.work_page_count() > 0 {
+            let _ = changes.changed().await;
+        }
+    })
+    .await
+    .expect("the idle page was not closed");
     assert_eq!(pool.context_count(), 1, "the context (and its login) stays");
     // The next request opens a page in the same context, without logging in again.
     let mut again = tier_request("idler", &site, Shape::Openai, "and again");

@@ -147,7 +147,17 @@ pub(crate) fn routes(state: Shared) -> Router {
         )
         .route(
             "/__demo/stats",
-            get(|State(state): State<Shared>| async move { axum::Json(state.streams.snapshot()) }),
+            get(
+                |State(state): State<Shared>, Query(query): Query<StatsQuery>| async move {
+                    if let Some(ms) = query.wait_idle_ms {
+                        state
+                            .streams
+                            .wait_idle(std::time::Duration::from_millis(ms.min(60_000)))
+                            .await;
+                    }
+                    axum::Json(state.streams.snapshot())
+                },
+            ),
         )
         .route(
             "/__demo/reset-stats",
@@ -167,6 +177,12 @@ pub(crate) fn routes(state: Shared) -> Router {
 // Helpers
 
 /// The error body real sites send: `{"error":{"message","code"}}`.
+/// `GET /__demo/stats?wait_idle_ms=N`: answer once no reply streams (or after N ms).
+#[derive(serde::Deserialize)]
+struct StatsQuery {
+    wait_idle_ms: Option<u64>,
+}
+
 pub(crate) fn api_error(status: StatusCode, code: &str, message: &str) -> Response {
     (
         status,

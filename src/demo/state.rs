@@ -620,6 +620,8 @@ pub(crate) struct StreamStats {
     uploads: AtomicU64,
     /// File references carried by chat calls that got a reply.
     files_in_chat: AtomicU64,
+    /// Told when a reply ends (for `/__demo/stats?wait_idle_ms=`).
+    ended: tokio::sync::Notify,
 }
 
 impl StreamStats {
@@ -719,6 +721,23 @@ impl StreamStats {
         })
     }
 
+    /// Waits until no reply streams, for at most `limit` (a test waits on the site's state
+    /// instead of polling it).
+    pub async fn wait_idle(&self, limit: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if self.active.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, ended).await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// Zeroes the end counters (and the upload counts) and lowers the high-water marks to what streams now.
     pub fn reset(&self) {
         let mut by_email = self.lock_by_email();
@@ -763,5 +782,6 @@ impl Drop for StreamGuard {
             }
         }
         self.stats.active.fetch_sub(1, Ordering::SeqCst);
+        self.stats.ended.notify_waiters();
     }
 }

@@ -366,6 +366,8 @@ pub(crate) struct LiveEntry {
     state: Mutex<&'static str>,
     since: i64,
     cancelled: AtomicBool,
+    /// The pool's change signal: a state change is news to whoever waits on the pool.
+    changes: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl LiveEntry {
@@ -374,6 +376,7 @@ impl LiveEntry {
         context_id: BrowserContextId,
         page: Page,
         url: &str,
+        changes: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
     ) -> Self {
         Self {
             id: uuid::Uuid::new_v4().simple().to_string(),
@@ -384,6 +387,7 @@ impl LiveEntry {
             state: Mutex::new("logging_in"),
             since: super::unix_now(),
             cancelled: AtomicBool::new(false),
+            changes,
         }
     }
 
@@ -401,6 +405,7 @@ impl LiveEntry {
 
     pub(crate) fn set_state(&self, state: &'static str) {
         *lock(&self.state) = state;
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Makes the login fail with [`LoginError::Cancelled`] at its next check.
