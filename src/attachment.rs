@@ -157,7 +157,7 @@ fn sanitized_name(name: &str) -> String {
         .filter(|c| !c.is_control() && *c != '"')
         .take(200)
         .collect();
-    if clean.is_empty() {
+    if clean.trim_matches('.').is_empty() {
         "file".to_owned()
     } else {
         clean

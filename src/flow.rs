@@ -695,7 +695,11 @@ fn check_upload(upload: &Upload) -> Result<(), FlowError> {
                 .body
                 .as_ref()
                 .and_then(Value::as_array)
-                .is_some_and(|fields| fields.iter().any(|f| f.get("file").is_some())),
+                .is_some_and(|fields| {
+                    fields
+                        .iter()
+                        .any(|f| f.get("file").is_some_and(|v| v != &Value::Bool(false)))
+                }),
             _ => serde_json::to_string(&step.http)
                 .is_ok_and(|t| t.contains("file.base64") || t.contains("file.data_url")),
         };
@@ -708,9 +712,10 @@ fn check_upload(upload: &Upload) -> Result<(), FlowError> {
     if !sends_file {
         return invalid("no step of `upload.steps` sends the file's bytes".into());
     }
-    if !upload.attach.is_empty() {
-        check_pointer("upload.attach", &upload.attach)?;
+    if !upload.attach.starts_with('/') {
+        return invalid("`upload.attach` must point into the chat call's body (`/files`)".into());
     }
+    check_pointer("upload.attach", &upload.attach)?;
     check_text("upload.accept", &upload.accept, MAX_TEXT)?;
     for (pointer, source) in &upload.item_slots {
         check_pointer("upload.item_slots", pointer)?;
@@ -805,7 +810,6 @@ fn has_literal_secret(value: &str) -> bool {
     })
 }
 
-/// Whether `source` names something the renderer can produce.
 /// The sources of an upload step or item: the file being uploaded.
 pub const FILE_SOURCES: &[&str] = &[
     "file.name",
@@ -816,6 +820,7 @@ pub const FILE_SOURCES: &[&str] = &[
     "file.data_url",
 ];
 
+/// Whether `source` names something the renderer can produce.
 pub fn is_known_source(source: &str) -> bool {
     let base = source.split('#').next().unwrap_or(source);
     matches!(

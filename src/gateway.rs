@@ -522,7 +522,11 @@ impl Gateway {
         if last.0 != Role::User || earlier.is_empty() {
             return None;
         }
-        let known = self.conversations.find(&key_of(earlier)).await?;
+        let keyed = prompt.keyed_messages();
+        let known = self
+            .conversations
+            .find(&key_of(&keyed[..earlier.len()]))
+            .await?;
         let last_index = earlier.len();
         let new_turn = Prompt {
             messages: vec![last.clone()],
@@ -1101,7 +1105,7 @@ impl Gateway {
         let tracker = (request.keeps_conversations && tier <= 2).then(|| {
             count_turn(&mut extracted);
             let mut key = KeyBuilder::default();
-            for (role, text) in &request.prompt.messages {
+            for (role, text) in request.prompt.keyed_messages().iter() {
                 key.push(*role, text);
             }
             key.open(Role::Assistant);
@@ -1252,7 +1256,7 @@ fn check_attachments(flow: &Flow, prompt: &Prompt) -> Result<Files, GatewayError
         }
     }
     let mut distinct: Vec<&PromptFile> = Vec::new();
-    for attached in &prompt.attachments {
+    for attached in prompt.attachments.iter().filter(|a| a.new) {
         if !distinct
             .iter()
             .any(|d| d.file.sha256 == attached.file.sha256)

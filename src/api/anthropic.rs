@@ -324,11 +324,11 @@ fn relocate(part: Part, place: &str) -> Part {
     match part {
         Part::Image { media, .. } => Part::Image {
             at: place.into(),
-            media,
+            media: media.at(place),
         },
         Part::File { media, .. } => Part::File {
             at: place.into(),
-            media,
+            media: media.at(place),
         },
         text => text,
     }

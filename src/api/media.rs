@@ -213,18 +213,34 @@ fn mime_of_name(name: &str) -> &'static str {
     }
 }
 
+/// How many image URLs one request may have fetched.
+const MAX_FETCHED: usize = 8;
+
 /// Checks every file of `request` against the size limit and fetches its `http(s)` images
 /// when `[api] fetch_image_urls` allows it; the error names the part.
 pub async fn resolve(request: &mut Request, settings: &ApiSettings) -> Result<(), ApiError> {
     let limit = settings.max_file_bytes;
-    for (at, media) in request.media_mut() {
-        if let Media::Url { url, name } = media {
+    let mut fetched = 0;
+    for (at, media, new) in request.media_mut() {
+        // A URL in the history stays `[image]` text: only the new turn's are fetched.
+        if let Media::Url { url, name } = media
+            && new
+        {
             if !settings.fetch_image_urls {
                 return Err(bad(
                     at,
                     format!(
                         "`{at}` is an http(s) URL, and this server does not fetch URLs \
                          (`[api] fetch_image_urls` is off). Send the file as a `data:` URL."
+                    ),
+                ));
+            }
+            fetched += 1;
+            if fetched > MAX_FETCHED {
+                return Err(bad(
+                    at,
+                    format!(
+                        "At most {MAX_FETCHED} URLs are fetched per request; `{at}` is one more."
                     ),
                 ));
             }
@@ -246,30 +262,40 @@ pub async fn resolve(request: &mut Request, settings: &ApiSettings) -> Result<()
     Ok(())
 }
 
-/// Whether an address is this machine's or a private network's.
+/// Whether an address is this machine's, a private network's, or one no public host has.
 fn is_private(ip: std::net::IpAddr) -> bool {
     match ip {
         std::net::IpAddr::V4(v4) => {
+            let [a, b, c, _] = v4.octets();
             v4.is_loopback()
                 || v4.is_private()
                 || v4.is_link_local()
-                || v4.is_unspecified()
                 || v4.is_broadcast()
-                // carrier-grade NAT
-                || (v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64)
+                || a == 0 // "this network"
+                || a >= 240 // reserved
+                || (a == 100 && (b & 0xc0) == 64) // carrier-grade NAT
+                || (a == 192 && b == 0 && c == 0) // IETF protocol assignments
+                || (a == 198 && (b & 0xfe) == 18) // benchmarking
         }
         std::net::IpAddr::V6(v6) => {
+            let s = v6.segments();
+            let embedded = |bytes: [u8; 4]| is_private(std::net::Ipv4Addr::from(bytes).into());
+            let low = [(s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8];
             v6.is_loopback()
                 || v6.is_unspecified()
-                || (v6.segments()[0] & 0xfe00) == 0xfc00 // unique local
-                || (v6.segments()[0] & 0xffc0) == 0xfe80 // link local
+                || (s[0] & 0xfe00) == 0xfc00 // unique local
+                || (s[0] & 0xffc0) == 0xfe80 // link local
+                || (s[0] & 0xffc0) == 0xfec0 // site local (deprecated)
                 || v6.to_ipv4_mapped().is_some_and(|v4| is_private(v4.into()))
+                || (s[..6] == [0; 6] && embedded(low)) // IPv4-compatible
+                || (s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] && embedded(low)) // NAT64
+                || (s[0] == 0x2002 && embedded([(s[1] >> 8) as u8, s[1] as u8, (s[2] >> 8) as u8, s[2] as u8])) // 6to4
         }
     }
 }
 
-/// Refuses a URL whose host resolves to a private address.
-async fn check_public(url: &reqwest::Url) -> Result<(), String> {
+/// The addresses of a URL's host, refused when any is private (see [`is_private`]).
+async fn public_addresses(url: &reqwest::Url) -> Result<Vec<std::net::SocketAddr>, String> {
     let host = url.host_str().ok_or("it has no host")?;
     let port = url.port_or_known_default().unwrap_or(443);
     let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -283,7 +309,7 @@ async fn check_public(url: &reqwest::Url) -> Result<(), String> {
                 .to_owned(),
         );
     }
-    Ok(())
+    Ok(addresses)
 }
 
 /// Fetches an image URL, reading at most `limit` bytes. Redirects are followed by hand, so
@@ -302,17 +328,20 @@ async fn fetch(
             format!("The URL at `{at}` could not be fetched: {why}."),
         )
     };
-    let client = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(20))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(|e| failed(e.to_string()))?;
     let mut next = reqwest::Url::parse(url).map_err(|_| failed("it is not a valid URL".into()))?;
     let mut hops = 0;
     let response = loop {
+        let mut builder = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(20))
+            .redirect(reqwest::redirect::Policy::none());
         if !private {
-            check_public(&next).await.map_err(failed)?;
+            // The connection goes to the addresses checked, not to a second DNS answer.
+            let addresses = public_addresses(&next).await.map_err(failed)?;
+            if let Some(host) = next.host_str() {
+                builder = builder.resolve_to_addrs(host, &addresses);
+            }
         }
+        let client = builder.build().map_err(|e| failed(e.to_string()))?;
         let response = client
             .get(next.clone())
             .send()
@@ -363,4 +392,42 @@ async fn fetch(
         bytes.extend_from_slice(&chunk);
     }
     Ok(Attachment::new(at, name, &mime, bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_and_reserved_addresses_are_told_from_public_ones() {
+        for private in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "0.1.2.3",
+            "100.64.0.1",
+            "198.18.0.1",
+            "240.0.0.1",
+            "::1",
+            "fc00::1",
+            "fe80::1",
+            "fec0::1",
+            "::ffff:127.0.0.1",
+            "::127.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "2002:7f00:1::",
+        ] {
+            assert!(is_private(private.parse().unwrap()), "{private}");
+        }
+        for public in [
+            "93.184.216.34",
+            "8.8.8.8",
+            "2606:4700:4700::1111",
+            "::ffff:8.8.8.8",
+        ] {
+            assert!(!is_private(public.parse().unwrap()), "{public}");
+        }
+    }
 }

@@ -92,7 +92,9 @@ pub async fn await_uploads(feed: &mut Receiver<RecorderEvent>) -> usize {
         }
         let event = match tokio::time::timeout_at(deadline, feed.recv()).await {
             Ok(Some(event)) => event,
-            Ok(None) | Err(_) => continue,
+            // The recorder stopped: nothing more will be seen.
+            Ok(None) => return seen,
+            Err(_) => continue,
         };
         match event {
             RecorderEvent::Request { id, .. } => {

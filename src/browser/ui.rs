@@ -80,7 +80,7 @@ async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStream, Replay
         req.prompt.flattened()
     };
     let work = lease.work.clone();
-    let messages = req.prompt.messages.clone();
+    let messages = req.prompt.keyed_messages().into_owned();
     let remember = move |stream: DeltaStream| remembering(stream, work, messages);
     let found: Found = chatbox::script(&page, KEY, chatbox::FIND_COMPOSER, &[])
         .await
@@ -245,7 +245,8 @@ async fn run(pool: &BrowserPool, req: TierRequest) -> Result<DeltaStream, Replay
 /// The key of the conversation a prompt continues: its messages before the last user one
 /// (`None` for a first message).
 fn shown_key(prompt: &crate::replay::render::Prompt) -> Option<String> {
-    let (last, earlier) = prompt.messages.split_last()?;
+    let keyed = prompt.keyed_messages();
+    let (last, earlier) = keyed.split_last()?;
     (last.0 == crate::role::Role::User && !earlier.is_empty())
         .then(|| crate::conversations::key_of(earlier))
 }
@@ -412,7 +413,7 @@ async fn attach_files(
     feed: &mut tokio::sync::mpsc::Receiver<RecorderEvent>,
     dir: &std::path::Path,
     files: &[std::sync::Arc<crate::attachment::Attachment>],
-) -> Result<(), ReplayError> {
+) -> Result<Written, ReplayError> {
     let input = super::attach::find_file_input(page).await?;
     if !input.found {
         return Err(ReplayError::Unexpected {
@@ -425,27 +426,41 @@ async fn attach_files(
         call: Call::Chat,
         message: format!("cannot write the files for the page: {e}"),
     };
-    // One directory per request: two files may share a name.
-    let dir = dir.join(uuid::Uuid::new_v4().simple().to_string());
-    tokio::fs::create_dir_all(&dir).await.map_err(written)?;
+    // One private directory per request (two files may share a name), removed when the
+    // guard goes, whatever happens to the request.
+    let guard = Written(dir.join(uuid::Uuid::new_v4().simple().to_string()));
     let mut paths = Vec::new();
     for (i, file) in files.iter().enumerate() {
-        let path = dir.join(format!("{i}")).join(&file.name);
-        if let Some(parent) = path.parent() {
-            tokio::fs::create_dir_all(parent).await.map_err(written)?;
-        }
+        let parent = guard.0.join(format!("{i}"));
+        private_dir(&parent).map_err(written)?;
+        let path = parent.join(&file.name);
         tokio::fs::write(&path, &file.bytes)
             .await
             .map_err(written)?;
         paths.push(path);
     }
     let chosen: Vec<&std::path::Path> = paths.iter().map(|p| p.as_path()).collect();
-    let result = super::attach::choose_files(page, &chosen).await;
-    if result.is_ok() {
-        super::attach::await_uploads(feed).await;
+    super::attach::choose_files(page, &chosen).await?;
+    super::attach::await_uploads(feed).await;
+    Ok(guard)
+}
+
+fn private_dir(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+}
+
+/// Files written for the page to read, removed when dropped (the page may read them as late
+/// as the send).
+struct Written(std::path::PathBuf);
+
+impl Drop for Written {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
-    let _ = tokio::fs::remove_dir_all(&dir).await;
-    result.map_err(ReplayError::from)
 }
 
 async fn read_reply(page: &Page, typed: &str) -> Result<Rendered, ReplayError> {

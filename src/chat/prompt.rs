@@ -85,7 +85,10 @@ pub fn repair_prompt(request: &Request, reply: &str, problem: &str) -> Prompt {
         Role::User,
         format!("{REPAIR_NOTE} {problem}. Reply again, following the instructions below exactly."),
     ));
-    folded(request, &messages)
+    let mut prompt = folded(request, &messages);
+    // The repair is a new site conversation: the files go again.
+    prompt.attachments = attachments(&request.messages, true);
+    prompt
 }
 
 /// Tool calls or results in the history: sites know no such roles, so they travel as text.
@@ -115,7 +118,8 @@ fn folded(request: &Request, messages: &[(Role, String)]) -> Prompt {
 }
 
 /// Each message as one role-tagged text. Tool calls and results keep their names, ids and
-/// arguments; images and files become `[image]` and `[file]`.
+/// arguments; a user turn's files travel as files (`Prompt::attachments`), a tool result's
+/// and a URL not fetched become `[image]` and `[file]`.
 fn turns(messages: &[Message]) -> Vec<(Role, String)> {
     let mut out = Vec::with_capacity(messages.len());
     for message in messages {

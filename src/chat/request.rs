@@ -65,6 +65,19 @@ pub enum Media {
     },
 }
 
+impl Media {
+    /// The same media, said to be at `place` of the client's request.
+    pub fn at(self, place: &str) -> Media {
+        match self {
+            Media::Inline { mut file } => {
+                file.at = place.to_owned();
+                Media::Inline { file }
+            }
+            url => url,
+        }
+    }
+}
+
 impl Part {
     pub fn text(text: impl Into<String>) -> Self {
         Part::Text { text: text.into() }
@@ -274,16 +287,26 @@ impl Request {
 
     /// Every image and file of the user turns (tool results' images stay `[image]` text, so
     /// an agent's screenshot tool does not need an upload), in order.
-    pub fn media_mut(&mut self) -> impl Iterator<Item = (&str, &mut Media)> {
+    /// With each, whether it is in the new turn (the user messages after the last assistant
+    /// one).
+    pub fn media_mut(&mut self) -> impl Iterator<Item = (&str, &mut Media, bool)> {
+        let new_from = self
+            .messages
+            .iter()
+            .rposition(|m| matches!(m, Message::Assistant { .. }))
+            .map_or(0, |i| i + 1);
         self.messages
             .iter_mut()
-            .filter_map(|m| match m {
-                Message::User { parts } => Some(parts),
+            .enumerate()
+            .filter_map(move |(i, m)| match m {
+                Message::User { parts } => Some(parts.iter_mut().map(move |p| (i >= new_from, p))),
                 _ => None,
             })
             .flatten()
-            .filter_map(|p| match p {
-                Part::Image { at, media } | Part::File { at, media } => Some((at.as_str(), media)),
+            .filter_map(|(new, p)| match p {
+                Part::Image { at, media } | Part::File { at, media } => {
+                    Some((at.as_str(), media, new))
+                }
                 Part::Text { .. } => None,
             })
     }

@@ -122,7 +122,8 @@
 //!   starts answering until its body ends or the client drops it; logins by any page or
 //!   `/api/login`; chat calls answered 429; `uploads`: files whose bytes the site accepted,
 //!   multipart POSTs plus slot PUTs; `files_in_chat`: file references carried by chat calls
-//!   that got a reply); `POST /__demo/reset-stats` zeroes the end counts, the pages, the
+//!   that got a reply); `?wait_idle_ms=N` answers once no reply streams (at most N ms later),
+//!   so a test waits on the site instead of polling it; `POST /__demo/reset-stats` zeroes the end counts, the pages, the
 //!   logins, the 429s and the upload counts, and lowers the high-water marks to what streams
 //!   now.
 //! - `GET /__demo/captcha` tells where to click on the latest captcha challenge.

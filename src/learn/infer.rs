@@ -80,6 +80,9 @@ pub enum InferError {
     BadPageUrl,
     #[error("the inferred flow is not valid: {0}")]
     Invalid(String),
+    /// The probe attached a file and no upload can be learned from it: probe without one.
+    #[error("no upload could be learned from the attached file: {0}")]
+    Upload(String),
 }
 
 /// Infers the flow of `service` from one recorded probe.
@@ -414,9 +417,9 @@ impl<'r> Learner<'r> {
             replay: ReplayPolicy::default(),
             stats: FlowStats::default(),
         };
-        let mut notes = std::mem::take(&mut self.notes);
-        upload::split(&self, &mut flow, &keys, &mut notes);
-        self.notes = notes;
+        if let Some(note) = upload::split(&self, &mut flow, &keys).map_err(InferError::Upload)? {
+            self.notes.push(note);
+        }
         flow.validate()
             .map_err(|e| InferError::Invalid(e.to_string()))?;
         drop_literal_secrets(&mut flow, &mut self.suspicious);

@@ -193,7 +193,7 @@ impl Learner {
                 tracing::info!(error = %e, "the probe failed; probing again without a file");
                 let plain = ProbeRequest {
                     attach_dir: None,
-                    ..request
+                    ..request.clone()
                 };
                 probe::probe(self.renewer.pool(), &plain).await?
             }
@@ -202,8 +202,25 @@ impl Learner {
 
         progress(Stage::Inferring);
         let infer_started = Instant::now();
-        let learned = match infer::infer(&recording, &account.service) {
-            Ok(learned) => learned,
+        let mut recording = recording;
+        let mut upload_note = None;
+        let mut inferred = infer::infer(&recording, &account.service);
+        if let Err(infer::InferError::Upload(why)) = &inferred {
+            // The chat flow must not depend on a file: learn it from a probe without one.
+            tracing::info!(reason = %why, "no upload learned; probing again without a file");
+            upload_note = Some(format!("uploads: {why}; the flow takes no files"));
+            let plain = ProbeRequest {
+                attach_dir: None,
+                ..request.clone()
+            };
+            recording = probe::probe(self.renewer.pool(), &plain).await?;
+            inferred = infer::infer(&recording, &account.service);
+        }
+        let learned = match inferred {
+            Ok(mut learned) => {
+                learned.notes.extend(upload_note);
+                learned
+            }
             Err(source) => {
                 let extra: Vec<&str> = secret.as_deref().into_iter().collect();
                 let saved = self

@@ -221,21 +221,12 @@ impl ReplayError {
             ReplayError::Status {
                 call: Call::Upload { file, .. },
                 status,
-                detail,
+                ref detail,
                 ..
-            } => match files.get(file) {
-                Some(attached) => ReplayError::FileRefused {
-                    at: attached.file.at.clone(),
-                    status,
-                    detail,
-                },
-                None => ReplayError::Status {
-                    call: Call::Upload { file, step: 0 },
-                    status,
-                    kind: FailureKind::Upstream,
-                    retry_after: None,
-                    detail,
-                },
+            } if file < files.len() => ReplayError::FileRefused {
+                at: files[file].file.at.clone(),
+                status,
+                detail: detail.clone(),
             },
             other => other,
         }

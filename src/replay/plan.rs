@@ -261,7 +261,8 @@ async fn upload_files<C: Calls>(
         items.push(item);
     }
     Ok(Some(match upload.single {
-        true => items.into_iter().next().unwrap_or(Value::Null),
+        // One file per message: the newest (the gateway refused more in the new turn).
+        true => items.pop().unwrap_or(Value::Null),
         false => Value::Array(items),
     }))
 }

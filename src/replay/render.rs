@@ -58,6 +58,23 @@ impl Prompt {
         }
     }
 
+    /// The messages as a conversation's key sees them: each turn's files named by their hash
+    /// after its text, so two histories that differ only in an image are two conversations.
+    pub fn keyed_messages(&self) -> std::borrow::Cow<'_, [(Role, String)]> {
+        if self.attachments.is_empty() {
+            return std::borrow::Cow::Borrowed(&self.messages);
+        }
+        let mut messages = self.messages.clone();
+        for attached in &self.attachments {
+            if let Some((_, text)) = messages.get_mut(attached.turn) {
+                text.push_str("\n[file sha256:");
+                text.push_str(&attached.file.sha256);
+                text.push(']');
+            }
+        }
+        std::borrow::Cow::Owned(messages)
+    }
+
     /// The prompt with its files as `[image]` / `[file]` text in their turns instead, for a
     /// flow that cannot send files.
     pub fn files_as_text(&self) -> Prompt {
@@ -675,6 +692,31 @@ mod tests {
             render(&t, &base, &ctx),
             Err(RenderError::BadPointer(_))
         ));
+    }
+
+    /// Two histories that differ only in an image are two site conversations; the site is
+    /// sent the text alone.
+    #[test]
+    fn a_conversation_s_key_names_its_files() {
+        let with = |bytes: &[u8]| {
+            let mut p = prompt(&[(Role::User, "what is it?"), (Role::Assistant, "a cat")]);
+            p.attachments.push(PromptFile {
+                turn: 0,
+                new: false,
+                file: Arc::new(Attachment::new("m", None, "image/png", bytes.to_vec())),
+            });
+            p
+        };
+        let (a, b) = (with(b"one"), with(b"two"));
+        assert_eq!(a.messages, b.messages);
+        assert_ne!(a.keyed_messages(), b.keyed_messages());
+        assert_eq!(a.keyed_messages(), with(b"one").keyed_messages());
+        let plain = prompt(&[(Role::User, "what is it?")]);
+        assert!(matches!(
+            plain.keyed_messages(),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert_eq!(a.files_as_text().messages[0].1, "what is it?\n[image]");
     }
 
     #[test]

@@ -71,17 +71,23 @@ impl<'r> Learner<'r> {
         if multipart_boundary(exchange).is_some() {
             return true;
         }
-        let sends_body = matches!(
-            exchange.method.to_ascii_uppercase().as_str(),
-            "PUT" | "POST" | "PATCH"
-        );
+        let method = exchange.method.to_ascii_uppercase();
         match &exchange.request_body {
             Some(body) if !body.0.is_empty() => body.0 == file.bytes.0,
+            // DevTools shows no body for a File sent whole: a PUT, or a POST declaring the
+            // file's own type.
             _ => {
-                sends_body
-                    && exchange
-                        .request_header("content-type")
-                        .is_none_or(|t| t.to_ascii_lowercase().starts_with(&file.mime))
+                let declared = exchange.request_header("content-type").map(|t| {
+                    t.split(';')
+                        .next()
+                        .unwrap_or("")
+                        .trim()
+                        .to_ascii_lowercase()
+                });
+                match declared {
+                    Some(t) => (method == "PUT" || method == "POST") && t == file.mime,
+                    None => method == "PUT",
+                }
             }
         }
     }
@@ -138,6 +144,7 @@ impl<'r> Learner<'r> {
     }
 }
 
+/// The file's base64 (`AttachedFile` is the recording's, not an `Attachment`).
 fn base64_of(file: &AttachedFile) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(&file.bytes.0)
@@ -196,85 +203,37 @@ fn multipart_parts(text: &str, boundary: &str) -> Vec<Part> {
 }
 
 /// Moves the upload out of `flow` (see the module docs), given the preflights' keys in
-/// order. A note says what was learned, or why no upload was.
+/// order; the note says what was learned. An error says why no upload can be learned from
+/// this recording: the caller probes again without a file, so the chat flow never depends
+/// on one.
 pub(super) fn split(
     learner: &Learner<'_>,
     flow: &mut Flow,
     keys: &[StepKey],
-    notes: &mut Vec<String>,
-) {
+) -> Result<Option<String>, String> {
     let Some(file) = learner.attached else {
-        return;
+        return Ok(None);
     };
-    let original = flow.preflight.clone();
     let in_window =
         |key: &StepKey| matches!(key, StepKey::Exchange(i) if learner.in_upload_window(*i));
-    let mut upload_steps = Vec::new();
-    let mut kept = Vec::new();
-    for (step, key) in std::mem::take(&mut flow.preflight).into_iter().zip(keys) {
-        if in_window(key) {
-            upload_steps.push((step, *key));
-        } else {
-            kept.push(step);
-        }
-    }
-    flow.preflight = kept;
-    let names: Vec<String> = upload_steps
-        .iter()
-        .flat_map(|(s, _)| s.extract.keys().cloned())
-        .collect();
-    // Not an upload after all: the preflights stay as they were, but for calls that only
-    // carried the file (nothing to send them with).
-    let no_upload = |why: String, flow: &mut Flow| {
-        flow.preflight = original
-            .iter()
-            .filter(|s| !matches!(s.http.body_kind, BodyKind::File | BodyKind::Multipart))
-            .cloned()
-            .collect();
-        format!("uploads: {why}; the flow takes no files")
-    };
-    let Some(body) = flow.request.body.as_mut() else {
-        let why = format!("the chat call has no body to name {}", file.name);
-        notes.push(no_upload(why, flow));
-        return;
-    };
-    let slot_at = flow
-        .request
-        .slots
-        .iter()
-        .find(|(_, source)| {
-            source
-                .strip_prefix("preflight.")
-                .is_some_and(|n| names.iter().any(|m| m == n))
-        })
-        .map(|(p, _)| p.clone());
-    let leaf_at = slot_at.or_else(|| {
-        crate::learn::decoder::strings(body)
-            .into_iter()
-            .find(|(_, s)| {
-                names
-                    .iter()
-                    .any(|n| s.contains(&format!("{{{{preflight.{n}}}}}")))
-            })
-            .map(|(p, _)| p)
-    });
-    let Some(leaf) = leaf_at.filter(|_| !upload_steps.is_empty()) else {
-        let why = format!(
+    let (mut upload_steps, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut flow.preflight)
+        .into_iter()
+        .zip(keys)
+        .partition(|(_, key)| in_window(key));
+    flow.preflight = kept.into_iter().map(|(s, _)| s).collect();
+    let names = extract_names(upload_steps.iter().map(|(s, _)| s));
+    let leaf = reference(&flow.request, &names).ok_or_else(|| {
+        format!(
             "the page made no call between choosing {} and sending that the chat call names",
             file.name
-        );
-        notes.push(no_upload(why, flow));
-        return;
-    };
-    // The element of the innermost list holding the reference, or the reference alone.
-    let segments: Vec<&str> = leaf.split('/').collect();
-    let list_at = (1..segments.len())
-        .rev()
-        .find(|&k| segments[k].parse::<usize>().is_ok());
-    let (attach, element, single) = match list_at {
-        Some(k) => (segments[..k].join("/"), segments[..=k].join("/"), false),
-        None => (leaf.clone(), leaf.clone(), true),
-    };
+        )
+    })?;
+    let body = flow
+        .request
+        .body
+        .as_mut()
+        .ok_or("the chat call has no body")?;
+    let (attach, element, single) = attach_point(body, &flow.request.slots, &leaf, &names);
     let item = body.pointer(&element).cloned().unwrap_or(Value::Null);
     if let Some(slot) = body.pointer_mut(&attach) {
         *slot = match single {
@@ -291,6 +250,33 @@ pub(super) fn split(
             true
         }
     });
+    // A call of the window whose value the chat call still needs without a file (a
+    // conversation the page made meanwhile) stays a preflight.
+    let rest = serde_json::to_string(&flow.request).unwrap_or_default();
+    if rest.contains("file.") {
+        return Err(
+            "the chat call uses the file's name, type or size outside its reference".into(),
+        );
+    }
+    let needed = |step: &crate::flow::Step| {
+        step.extract
+            .keys()
+            .any(|n| rest.contains(&format!("preflight.{n}")))
+    };
+    let (back, stay): (Vec<_>, Vec<_>) = upload_steps.into_iter().partition(|(s, _)| needed(s));
+    upload_steps = stay;
+    if back.iter().any(|(s, _)| sends_file(s)) {
+        return Err("the call that sent the file also gave the chat call a value".into());
+    }
+    if !back.is_empty() {
+        let mut all: Vec<(crate::flow::Step, StepKey)> = std::mem::take(&mut flow.preflight)
+            .into_iter()
+            .zip(keys.iter().copied().filter(|k| !in_window(k)))
+            .chain(back.into_iter().map(|(s, k)| (s, *k)))
+            .collect();
+        all.sort_by_key(|(_, k)| *k);
+        flow.preflight = all.into_iter().map(|(s, _)| s).collect();
+    }
     let described: Vec<String> = upload_steps
         .iter()
         .map(|(s, _)| format!("{} {}", s.http.method, s.http.url))
@@ -305,29 +291,105 @@ pub(super) fn split(
     };
     let mut candidate = flow.clone();
     candidate.upload = Some(upload.clone());
-    if let Err(e) = candidate.validate() {
-        notes.push(no_upload(
-            format!("the upload learned is not valid ({e})"),
-            flow,
-        ));
-        return;
-    }
-    notes.push(format!(
+    candidate
+        .validate()
+        .map_err(|e| format!("the upload learned is not valid ({e})"))?;
+    flow.upload = Some(upload);
+    Ok(Some(format!(
         "uploads: choosing {} made {} ({}); the chat call names the result at body `{attach}`{}",
         file.name,
-        if described.len() == 1 {
-            "one call".to_owned()
-        } else {
-            format!("{} calls", described.len())
+        match described.len() {
+            1 => "one call".to_owned(),
+            n => format!("{n} calls"),
         },
         described.join(", "),
-        if single {
-            " (one file per message)"
-        } else {
-            ", one list element per file"
+        match single {
+            true => " (one file per message)",
+            false => ", one list element per file",
         }
-    ));
-    flow.upload = Some(upload);
+    )))
+}
+
+fn extract_names<'s>(steps: impl Iterator<Item = &'s crate::flow::Step>) -> Vec<String> {
+    steps.flat_map(|s| s.extract.keys().cloned()).collect()
+}
+
+fn sends_file(step: &crate::flow::Step) -> bool {
+    matches!(step.http.body_kind, BodyKind::File | BodyKind::Multipart)
+}
+
+/// Where the chat call's body refers to one of `names` (a slot, or a placeholder in a
+/// string).
+fn reference(request: &crate::flow::HttpTemplate, names: &[String]) -> Option<String> {
+    let named = |source: &str| {
+        source
+            .strip_prefix("preflight.")
+            .is_some_and(|n| names.iter().any(|m| m == n))
+    };
+    if let Some((pointer, _)) = request.slots.iter().find(|(_, source)| named(source)) {
+        return Some(pointer.clone());
+    }
+    let body = request.body.as_ref()?;
+    crate::learn::decoder::strings(body)
+        .into_iter()
+        .find(|(_, s)| {
+            names
+                .iter()
+                .any(|n| s.contains(&format!("{{{{preflight.{n}}}}}")))
+        })
+        .map(|(p, _)| p)
+}
+
+/// `(attach, element, single)` for a reference at `leaf`: the element of the innermost list
+/// holding it when everything in that element is the file's (its id, name, type, size), else
+/// the reference alone, one file per message. (A reference inside a message of a message list
+/// must not make the message list the file list.)
+fn attach_point(
+    body: &Value,
+    slots: &BTreeMap<String, String>,
+    leaf: &str,
+    names: &[String],
+) -> (String, String, bool) {
+    let segments: Vec<&str> = leaf.split('/').collect();
+    let list_at = (1..segments.len())
+        .rev()
+        .find(|&k| segments[k].parse::<usize>().is_ok());
+    let Some(k) = list_at else {
+        return (leaf.to_owned(), leaf.to_owned(), true);
+    };
+    let (attach, element) = (segments[..k].join("/"), segments[..=k].join("/"));
+    let files_only = |source: &str| {
+        source.starts_with("file.")
+            || source
+                .strip_prefix("preflight.")
+                .is_some_and(|n| names.iter().any(|m| m == n))
+    };
+    let slots_ok = slots
+        .iter()
+        .filter(|(p, _)| *p == &element || p.starts_with(&format!("{element}/")))
+        .all(|(_, source)| files_only(source));
+    let strings_ok = body.pointer(&element).is_some_and(|item| {
+        crate::learn::decoder::strings(item).iter().all(|(_, s)| {
+            let mut rest = *s;
+            while let Some(at) = rest.find("{{") {
+                let after = &rest[at + 2..];
+                let end = after.find("}}").unwrap_or(after.len());
+                if !files_only(after[..end].trim()) {
+                    return false;
+                }
+                rest = &after[end.min(after.len())..];
+            }
+            true
+        })
+    });
+    let one_element = body
+        .pointer(&attach)
+        .and_then(Value::as_array)
+        .is_some_and(|list| list.len() == 1);
+    match slots_ok && strings_ok && one_element {
+        true => (attach, element, false),
+        false => (leaf.to_owned(), leaf.to_owned(), true),
+    }
 }
 
 #[cfg(test)]
