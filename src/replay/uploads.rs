@@ -58,7 +58,8 @@ impl Uploaded {
         );
     }
 
-    /// Forgets a session's files of a flow (the site no longer knows them).
+    /// Forgets one file's upload in a session and flow (the site no longer knows it). Not
+    /// called yet: a failed chat call after a cached upload does not forget it.
     pub fn forget(&self, session: &str, flow: &str, sha256: &str) {
         self.cache.invalidate(&key(session, flow, sha256));
     }
