@@ -33,21 +33,36 @@ pub struct FileInput {
     pub multiple: bool,
 }
 
-/// The first file input of the page: the composer's, on a chat page (hidden inputs
-/// included: sites hide theirs behind an attach button).
-const FIND_INPUT: &str = r#"(() => {
-  const input = document.querySelector('input[type=file]');
-  if (!input) return JSON.stringify({ found: false });
+/// The file input that belongs to the composer remembered under `window[KEY]` (by
+/// `chatbox::FIND_COMPOSER`): the one sharing the deepest container with it, below `<body>`
+/// (hidden inputs included: sites hide theirs behind an attach button). An input elsewhere on
+/// the page (an avatar, an import) is never chosen. It is marked for [`choose_files`].
+const FIND_INPUT: &str = r#"((key) => {
+  const composer = window[key] && window[key].input;
+  if (!composer) return JSON.stringify({ found: false });
+  const depth = (el) => { let d = 0; for (let e = el; e; e = e.parentElement) d++; return d; };
+  let best = null, bestDepth = 0;
+  for (const input of document.querySelectorAll('input[type=file]')) {
+    input.removeAttribute('data-ct-attach');
+    let shared = input.parentElement;
+    while (shared && !shared.contains(composer)) shared = shared.parentElement;
+    if (!shared || shared === document.body || shared === document.documentElement) continue;
+    if (depth(shared) > bestDepth) { best = input; bestDepth = depth(shared); }
+  }
+  if (!best) return JSON.stringify({ found: false });
+  best.setAttribute('data-ct-attach', '');
   return JSON.stringify({
     found: true,
-    accept: input.getAttribute('accept') || '',
-    multiple: input.multiple,
+    accept: best.getAttribute('accept') || '',
+    multiple: best.multiple,
   });
-})()"#;
+})(KEY_JSON)"#;
 
-/// The page's file input, if it has one.
-pub async fn find_file_input(page: &Page) -> Result<FileInput, PageError> {
-    let text = super::evaluate_string(page, FIND_INPUT)
+/// The composer's file input (see [`FIND_INPUT`]), if it has one; `key` is where
+/// `chatbox::FIND_COMPOSER` remembered the composer.
+pub async fn find_file_input(page: &Page, key: &str) -> Result<FileInput, PageError> {
+    let key = serde_json::to_string(key).unwrap_or_default();
+    let text = super::evaluate_string(page, &FIND_INPUT.replace("KEY_JSON", &key))
         .await
         .map_err(PageError::from_cdp)?;
     Ok(serde_json::from_str(&text).unwrap_or_default())
@@ -56,7 +71,7 @@ pub async fn find_file_input(page: &Page) -> Result<FileInput, PageError> {
 /// Chooses `files` (paths on this machine, where Chromium runs) in the page's file input.
 pub async fn choose_files(page: &Page, files: &[&Path]) -> Result<(), PageError> {
     let input = page
-        .find_element("input[type=file]")
+        .find_element("input[type=file][data-ct-attach]")
         .await
         .map_err(PageError::from_cdp)?;
     let params = SetFileInputFilesParams::builder()

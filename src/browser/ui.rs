@@ -414,7 +414,7 @@ async fn attach_files(
     dir: &std::path::Path,
     files: &[std::sync::Arc<crate::attachment::Attachment>],
 ) -> Result<Written, ReplayError> {
-    let input = super::attach::find_file_input(page).await?;
+    let input = super::attach::find_file_input(page, KEY).await?;
     if !input.found {
         return Err(ReplayError::Unexpected {
             call: Call::Chat,

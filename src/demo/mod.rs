@@ -63,6 +63,9 @@
 //!
 //! # Uploads
 //!
+//! Every chat page has a profile-photo `<input type="file" id="avatar">` in its top bar, before
+//! the composer, that does nothing: the file input a learner must not take for the composer's.
+//!
 //! With [`DemoConfig::uploads`] (`demo-site --uploads multipart|slot`) the chat page of the
 //! `openai` and `signed` shapes (the others ignore it) gets an "Attach" button opening a hidden
 //! `<input type="file" id="attach" accept="image/*,text/plain" multiple>`. Files are uploaded

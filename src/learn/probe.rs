@@ -253,7 +253,7 @@ async fn probe_page(
     let origin = Instant::now();
     let mut feed = recorder.subscribe();
     let chosen = match &options.attach_dir {
-        Some(dir) => attach_probe_file(page, &mut feed, dir, origin).await?,
+        Some(dir) => attach_probe_file(page, key, &mut feed, dir, origin).await?,
         None => None,
     };
     let typed_ms = origin.elapsed().as_secs_f64() * 1000.0;
@@ -349,11 +349,12 @@ async fn probe_page(
 /// for the uploads it starts. The file, the input's `accept` and when it was chosen.
 async fn attach_probe_file(
     page: &Page,
+    key: &str,
     feed: &mut tokio::sync::mpsc::Receiver<RecorderEvent>,
     dir: &std::path::Path,
     origin: Instant,
 ) -> Result<Option<(ProbeFile, String, f64)>, PageError> {
-    let input = attach::find_file_input(page).await?;
+    let input = attach::find_file_input(page, key).await?;
     if !input.found {
         return Ok(None);
     }
