@@ -232,6 +232,11 @@ impl Gateway {
         self
     }
 
+    /// What this instance shares with the others on its store, if it does.
+    pub fn shared(&self) -> Option<&Arc<Shared>> {
+        self.shared.as_ref()
+    }
+
     pub fn store(&self) -> &Store {
         &self.store
     }

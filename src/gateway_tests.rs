@@ -368,15 +368,17 @@ async fn an_accounts_limit_holds_across_instances() {
     );
 }
 
-/// Polls `check` every few ms until it holds (panics after 10 s).
-async fn until(what: &str, mut check: impl FnMut() -> bool) {
-    for _ in 0..2000 {
-        if check() {
-            return;
+/// Waits until `check` holds, looking again after each round in which `gateway` read the
+/// other instances' changes (panics after 10 s).
+async fn until(gateway: &Gateway, what: &str, mut check: impl FnMut() -> bool) {
+    let mut polled = gateway.shared().expect("an instance that shares").polled();
+    let held = tokio::time::timeout(Duration::from_secs(10), async {
+        while !check() {
+            let _ = polled.changed().await;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("timed out waiting for {what}");
+    })
+    .await;
+    assert!(held.is_ok(), "timed out waiting for {what}");
 }
 
 /// A 429 seen through one instance keeps the others off that account too: once the site
@@ -400,7 +402,7 @@ async fn a_rate_limit_seen_by_one_instance_moves_the_others_to_the_next_account(
             .find(|l| l.account_id == fx.ids[&first])
             .and_then(|l| l.cooling_down_secs)
     };
-    until("instance B to hear of the cooldown", || {
+    until(&b, "instance B to hear of the cooldown", || {
         cooling_on_b().is_some()
     })
     .await;
@@ -438,13 +440,16 @@ async fn tier_floors_raised_and_lifted_on_one_instance_hold_on_the_others() {
         flow: flow.id.clone(),
         tier: 3,
     });
-    until("the floor on B", || b.tier_floor(&flow.id).is_some()).await;
+    until(&b, "the floor on B", || b.tier_floor(&flow.id).is_some()).await;
     assert_eq!(b.tier_floor(&flow.id).unwrap().tier, 3);
     assert_eq!(b.start_tier(&flow), (3, false));
     a.publish(Change::FloorLifted {
         flow: flow.id.clone(),
     });
-    until("the floor lifted on B", || b.tier_floor(&flow.id).is_none()).await;
+    until(&b, "the floor lifted on B", || {
+        b.tier_floor(&flow.id).is_none()
+    })
+    .await;
     assert_eq!(b.start_tier(&flow), (1, false));
 }
 

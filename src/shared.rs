@@ -42,6 +42,8 @@ pub struct Shared {
     instance: String,
     clock: Clock,
     poll: Duration,
+    /// Bumped after each round of reading the others' changes (see [`Shared::polled`]).
+    rounds: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -61,7 +63,14 @@ impl Shared {
             instance,
             clock,
             poll: poll.max(Duration::from_millis(10)),
+            rounds: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// Tells of each round of reading and applying the others' changes: whoever waits for a
+    /// change to arrive waits on this, not on a timer.
+    pub fn polled(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.rounds.subscribe()
     }
 
     pub fn instance(&self) -> &str {
@@ -106,6 +115,7 @@ impl Shared {
                 for change in follower.poll(&self).await {
                     apply(&target, &change);
                 }
+                self.rounds.send_modify(|n| *n = n.wrapping_add(1));
             }
         })
     }
