@@ -267,25 +267,20 @@ async fn anthropic_and_responses_files_a_text_file_a_continued_turn_and_tier_3_u
         ("COMPUTETOWER_API__FETCH_PRIVATE_URLS", "true"),
     ]);
     let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
-    let client = common::http();
 
     // The Anthropic Messages API: an `image` block with a base64 source.
     let image = png_with_text("through the Messages API");
-    let answer: Value = client
-        .post(format!("{}/v1/messages", server.url))
-        .json(&json!({
+    let answer = common::post_json(
+        format!("{}/v1/messages", server.url),
+        &json!({
             "model": "docs", "max_tokens": 500,
             "messages": [{"role": "user", "content": [
                 {"type": "text", "text": PROMPT},
                 {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": b64(&image)}},
             ]}],
-        }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        }),
+    )
+    .await;
     let text = answer["content"]
         .as_array()
         .unwrap()
@@ -296,22 +291,18 @@ async fn anthropic_and_responses_files_a_text_file_a_continued_turn_and_tier_3_u
 
     // The Responses API: an `input_file` text file, named as the client named it.
     let notes = b"Meeting notes: ship it.\n";
-    let answer: Value = client
-        .post(format!("{}/v1/responses", server.url))
-        .json(&json!({
+    let answer = common::post_json(
+        format!("{}/v1/responses", server.url),
+        &json!({
             "model": "docs",
             "input": [{"role": "user", "content": [
                 {"type": "input_text", "text": PROMPT},
                 {"type": "input_file", "filename": "notes.txt",
                  "file_data": format!("data:text/plain;base64,{}", b64(notes))},
             ]}],
-        }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        }),
+    )
+    .await;
     let want = reply_with_files(
         Shape::Openai,
         PROMPT,

@@ -338,7 +338,16 @@ async fn read_limited(body: Body, limit: usize) -> Result<Bytes, ReadError> {
     Ok(Bytes::from(kept))
 }
 
-fn session_of(state: &Shared, headers: &HeaderMap) -> Result<Session, Refusal> {
+/// The session of an upload call of `shape`: 404 when the site runs another shape (or
+/// none), the usual 401/403 when the call is not authorized.
+fn admit(state: &Shared, headers: &HeaderMap, shape: UploadShape) -> Result<Session, Refusal> {
+    if state.config.uploads != Some(shape) {
+        return Err(Refusal::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "this site takes no uploads this way",
+        ));
+    }
     authorize(state, headers).map(|(_, session)| session)
 }
 
@@ -352,12 +361,9 @@ pub(crate) async fn post_file(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    if state.config.uploads != Some(UploadShape::Multipart) {
-        return StatusCode::NOT_FOUND.into_response();
-    }
-    let session = match session_of(&state, &headers) {
+    let session = match admit(&state, &headers, UploadShape::Multipart) {
         Ok(session) => session,
-        Err(refusal) => return refusal.into_response(),
+        Err(refused) => return refused.into_response(),
     };
     let Some(boundary) = boundary(&headers) else {
         return bad_request("Expected a multipart/form-data body with a boundary.");
@@ -558,12 +564,9 @@ pub(crate) async fn create_upload(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if state.config.uploads != Some(UploadShape::Slot) {
-        return StatusCode::NOT_FOUND.into_response();
-    }
-    let session = match session_of(&state, &headers) {
+    let session = match admit(&state, &headers, UploadShape::Slot) {
         Ok(session) => session,
-        Err(refusal) => return refusal.into_response(),
+        Err(refused) => return refused.into_response(),
     };
     let request = match serde_json::from_slice::<NewUpload>(&body) {
         Ok(request) if !request.file_name.trim().is_empty() => request,
@@ -644,12 +647,9 @@ pub(crate) async fn confirm(
     Path(upload_id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if state.config.uploads != Some(UploadShape::Slot) {
-        return StatusCode::NOT_FOUND.into_response();
-    }
-    let session = match session_of(&state, &headers) {
+    let session = match admit(&state, &headers, UploadShape::Slot) {
         Ok(session) => session,
-        Err(refusal) => return refusal.into_response(),
+        Err(refused) => return refused.into_response(),
     };
     match state.uploads.confirm(&owner(&session), &upload_id) {
         Ok(id) => axum::Json(json!({ "file": { "id": id, "status": "ready" } })).into_response(),

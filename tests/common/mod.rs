@@ -437,6 +437,19 @@ pub async fn get_json(url: String) -> Value {
     http().get(url).send().await.unwrap().json().await.unwrap()
 }
 
+/// POSTs `body` as JSON; returns the JSON answer.
+pub async fn post_json(url: String, body: &Value) -> Value {
+    http()
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// Runs a Python conformance client from `tests/clients/` with the venv's interpreter; it
 /// asserts itself and prints `{"checks": [...]}`. Returns that report.
 pub fn python_client(script: &str, args: Value) -> Value {
