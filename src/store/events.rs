@@ -277,6 +277,25 @@ impl EventWriter {
     }
 }
 
+/// Rows per multi-row INSERT: 12 columns × 64 stays far below SQLite's bound-parameter limit.
+const ROWS_PER_INSERT: usize = 64;
+
+struct DecisionRow<'a> {
+    request_id: &'a str,
+    service: &'a str,
+    account_id: &'a Option<String>,
+    failure: &'a str,
+    action: &'a str,
+}
+
+struct ConversationRow<'a> {
+    request_id: &'a str,
+    service: &'a str,
+    account_id: &'a str,
+    key: &'a str,
+    sealed: Vec<u8>,
+}
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -288,86 +307,96 @@ impl Store {
     /// closed rather than returned to the pool: a transaction SQLite could not roll back must
     /// not keep the write lock and leave every later write `database is locked`.
     pub(super) async fn write_records(&self, records: &[Record]) -> Result<(), StoreError> {
-        // Sealed before the transaction, which then only writes.
+        // Sealed and sorted by table before the transaction, which then only writes.
         let created_at = now();
-        let conversations: Vec<Option<Vec<u8>>> = records
-            .iter()
-            .map(|record| match record {
+        let mut executions = Vec::new();
+        let mut decisions = Vec::new();
+        let mut conversations = Vec::new();
+        for record in records {
+            match record {
+                Record::Execution(e) => executions.push(e),
+                Record::Decision {
+                    request_id,
+                    service,
+                    account_id,
+                    failure,
+                    action,
+                } => decisions.push(DecisionRow {
+                    request_id,
+                    service,
+                    account_id,
+                    failure,
+                    action,
+                }),
                 Record::Conversation {
                     request_id,
+                    service,
+                    key,
                     continuation,
-                    ..
-                } => self.seal_continuation(request_id, continuation).map(Some),
-                _ => Ok(None),
-            })
-            .collect::<Result<_, _>>()?;
+                } => conversations.push(ConversationRow {
+                    request_id,
+                    service,
+                    account_id: &continuation.account_id,
+                    key,
+                    sealed: self.seal_continuation(request_id, continuation)?,
+                }),
+            }
+        }
         on_pool!(self, Op::Events, |pool| {
             use sqlx::Connection;
             let mut conn = pool.acquire().await?;
             let result = async {
                 let mut tx = conn.begin().await?;
-                for (record, sealed) in records.iter().zip(&conversations) {
-                    match record {
-                        Record::Execution(e) => {
-                            sqlx::query(
-                                "INSERT INTO execution_events (request_id, service, account_id, flow_id, tier, outcome, status, ttft_ms, latency_ms, queue_ms, detail, created_at)
-                                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-                            )
-                            .bind(&e.request_id)
-                            .bind(&e.service)
-                            .bind(&e.account_id)
-                            .bind(&e.flow_id)
-                            .bind(e.tier)
-                            .bind(&e.outcome)
-                            .bind(e.status)
-                            .bind(e.ttft_ms)
-                            .bind(e.latency_ms)
-                            .bind(e.queue_ms)
-                            .bind(&e.detail)
-                            .bind(created_at)
-                            .execute(&mut *tx)
-                            .await?;
-                        }
-                        Record::Decision {
-                            request_id,
-                            service,
-                            account_id,
-                            failure,
-                            action,
-                        } => {
-                            sqlx::query(
-                                "INSERT INTO fallback_decisions (request_id, service, account_id, failure, action, created_at)
-                                 VALUES ($1, $2, $3, $4, $5, $6)",
-                            )
-                            .bind(request_id)
-                            .bind(service)
-                            .bind(account_id)
-                            .bind(failure)
-                            .bind(action)
-                            .bind(created_at)
-                            .execute(&mut *tx)
-                            .await?;
-                        }
-                        Record::Conversation {
-                            request_id,
-                            service,
-                            key,
-                            continuation,
-                        } => {
-                            sqlx::query(
-                                "INSERT INTO chat_history (request_id, service, account_id, prefix_hash, site_conversation, created_at)
-                                 VALUES ($1, $2, $3, $4, $5, $6)",
-                            )
-                            .bind(request_id)
-                            .bind(service)
-                            .bind(&continuation.account_id)
-                            .bind(key)
-                            .bind(sealed)
-                            .bind(created_at)
-                            .execute(&mut *tx)
-                            .await?;
-                        }
-                    }
+                // One multi-row INSERT per table and chunk: each statement is a round trip to
+                // SQLite's worker thread, so a row per statement cost a thread wake-up per row.
+                for chunk in executions.chunks(ROWS_PER_INSERT) {
+                    let mut insert = sqlx::QueryBuilder::new(
+                        "INSERT INTO execution_events (request_id, service, account_id, flow_id, tier, outcome, status, ttft_ms, latency_ms, queue_ms, detail, created_at) ",
+                    );
+                    insert.push_values(chunk, |mut row, e| {
+                        row.push_bind(&e.request_id)
+                            .push_bind(&e.service)
+                            .push_bind(&e.account_id)
+                            .push_bind(&e.flow_id)
+                            .push_bind(e.tier)
+                            .push_bind(&e.outcome)
+                            .push_bind(e.status)
+                            .push_bind(e.ttft_ms)
+                            .push_bind(e.latency_ms)
+                            .push_bind(e.queue_ms)
+                            .push_bind(&e.detail)
+                            .push_bind(created_at);
+                    });
+                    // Not cached: every batch size is its own statement text.
+                    insert.build().persistent(false).execute(&mut *tx).await?;
+                }
+                for chunk in decisions.chunks(ROWS_PER_INSERT) {
+                    let mut insert = sqlx::QueryBuilder::new(
+                        "INSERT INTO fallback_decisions (request_id, service, account_id, failure, action, created_at) ",
+                    );
+                    insert.push_values(chunk, |mut row, d| {
+                        row.push_bind(d.request_id)
+                            .push_bind(d.service)
+                            .push_bind(d.account_id)
+                            .push_bind(d.failure)
+                            .push_bind(d.action)
+                            .push_bind(created_at);
+                    });
+                    insert.build().persistent(false).execute(&mut *tx).await?;
+                }
+                for chunk in conversations.chunks(ROWS_PER_INSERT) {
+                    let mut insert = sqlx::QueryBuilder::new(
+                        "INSERT INTO chat_history (request_id, service, account_id, prefix_hash, site_conversation, created_at) ",
+                    );
+                    insert.push_values(chunk, |mut row, c| {
+                        row.push_bind(c.request_id)
+                            .push_bind(c.service)
+                            .push_bind(c.account_id)
+                            .push_bind(c.key)
+                            .push_bind(&c.sealed)
+                            .push_bind(created_at);
+                    });
+                    insert.build().persistent(false).execute(&mut *tx).await?;
                 }
                 tx.commit().await?;
                 Ok::<_, sqlx::Error>(())
