@@ -52,6 +52,17 @@ const SLOW_TOKEN_DELAY_MS: u64 = 1000;
 const RATES: &[u32] = &[
     25, 50, 100, 250, 500, 1000, 1500, 2000, 3000, 4000, 6000, 8000,
 ];
+/// The ladder, or the rates in `CT_BENCH_RATES` (`500,1000`): a fixed rate for profiling.
+fn rates() -> Vec<u32> {
+    std::env::var("CT_BENCH_RATES")
+        .ok()
+        .map(|list| {
+            list.split(',')
+                .filter_map(|r| r.trim().parse().ok())
+                .collect()
+        })
+        .unwrap_or_else(|| RATES.to_vec())
+}
 /// A rate is sustained when at most this share of requests fail …
 const MAX_ERROR_RATE: f64 = 0.01;
 /// … the p99 latency is at most this …
@@ -112,7 +123,14 @@ impl Opts {
     }
 
     fn step_secs(&self) -> f64 {
-        if self.quick { 2.0 } else { 8.0 }
+        match std::env::var("CT_BENCH_STEP_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+        {
+            Some(secs) => secs,
+            None if self.quick => 2.0,
+            None => 8.0,
+        }
     }
 }
 
@@ -1529,7 +1547,7 @@ impl Report {
                 md.push_str(" --- |");
             }
             md.push('\n');
-            for rate in RATES {
+            for rate in &rates() {
                 if !self
                     .throughput
                     .iter()
@@ -1859,7 +1877,7 @@ async fn run(opts: &Opts, report: &mut Report) -> Result<(), String> {
         }
         let mut steps: Vec<Vec<Step>> = targets.iter().map(|_| Vec::new()).collect();
         let mut live: Vec<bool> = targets.iter().map(|_| true).collect();
-        for &rate in RATES {
+        for rate in rates() {
             for (i, t) in targets.iter().enumerate() {
                 if !live[i] {
                     continue;
