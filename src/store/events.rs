@@ -303,9 +303,13 @@ fn now_ms() -> i64 {
 }
 
 impl Store {
-    /// Writes `records` in one transaction. On failure (a full disk, say) the connection is
-    /// closed rather than returned to the pool: a transaction SQLite could not roll back must
-    /// not keep the write lock and leave every later write `database is locked`.
+    /// Writes `records`: one multi-row INSERT per table and chunk, each its own commit. A
+    /// transaction around them would add two round trips to SQLite's worker thread (`BEGIN`,
+    /// `COMMIT`), and every reply's end waits for its batch; the tables are independent, so
+    /// a batch written in part only loses what failed (the caller counts the whole batch).
+    /// On failure (a full disk, say) the connection is closed rather than returned to the
+    /// pool: a statement SQLite could not roll back must not keep the write lock and leave
+    /// every later write `database is locked`.
     pub(super) async fn write_records(&self, records: &[Record]) -> Result<(), StoreError> {
         // Sealed and sorted by table before the transaction, which then only writes.
         let created_at = now();
@@ -346,7 +350,7 @@ impl Store {
             use sqlx::Connection;
             let mut conn = pool.acquire().await?;
             let result = async {
-                let mut tx = conn.begin().await?;
+                let tx = &mut *conn;
                 // One multi-row INSERT per table and chunk: each statement is a round trip to
                 // SQLite's worker thread, so a row per statement cost a thread wake-up per row.
                 for chunk in executions.chunks(ROWS_PER_INSERT) {
@@ -398,7 +402,6 @@ impl Store {
                     });
                     insert.build().persistent(false).execute(&mut *tx).await?;
                 }
-                tx.commit().await?;
                 Ok::<_, sqlx::Error>(())
             }
             .await;
