@@ -1,10 +1,11 @@
 //! Execution events, fallback decisions and remembered conversations, written off the
 //! request path.
 //!
-//! A request hands its record to [`EventWriter`], which batches inserts in one transaction
-//! per 50 ms window (or 256 records), on either engine: the hot path never waits on the
-//! database. When the queue is full the record is dropped and counted, rather than slowing
-//! requests down.
+//! A request hands its record to [`EventWriter`], which gathers records over a 50 ms window
+//! (or 256 records, or until a reply's end waits for its record) and writes each table's share
+//! as one multi-row INSERT, on either engine: the hot path never waits on the database except
+//! for a reply's own record at its end. When the queue is full the record is dropped and
+//! counted, rather than slowing requests down.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -146,7 +147,7 @@ impl EventWriter {
             let mut records = Vec::with_capacity(BATCH);
             let mut flushes = Vec::new();
             while rx.recv_many(&mut messages, BATCH).await > 0 {
-                // Gather what arrives over a short window: one transaction per window
+                // Gather what arrives over a short window: one write per window
                 // instead of one per request (each costs round trips to SQLite's thread).
                 let window = tokio::time::Instant::now() + WINDOW;
                 let mut seen = 0;
@@ -311,7 +312,7 @@ impl Store {
     /// pool: a statement SQLite could not roll back must not keep the write lock and leave
     /// every later write `database is locked`.
     pub(super) async fn write_records(&self, records: &[Record]) -> Result<(), StoreError> {
-        // Sealed and sorted by table before the transaction, which then only writes.
+        // Sealed and sorted by table before the first statement.
         let created_at = now();
         let mut executions = Vec::new();
         let mut decisions = Vec::new();
