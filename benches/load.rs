@@ -52,16 +52,18 @@ const SLOW_TOKEN_DELAY_MS: u64 = 1000;
 const RATES: &[u32] = &[
     25, 50, 100, 250, 500, 1000, 1500, 2000, 3000, 4000, 6000, 8000,
 ];
-/// The ladder, or the rates in `CT_BENCH_RATES` (`500,1000`): a fixed rate for profiling.
+/// The ladder, or the rates in `CT_BENCH_RATES` (`500,1000`): a fixed rate for profiling. A
+/// list with no valid rate is refused rather than running nothing.
 fn rates() -> Vec<u32> {
-    std::env::var("CT_BENCH_RATES")
-        .ok()
-        .map(|list| {
-            list.split(',')
-                .filter_map(|r| r.trim().parse().ok())
-                .collect()
-        })
-        .unwrap_or_else(|| RATES.to_vec())
+    let Ok(list) = std::env::var("CT_BENCH_RATES") else {
+        return RATES.to_vec();
+    };
+    let rates: Vec<u32> = list
+        .split(',')
+        .filter_map(|r| r.trim().parse().ok())
+        .collect();
+    assert!(!rates.is_empty(), "CT_BENCH_RATES={list:?} names no rate");
+    rates
 }
 /// A rate is sustained when at most this share of requests fail …
 const MAX_ERROR_RATE: f64 = 0.01;

@@ -306,8 +306,8 @@ fn now_ms() -> i64 {
 impl Store {
     /// Writes `records`: one multi-row INSERT per table and chunk, each its own commit. A
     /// transaction around them would add two round trips to SQLite's worker thread (`BEGIN`,
-    /// `COMMIT`), and every reply's end waits for its batch; the tables are independent, so
-    /// a batch written in part only loses what failed (the caller counts the whole batch).
+    /// `COMMIT`), and every reply's end waits for its batch. The tables are independent, so a
+    /// batch may be written in part; the caller then counts all of it as dropped.
     /// On failure (a full disk, say) the connection is closed rather than returned to the
     /// pool: a statement SQLite could not roll back must not keep the write lock and leave
     /// every later write `database is locked`.
@@ -351,58 +351,60 @@ impl Store {
             use sqlx::Connection;
             let mut conn = pool.acquire().await?;
             let result = async {
-                let tx = &mut *conn;
+                let db = &mut *conn;
                 // One multi-row INSERT per table and chunk: each statement is a round trip to
                 // SQLite's worker thread, so a row per statement cost a thread wake-up per row.
-                for chunk in executions.chunks(ROWS_PER_INSERT) {
-                    let mut insert = sqlx::QueryBuilder::new(
-                        "INSERT INTO execution_events (request_id, service, account_id, flow_id, tier, outcome, status, ttft_ms, latency_ms, queue_ms, detail, created_at) ",
-                    );
-                    insert.push_values(chunk, |mut row, e| {
-                        row.push_bind(&e.request_id)
-                            .push_bind(&e.service)
-                            .push_bind(&e.account_id)
-                            .push_bind(&e.flow_id)
-                            .push_bind(e.tier)
-                            .push_bind(&e.outcome)
-                            .push_bind(e.status)
-                            .push_bind(e.ttft_ms)
-                            .push_bind(e.latency_ms)
-                            .push_bind(e.queue_ms)
-                            .push_bind(&e.detail)
-                            .push_bind(created_at);
-                    });
-                    // Not cached: every batch size is its own statement text.
-                    insert.build().persistent(false).execute(&mut *tx).await?;
+                // A macro, not a function: the engines' connection types differ, and sqlx's
+                // bounds for a generic builder would outweigh the three calls.
+                macro_rules! insert_chunks {
+                    ($rows:expr, $head:literal, |$row:ident, $item:ident| $bind:expr) => {
+                        for chunk in $rows.chunks(ROWS_PER_INSERT) {
+                            let mut insert = sqlx::QueryBuilder::new($head);
+                            insert.push_values(chunk, |mut $row, $item| {
+                                $bind;
+                                $row.push_bind(created_at);
+                            });
+                            // Not cached: every batch size is its own statement text.
+                            insert.build().persistent(false).execute(&mut *db).await?;
+                        }
+                    };
                 }
-                for chunk in decisions.chunks(ROWS_PER_INSERT) {
-                    let mut insert = sqlx::QueryBuilder::new(
-                        "INSERT INTO fallback_decisions (request_id, service, account_id, failure, action, created_at) ",
-                    );
-                    insert.push_values(chunk, |mut row, d| {
-                        row.push_bind(d.request_id)
-                            .push_bind(d.service)
-                            .push_bind(d.account_id)
-                            .push_bind(d.failure)
-                            .push_bind(d.action)
-                            .push_bind(created_at);
-                    });
-                    insert.build().persistent(false).execute(&mut *tx).await?;
-                }
-                for chunk in conversations.chunks(ROWS_PER_INSERT) {
-                    let mut insert = sqlx::QueryBuilder::new(
-                        "INSERT INTO chat_history (request_id, service, account_id, prefix_hash, site_conversation, created_at) ",
-                    );
-                    insert.push_values(chunk, |mut row, c| {
-                        row.push_bind(c.request_id)
-                            .push_bind(c.service)
-                            .push_bind(c.account_id)
-                            .push_bind(c.key)
-                            .push_bind(&c.sealed)
-                            .push_bind(created_at);
-                    });
-                    insert.build().persistent(false).execute(&mut *tx).await?;
-                }
+                insert_chunks!(
+                    executions,
+                    "INSERT INTO execution_events (request_id, service, account_id, flow_id, tier, outcome, status, ttft_ms, latency_ms, queue_ms, detail, created_at) ",
+                    |row, e| row
+                        .push_bind(&e.request_id)
+                        .push_bind(&e.service)
+                        .push_bind(&e.account_id)
+                        .push_bind(&e.flow_id)
+                        .push_bind(e.tier)
+                        .push_bind(&e.outcome)
+                        .push_bind(e.status)
+                        .push_bind(e.ttft_ms)
+                        .push_bind(e.latency_ms)
+                        .push_bind(e.queue_ms)
+                        .push_bind(&e.detail)
+                );
+                insert_chunks!(
+                    decisions,
+                    "INSERT INTO fallback_decisions (request_id, service, account_id, failure, action, created_at) ",
+                    |row, d| row
+                        .push_bind(d.request_id)
+                        .push_bind(d.service)
+                        .push_bind(d.account_id)
+                        .push_bind(d.failure)
+                        .push_bind(d.action)
+                );
+                insert_chunks!(
+                    conversations,
+                    "INSERT INTO chat_history (request_id, service, account_id, prefix_hash, site_conversation, created_at) ",
+                    |row, c| row
+                        .push_bind(c.request_id)
+                        .push_bind(c.service)
+                        .push_bind(c.account_id)
+                        .push_bind(c.key)
+                        .push_bind(&c.sealed)
+                );
                 Ok::<_, sqlx::Error>(())
             }
             .await;
